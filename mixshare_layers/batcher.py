@@ -1,0 +1,88 @@
+"""``MIMOBatcher``: turn an ordinary batch into M-input training rows, on device."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ._checks import check_int, check_ndim, check_num_subnetworks, check_real
+
+__all__ = ["MIMOBatcher"]
+
+
+class MIMOBatcher:
+    """Build MIMO training rows from a batch: batch repetition, per-member shuffles, input repetition.
+
+    The batch is repeated ``batch_repetition`` times (each copy can get its own augmentation through
+    ``transform``), then every subnetwork gets its own random permutation of the repeated batch, so row ``r`` holds
+    M different images. A share ``input_repetition`` of the rows (rounded to the nearest count) gets the same image
+    in every subnetwork (MIMO's input repetition; MixShare uses 10 %).
+
+    Args:
+        num_subnetworks: M.
+        batch_repetition: b, how many times each image appears per subnetwork.
+        input_repetition: share of rows whose M inputs are one image, in [0, 1].
+        transform: optional batched augmentation applied to the ``(B * b, C, H, W)`` repeated batch before the
+            shuffles (so every repeated copy is augmented independently).
+        generator: optional ``torch.Generator`` on the data's device.
+
+    Shape:
+        - Input: ``x (B, C, H, W)``, ``y (B,)``.
+        - Output: ``(B * b, M, C, H, W)`` and ``(B * b, M)``.
+
+    Example:
+        >>> batcher = MIMOBatcher(2, batch_repetition=2)
+        >>> xs, ys = batcher(torch.randn(8, 3, 32, 32), torch.arange(8))
+        >>> xs.shape, ys.shape
+        (torch.Size([16, 2, 3, 32, 32]), torch.Size([16, 2]))
+    """
+
+    def __init__(
+        self,
+        num_subnetworks: int,
+        batch_repetition: int = 1,
+        input_repetition: float = 0.0,
+        *,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.num_subnetworks = check_num_subnetworks(num_subnetworks)
+        self.batch_repetition = check_int("batch_repetition", batch_repetition, minimum=1)
+        self.input_repetition = check_real("input_repetition", input_repetition, low=0.0, high=1.0)
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable, but got {type(transform).__name__}")
+        self.transform = transform
+        self.generator = generator
+
+    def __repr__(self) -> str:
+        return (
+            f"MIMOBatcher(num_subnetworks={self.num_subnetworks}, batch_repetition={self.batch_repetition}, "
+            f"input_repetition={self.input_repetition:g})"
+        )
+
+    def indices(self, batch_size: int, device: torch.device | str | None = None) -> Tensor:
+        """Row indices ``(B * b, M)`` into the repeated batch (``repeated[j] = batch[j % B]``)."""
+        batch_size = check_int("batch_size", batch_size, minimum=0)
+        n = batch_size * self.batch_repetition
+        m = self.num_subnetworks
+        keys = torch.rand(m, n, device=device, generator=self.generator)
+        idx = keys.argsort(dim=1).T.contiguous()  # (n, M): an independent permutation per member
+        num_rep = round(self.input_repetition * n)
+        if num_rep > 0 and m > 1:
+            rows = torch.rand(n, device=device, generator=self.generator).argsort()[:num_rep]
+            idx[rows] = idx[rows, :1].expand(-1, m)
+        return idx
+
+    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        check_ndim("x", x, 4, "(B, C, H, W)")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"y must have shape (B,) = ({x.shape[0]},) to match x, but got {tuple(y.shape)}")
+        b = x.shape[0]
+        base = torch.arange(b, device=x.device).repeat(self.batch_repetition)  # (B * b,)
+        repeated = x[base]
+        if self.transform is not None:
+            repeated = self.transform(repeated)
+        idx = self.indices(b, x.device)  # (B * b, M)
+        return repeated[idx], y[base][idx]

@@ -1,0 +1,5 @@
+"""Datasets shipped with the library."""
+
+from .synthetic import SyntheticImageDataset
+
+__all__ = ["SyntheticImageDataset"]

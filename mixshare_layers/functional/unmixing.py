@@ -1,0 +1,120 @@
+"""Unmixing: per-subnetwork masked pooling of the final feature maps, without materialising M masked copies.
+
+With the separable box coverage ``cov(y, x) = cov_y(y) cov_x(x)`` (see :class:`~mixshare_layers.MixInfo`), the
+masked sum of member ``i`` splits into two per-channel sums that every member shares:
+
+    sum_p m_i(p) f(p) = inside_i * S_box + outside_i * (S_all - S_box)
+    S_all = sum_p f(p),    S_box = sum_{y, x} cov_y(y) cov_x(x) f(y, x)
+
+and its mask mass is ``inside_i * A + outside_i * (h w - A)`` with ``A = sum cov``. So the cost is two reductions of
+the feature map, whatever M is, and memory is ``O(B C)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import check_ndim
+from ..mix_info import MixInfo
+
+__all__ = ["global_pool", "unmix_pool", "unmix_pool_reference"]
+
+
+def global_pool(features: Tensor, num_subnetworks: int) -> Tensor:
+    """Plain global average pooling shared by every subnetwork: ``(B, C, h, w) -> (B, M, C)`` (an expanded view)."""
+    check_ndim("features", features, 4, "(B, C, h, w)")
+    pooled = features.mean(dim=(2, 3))
+    return pooled.unsqueeze(1).expand(-1, num_subnetworks, -1)
+
+
+def _check_unmix_inputs(features: Tensor, info: MixInfo, num_unmixed: int | None) -> None:
+    check_ndim("features", features, 4, "(B, C, h, w)")
+    if features.shape[0] != info.inside.shape[0]:
+        raise ValueError(
+            f"features have batch size {features.shape[0]} (shape {tuple(features.shape)}) but the MixInfo "
+            f"describes {info.inside.shape[0]} samples; they must come from the same batch"
+        )
+    if num_unmixed is not None and not 0 <= num_unmixed <= features.shape[1]:
+        raise ValueError(f"num_unmixed must be in [0, C={features.shape[1]}], but got {num_unmixed}")
+
+
+def _pool_weights(info: MixInfo, strength: Tensor | float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Faded compositions ``(inside', outside')`` for ``m + r (1 - m)``."""
+    inside = info.inside.to(dtype)
+    outside = info.outside.to(dtype)
+    r = torch.as_tensor(strength, dtype=dtype, device=inside.device)
+    return inside + r * (1 - inside), outside + r * (1 - outside)
+
+
+def unmix_pool(
+    features: Tensor,
+    info: MixInfo,
+    *,
+    strength: Tensor | float = 0.0,
+    num_unmixed: int | None = None,
+    normalize: bool = True,
+) -> Tensor:
+    """Pool the final feature maps once per subnetwork through its (faded) mixing mask.
+
+    Args:
+        features: final feature maps ``(B, C, h, w)`` of the shared core.
+        info: the mix used at the input; its masks are brought to ``h x w`` by exact area coverage.
+        strength: fadeout strength ``r`` in [0, 1]: masks ``m + r (1 - m)``; 0 is full unmixing, 1 none.
+            A float or a 0-dim tensor (kept on device).
+        num_unmixed: unmix only the first ``num_unmixed`` channels (partial unmixing); the others get the plain
+            global average. ``None`` unmixes every channel.
+        normalize: ``True`` divides by each member's mask mass (masked *average*: a member covering the whole map
+            gets exactly the global average, so train and test scales agree). ``False`` divides by ``h * w``
+            (the plain masked sum of the paper's "filter then global-average-pool"). A member whose mask is empty
+            at this resolution gets zeros with ``normalize=True``.
+
+    Shape:
+        - Output: ``(B, M, C)``. Accumulation is done in float32 at least; the output has the features' dtype.
+    """
+    _check_unmix_inputs(features, info, num_unmixed)
+    _, c, h, w = features.shape
+    acc = torch.promote_types(features.dtype, torch.float32)
+    f = features.to(acc)
+    cov_y, cov_x = info.coverage_at(h, w, dtype=acc)  # (B, h), (B, w)
+    s_all = f.sum(dim=(2, 3))  # (B, C)
+    s_box = torch.einsum("bchw,bh,bw->bc", f, cov_y, cov_x)  # (B, C)
+    area = cov_y.sum(dim=1) * cov_x.sum(dim=1)  # (B,)
+    inside, outside = _pool_weights(info, strength, acc)  # (B, M)
+    num = inside[:, :, None] * s_box[:, None, :] + outside[:, :, None] * (s_all - s_box)[:, None, :]
+    if normalize:
+        mass = inside * area[:, None] + outside * (h * w - area[:, None])  # (B, M)
+        positive = mass > 0
+        pooled = torch.where(positive[:, :, None], num / torch.where(positive, mass, 1.0)[:, :, None], 0.0)
+    else:
+        pooled = num / (h * w)
+    if num_unmixed is not None and num_unmixed < c:
+        plain = (s_all / (h * w))[:, None, :].expand(-1, pooled.shape[1], -1)
+        channel = torch.arange(c, device=features.device)
+        pooled = torch.where(channel < num_unmixed, pooled, plain)
+    return pooled.to(features.dtype)
+
+
+def unmix_pool_reference(
+    features: Tensor,
+    info: MixInfo,
+    *,
+    strength: float = 0.0,
+    num_unmixed: int | None = None,
+    normalize: bool = True,
+) -> Tensor:
+    """Naive reference of :func:`unmix_pool` that materialises the M masked feature maps; for tests."""
+    _check_unmix_inputs(features, info, num_unmixed)
+    _, c, h, w = features.shape
+    masks = info.faded(strength).masks_at(h, w, dtype=features.dtype)  # (B, M, h, w)
+    if num_unmixed is not None:
+        keep = torch.arange(c, device=features.device) < num_unmixed
+        masks = torch.where(keep[None, None, :, None, None], masks[:, :, None], torch.ones_like(masks[:, :, None]))
+    else:
+        masks = masks[:, :, None]  # (B, M, 1 or C, h, w)
+    filtered = masks * features[:, None]  # (B, M, C, h, w)
+    total = filtered.sum(dim=(-2, -1))
+    if not normalize:
+        return total / (h * w)
+    mass = masks.expand(-1, -1, c, -1, -1).sum(dim=(-2, -1))
+    return torch.where(mass > 0, total / torch.where(mass > 0, mass, torch.ones_like(mass)), torch.zeros_like(total))

@@ -1,0 +1,140 @@
+"""CIFAR Wide ResNets as in MixMo's code, and a CIFAR stem for torchvision ResNets."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from .._checks import check_int
+from ..adapters import BackboneSplit
+
+__all__ = ["WideResNet", "cifar_resnet", "truncated_he_normal_", "wide_resnet"]
+
+# std of a standard normal truncated to [-2, 2]; dividing by it keeps He's variance after truncation
+_TRUNC_STD = 0.87962566103423978
+
+
+def truncated_he_normal_(weight: Tensor) -> Tensor:
+    """He-normal initialisation truncated at two standard deviations (Keras ``he_normal``)."""
+    fan_in = weight[0].numel()
+    std = math.sqrt(2.0 / fan_in) / _TRUNC_STD
+    return nn.init.trunc_normal_(weight, 0.0, std, -2.0 * std, 2.0 * std)
+
+
+def _init_module(module: nn.Module) -> None:
+    for sub in module.modules():
+        if isinstance(sub, nn.Conv2d):
+            truncated_he_normal_(sub.weight)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.BatchNorm2d):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.Linear):
+            sub.reset_parameters()
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block: BN-ReLU-conv3x3-BN-ReLU-conv3x3, 1x1 conv shortcut when the shape changes."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = (
+            nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False) if stride != 1 or in_planes != planes else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(self.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width for 32x32 images (Zagoruyko & Komodakis), pre-activation, no dropout, no biases.
+
+    Widths 16 / 16w / 32w / 64w, strides 1 / 2 / 2, ``(depth - 4) / 6`` blocks per stage, final BN-ReLU, global
+    average pooling and a linear classifier; truncated He-normal initialisation.
+
+    Args:
+        depth: 6n + 4 (28 in the paper).
+        width: widening factor w (2 in the paper).
+        num_classes: K.
+        in_channels: image channels.
+    """
+
+    def __init__(self, depth: int = 28, width: int = 2, num_classes: int = 100, in_channels: int = 3) -> None:
+        super().__init__()
+        depth = check_int("depth", depth, minimum=10)
+        if (depth - 4) % 6:
+            raise ValueError(f"depth must be 6n + 4 (e.g. 10, 16, 22, 28, 40), but got {depth}")
+        width = check_int("width", width, minimum=1)
+        num_classes = check_int("num_classes", num_classes, minimum=1)
+        n = (depth - 4) // 6
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        self.depth, self.width = depth, width
+        self.conv1 = nn.Conv2d(check_int("in_channels", in_channels, minimum=1), widths[0], 3, padding=1, bias=False)
+        stages = []
+        in_planes = widths[0]
+        for planes, stride in zip(widths[1:], (1, 2, 2), strict=True):
+            blocks = []
+            for i in range(n):
+                blocks.append(PreActBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(in_planes, num_classes)
+        self.num_features = in_planes
+        _init_module(self)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Final feature maps ``(B, 64w, 8, 8)`` for 32x32 inputs."""
+        x = self.conv1(x)
+        return self._trunk(x)
+
+    def _trunk(self, x: Tensor) -> Tensor:
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.relu(self.bn(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.forward_features(x).mean(dim=(2, 3)))
+
+    def mimo_split(self) -> BackboneSplit:
+        """Encoder = first conv, core = the three stages and the final BN-ReLU, classifier = ``fc``."""
+        core = nn.Sequential(self.layer1, self.layer2, self.layer3, self.bn, self.relu)
+        return BackboneSplit(encoder=self.conv1, core=core, classifier=self.fc, reinit=_init_module)
+
+
+def wide_resnet(depth: int = 28, width: int = 2, num_classes: int = 100, in_channels: int = 3) -> WideResNet:
+    """MixMo's CIFAR WRN-depth-width (see :class:`WideResNet`)."""
+    return WideResNet(depth, width, num_classes, in_channels)
+
+
+def cifar_resnet(model: nn.Module) -> nn.Module:
+    """Give a torchvision ResNet a CIFAR stem in place: 3x3 stride-1 ``conv1`` and no max-pool. Returns the model."""
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise TypeError(f"model must be a torchvision-style ResNet with conv1 and maxpool, got {type(model).__name__}")
+    new = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        3,
+        stride=1,
+        padding=1,
+        bias=conv.bias is not None,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+    model.conv1 = new
+    model.maxpool = nn.Identity()
+    return model

@@ -1,0 +1,208 @@
+"""``MultiEncoder``: the M input encoders of a MIMO network."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_choice, check_ndim, check_num_subnetworks, check_real
+
+__all__ = ["ENCODER_INITS", "MultiEncoder", "reset_all_parameters"]
+
+ENCODER_INITS = ("independent", "aligned", "colinear")
+
+
+def reset_all_parameters(module: nn.Module) -> None:
+    """Call ``reset_parameters()`` on every submodule that has one (PyTorch's default initialisation)."""
+    for sub in module.modules():
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
+
+
+class MultiEncoder(nn.Module):
+    """M encoders with the same architecture, one per subnetwork.
+
+    When the template is an ``nn.Conv2d`` (zero padding), the M kernels are one ``(M, C_out, C_in / g, k, k)``
+    parameter: training runs them as one grouped convolution over the M inputs, and test time runs a single
+    convolution with the summed kernel (the sum of the M encodings of one image, computed once). Any other template
+    is deep-copied M times and run member by member.
+
+    Args:
+        template: the module to replicate (a backbone's first convolution, typically).
+        num_subnetworks: M.
+        init: ``"independent"`` re-initialises every copy (with ``reinit``, default: each submodule's
+            ``reset_parameters()``); ``"aligned"`` gives every copy the template's weights; ``"colinear"`` gives
+            copy ``i`` the template's weights times a scalar ``s_i ~ Uniform(colinear_range)`` (linear templates only).
+        preserve_sum: scale aligned/colinear copies so that their scalars sum to 1 (aligned: ``1 / M`` each): the
+            test-time sum of the encoders then equals the template, which keeps a pretrained backbone's function.
+        reinit: initialiser called on each copy for ``init="independent"``.
+        colinear_range: ``(low, high)`` of the uniform distribution of the colinear scalars.
+        generator: optional ``torch.Generator`` for the colinear scalars.
+
+    Shape:
+        - Training input: ``(B, M, C, H, W)`` -> ``(B, M, C', H', W')``, encoder ``i`` applied to input ``i``.
+        - Test input: ``(B, C, H, W)`` -> ``(B, C', H', W')``, the *sum* over encoders of the encodings of the
+          same image.
+
+    Example:
+        >>> enc = MultiEncoder(nn.Conv2d(3, 16, 3, padding=1), 2, init="aligned")
+        >>> enc(torch.randn(4, 2, 3, 8, 8)).shape
+        torch.Size([4, 2, 16, 8, 8])
+        >>> enc(torch.randn(4, 3, 8, 8)).shape
+        torch.Size([4, 16, 8, 8])
+    """
+
+    def __init__(
+        self,
+        template: nn.Module,
+        num_subnetworks: int,
+        *,
+        init: str = "independent",
+        preserve_sum: bool = False,
+        reinit: Callable[[nn.Module], None] | None = None,
+        colinear_range: tuple[float, float] = (0.5, 1.5),
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(template, nn.Module):
+            raise TypeError(f"template must be an nn.Module, but got {type(template).__name__}")
+        self.num_subnetworks = check_num_subnetworks(num_subnetworks)
+        self.init = check_choice("init", init, ENCODER_INITS)
+        self.preserve_sum = bool(preserve_sum)
+        low, high = colinear_range
+        check_real("colinear_range[0]", low, low=0.0, low_inclusive=False)
+        check_real("colinear_range[1]", high, low=low)
+        self.colinear_range = (float(low), float(high))
+        m = self.num_subnetworks
+        self.fused = isinstance(template, nn.Conv2d) and template.padding_mode == "zeros"
+        linear = isinstance(template, (nn.Conv2d, nn.Linear))
+        if init == "colinear" and not linear:
+            raise TypeError(
+                f"init='colinear' needs a linear template (nn.Conv2d or nn.Linear), but got {type(template).__name__}"
+            )
+        if preserve_sum and not linear:
+            raise TypeError(
+                "preserve_sum=True needs a linear template (nn.Conv2d or nn.Linear): the test-time sum of M copies "
+                f"of a non-linear {type(template).__name__} cannot reproduce it"
+            )
+
+        copies = [copy.deepcopy(template) for _ in range(m)]
+        if init == "independent":
+            for c in copies:
+                (reinit or reset_all_parameters)(c)
+        else:
+            if init == "aligned":
+                scales = torch.ones(m, dtype=torch.float64)
+            else:
+                scales = torch.empty(m, dtype=torch.float64).uniform_(low, high, generator=generator)
+            if preserve_sum:
+                scales = scales / scales.sum()
+            if init == "colinear" or preserve_sum:
+                with torch.no_grad():
+                    for c, s in zip(copies, scales.tolist(), strict=True):
+                        for p in c.parameters():
+                            p.mul_(s)
+
+        if self.fused:
+            conv = template
+            assert isinstance(conv, nn.Conv2d)
+            self.out_channels = conv.out_channels
+            self.in_channels = conv.in_channels
+            self.kernel_size = conv.kernel_size
+            self.stride = conv.stride
+            self.padding = conv.padding
+            self.dilation = conv.dilation
+            self.groups = conv.groups
+            self.weight = nn.Parameter(torch.stack([c.weight.detach() for c in copies]))  # type: ignore[union-attr]
+            if conv.bias is not None:
+                self.bias: nn.Parameter | None = nn.Parameter(
+                    torch.stack([c.bias.detach() for c in copies])  # type: ignore[union-attr]
+                )
+            else:
+                self.register_parameter("bias", None)
+            self.encoders = None
+        else:
+            self.encoders = nn.ModuleList(copies)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def extra_repr(self) -> str:
+        kind = (
+            f"Conv2d({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride})"
+            if self.fused
+            else "generic"
+        )
+        return f"num_subnetworks={self.num_subnetworks}, init={self.init!r}, preserve_sum={self.preserve_sum}, {kind}"
+
+    @property
+    def is_linear(self) -> bool:
+        """Whether the test-time sum can be folded into a single convolution."""
+        return self.fused
+
+    def kernels(self) -> Tensor:
+        """The stacked kernels ``(M, C', C / g, k, k)`` (fused encoders only)."""
+        if not self.fused:
+            raise TypeError("kernels() is only defined for nn.Conv2d encoders (this MultiEncoder is generic)")
+        return self.weight
+
+    def folded_conv(self) -> nn.Conv2d:
+        """A single ``nn.Conv2d`` computing the test-time sum of the M encoders (exact: convolution is linear)."""
+        if not self.fused:
+            raise TypeError(
+                "the encoders cannot be folded into one convolution: they are not plain zero-padded nn.Conv2d "
+                "layers, so the sum of their outputs is not a single linear map"
+            )
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,  # type: ignore[arg-type]
+            stride=self.stride,  # type: ignore[arg-type]
+            padding=self.padding,  # type: ignore[arg-type]
+            dilation=self.dilation,  # type: ignore[arg-type]
+            groups=self.groups,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.weight.sum(dim=0))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias.sum(dim=0))  # type: ignore[union-attr]
+        return conv
+
+    # ---------------------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.num_subnetworks
+        if x.dim() == 5:
+            if x.shape[1] != m:
+                raise ValueError(
+                    f"input of shape {tuple(x.shape)} has {x.shape[1]} members on dim 1, but the MultiEncoder has "
+                    f"num_subnetworks={m}; expected (B, M={m}, C, H, W)"
+                )
+            b = x.shape[0]
+            if self.fused:
+                out = F.conv2d(
+                    x.reshape(b, m * x.shape[2], x.shape[3], x.shape[4]),
+                    self.weight.reshape(m * self.out_channels, *self.weight.shape[2:]),
+                    None if self.bias is None else self.bias.reshape(-1),
+                    self.stride,
+                    self.padding,
+                    self.dilation,
+                    m * self.groups,
+                )
+                return out.view(b, m, self.out_channels, out.shape[-2], out.shape[-1])
+            assert self.encoders is not None
+            return torch.stack([enc(x[:, i]) for i, enc in enumerate(self.encoders)], dim=1)
+        check_ndim("x", x, 4, "(B, C, H, W) or (B, M, C, H, W)")
+        if self.fused:
+            bias = None if self.bias is None else self.bias.sum(dim=0)
+            return F.conv2d(x, self.weight.sum(dim=0), bias, self.stride, self.padding, self.dilation, self.groups)
+        assert self.encoders is not None
+        out = self.encoders[0](x)
+        for enc in self.encoders[1:]:
+            out = out + enc(x)
+        return out

@@ -1,0 +1,108 @@
+"""``Unmixer``: MixShare's unmixing of the final feature maps (full, partial or fadeout)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_choice, check_fraction, check_ndim
+from .functional.unmixing import global_pool, unmix_pool
+from .mix_info import MixInfo
+
+__all__ = ["POOLINGS", "UNMIX_MODES", "Unmixer"]
+
+UNMIX_MODES = ("none", "full", "partial", "fadeout")
+POOLINGS = ("mean", "sum")
+
+
+class Unmixer(nn.Module):
+    """Filter the final feature maps with each member's input-mixing mask, then pool: one vector per subnetwork.
+
+    Args:
+        mode: ``"none"`` (MixMo: one global average shared by every head), ``"full"`` (every channel unmixed),
+            ``"partial"`` (the first ``ceil(fraction * C)`` channels unmixed, the rest shared) or ``"fadeout"``
+            (masks ``m + r (1 - m)`` with ``r = min(1, progress / fadeout_end)``: full unmixing at the start, none from
+            ``fadeout_end`` on; the paper fades out by epoch 100 of 300, ``fadeout_end = 1/3``).
+        fraction: share of channels unmixed in ``"partial"`` mode, in (0, 1].
+        fadeout_end: training progress in (0, 1] at which fadeout reaches no unmixing.
+        pooling: ``"mean"`` divides each member's masked sum by its mask mass (a masked *average*; a member covering
+            the whole map gets the global average, so training and test scales agree; default). ``"sum"`` divides by
+            ``h * w`` (the mask-filtered map followed by a plain global average pool).
+
+    Shape:
+        - Input: features ``(B, C, h, w)`` and the :class:`MixInfo` of the batch (masks are brought to ``h x w`` by
+          exact area coverage).
+        - Output: ``(B, M, C)``. In eval mode every subnetwork gets the plain global average.
+
+    Example:
+        >>> from mixshare_layers import CutMixMixer
+        >>> _, info = CutMixMixer(2, cutmix_prob=1.0)(torch.randn(4, 2, 16, 32, 32))
+        >>> Unmixer("fadeout")(torch.randn(4, 64, 8, 8), info, progress=0.1).shape
+        torch.Size([4, 2, 64])
+    """
+
+    def __init__(
+        self,
+        mode: str = "full",
+        *,
+        fraction: float = 0.25,
+        fadeout_end: float = 1.0 / 3.0,
+        pooling: str = "mean",
+    ) -> None:
+        super().__init__()
+        self.mode = check_choice("mode", mode, UNMIX_MODES)
+        self.fraction = check_fraction("fraction", fraction)
+        self.fadeout_end = check_fraction("fadeout_end", fadeout_end)
+        self.pooling = check_choice("pooling", pooling, POOLINGS)
+        self._warned_1x1 = False
+
+    def extra_repr(self) -> str:
+        parts = [f"mode={self.mode!r}"]
+        if self.mode == "partial":
+            parts.append(f"fraction={self.fraction:g}")
+        if self.mode == "fadeout":
+            parts.append(f"fadeout_end={self.fadeout_end:.4g}")
+        parts.append(f"pooling={self.pooling!r}")
+        return ", ".join(parts)
+
+    def num_unmixed(self, channels: int) -> int:
+        """How many channels are unmixed for a map with ``channels`` channels."""
+        if self.mode == "partial":
+            return math.ceil(self.fraction * channels)
+        return 0 if self.mode == "none" else channels
+
+    def strength(self, progress: Tensor | float) -> Tensor:
+        """The fadeout strength ``r = min(1, progress / fadeout_end)`` (0 outside fadeout mode)."""
+        p = torch.as_tensor(progress, dtype=torch.float32)
+        if self.mode != "fadeout":
+            return torch.zeros_like(p)
+        return (p / self.fadeout_end).clamp(0.0, 1.0)
+
+    def forward(self, features: Tensor, info: MixInfo, progress: Tensor | float = 0.0) -> Tensor:
+        check_ndim("features", features, 4, "(B, C, h, w)")
+        m = info.inside.shape[1]
+        if features.shape[0] != info.inside.shape[0]:
+            raise ValueError(
+                f"features have batch size {features.shape[0]} (shape {tuple(features.shape)}) but the MixInfo "
+                f"describes {info.inside.shape[0]} samples"
+            )
+        if not self.training or self.mode == "none":
+            return global_pool(features, m)
+        h, w = features.shape[-2:]
+        if h == 1 and w == 1 and not self._warned_1x1 and not torch.compiler.is_compiling():
+            warnings.warn(
+                "Unmixer got 1x1 feature maps: every mask is a constant there, so unmixing has no effect. Unmix "
+                "before the global pooling (on the core's last spatial feature maps).",
+                stacklevel=2,
+            )
+            self._warned_1x1 = True
+        return unmix_pool(
+            features,
+            info,
+            strength=self.strength(progress).to(features.device) if self.mode == "fadeout" else 0.0,
+            num_unmixed=self.num_unmixed(features.shape[1]) if self.mode == "partial" else None,
+            normalize=self.pooling == "mean",
+        )
