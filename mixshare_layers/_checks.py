@@ -51,7 +51,7 @@ def check_real(
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, but got {value!r} of type {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:  # not math.isfinite: that fails on torch.compile's symbolic floats
         raise ValueError(f"{name} must be finite, but got {value}")
     bad_low = low is not None and (value < low if low_inclusive else value <= low)
     bad_high = high is not None and (value > high if high_inclusive else value >= high)

@@ -35,6 +35,13 @@ class BackboneSplit(NamedTuple):
         core: ``(B, C', H', W') -> (B, D, h, w)``, the final spatial feature maps (no global pooling).
         classifier: ``nn.Linear(D, K)``.
         reinit: optional initialiser for independent encoder copies (default: ``reset_parameters()``).
+
+    Example:
+        >>> from torch import nn
+        >>> stem, body, fc = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Linear(8, 10)
+        >>> split = BackboneSplit(encoder=stem, core=body, classifier=fc)
+        >>> split.classifier.out_features, split.reinit is None
+        (10, True)
     """
 
     encoder: nn.Module
@@ -44,7 +51,16 @@ class BackboneSplit(NamedTuple):
 
 
 class UnsupportedBackboneError(TypeError):
-    """Raised when no adapter knows how to split a backbone."""
+    """Raised when no adapter knows how to split a backbone; the message says how to give the split by hand.
+
+    Example:
+        >>> from torch import nn
+        >>> try:
+        ...     split_backbone(nn.Sequential(nn.Linear(4, 4)))
+        ... except UnsupportedBackboneError as err:
+        ...     print(str(err)[:45])
+        no adapter knows how to split a Sequential. G
+    """
 
 
 _HOW_TO = (
@@ -104,6 +120,11 @@ def _split_timm_like(model: nn.Module) -> BackboneSplit | None:
         raise UnsupportedBackboneError(
             f"{type(model).__name__}.forward_features does not start with a convolution of its input. " + _HOW_TO
         )
+    if len(placeholder.users) != 1:
+        raise UnsupportedBackboneError(
+            f"{type(model).__name__}.forward_features uses its input elsewhere than in its first convolution (e.g. "
+            "its shape), so it cannot be cut after that convolution. " + _HOW_TO
+        )
     encoder = graph_module.get_submodule(first_conv.target)
     with graph.inserting_before(first_conv):
         mixed = graph.placeholder("mixed")
@@ -125,15 +146,21 @@ def _check_plain_head(model: nn.Module, core: nn.Module, encoder: nn.Module, cla
     was_training = model.training
     model.eval()
     try:
-        conv = encoder
+        # timm models state the input size they expect; others get a 64x64 probe
+        size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", ()))[-2:] or (64, 64)
         x = torch.randn(
-            2, getattr(conv, "in_channels", 3), 64, 64, device=classifier.weight.device, dtype=classifier.weight.dtype
+            2, getattr(encoder, "in_channels", 3), *size, device=classifier.weight.device, dtype=classifier.weight.dtype
         )
         feats = core(encoder(x))
         expected = forward_head(feats)
         ours = None
         if feats.dim() == 4 and feats.shape[1] == classifier.in_features:
             ours = classifier(feats.mean(dim=(2, 3)))
+    except Exception as exc:  # a backbone that cannot run the probe comes in many kinds
+        raise UnsupportedBackboneError(
+            f"could not run {type(model).__name__} split after its first convolution on a probe input ({exc}). "
+            + _HOW_TO
+        ) from exc
     finally:
         model.train(was_training)
     if ours is None or expected.shape != ours.shape or not torch.allclose(expected, ours, rtol=1e-4, atol=1e-4):
@@ -147,7 +174,25 @@ _ADAPTERS: list[Callable[[nn.Module], BackboneSplit | None]] = [_split_resnet_li
 
 
 def split_backbone(backbone: nn.Module) -> BackboneSplit:
-    """Split ``backbone`` with the first adapter that recognises it (see the module docstring)."""
+    """Split ``backbone`` with the first adapter that recognises it (see the module docstring).
+
+    Args:
+        backbone: the classification network to split.
+
+    Returns:
+        A :class:`BackboneSplit` holding the backbone's own modules (not copies).
+
+    Raises:
+        UnsupportedBackboneError: when no adapter recognises the backbone.
+
+    Example:
+        >>> from mixshare_layers.models import wide_resnet
+        >>> split = split_backbone(wide_resnet(10, 1, num_classes=10))
+        >>> split.encoder
+        Conv2d(3, 16, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False)
+        >>> split.classifier
+        Linear(in_features=64, out_features=10, bias=True)
+    """
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be an nn.Module, but got {type(backbone).__name__}")
     own = getattr(backbone, "mimo_split", None)

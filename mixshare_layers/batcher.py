@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_int, check_ndim, check_num_subnetworks, check_real
+from .functional.random import generator_kwargs
 
 __all__ = ["MIMOBatcher"]
 
@@ -18,7 +19,8 @@ class MIMOBatcher:
     The batch is repeated ``batch_repetition`` times (each copy can get its own augmentation through
     ``transform``), then every subnetwork gets its own random permutation of the repeated batch, so row ``r`` holds
     M different images. A share ``input_repetition`` of the rows (rounded to the nearest count) gets the same image
-    in every subnetwork (MIMO's input repetition; MixShare uses 10 %).
+    in every subnetwork (MIMO's input repetition; MixShare uses 10 %); as in MIMO's code, those rows are chosen so
+    that every subnetwork still sees each image exactly ``batch_repetition`` times.
 
     Args:
         num_subnetworks: M.
@@ -67,13 +69,16 @@ class MIMOBatcher:
         batch_size = check_int("batch_size", batch_size, minimum=0)
         n = batch_size * self.batch_repetition
         m = self.num_subnetworks
-        keys = torch.rand(m, n, device=device, generator=self.generator)
-        idx = keys.argsort(dim=1).T.contiguous()  # (n, M): an independent permutation per member
-        num_rep = round(self.input_repetition * n)
-        if num_rep > 0 and m > 1:
-            rows = torch.rand(n, device=device, generator=self.generator).argsort()[:num_rep]
-            idx[rows] = idx[rows, :1].expand(-1, m)
-        return idx
+        rng = generator_kwargs(self.generator)
+        main = torch.rand(n, device=device, **rng).argsort()  # one permutation of the repeated batch
+        num_rep = round(self.input_repetition * n) if m > 1 else 0
+        num_shuffled = n - num_rep
+        # each member reorders the first n - num_rep entries on its own; the last num_rep entries are shared, so
+        # those rows hold one image in every member while every member still sees each image b times
+        keys = torch.rand(m, num_shuffled, device=device, **rng).argsort(dim=1)
+        per_member = torch.cat([main[keys], main[num_shuffled:].expand(m, -1)], dim=1)  # (M, n)
+        rows = torch.rand(n, device=device, **rng).argsort()  # spread the repeated rows over the batch
+        return per_member[:, rows].T.contiguous()  # (n, M)
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         check_ndim("x", x, 4, "(B, C, H, W)")

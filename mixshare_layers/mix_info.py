@@ -52,6 +52,10 @@ def interval_coverage(lo: Tensor, hi: Tensor, native: int, target: int, dtype: t
     Note:
         Cell ``j`` spans ``[j * native / target, (j + 1) * native / target)``. The computation is done in integers
         scaled by ``target`` so it is exact, and ``sum_j cov[j] * native / target == hi - lo``.
+
+    Example:
+        >>> interval_coverage(torch.tensor([2]), torch.tensor([7]), native=8, target=4, dtype=torch.float32)
+        tensor([[0.0000, 1.0000, 1.0000, 0.5000]])
     """
     j = torch.arange(target, device=lo.device, dtype=torch.long)
     cell_lo = (j * native).unsqueeze(0)  # (1, target), in units of 1/target native pixels
@@ -73,6 +77,24 @@ class MixInfo(NamedTuple):
         cutmix: 0-dim bool tensor, whether CutMix was used for this batch (else linear mixing).
         height: height of the grid the boxes are expressed in (the encoding's H).
         width: width of that grid.
+
+    Shape:
+        - :meth:`masks_at` renders ``(B, M, h, w)`` masks at any grid; :meth:`coverage_at` gives the separable
+          ``(B, h)`` and ``(B, w)`` box coverages.
+
+    Example:
+        >>> info = MixInfo(
+        ...     boxes=torch.tensor([[2, 7, 3, 8]]), inside=torch.tensor([[1.0, 0.0]]),
+        ...     outside=torch.tensor([[0.0, 1.0]]), ratios=torch.tensor([[25 / 64, 39 / 64]]),
+        ...     cutmix=torch.tensor(True), height=8, width=8,
+        ... )
+        >>> info.masks_at(4, 4)[0, 0]  # the box owner's mask on a 4x4 grid: exact area coverage
+        tensor([[0.0000, 0.0000, 0.0000, 0.0000],
+                [0.0000, 0.5000, 1.0000, 1.0000],
+                [0.0000, 0.5000, 1.0000, 1.0000],
+                [0.0000, 0.2500, 0.5000, 0.5000]])
+        >>> info.masks_at(4, 4).mean(dim=(2, 3))  # equals ratios at every resolution
+        tensor([[0.3906, 0.6094]])
     """
 
     boxes: Tensor

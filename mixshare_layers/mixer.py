@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_ndim, check_num_subnetworks, check_real
+from .functional.backend import resolve_backend
 from .functional.mixing import cutmix_probability, mix, sample_mix_params
 from .mix_info import MixInfo
 
@@ -28,6 +29,8 @@ class CutMixMixer(nn.Module):
             0 keeps it constant. Driven by the ``progress`` passed to :meth:`forward`.
         shuffle_roles: draw the box owner once per batch (else member 0 always owns the box).
         scale: factor of the mix, default M (so training mixes and the test-time sum share a scale).
+        backend: implementation of the mixing, chosen once here: ``"auto"`` (fused Triton kernel for CUDA tensors
+            when triton imports, else torch), ``"torch"`` or ``"triton"``; ``None`` reads ``MIXSHARE_BACKEND``.
 
     Shape:
         - Input: ``(B, M, C, H, W)`` encodings.
@@ -54,8 +57,10 @@ class CutMixMixer(nn.Module):
         cutmix_ramp: float = 1.0 / 12.0,
         shuffle_roles: bool = True,
         scale: float | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
+        self.backend = resolve_backend(backend)
         self.num_subnetworks = check_num_subnetworks(num_subnetworks)
         self.alpha = check_real("alpha", alpha)
         self.cutmix_prob = check_real("cutmix_prob", cutmix_prob, low=0.0, high=1.0)
@@ -68,7 +73,8 @@ class CutMixMixer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_subnetworks={self.num_subnetworks}, alpha={self.alpha:g}, cutmix_prob={self.cutmix_prob:g}, "
-            f"cutmix_ramp={self.cutmix_ramp:.4g}, shuffle_roles={self.shuffle_roles}, scale={self.scale:g}"
+            f"cutmix_ramp={self.cutmix_ramp:.4g}, shuffle_roles={self.shuffle_roles}, scale={self.scale:g}, "
+            f"backend={self.backend!r}"
         )
 
     def current_cutmix_prob(self, progress: Tensor | float = 0.0) -> Tensor:
@@ -102,7 +108,7 @@ class CutMixMixer(nn.Module):
     def apply(self, encodings: Tensor, info: MixInfo) -> Tensor:  # type: ignore[override]
         """Apply a given mix (deterministic)."""
         self._check(encodings)
-        return mix(encodings, info, self.scale)
+        return mix(encodings, info, self.scale, backend=self.backend)
 
     def forward(
         self,

@@ -17,11 +17,27 @@ ENCODER_INITS = ("independent", "aligned", "colinear")
 
 
 def reset_all_parameters(module: nn.Module) -> None:
-    """Call ``reset_parameters()`` on every submodule that has one (PyTorch's default initialisation)."""
+    """Call ``reset_parameters()`` on every submodule that has one (PyTorch's default initialisation).
+
+    Args:
+        module: the module to re-initialise in place (itself included).
+
+    Example:
+        >>> conv = nn.Conv2d(3, 8, 3)
+        >>> before = conv.weight.clone()
+        >>> reset_all_parameters(conv)
+        >>> torch.equal(before, conv.weight)
+        False
+    """
     for sub in module.modules():
         reset = getattr(sub, "reset_parameters", None)
         if callable(reset):
             reset()
+
+
+def _runs_as(module: nn.Module, base: type, methods: tuple[str, ...]) -> bool:
+    """Whether ``module`` computes exactly what ``base`` does (a subclass that overrides none of ``methods``)."""
+    return all(getattr(type(module), name) is getattr(base, name) for name in methods)
 
 
 class MultiEncoder(nn.Module):
@@ -79,16 +95,20 @@ class MultiEncoder(nn.Module):
         check_real("colinear_range[1]", high, low=low)
         self.colinear_range = (float(low), float(high))
         m = self.num_subnetworks
-        self.fused = isinstance(template, nn.Conv2d) and template.padding_mode == "zeros"
-        linear = isinstance(template, (nn.Conv2d, nn.Linear))
+        # a subclass that changes the computation (timm's Conv2dSame pads in forward, StdConv2d standardises its
+        # weight) is neither fused nor treated as linear: it is replicated and run as the module it is
+        plain_conv = isinstance(template, nn.Conv2d) and _runs_as(template, nn.Conv2d, ("forward", "_conv_forward"))
+        self.fused = plain_conv and template.padding_mode == "zeros"
+        linear = plain_conv or (isinstance(template, nn.Linear) and _runs_as(template, nn.Linear, ("forward",)))
         if init == "colinear" and not linear:
             raise TypeError(
-                f"init='colinear' needs a linear template (nn.Conv2d or nn.Linear), but got {type(template).__name__}"
+                "init='colinear' needs a linear template (a plain nn.Conv2d or nn.Linear, not a subclass with its own "
+                f"forward), but got {type(template).__name__}"
             )
         if preserve_sum and not linear:
             raise TypeError(
-                "preserve_sum=True needs a linear template (nn.Conv2d or nn.Linear): the test-time sum of M copies "
-                f"of a non-linear {type(template).__name__} cannot reproduce it"
+                "preserve_sum=True needs a linear template (a plain nn.Conv2d or nn.Linear): the test-time sum of M "
+                f"copies of a non-linear {type(template).__name__} cannot reproduce it"
             )
 
         copies = [copy.deepcopy(template) for _ in range(m)]

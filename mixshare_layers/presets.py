@@ -42,6 +42,15 @@ class MIMOConfig:
         unmix_pooling: ``"mean"`` (masked average) or ``"sum"``.
         rebalance_root: MixMo's loss-weight root r (``None``: weight 1 for every member).
         input_repetition: share of rows whose M inputs are the same image (:class:`~mixshare_layers.MIMOBatcher`).
+
+    Example:
+        >>> config = MIMOConfig(unmix_mode="full")
+        >>> config.replace(alpha=1.0).alpha, config.alpha
+        (1.0, 2.0)
+        >>> config.replace(alpah=1.0)
+        Traceback (most recent call last):
+            ...
+        TypeError: unknown option(s) 'alpah'; valid options are ...
     """
 
     encoder_init: str = "independent"
@@ -109,6 +118,18 @@ PRESETS: dict[str, MIMOConfig] = {
 
 
 def get_preset(name: str, **overrides: object) -> MIMOConfig:
-    """The configuration of preset ``name`` with ``overrides`` applied."""
+    """The configuration of preset ``name`` with ``overrides`` applied.
+
+    Args:
+        name: one of the keys of ``PRESETS`` (the table in the module docstring).
+        **overrides: fields of :class:`MIMOConfig` to change.
+
+    Example:
+        >>> sorted(PRESETS)
+        ['mimo', 'mixmo', 'mixshare', 'mixshare-partial', 'unmix', 'unmix-aligned']
+        >>> config = get_preset("mixshare", fadeout_end=0.5)
+        >>> config.unmix_mode, config.fadeout_end, config.rebalance_root
+        ('fadeout', 0.5, 1.0)
+    """
     check_choice("preset", name, PRESETS)
     return PRESETS[name].replace(**overrides)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_choice, check_fraction, check_ndim
+from .functional.backend import resolve_backend
 from .functional.unmixing import global_pool, unmix_pool
 from .mix_info import MixInfo
 
@@ -31,6 +32,9 @@ class Unmixer(nn.Module):
         pooling: ``"mean"`` divides each member's masked sum by its mask mass (a masked *average*; a member covering
             the whole map gets the global average, so training and test scales agree; default). ``"sum"`` divides by
             ``h * w`` (the mask-filtered map followed by a plain global average pool).
+        backend: implementation of the masked pooling, chosen once here: ``"auto"`` (fused Triton kernel for CUDA
+            tensors when triton imports, else torch), ``"torch"`` or ``"triton"``; ``None`` reads
+            ``MIXSHARE_BACKEND``.
 
     Shape:
         - Input: features ``(B, C, h, w)`` and the :class:`MixInfo` of the batch (masks are brought to ``h x w`` by
@@ -51,8 +55,10 @@ class Unmixer(nn.Module):
         fraction: float = 0.25,
         fadeout_end: float = 1.0 / 3.0,
         pooling: str = "mean",
+        backend: str | None = None,
     ) -> None:
         super().__init__()
+        self.backend = resolve_backend(backend)
         self.mode = check_choice("mode", mode, UNMIX_MODES)
         self.fraction = check_fraction("fraction", fraction)
         self.fadeout_end = check_fraction("fadeout_end", fadeout_end)
@@ -66,6 +72,7 @@ class Unmixer(nn.Module):
         if self.mode == "fadeout":
             parts.append(f"fadeout_end={self.fadeout_end:.4g}")
         parts.append(f"pooling={self.pooling!r}")
+        parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
 
     def num_unmixed(self, channels: int) -> int:
@@ -105,4 +112,5 @@ class Unmixer(nn.Module):
             strength=self.strength(progress).to(features.device) if self.mode == "fadeout" else 0.0,
             num_unmixed=self.num_unmixed(features.shape[1]) if self.mode == "partial" else None,
             normalize=self.pooling == "mean",
+            backend=self.backend,
         )

@@ -29,6 +29,13 @@ class MIMOOutput(NamedTuple):
     Attributes:
         logits: ``(B, M, K)``; row ``i`` of sample ``b`` is subnetwork ``i``'s prediction for input ``i``.
         mix_info: the :class:`~mixshare_layers.MixInfo` of the batch (λ for the loss, masks for analysis).
+
+    Example:
+        >>> from mixshare_layers.models import wide_resnet
+        >>> model = MIMOWrapper(wide_resnet(10, 1, num_classes=10), num_subnetworks=2, preset="mixmo")
+        >>> logits, info = model(torch.randn(3, 2, 3, 32, 32))
+        >>> logits.shape, info.ratios.shape
+        (torch.Size([3, 2, 10]), torch.Size([3, 2]))
     """
 
     logits: Tensor
@@ -54,6 +61,9 @@ class MIMOWrapper(nn.Module):
             to sum to the original conv and every head is a copy of the classifier, so that in eval mode every head
             gives exactly the backbone's logits at initialisation. Otherwise heads are initialised independently and
             encoders follow ``encoder_init``.
+        backend: implementation of the masked ops (mixing, unmixing): ``"auto"`` (fused Triton kernels for CUDA
+            tensors when triton imports, else torch), ``"torch"`` or ``"triton"``; ``None`` reads
+            ``MIXSHARE_BACKEND`` (see :mod:`mixshare_layers.functional.backend`).
         **overrides: any field of :class:`~mixshare_layers.MIMOConfig` (e.g. ``alpha=1.0``, ``unmix_mode="full"``).
 
     Shape:
@@ -82,6 +92,7 @@ class MIMOWrapper(nn.Module):
         *,
         split: BackboneSplit | Callable[[nn.Module], BackboneSplit] | None = None,
         pretrained: bool = False,
+        backend: str | None = None,
         **overrides: object,
     ) -> None:
         super().__init__()
@@ -125,10 +136,15 @@ class MIMOWrapper(nn.Module):
             cutmix_prob=cfg.cutmix_prob,
             cutmix_ramp=cfg.cutmix_ramp,
             shuffle_roles=cfg.shuffle_roles,
+            backend=backend,
         )
         self.core = parts.core
         self.unmixer = Unmixer(
-            cfg.unmix_mode, fraction=cfg.unmix_fraction, fadeout_end=cfg.fadeout_end, pooling=cfg.unmix_pooling
+            cfg.unmix_mode,
+            fraction=cfg.unmix_fraction,
+            fadeout_end=cfg.fadeout_end,
+            pooling=cfg.unmix_pooling,
+            backend=backend,
         )
         clf = parts.classifier
         if self.pretrained:
@@ -201,6 +217,19 @@ class MIMOWrapper(nn.Module):
                 f"the core must return spatial feature maps (B, D, h, w) (before global pooling), but returned {shape}"
             )
         return features
+
+    def fold(self) -> nn.Module:
+        """A module computing this network's eval-mode logits in one pass (:func:`mixshare_layers.deploy.fold`).
+
+        The M encoders become one convolution (their test-time sum) and the M heads one ``nn.Linear`` with ``M * K``
+        outputs; the result is a copy in eval mode, ready for ``torch.export`` / ONNX.
+
+        Shape:
+            - Input: ``(B, C, H, W)``; output: logits ``(B, M, K)``, equal to ``self.eval()(x)``.
+        """
+        from .deploy import fold
+
+        return fold(self)
 
     # ---------------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -58,6 +58,9 @@ class SyntheticImageDataset(Dataset):
         data: ``(N, C, S, S)`` uint8 images.
         targets: ``(N,)`` int64 labels.
 
+    Shape:
+        - ``dataset[i]``: a ``(C, S, S)`` float32 image in [0, 1] (or ``transform(uint8 image)``) and an int label.
+
     Example:
         >>> ds = SyntheticImageDataset(100, num_classes=10)
         >>> image, label = ds[0]

@@ -14,8 +14,19 @@ __all__ = ["mimo_cross_entropy", "rebalanced_weights"]
 def rebalanced_weights(ratios: Tensor, rebalance_root: float | None) -> Tensor:
     """MixMo's loss weights ``w_k = M λ_k^(1/r) / sum_j λ_j^(1/r)``, shape ``(B, M)``; each row sums to M.
 
-    ``r = 1`` keeps the mixing ratios (``M λ_k``, MixShare); larger ``r`` flattens them (MixMo uses 3);
-    ``None`` gives 1 to every member.
+    Args:
+        ratios: the realised mixing ratios λ (``MixInfo.ratios``).
+        rebalance_root: r. ``1`` keeps the mixing ratios (``M λ_k``, MixShare); larger ``r`` flattens them (MixMo
+            uses 3); ``None`` gives 1 to every member.
+
+    Shape:
+        - Input: ``(B, M)``.
+        - Output: ``(B, M)``.
+
+    Example:
+        >>> ratios = torch.tensor([[0.25, 0.75]])
+        >>> rebalanced_weights(ratios, 1.0), rebalanced_weights(ratios, None)
+        (tensor([[0.5000, 1.5000]]), tensor([[1., 1.]]))
     """
     check_ndim("ratios", ratios, 2, "(B, M)")
     if rebalance_root is None:
@@ -44,6 +55,14 @@ def mimo_cross_entropy(
 
     Returns:
         A scalar: the sum over subnetworks of the batch means.
+
+    Shape:
+        - ``logits``: ``(B, M, K)``; ``targets`` and ``weights``: ``(B, M)``; output: ``()``.
+
+    Example:
+        >>> logits = torch.zeros(4, 2, 10)  # uniform predictions: CE = log(10) for each member
+        >>> mimo_cross_entropy(logits, torch.zeros(4, 2, dtype=torch.long))
+        tensor(4.6052)
     """
     check_ndim("logits", logits, 3, "(B, M, K)")
     if targets.shape != logits.shape[:2]:
@@ -52,8 +71,9 @@ def mimo_cross_entropy(
             f"{tuple(logits.shape)}, but got {tuple(targets.shape)}"
         )
     b, m, k = logits.shape
+    acc = torch.promote_types(logits.dtype, torch.float32)  # float32 at least, float64 kept
     ce = F.cross_entropy(
-        logits.reshape(b * m, k).float(), targets.reshape(b * m), reduction="none", label_smoothing=label_smoothing
+        logits.reshape(b * m, k).to(acc), targets.reshape(b * m), reduction="none", label_smoothing=label_smoothing
     ).view(b, m)
     if weights is not None:
         if weights.shape != (b, m):

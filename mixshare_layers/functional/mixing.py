@@ -8,7 +8,8 @@ from torch import Tensor
 
 from .._checks import check_int, check_ndim, check_real
 from ..mix_info import MixInfo
-from .random import sample_dirichlet
+from .backend import resolve_backend, triton_ops, use_triton
+from .random import generator_kwargs, sample_dirichlet
 
 __all__ = ["cutmix_probability", "mix", "mix_reference", "sample_mix_params"]
 
@@ -18,6 +19,15 @@ def cutmix_probability(cutmix_prob: float, ramp: float, progress: Tensor | float
 
     ``cutmix_prob`` until ``1 - ramp`` of training, then linearly down to 0 at the end (``ramp = 1/12`` in MixMo;
     ``ramp = 0`` keeps it constant). Returns a 0-dim tensor (on ``progress``'s device if it is a tensor).
+
+    Args:
+        cutmix_prob: the probability before the ramp.
+        ramp: the end fraction of training over which it falls to 0.
+        progress: training progress in [0, 1] (a float or a 0-dim tensor).
+
+    Example:
+        >>> [round(float(cutmix_probability(0.5, 1 / 12, p)), 3) for p in (0.0, 11 / 12, 23 / 24, 1.0)]
+        [0.5, 0.5, 0.25, 0.0]
     """
     p = torch.as_tensor(progress, dtype=torch.float32)
     if ramp <= 0:
@@ -60,6 +70,17 @@ def sample_mix_params(
         uniform pixel and clipped to the map, the other members share the outside in proportion to their λ, and
         ``ratios`` is recomputed from the clipped box's area. With linear mixing the box is empty and
         ``outside = ratios = λ``.
+
+    Shape:
+        - ``boxes`` ``(B, 4)``; ``inside``, ``outside``, ``ratios`` ``(B, M)``; ``cutmix`` ``()``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> info = sample_mix_params(8, 2, 32, 32, cutmix_prob=1.0, generator=g)
+        >>> info.boxes.shape, info.ratios.shape, bool(info.cutmix)
+        (torch.Size([8, 4]), torch.Size([8, 2]), True)
+        >>> bool(torch.allclose(info.masks_at().mean(dim=(2, 3)), info.ratios))  # λ = the realised mask mean
+        True
     """
     batch_size = check_int("batch_size", batch_size, minimum=0)
     m = check_int("num_subnetworks", num_subnetworks, minimum=1)
@@ -76,35 +97,36 @@ def sample_mix_params(
             height=height,
             width=width,
         )
-    lam = sample_dirichlet(alpha, batch_size, m, device=device, dtype=torch.float32, generator=generator)
+    work = torch.float64 if dtype == torch.float64 else torch.float32  # compositions exact to the output dtype
+    lam = sample_dirichlet(alpha, batch_size, m, device=device, dtype=work, generator=generator)
     if shuffle_roles:
-        owner = torch.randint(m, (1,), device=device, generator=generator).expand(batch_size)
+        owner = torch.randint(m, (1,), device=device, **generator_kwargs(generator)).expand(batch_size)
     else:
         owner = torch.zeros(batch_size, device=device, dtype=torch.long)
-    owner_hot = F.one_hot(owner, m).to(torch.float32)  # (B, M)
+    owner_hot = F.one_hot(owner, m).to(work)  # (B, M)
     lam_owner = (lam * owner_hot).sum(dim=1)  # (B,)
 
     # CutMix box for the owner: side ratio sqrt(λ_o), centre uniform over the pixels, corners clipped.
     side = lam_owner.sqrt()
     cut_h = torch.floor(height * side).long()
     cut_w = torch.floor(width * side).long()
-    cy = torch.randint(height, (batch_size,), device=device, generator=generator)
-    cx = torch.randint(width, (batch_size,), device=device, generator=generator)
+    cy = torch.randint(height, (batch_size,), device=device, **generator_kwargs(generator))
+    cx = torch.randint(width, (batch_size,), device=device, **generator_kwargs(generator))
     y0 = (cy - cut_h // 2).clamp(0, height)
     y1 = (cy + cut_h // 2).clamp(0, height)
     x0 = (cx - cut_w // 2).clamp(0, width)
     x1 = (cx + cut_w // 2).clamp(0, width)
     cut_boxes = torch.stack([y0, y1, x0, x1], dim=1)
-    area = ((y1 - y0) * (x1 - x0)).to(torch.float32) / (height * width)  # realised share of the owner
+    area = ((y1 - y0) * (x1 - x0)).to(work) / (height * width)  # realised share of the owner
 
     # the other members share the outside linearly, in proportion to their λ
     others = lam * (1 - owner_hot)
     denom = others.sum(dim=1, keepdim=True)
     uniform_others = (1 - owner_hot) / (m - 1)
-    cut_outside = torch.where(denom > 0, others / denom.clamp_min(torch.finfo(torch.float32).tiny), uniform_others)
+    cut_outside = torch.where(denom > 0, others / denom.clamp_min(torch.finfo(work).tiny), uniform_others)
     cut_ratios = area[:, None] * owner_hot + (1 - area[:, None]) * cut_outside
 
-    use_cut = torch.rand((), device=device, generator=generator) < torch.as_tensor(cutmix_prob, device=device)
+    use_cut = torch.rand((), device=device, **generator_kwargs(generator)) < torch.as_tensor(cutmix_prob, device=device)
     boxes = torch.where(use_cut, cut_boxes, torch.zeros_like(cut_boxes))
     inside = torch.where(use_cut, owner_hot, lam)
     outside = torch.where(use_cut, cut_outside, lam)
@@ -130,29 +152,81 @@ def _check_mix_inputs(encodings: Tensor, info: MixInfo) -> None:
         )
 
 
-def mix(encodings: Tensor, info: MixInfo, scale: float | None = None) -> Tensor:
+class _MixTorch(torch.autograd.Function):
+    """``sum_i w_i * e_i`` with the per-pixel weights ``w`` ``(B, M, H, W)`` (scale and masks folded in).
+
+    The backward writes ``grad_e = w[:, :, None] * grad`` in one pass; the weights get no gradient (they describe a
+    random draw).
+    """
+
+    @staticmethod
+    def forward(ctx, encodings: Tensor, weights: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weights)
+        ctx.enc_dtype = encodings.dtype
+        acc = weights.dtype
+        m = encodings.shape[1]
+        e = encodings if encodings.dtype == acc else encodings.to(acc)
+        out = torch.mul(e[:, 0], weights[:, 0, None])
+        for i in range(1, m):
+            out.addcmul_(e[:, i], weights[:, i, None])
+        return out.to(encodings.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (weights,) = ctx.saved_tensors
+        grad_e = torch.mul(grad.to(weights.dtype)[:, None], weights[:, :, None])
+        return grad_e.to(ctx.enc_dtype), None
+
+
+def mix(encodings: Tensor, info: MixInfo, scale: float | None = None, *, backend: str | None = None) -> Tensor:
     """Apply a mix: ``scale * sum_i m_i * e_i`` with the masks of ``info`` rendered at the encodings' size.
 
     Args:
-        encodings: ``(B, M, C, H, W)``.
+        encodings: ``(B, M, C, H, W)``, any memory layout (channels_last and other strides are read as they are by
+            the Triton kernel; the torch path lets TensorIterator handle them).
         info: the mix to apply (from :func:`sample_mix_params` or a :class:`~mixshare_layers.CutMixMixer`).
         scale: defaults to M, so that the test-time plain sum and training mixes have the same scale.
+        backend: ``"auto"`` (Triton for CUDA tensors when it imports, else torch), ``"torch"`` or ``"triton"``;
+            ``None`` reads ``MIXSHARE_BACKEND`` (see :mod:`mixshare_layers.functional.backend`).
 
     Shape:
-        - Output: ``(B, C, H, W)`` in the encodings' dtype.
+        - Output: ``(B, C, H, W)`` in the encodings' dtype (contiguous for the Triton path). Products and the sum
+          over members are computed in float32 for float16/bfloat16 encodings (float64 for float64), rounded once.
+          The gradient flows to ``encodings`` only; ``info`` describes a random draw and gets none.
+
+    Example:
+        >>> from mixshare_layers import MixInfo
+        >>> e = torch.randn(2, 3, 4, 8, 8)
+        >>> torch.allclose(mix(e, MixInfo.identity(2, 3, 8, 8), scale=1.0), e.sum(dim=1))  # identity masks: sum
+        True
     """
     _check_mix_inputs(encodings, info)
     m = encodings.shape[1]
     scale = float(m) if scale is None else check_real("scale", scale)
-    masks = info.masks_at(encodings.shape[-2], encodings.shape[-1], dtype=encodings.dtype)  # (B, M, H, W)
-    out = encodings[:, 0] * (masks[:, 0, None] * scale)
-    for i in range(1, m):
-        out = torch.addcmul(out, encodings[:, i], masks[:, i, None], value=scale)
-    return out
+    if use_triton(resolve_backend(backend), encodings):
+        return triton_ops().mix(encodings, info.boxes, info.inside, info.outside, info.height, info.width, scale)
+    acc = torch.promote_types(encodings.dtype, torch.float32)
+    weights = info.masks_at(encodings.shape[-2], encodings.shape[-1], dtype=acc) * scale  # (B, M, H, W)
+    return _MixTorch.apply(encodings, weights)
 
 
 def mix_reference(encodings: Tensor, info: MixInfo, scale: float | None = None) -> Tensor:
-    """Naive reference of :func:`mix` (materialises the M masked copies); for tests."""
+    """Naive reference of :func:`mix` (materialises the M masked copies); for tests.
+
+    Args:
+        encodings: ``(B, M, C, H, W)``.
+        info: the mix to apply.
+        scale: defaults to M.
+
+    Shape:
+        - Output: ``(B, C, H, W)``.
+
+    Example:
+        >>> info = sample_mix_params(2, 2, 8, 8, cutmix_prob=1.0, generator=torch.Generator().manual_seed(0))
+        >>> e = torch.randn(2, 2, 4, 8, 8, dtype=torch.float64)
+        >>> torch.allclose(mix(e, info), mix_reference(e, info))
+        True
+    """
     _check_mix_inputs(encodings, info)
     m = encodings.shape[1]
     scale = float(m) if scale is None else scale

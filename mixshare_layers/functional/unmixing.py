@@ -17,12 +17,26 @@ from torch import Tensor
 
 from .._checks import check_ndim
 from ..mix_info import MixInfo
+from .backend import resolve_backend, triton_ops, use_triton
 
 __all__ = ["global_pool", "unmix_pool", "unmix_pool_reference"]
 
 
 def global_pool(features: Tensor, num_subnetworks: int) -> Tensor:
-    """Plain global average pooling shared by every subnetwork: ``(B, C, h, w) -> (B, M, C)`` (an expanded view)."""
+    """Plain global average pooling shared by every subnetwork: ``(B, C, h, w) -> (B, M, C)`` (an expanded view).
+
+    Args:
+        features: final feature maps.
+        num_subnetworks: M.
+
+    Shape:
+        - Input: ``(B, C, h, w)``.
+        - Output: ``(B, M, C)``, the same vector for every member (no copy).
+
+    Example:
+        >>> global_pool(torch.ones(2, 5, 4, 4), 3).shape
+        torch.Size([2, 3, 5])
+    """
     check_ndim("features", features, 4, "(B, C, h, w)")
     pooled = features.mean(dim=(2, 3))
     return pooled.unsqueeze(1).expand(-1, num_subnetworks, -1)
@@ -37,6 +51,34 @@ def _check_unmix_inputs(features: Tensor, info: MixInfo, num_unmixed: int | None
         )
     if num_unmixed is not None and not 0 <= num_unmixed <= features.shape[1]:
         raise ValueError(f"num_unmixed must be in [0, C={features.shape[1]}], but got {num_unmixed}")
+
+
+class _UnmixSumsTorch(torch.autograd.Function):
+    """``S_all = sum_p f`` and ``S_box = sum_{y,x} cov_y(y) cov_x(x) f`` per ``(b, c)``, in the coverage dtype.
+
+    Forward: one plain sum and one batched matrix-vector product against the ``(B, h w)`` coverage (no copy of a
+    contiguous map). Backward: ``grad_f = g_all + g_box * cov`` written once, in the features' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, features: Tensor, cov_y: Tensor, cov_x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        ctx.save_for_backward(cov_y, cov_x)
+        ctx.feat_dtype = features.dtype
+        acc = cov_y.dtype
+        b, c, h, w = features.shape
+        f = features if features.dtype == acc else features.to(acc)
+        s_all = f.sum(dim=(2, 3))
+        cov = (cov_y[:, :, None] * cov_x[:, None, :]).reshape(b, 1, h * w)  # (B, 1, hw): small
+        # one matrix-vector product per sample (a (B, 1, hw) -> (B, hw, 1) view: BLAS takes its fast path for it)
+        s_box = torch.bmm(f.reshape(b, c, h * w), cov.transpose(1, 2)).view(b, c)
+        return s_all, s_box
+
+    @staticmethod
+    def backward(ctx, grad_all: Tensor, grad_box: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        cov_y, cov_x = ctx.saved_tensors
+        cov = (cov_y[:, :, None] * cov_x[:, None, :])[:, None]  # (B, 1, h, w)
+        grad_f = torch.addcmul(grad_all[:, :, None, None], grad_box[:, :, None, None], cov)
+        return grad_f.to(ctx.feat_dtype), None, None
 
 
 def _pool_weights(info: MixInfo, strength: Tensor | float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -54,6 +96,7 @@ def unmix_pool(
     strength: Tensor | float = 0.0,
     num_unmixed: int | None = None,
     normalize: bool = True,
+    backend: str | None = None,
 ) -> Tensor:
     """Pool the final feature maps once per subnetwork through its (faded) mixing mask.
 
@@ -69,16 +112,34 @@ def unmix_pool(
             (the plain masked sum of the paper's "filter then global-average-pool"). A member whose mask is empty
             at this resolution gets zeros with ``normalize=True``.
 
+        backend: ``"auto"`` (Triton for CUDA tensors when it imports, else torch), ``"torch"`` or ``"triton"``;
+            ``None`` reads ``MIXSHARE_BACKEND`` (see :mod:`mixshare_layers.functional.backend`). Either way the
+            feature map is read twice at most (two sums), its gradient written once, and nothing of size
+            ``M x (B, C, h, w)`` is allocated.
+
     Shape:
-        - Output: ``(B, M, C)``. Accumulation is done in float32 at least; the output has the features' dtype.
+        - Output: ``(B, M, C)``. Accumulation is done in float32 at least (float64 for float64 features); the
+          output has the features' dtype, and so does the gradient written back to ``features``. Any memory layout
+          (channels_last, strided views) is accepted.
+
+    Example:
+        >>> from mixshare_layers.functional import sample_mix_params
+        >>> info = sample_mix_params(4, 2, 32, 32, cutmix_prob=1.0, generator=torch.Generator().manual_seed(0))
+        >>> features = torch.randn(4, 64, 8, 8)
+        >>> unmix_pool(features, info).shape
+        torch.Size([4, 2, 64])
+        >>> no_unmixing = unmix_pool(features, info, strength=1.0)  # fadeout finished: the global average
+        >>> torch.allclose(no_unmixing, features.mean(dim=(2, 3))[:, None].expand(-1, 2, -1))
+        True
     """
     _check_unmix_inputs(features, info, num_unmixed)
     _, c, h, w = features.shape
     acc = torch.promote_types(features.dtype, torch.float32)
-    f = features.to(acc)
     cov_y, cov_x = info.coverage_at(h, w, dtype=acc)  # (B, h), (B, w)
-    s_all = f.sum(dim=(2, 3))  # (B, C)
-    s_box = torch.einsum("bchw,bh,bw->bc", f, cov_y, cov_x)  # (B, C)
+    if use_triton(resolve_backend(backend), features):
+        s_all, s_box = triton_ops().unmix_sums(features, info.boxes, info.height, info.width)
+    else:
+        s_all, s_box = _UnmixSumsTorch.apply(features, cov_y, cov_x)  # (B, C) each, in acc
     area = cov_y.sum(dim=1) * cov_x.sum(dim=1)  # (B,)
     inside, outside = _pool_weights(info, strength, acc)  # (B, M)
     num = inside[:, :, None] * s_box[:, None, :] + outside[:, :, None] * (s_all - s_box)[:, None, :]
@@ -103,7 +164,25 @@ def unmix_pool_reference(
     num_unmixed: int | None = None,
     normalize: bool = True,
 ) -> Tensor:
-    """Naive reference of :func:`unmix_pool` that materialises the M masked feature maps; for tests."""
+    """Naive reference of :func:`unmix_pool` that materialises the M masked feature maps; for tests.
+
+    Args:
+        features: ``(B, C, h, w)``.
+        info: the mix used at the input.
+        strength: fadeout strength r in [0, 1].
+        num_unmixed: unmix only the first ``num_unmixed`` channels (``None``: all).
+        normalize: masked average (``True``) or masked sum over ``h * w``.
+
+    Shape:
+        - Output: ``(B, M, C)``.
+
+    Example:
+        >>> from mixshare_layers.functional import sample_mix_params
+        >>> info = sample_mix_params(2, 3, 16, 16, cutmix_prob=1.0, generator=torch.Generator().manual_seed(0))
+        >>> f = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+        >>> torch.allclose(unmix_pool(f, info, num_unmixed=2), unmix_pool_reference(f, info, num_unmixed=2))
+        True
+    """
     _check_unmix_inputs(features, info, num_unmixed)
     _, c, h, w = features.shape
     masks = info.faded(strength).masks_at(h, w, dtype=features.dtype)  # (B, M, h, w)

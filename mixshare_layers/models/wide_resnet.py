@@ -16,7 +16,20 @@ _TRUNC_STD = 0.87962566103423978
 
 
 def truncated_he_normal_(weight: Tensor) -> Tensor:
-    """He-normal initialisation truncated at two standard deviations (Keras ``he_normal``)."""
+    """He-normal initialisation truncated at two standard deviations (Keras ``he_normal``), in place.
+
+    Args:
+        weight: a weight whose fan-in is ``weight[0].numel()`` (conv ``(C_out, C_in, k, k)`` or linear ``(out, in)``).
+
+    Returns:
+        ``weight``, filled.
+
+    Example:
+        >>> import torch
+        >>> w = truncated_he_normal_(torch.empty(64, 16, 3, 3))
+        >>> bool(w.abs().max() <= 2 * (2 / 144) ** 0.5 / 0.8796)
+        True
+    """
     fan_in = weight[0].numel()
     std = math.sqrt(2.0 / fan_in) / _TRUNC_STD
     return nn.init.trunc_normal_(weight, 0.0, std, -2.0 * std, 2.0 * std)
@@ -68,6 +81,16 @@ class WideResNet(nn.Module):
         width: widening factor w (2 in the paper).
         num_classes: K.
         in_channels: image channels.
+
+    Shape:
+        - Input: ``(B, in_channels, 32, 32)`` (any size divisible by 4 works).
+        - Output: logits ``(B, K)``; :meth:`forward_features` gives ``(B, 64 * width, 8, 8)`` for 32x32 inputs.
+
+    Example:
+        >>> import torch
+        >>> net = WideResNet(depth=10, width=1, num_classes=10)
+        >>> net(torch.randn(2, 3, 32, 32)).shape, net.forward_features(torch.randn(2, 3, 32, 32)).shape
+        (torch.Size([2, 10]), torch.Size([2, 64, 8, 8]))
     """
 
     def __init__(self, depth: int = 28, width: int = 2, num_classes: int = 100, in_channels: int = 3) -> None:
@@ -115,12 +138,37 @@ class WideResNet(nn.Module):
 
 
 def wide_resnet(depth: int = 28, width: int = 2, num_classes: int = 100, in_channels: int = 3) -> WideResNet:
-    """MixMo's CIFAR WRN-depth-width (see :class:`WideResNet`)."""
+    """MixMo's CIFAR WRN-depth-width (see :class:`WideResNet`).
+
+    Args:
+        depth: 6n + 4 (28 in the paper).
+        width: widening factor w (2 in the paper).
+        num_classes: K.
+        in_channels: image channels.
+
+    Example:
+        >>> net = wide_resnet(28, 2, num_classes=100)
+        >>> sum(p.numel() for p in net.parameters())
+        1479220
+    """
     return WideResNet(depth, width, num_classes, in_channels)
 
 
 def cifar_resnet(model: nn.Module) -> nn.Module:
-    """Give a torchvision ResNet a CIFAR stem in place: 3x3 stride-1 ``conv1`` and no max-pool. Returns the model."""
+    """Give a torchvision ResNet a CIFAR stem in place: 3x3 stride-1 ``conv1`` and no max-pool. Returns the model.
+
+    Args:
+        model: a torchvision-style ResNet (attributes ``conv1`` and ``maxpool``).
+
+    Shape:
+        - The returned model keeps 32x32 inputs at 32x32 after its stem (final maps ``4x4`` for a ResNet).
+
+    Example:
+        >>> import torchvision
+        >>> net = cifar_resnet(torchvision.models.resnet18(num_classes=10))
+        >>> net.conv1, net.maxpool
+        (Conv2d(3, 64, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False), Identity())
+    """
     conv = getattr(model, "conv1", None)
     if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
         raise TypeError(f"model must be a torchvision-style ResNet with conv1 and maxpool, got {type(model).__name__}")

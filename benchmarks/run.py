@@ -1,0 +1,382 @@
+"""mixshare_layers benchmarks: one command, a JSON and a Markdown table (never part of the test suite).
+
+    flock /tmp/mixshare_cpu.lock python benchmarks/run.py                      # CPU, 2 threads, everything
+    python benchmarks/run.py --device cuda --out benchmarks/results/gpu        # on a GPU (adds the bandwidth stage)
+    python benchmarks/run.py --only a,b --quick                                # a subset, fewer repeats
+
+Stages (issue 3, section 4), each compared side by side in this process, interleaved, median of repeats:
+
+a. mask sampling + mixing, B=128, M=2, 16x32x32: ours vs a naive MixMo-style baseline (a Python loop with numpy
+   boxes, full masks built on the CPU and copied over, mixing through M materialised masked copies); the mixing alone
+   vs one memory pass over the same bytes (``torch.add`` of the two encodings).
+b. unmix + pool, forward + backward: fused (two sums) vs materialising M masked copies; time and peak memory, for
+   C = 128 and 640 at 8x8 (WRN-28-2 / WRN-28-10 final maps), M = 2 and 4, B = 128.
+c. one training step (forward, loss, backward, SGD) of MIMOWrapper(WRN-28-2, M=2, "mixshare") vs the plain WRN-28-2
+   on the same number of rows (B = 64).
+d. eval latency of the folded model vs the unfolded MIMOWrapper vs the plain WRN-28-2, B = 1 and B = 256.
+bw (CUDA only). measured copy bandwidth of the card, and the bandwidth achieved by the fused mixing and unmixing
+   kernels (forward and backward) at large sizes.
+
+Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the allocation/free events recorded by
+``torch.profiler`` (profile_memory=True), summed in time order. Both are measured above what is alive before the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mixshare_layers import MIMOLoss, MIMOWrapper  # noqa: E402
+from mixshare_layers.functional import mix, sample_mix_params, unmix_pool  # noqa: E402
+from mixshare_layers.models import wide_resnet  # noqa: E402
+
+ROWS: list[dict] = []
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each function, the functions called in turn within every repeat."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated while ``fn`` runs, above what was allocated before."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def row(stage: str, case: str, metric: str, ours: float, base: float | None, base_name: str, target: str,
+        met: bool | None, unit: str = "ms") -> None:  # fmt: skip
+    ratio = None if base is None or base == 0 else ours / base
+    ROWS.append({"stage": stage, "case": case, "metric": metric, "ours": ours, "baseline": base,
+                 "baseline_name": base_name, "ratio": ratio, "target": target, "met": met, "unit": unit})  # fmt: skip
+    r = "" if ratio is None else f" ratio {ratio:.3f}"
+    print(f"[{stage}] {case} {metric}: ours {ours:.4g} {unit} vs {base_name} {base if base is not None else '-'}{r}"
+          f" target {target} {'' if met is None else ('MET' if met else 'MISSED')}", flush=True)  # fmt: skip
+
+
+# -- (a) mask sampling + mixing -------------------------------------------------------------------------------------
+def naive_masks(batch: int, m: int, h: int, w: int, alpha: float, rng) -> torch.Tensor:
+    """MixMo's recipe done the slow way: per-sample numpy boxes, full (B, M, H, W) float masks built on the CPU."""
+    import numpy as np
+
+    masks = np.zeros((batch, m, h, w), dtype=np.float32)
+    owner = rng.integers(m)
+    for b in range(batch):
+        lam = rng.beta(alpha, alpha)
+        cut = math.sqrt(lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = rng.integers(h), rng.integers(w)
+        y0, y1 = np.clip(cy - ch // 2, 0, h), np.clip(cy + ch // 2, 0, h)
+        x0, x1 = np.clip(cx - cw // 2, 0, w), np.clip(cx + cw // 2, 0, w)
+        box = np.zeros((h, w), dtype=np.float32)
+        box[y0:y1, x0:x1] = 1.0
+        for i in range(m):
+            masks[b, i] = box if i == owner else (1.0 - box) / (m - 1)
+    return torch.from_numpy(masks)
+
+
+def stage_a(device: torch.device, reps: int) -> None:
+    import numpy as np
+
+    b, m, c, h, w = 128, 2, 16, 32, 32
+    rng = np.random.default_rng(0)
+    e = torch.randn(b, m, c, h, w, device=device)
+    info = sample_mix_params(b, m, h, w, cutmix_prob=1.0, device=device)
+
+    def ours_sample():
+        return sample_mix_params(b, m, h, w, cutmix_prob=1.0, device=device)
+
+    def naive_sample():
+        return naive_masks(b, m, h, w, 2.0, rng).to(device)
+
+    masks = naive_sample()
+    t = interleaved({"ours": ours_sample, "naive": naive_sample}, device, reps, 3)
+    speedup = t["naive"] / t["ours"]
+    row("a", f"B={b} M={m} {c}x{h}x{w}", "mask sampling", t["ours"] * 1e3, t["naive"] * 1e3,
+        "naive numpy loop + copy", ">= 20x faster", speedup >= 20)  # fmt: skip
+
+    def ours_mix():
+        return mix(e, info)
+
+    def one_pass():
+        return torch.add(e[:, 0], e[:, 1])
+
+    def naive_mix():
+        return m * (masks[:, :, None] * e).sum(dim=1)
+
+    t = interleaved({"ours": ours_mix, "add": one_pass, "naive": naive_mix}, device, reps * 4, 10)
+    ratio = t["ours"] / t["add"]
+    row("a", f"B={b} M={m} {c}x{h}x{w}", "mixing", t["ours"] * 1e3, t["add"] * 1e3, "torch.add (1 pass)",
+        "<= 1.25x", ratio <= 1.25)  # fmt: skip
+    row("a", f"B={b} M={m} {c}x{h}x{w}", "mixing", t["ours"] * 1e3, t["naive"] * 1e3, "materialised masks",
+        "info", None)  # fmt: skip
+
+
+# -- (b) unmix + pool ------------------------------------------------------------------------------------------------
+def materialised_pool(features: torch.Tensor, info, strength: float = 0.0) -> torch.Tensor:
+    """M masked copies of the map, then masked averages (what the fused op avoids)."""
+    h, w = features.shape[-2:]
+    masks = info.faded(strength).masks_at(h, w, dtype=features.dtype)[:, :, None]  # (B, M, 1, h, w)
+    filtered = masks * features[:, None]  # (B, M, C, h, w)
+    return filtered.sum(dim=(-2, -1)) / masks.sum(dim=(-2, -1)).clamp_min(1e-12)
+
+
+def stage_b(device: torch.device, reps: int) -> None:
+    b, h, w = 128, 8, 8
+    for c in (128, 640):
+        for m in (2, 4):
+            info = sample_mix_params(b, m, 32, 32, cutmix_prob=1.0, device=device)
+            f = torch.randn(b, c, h, w, device=device, requires_grad=True)
+            grad = torch.randn(b, m, c, device=device)
+
+            def fused(f=f, info=info, grad=grad):
+                (g,) = torch.autograd.grad(unmix_pool(f, info), f, grad)
+                return g
+
+            def naive(f=f, info=info, grad=grad):
+                (g,) = torch.autograd.grad(materialised_pool(f, info), f, grad)
+                return g
+
+            torch.testing.assert_close(fused(), naive(), rtol=1e-4, atol=1e-5)
+            t = interleaved({"fused": fused, "naive": naive}, device, reps, 3)
+            case = f"B={b} C={c} {h}x{w} M={m}"
+            row("b", case, "time fwd+bwd", t["fused"] * 1e3, t["naive"] * 1e3, "materialised", "info", None)
+            p_f, p_n = peak_bytes(fused, device), peak_bytes(naive, device)
+            row("b", case, "peak memory fwd+bwd", p_f / 2**20, p_n / 2**20, "materialised",
+                f"<= 1/{m} (+10%)", p_f <= p_n / m * 1.1, unit="MiB")  # fmt: skip
+
+
+# -- (c) training step -----------------------------------------------------------------------------------------------
+def stage_c(device: torch.device, reps: int) -> None:
+    torch.manual_seed(0)
+    rows, m = 64, 2
+    mimo = MIMOWrapper(wide_resnet(28, 2, num_classes=100), m, "mixshare").to(device).train()
+    plain = wide_resnet(28, 2, num_classes=100).to(device).train()
+    loss_fn = MIMOLoss(mimo.config.rebalance_root)
+    opt_m = torch.optim.SGD(mimo.parameters(), lr=0.025, momentum=0.9, nesterov=True, weight_decay=6e-4)
+    opt_p = torch.optim.SGD(plain.parameters(), lr=0.025, momentum=0.9, nesterov=True, weight_decay=6e-4)
+    xm = torch.randn(rows, m, 3, 32, 32, device=device)
+    ym = torch.randint(100, (rows, m), device=device)
+    xp = torch.randn(rows, 3, 32, 32, device=device)
+    yp = torch.randint(100, (rows,), device=device)
+    mimo.set_progress(0.05)
+
+    def step_mimo():
+        opt_m.zero_grad(set_to_none=True)
+        loss_fn(mimo(xm), ym).backward()
+        opt_m.step()
+
+    def step_plain():
+        opt_p.zero_grad(set_to_none=True)
+        F.cross_entropy(plain(xp), yp).backward()
+        opt_p.step()
+
+    t = interleaved({"mimo": step_mimo, "plain": step_plain}, device, max(reps, 20), 3)
+    limit = 1.03 if device.type == "cuda" else 1.05
+    ratio = t["mimo"] / t["plain"]
+    row("c", f"WRN-28-2 M={m} mixshare, B={rows} rows", "train step", t["mimo"] * 1e3, t["plain"] * 1e3,
+        "plain WRN-28-2", f"<= {limit}", ratio <= limit)  # fmt: skip
+
+
+# -- (d) eval latency ------------------------------------------------------------------------------------------------
+def stage_d(device: torch.device, reps: int) -> None:
+    torch.manual_seed(0)
+    mimo = MIMOWrapper(wide_resnet(28, 2, num_classes=100), 2, "mixshare").to(device).eval()
+    folded = mimo.fold()
+    plain = wide_resnet(28, 2, num_classes=100).to(device).eval()
+    for batch in (1, 256):
+        x = torch.randn(batch, 3, 32, 32, device=device)
+        n = reps * 3 if batch == 1 else max(5, reps // 2)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), mimo(x), rtol=1e-4, atol=1e-4)
+            fns = {"folded": lambda x=x: folded(x), "unfolded": lambda x=x: mimo(x), "plain": lambda x=x: plain(x)}
+            t = interleaved(fns, device, n, 3)
+        case = f"WRN-28-2 M=2, B={batch}"
+        row("d", case, "eval latency folded", t["folded"] * 1e3, t["plain"] * 1e3, "plain WRN-28-2", "<= 1.02",
+            t["folded"] / t["plain"] <= 1.02)  # fmt: skip
+        row("d", case, "eval latency unfolded", t["unfolded"] * 1e3, t["plain"] * 1e3, "plain WRN-28-2", "info", None)
+
+
+# -- (bw) bandwidth on CUDA -------------------------------------------------------------------------------------------
+def stage_bw(device: torch.device, reps: int) -> None:
+    if device.type != "cuda":
+        print("[bw] skipped: CUDA only", flush=True)
+        return
+    copy_bw = _copy_bandwidth(device, reps)
+    row("bw", "1 GiB float32", "copy bandwidth", copy_bw / 1e9, None, "-", "reference", None, unit="GB/s")
+    _mix_bandwidth(device, reps, copy_bw)
+    _unmix_bandwidth(device, reps, copy_bw)
+
+
+def _copy_bandwidth(device: torch.device, reps: int) -> float:
+    src = torch.empty(256 * 2**20, device=device)  # 1 GiB of float32
+    dst = torch.empty_like(src)
+    t = interleaved({"copy": lambda: dst.copy_(src)}, device, reps, 3)["copy"]
+    return 2 * src.numel() * 4 / t  # bytes read + written per second
+
+
+def _mix_bandwidth(device: torch.device, reps: int, copy_bw: float) -> None:
+    b, m, c, h, w = 256, 2, 64, 64, 64
+    e = torch.randn(b, m, c, h, w, device=device, requires_grad=True)
+    info = sample_mix_params(b, m, h, w, cutmix_prob=1.0, device=device)
+    out = mix(e, info)
+    g = torch.randn_like(out)
+    n = out.numel() * 4
+    t = interleaved({"fwd": lambda: mix(e, info), "bwd": lambda: torch.autograd.grad(mix(e, info), e, g)}, device,
+                    reps, 3)  # fmt: skip
+    bw_f = (m + 1) * n / t["fwd"]
+    bw_b = (m + 1) * n / (t["bwd"] - t["fwd"]) if t["bwd"] > t["fwd"] else float("nan")
+    case = f"mix B={b} M={m} {c}x{h}x{w} fp32"
+    row("bw", case, "mix fwd bandwidth", bw_f / 1e9, copy_bw / 1e9, "copy", ">= 60% of copy", bw_f >= 0.6 * copy_bw,
+        unit="GB/s")  # fmt: skip
+    row("bw", case, "mix bwd bandwidth", bw_b / 1e9, copy_bw / 1e9, "copy", ">= 60% of copy", bw_b >= 0.6 * copy_bw,
+        unit="GB/s")  # fmt: skip
+
+
+def _unmix_bandwidth(device: torch.device, reps: int, copy_bw: float) -> None:
+    b, c, h, w = 256, 640, 32, 32
+    f = torch.randn(b, c, h, w, device=device, requires_grad=True)
+    info = sample_mix_params(b, 2, 32, 32, cutmix_prob=1.0, device=device)
+    gp = torch.randn(b, 2, c, device=device)
+    n = f.numel() * 4
+    t = interleaved({"fwd": lambda: unmix_pool(f, info), "bwd": lambda: torch.autograd.grad(unmix_pool(f, info), f, gp)},
+                    device, reps, 3)  # fmt: skip
+    bw_f = n / t["fwd"]
+    bw_b = n / (t["bwd"] - t["fwd"]) if t["bwd"] > t["fwd"] else float("nan")
+    case = f"unmix B={b} C={c} {h}x{w} fp32"
+    row("bw", case, "unmix fwd bandwidth", bw_f / 1e9, copy_bw / 1e9, "copy", ">= 60% of copy",
+        bw_f >= 0.6 * copy_bw, unit="GB/s")  # fmt: skip
+    row("bw", case, "unmix bwd bandwidth", bw_b / 1e9, copy_bw / 1e9, "copy", ">= 60% of copy",
+        bw_b >= 0.6 * copy_bw, unit="GB/s")  # fmt: skip
+
+
+# -- output -----------------------------------------------------------------------------------------------------------
+def machine(device: torch.device) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}  # fmt: skip
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")),
+                           platform.processor())  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        info["cpu"] = platform.processor()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            info["triton"] = None
+    return info
+
+
+def markdown(meta: dict) -> str:
+    lines = [f"Machine: {meta.get('gpu') or meta.get('cpu')}, torch {meta['torch']}, device {meta['device']}, "
+             f"{meta['threads']} threads, backend {meta['backend']}", "",
+             "| stage | case | metric | ours | baseline | ratio | target | met |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in ROWS:
+        base = "-" if r["baseline"] is None else f"{r['baseline']:.4g} {r['unit']} ({r['baseline_name']})"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        met = "-" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        lines.append(f"| {r['stage']} | {r['case']} | {r['metric']} | {r['ours']:.4g} {r['unit']} | {base} | {ratio} "
+                     f"| {r['target']} | {met} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--only", default="a,b,c,d,bw", help="comma-separated stages among a,b,c,d,bw")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, not for the record)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for results.json/.md")
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    reps = 5 if args.quick else 20
+    stages = {"a": stage_a, "b": stage_b, "c": stage_c, "d": stage_d, "bw": stage_bw}
+    wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in stages]
+    if unknown:
+        parser.error(f"--only: unknown stage(s) {unknown}; valid: {', '.join(stages)}")
+    failures = []
+    for name in wanted:
+        try:
+            stages[name](device, reps if name != "c" or not args.quick else 3)
+        except Exception as exc:  # keep the other stages running; the failure is reported and in the exit status
+            print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)
+            failures.append(f"{name}: {type(exc).__name__}: {exc}")
+    meta = machine(device)
+    meta["backend"] = os.environ.get("MIXSHARE_BACKEND", "auto")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = f"_{args.tag}" if args.tag else ""
+    write_atomic(out / f"results{suffix}.json", json.dumps({"machine": meta, "rows": ROWS, "failures": failures},
+                                                           indent=2))  # fmt: skip
+    md = markdown(meta)
+    write_atomic(out / f"results{suffix}.md", md)
+    print("\n" + md)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

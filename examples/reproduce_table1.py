@@ -1,0 +1,341 @@
+#!/usr/bin/env python
+"""Reproduce Table 1 of the MixShare paper: five methods x N seeds, one command, resumable.
+
+Rows (the library's presets):
+
+    MixMo                               --method mixmo
+    MixMo + Unmix                       --method unmix
+    MixMo + Unmix + kernel init.        --method unmix-aligned
+    MixShare (partial on 25% features)  --method mixshare-partial
+    MixShare (fadeout to 1/3 of training, epoch 100 of 300)   --method mixshare
+
+Every run is ``examples/cifar100_wrn.py`` called in-process (``main(argv)``) with ``--method``, ``--seed``,
+``--out-dir <out>/runs`` and ``--run-name <method>-s<seed>``. By default that script's defaults are the paper's
+schedule (CIFAR-100, WRN-28-2, 300 epochs, batch 64 with repetition 2); ``--quick`` uses a small schedule on the
+built-in synthetic data sized for a 2-core CPU (see ``QUICK``). Arguments after ``--`` go to every run unchanged
+(``-- --data-dir ~/data --download --amp bf16``).
+
+Resuming: a run whose ``summary.json`` exists is not trained again; a run with a ``checkpoint.pt`` but no summary
+is continued with ``--resume``. Re-running the same command after an interruption finishes the table.
+
+Output (written atomically) under ``--out-dir``:
+
+    table1.md    the table in the paper's format (ensemble acc., mean individual acc., classifier share rate,
+                 mean ± std over seeds) next to the paper's numbers, with the data / schedule / seeds it used
+    table1.csv   the same numbers, one row per method
+    runs.csv     one row per run
+
+Usage:
+    python examples/reproduce_table1.py -- --data-dir ~/data --download      # the paper's setting (GPU: days)
+    python examples/reproduce_table1.py --width 5 -- --data-dir ~/data       # the WRN-28-5 columns
+    python examples/reproduce_table1.py --quick --seeds 0 1                  # CPU, synthetic data
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+TRAIN_SCRIPT = HERE / "cifar100_wrn.py"
+
+# (preset, the paper's row label)
+ROWS = (
+    ("mixmo", "MixMo"),
+    ("unmix", "MixMo + Unmix"),
+    ("unmix-aligned", "MixMo + Unmix + kernel init."),
+    ("mixshare-partial", "MixShare (partial on 25% features)"),
+    ("mixshare", "MixShare (fadeout, first 1/3 of training)"),
+)
+# Table 1 of the paper (CIFAR-100, 300 epochs, mean ± std of 3 runs): (ens. acc, ind. acc, classifier share rate)
+PAPER = {
+    2: {
+        "mixmo": ((74.8, 0.2), (71.6, 0.2), (4.9, 0.4)),
+        "unmix": ((69.7, 15.4), (69.7, 15.4), (99.1, 0.4)),
+        "unmix-aligned": ((79.0, 0.1), (79.0, 0.1), (99.4, 0.1)),
+        "mixshare-partial": ((73.3, 0.5), (71.5, 1.0), (60.6, 6.5)),
+        "mixshare": ((79.0, 0.1), (76.7, 1.3), (64.4, 6.0)),
+    },
+    5: {
+        "mixmo": ((81.9, 0.1), (79.4, 0.2), (8.2, 0.1)),
+        "unmix": ((79.4, 2.7), (79.4, 2.7), (98.8, 0.7)),
+        "unmix-aligned": ((82.1, 0.2), (82.1, 0.2), (99.3, 0.1)),
+        "mixshare-partial": ((79.9, 0.3), (78.8, 0.4), (60.0, 2.3)),
+        "mixshare": ((82.4, 0.3), (81.6, 0.5), (62.7, 8.3)),
+    },
+}
+# --quick: WRN-10-1 on the synthetic data (10 classes, 32x32, 4000 training images), 7 epochs (875 steps), sized so
+# that 5 methods x 2 seeds take about 25 minutes on a shared 2-core CPU; the recipe is the paper's otherwise (batch 64
+# with repetition 2, lr 0.025, warmup over the first epoch, x0.1 at 25/50/75 %, weight decay 6e-4, fadeout over the
+# first third of training). Small images do not help on a CPU: a WRN-10-1 step costs about the same at 16x16.
+QUICK = [
+    "--dataset", "synthetic", "--synthetic-train", "4000", "--synthetic-test", "2000", "--synthetic-classes", "10",
+    "--depth", "10", "--width", "1", "--epochs", "7", "--eval-every", "0",
+    "--eval-batch-size", "1000", "--progress", "false", "--tensorboard", "false",
+]  # fmt: skip
+METRICS = (
+    ("ensemble_acc", "ens. acc. (%)"),
+    ("mean_individual_acc", "ind. acc. (%)"),
+    ("classifier_sharing", "classifier share rate (%)"),
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def atomic_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_train_main(script: Path = TRAIN_SCRIPT) -> Callable[[Sequence[str]], dict[str, Any]]:
+    """``main`` of examples/cifar100_wrn.py, imported by file path."""
+    if not script.is_file():
+        raise FileNotFoundError(f"the training script {script} is missing")
+    spec = importlib.util.spec_from_file_location("_mixshare_cifar100_wrn", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses defined in the script look their module up here
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; NaN for a single value) of the finite values (NaN if none)."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not xs:
+        return math.nan, math.nan
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return mean, math.nan
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def fmt(mean: float, std: float, digits: int = 1) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def sum_ratio_sharing(run_dir: Path) -> float | None:
+    """Classifier sharing with the sum-of-min / sum-of-max reduction, from the run's checkpoint (None if unreadable)."""
+    ckpt = run_dir / "checkpoint.pt"
+    if not ckpt.is_file():
+        return None
+    try:
+        from mixshare_layers.analysis import classifier_influence, load_wrn_checkpoint, sharing_rate
+
+        model, _ = load_wrn_checkpoint(ckpt)
+        return float(sharing_rate(classifier_influence(model), "sum-ratio"))
+    except Exception:  # a missing extra, a foreign or truncated checkpoint: leave the column empty
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def aggregate(runs: list[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per method: mean and std of every metric over its runs."""
+    rows = []
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        row: dict[str, Any] = {"method": method, "runs": len(mine), "seeds": " ".join(str(r["seed"]) for r in mine)}
+        for key, _ in (*METRICS, ("classifier_sharing_sum_ratio", ""), ("encoder_sharing", "")):
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r.get(key) for r in mine])
+        rows.append(row)
+    return rows
+
+
+def render_markdown(rows: list[dict[str, Any]], width: int, description: str) -> str:
+    labels = dict(ROWS)
+    paper = PAPER.get(width, PAPER[2])
+    paper_name = f"WRN-28-{width if width in PAPER else 2}"
+    head = (
+        "| method | ens. acc. (%) | ind. acc. (%) | classifier share rate (%) | share, sum ratio (%) | runs "
+        f"| paper {paper_name}: ens. / ind. / share |"
+    )
+    lines = [description, "", head, "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        m = row["method"]
+        cells = [fmt(row[f"{k}_mean"], row[f"{k}_std"]) for k, _ in METRICS]
+        cells.append(fmt(row["classifier_sharing_sum_ratio_mean"], row["classifier_sharing_sum_ratio_std"]))
+        ref = paper.get(m)
+        ref_text = " / ".join(fmt(*v) for v in ref) if ref else "–"
+        lines.append(f"| {labels.get(m, m)} (`{m}`) | " + " | ".join(cells) + f" | {row['runs']} | {ref_text} |")
+    lines += [
+        "",
+        "mean ± sample standard deviation (n - 1) over the runs; classifier share rate = mean over features of "
+        "min_i h_i / max_i h_i of the heads' column L1 norms (paper Sec. 2); 'sum ratio' = sum_f min / sum_f max.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(rows: list[dict[str, Any]], width: int) -> str:
+    paper = PAPER.get(width, PAPER[2])
+    cols = ["method", "runs", "seeds"]
+    for key, _ in (*METRICS, ("classifier_sharing_sum_ratio", ""), ("encoder_sharing", "")):
+        cols += [f"{key}_mean", f"{key}_std"]
+    cols += ["paper_ensemble_acc", "paper_ensemble_acc_std", "paper_mean_individual_acc"]
+    cols += ["paper_mean_individual_acc_std", "paper_classifier_sharing", "paper_classifier_sharing_std"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        out = {k: row[k] for k in cols if k in row}
+        ref = paper.get(row["method"])
+        if ref:
+            (e, es), (i, is_), (s, ss) = ref
+            out.update(
+                paper_ensemble_acc=e,
+                paper_ensemble_acc_std=es,
+                paper_mean_individual_acc=i,
+                paper_mean_individual_acc_std=is_,
+                paper_classifier_sharing=s,
+                paper_classifier_sharing_std=ss,
+            )
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()})
+    return buf.getvalue()
+
+
+def render_runs_csv(runs: list[dict[str, Any]]) -> str:
+    cols = ["method", "seed", "ensemble_acc", "mean_individual_acc", "classifier_sharing"]
+    cols += ["classifier_sharing_sum_ratio", "encoder_sharing", "epochs", "steps", "train_time_s", "run_dir"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for run in runs:
+        writer.writerow({k: ("" if run.get(k) is None else run.get(k)) for k in cols})
+    return buf.getvalue()
+
+
+def write_table(
+    runs: list[dict[str, Any]], out_dir: Path, *, methods: Sequence[str], width: int, description: str
+) -> dict[str, Path]:
+    """Write table1.md, table1.csv and runs.csv under ``out_dir`` from the runs' summaries; returns the paths."""
+    rows = aggregate(runs, methods)
+    paths = {"markdown": out_dir / "table1.md", "csv": out_dir / "table1.csv", "runs": out_dir / "runs.csv"}
+    atomic_text(paths["markdown"], render_markdown(rows, width, description))
+    atomic_text(paths["csv"], render_csv(rows, width))
+    atomic_text(paths["runs"], render_runs_csv(runs))
+    return paths
+
+
+def describe(runs: list[dict[str, Any]], quick: bool, seeds: Sequence[int]) -> str:
+    """One paragraph saying what was measured (read from the first run's config.json)."""
+    cfg: dict[str, Any] = {}
+    for run in runs:
+        path = Path(run.get("run_dir", "")) / "config.json"
+        if path.is_file():
+            cfg = json.loads(path.read_text())
+            break
+    if not cfg:
+        return f"Runs: seeds {list(seeds)}."
+    if cfg.get("dataset") == "synthetic":
+        data = (
+            f"built-in synthetic data ({cfg.get('synthetic_classes')} classes, {cfg.get('synthetic_size')}x"
+            f"{cfg.get('synthetic_size')} images, {cfg.get('synthetic_train')} train / {cfg.get('synthetic_test')} "
+            f"test, data seed {cfg.get('data_seed')})"
+        )
+    else:
+        data = "CIFAR-100 (50k train / 10k test)"
+    return (
+        f"{'Quick CPU schedule' if quick else 'Schedule'}: {data}; WRN-{cfg.get('depth')}-{cfg.get('width')}, "
+        f"M = {cfg.get('num_subnetworks')}, {cfg.get('epochs')} epochs, batch {cfg.get('batch_size')} with batch "
+        f"repetition {cfg.get('batch_repetition')}, peak lr {cfg.get('lr_resolved', cfg.get('lr'))}, weight decay "
+        f"{cfg.get('weight_decay')}; ensemble rule {cfg.get('ensemble_rule')}; last epoch reported; seeds "
+        f"{', '.join(str(s) for s in seeds)}."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="small CPU schedule on the synthetic data (QUICK)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed and method")
+    p.add_argument("--methods", nargs="+", default=[m for m, _ in ROWS], choices=[m for m, _ in ROWS])
+    p.add_argument("--width", type=int, default=None, help="WRN width (default: 2, the paper's focus; 1 in --quick)")
+    p.add_argument("--out-dir", default="runs/table1", help="where runs/, table1.md, table1.csv go")
+    p.add_argument("--table-only", action="store_true", help="train nothing: tabulate the finished runs")
+    return p
+
+
+def main(
+    argv: Sequence[str] | None = None, train: Callable[[Sequence[str]], dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Train (or resume) every missing run, then write the table. ``train`` replaces the training script's main."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
+    args = build_parser().parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"--seeds must not repeat a seed, got {args.seeds}")
+    out_dir = Path(args.out_dir)
+    runs_dir = out_dir / "runs"
+    schedule = list(QUICK) if args.quick else []
+    width = args.width if args.width is not None else (1 if args.quick else 2)
+    if args.width is not None:
+        schedule += ["--width", str(args.width)]
+
+    runs: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for method in args.methods:
+        for seed in args.seeds:
+            name = f"{method}-s{seed}"
+            run_dir = runs_dir / name
+            summary_path = run_dir / "summary.json"
+            summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+            if summary is not None and not summary.get("stopped_early", False):
+                print(f"[table1] {name}: done before, skipped ({summary_path})", flush=True)
+            elif args.table_only:
+                print(f"[table1] {name}: not finished, left out (--table-only)", flush=True)
+                continue
+            else:
+                if train is None:
+                    train = load_train_main()
+                if (run_dir / "checkpoint.pt").is_file():
+                    run_argv = ["--resume", str(run_dir), *passthrough]
+                    print(f"[table1] {name}: resuming", flush=True)
+                else:
+                    run_argv = [
+                        *schedule, "--method", method, "--seed", str(seed), "--out-dir", str(runs_dir),
+                        "--run-name", name, *passthrough,
+                    ]  # fmt: skip
+                    print(f"[table1] {name}: training ({' '.join(run_argv)})", flush=True)
+                t0 = time.perf_counter()
+                summary = dict(train(run_argv))
+                print(f"[table1] {name}: finished in {time.perf_counter() - t0:.0f} s", flush=True)
+            summary["method"], summary["seed"] = method, seed
+            summary.setdefault("run_dir", str(run_dir))
+            summary["classifier_sharing_sum_ratio"] = sum_ratio_sharing(Path(summary["run_dir"]))
+            runs.append(summary)
+
+    description = describe(runs, args.quick, args.seeds)
+    paths = write_table(runs, out_dir, methods=args.methods, width=width, description=description)
+    text = paths["markdown"].read_text()
+    print(text, flush=True)
+    print(f"[table1] wrote {', '.join(str(p) for p in paths.values())} ({time.perf_counter() - started:.0f} s)")
+    return {"runs": runs, "paths": paths, "markdown": text}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""``python -m mixshare_layers.analysis CHECKPOINT --out DIR``: sharing rates and influence figures of a checkpoint.
+
+Writes, under ``DIR`` (every file atomically):
+
+* ``sharing.json``: the checkpoint's settings, the encoder / classifier sharing rates (both reductions, percent),
+  the App. D variance sharing rate of each probed layer, and the raw ``(M, F)`` influence tables;
+* ``encoder_influence.png/.svg`` and ``classifier_influence.png/.svg`` (Fig. 3 / Fig. 5 of the paper);
+* ``variance_<layer>.png/.svg`` for each probed core layer (Fig. 6), unless ``--variance-images 0``.
+
+The checkpoint is a dict saved with ``torch.save`` (format in :mod:`mixshare_layers.analysis.checkpoint`), e.g. the
+``checkpoint.pt`` written by ``examples/cifar100_wrn.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._io import write_json
+from .checkpoint import load_wrn_checkpoint
+from .sharing import classifier_influence, encoder_influence, sharing_rate
+from .variance import feature_variance_influence
+
+DATA_CHOICES = ("auto", "synthetic", "cifar100", "none")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mixshare_layers.analysis",
+        description="Feature-sharing analysis of a MIMO / MixMo / MixShare checkpoint (paper Sec. 2 and App. D).",
+    )
+    p.add_argument("checkpoint", help="checkpoint file (a dict with 'model' and 'config', see the module docs)")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument(
+        "--data",
+        choices=DATA_CHOICES,
+        default="auto",
+        help="images for the App. D variance influence: 'auto' = the checkpoint's dataset (synthetic or cifar100; "
+        "cifar100 only when --data-root holds it), 'none' = skip",
+    )
+    p.add_argument("--data-root", default="./data", help="folder with torchvision's CIFAR-100 (never downloaded)")
+    p.add_argument("--variance-images", type=int, default=512, help="test images for the variance (0: skip)")
+    p.add_argument("--layers", nargs="*", default=None, help="module names to probe (default: each core stage)")
+    p.add_argument("--sort", choices=("owner", "sharing", "none"), default="owner", help="feature order in figures")
+    p.add_argument("--formats", nargs="+", default=["png", "svg"], choices=("png", "svg", "pdf"))
+    p.add_argument("--no-plots", action="store_true", help="write only sharing.json (no matplotlib needed)")
+    p.add_argument("--device", default="cpu", help="device for the variance forward passes")
+    return p
+
+
+def _rates(h: Tensor) -> dict[str, float]:
+    return {"mean_ratio": float(sharing_rate(h, "mean-ratio")), "sum_ratio": float(sharing_rate(h, "sum-ratio"))}
+
+
+def _variance_images(config: dict[str, Any], args: argparse.Namespace) -> Tensor | None:
+    """Test images ``(N, C, H, W)`` float32, normalised as the checkpoint's training inputs, or None to skip."""
+    n = args.variance_images
+    if n == 0 or args.data == "none":
+        return None
+    dataset = str(config.get("dataset", "synthetic")).lower()
+    source = dataset if args.data == "auto" else args.data
+    if source.startswith("synth"):
+        from ..data import SyntheticImageDataset
+
+        size = int(config.get("synthetic_size", config.get("image_size", 32)))
+        seed = int(config.get("data_seed", 0))
+        images = SyntheticImageDataset(n, int(config["num_classes"]), size, train=False, seed=seed).data
+    elif source.startswith("cifar"):
+        root = Path(args.data_root)
+        if args.data == "auto" and not (root / "cifar-100-python").is_dir():
+            print(f"variance influence skipped: no CIFAR-100 under {root} (give --data-root)", file=sys.stderr)
+            return None
+        try:
+            import torchvision
+        except ImportError as exc:
+            raise SystemExit('--data cifar100 needs torchvision: pip install "mixshare-layers[examples]"') from exc
+        test = torchvision.datasets.CIFAR100(str(root), train=False, download=False)
+        images = torch.from_numpy(test.data[:n]).permute(0, 3, 1, 2).contiguous()
+    else:
+        print(f"variance influence skipped: unknown dataset {dataset!r} in the checkpoint", file=sys.stderr)
+        return None
+    x = images.float() / 255.0
+    mean = config.get("mean") or config.get("normalize_mean")
+    std = config.get("std") or config.get("normalize_std")
+    if mean is None or std is None:  # the test images' own channel statistics (~ the training set's, as the script)
+        mean_t, std_t = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    else:
+        mean_t, std_t = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+    return (x - mean_t.view(1, -1, 1, 1)) / std_t.view(1, -1, 1, 1)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the analysis; returns what ``sharing.json`` holds."""
+    args = _parser().parse_args(argv)
+    if args.variance_images < 0:
+        raise SystemExit(f"--variance-images must be >= 0, but got {args.variance_images}")
+    out = Path(args.out)
+    model, config = load_wrn_checkpoint(args.checkpoint)
+    if model.num_subnetworks < 2:
+        raise SystemExit(f"the checkpoint's model has num_subnetworks={model.num_subnetworks}: nothing to compare")
+
+    tables: dict[str, Tensor] = {
+        "encoder": encoder_influence(model),
+        "classifier": classifier_influence(model),
+    }
+    images = _variance_images(config, args)
+    if images is not None and images.shape[0] >= 2:
+        variance = feature_variance_influence(
+            model.to(args.device), images, layers=args.layers, fixed_input=images[0], device=args.device
+        )
+        for layer, h in variance.items():
+            tables[f"variance:{layer}"] = h.float()
+    plain_config = {k: v for k, v in config.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    result: dict[str, Any] = {
+        "checkpoint": str(Path(args.checkpoint).resolve()),
+        "method": config.get("method"),
+        "num_subnetworks": model.num_subnetworks,
+        "config": plain_config,
+        "rates": {name: _rates(h) for name, h in tables.items()},
+        "influence": {
+            name: [[round(v, 7) if math.isfinite(v) else None for v in row] for row in h.tolist()]
+            for name, h in tables.items()
+        },
+        "figures": [],
+    }
+    write_json(out / "sharing.json", result)
+
+    if not args.no_plots:
+        from .plots import plot_influence
+
+        titles = {
+            "encoder": ("Input block: L1 norm of each encoder's kernel per channel", "encoder kernel L1"),
+            "classifier": ("Output block: L1 norm of each head's weight column per feature", "classifier column L1"),
+        }
+        for name, h in tables.items():
+            if name.startswith("variance:"):
+                layer = name.split(":", 1)[1]
+                title, ylabel, stem = (
+                    f"Feature variance w.r.t. each input after {layer}",
+                    "variance",
+                    f"variance_{layer}",
+                )
+            else:
+                (title, ylabel), stem = titles[name], f"{name}_influence"
+            title = f"{config.get('method', '')}: {title}"
+            files = plot_influence(
+                h, out / _safe(stem), title=title, ylabel=ylabel, sort=args.sort, formats=args.formats
+            )
+            result["figures"].extend(str(f) for f in files)
+        write_json(out / "sharing.json", result)
+
+    for name, r in result["rates"].items():
+        print(f"{name:>24s}: sharing {r['mean_ratio']:6.2f}% (mean ratio)  {r['sum_ratio']:6.2f}% (sum ratio)")
+    print(f"wrote {out / 'sharing.json'}" + (f" and {len(result['figures'])} figures" if result["figures"] else ""))
+    return result
+
+
+if __name__ == "__main__":
+    main()

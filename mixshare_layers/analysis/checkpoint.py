@@ -1,0 +1,165 @@
+"""Rebuilding a wrapped CIFAR WRN from a training checkpoint (the example script's, or a plain dict).
+
+Accepted formats (a ``dict`` saved with ``torch.save``):
+
+* ``{"model": state_dict, "config": {...}}``: ``config`` holds ``depth``, ``width``, ``method`` (a preset name;
+  ``preset`` is accepted too), ``num_classes`` and ``num_subnetworks`` (these two are read from the heads' weight
+  when absent), and optionally ``overrides`` (a dict of :class:`~mixshare_layers.MIMOConfig` fields) and
+  ``in_channels``. ``"model_state"`` / ``"state_dict"`` are accepted in place of ``"model"`` and ``"args"`` in
+  place of ``"config"``.
+* examples/cifar100_wrn.py's ``checkpoint.pt``: ``{"model": state_dict, "epoch": ..., ...}`` without a config;
+  :func:`load_wrn_checkpoint` then reads the ``config.json`` of the same run directory (its MIMOConfig fields with a
+  value other than ``null`` are the preset overrides).
+
+State dict keys may carry the prefixes that ``torch.compile`` (``_orig_mod.``) or ``DataParallel`` (``module.``)
+add; they are removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["CHECKPOINT_CONFIG_KEYS", "load_wrn_checkpoint", "model_from_checkpoint"]
+
+CHECKPOINT_CONFIG_KEYS = ("depth", "width", "num_classes", "method", "num_subnetworks")
+_REQUIRED_KEYS = ("depth", "width", "method")
+_STATE_KEYS = ("model", "model_state", "state_dict", "model_state_dict")
+_CONFIG_KEYS = ("config", "args", "hparams")
+_PREFIXES = ("_orig_mod.", "module.")
+
+
+def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix) :]
+                    changed = True
+        out[key] = value
+    return out
+
+
+def _as_dict(config: object) -> dict[str, Any]:
+    if isinstance(config, Mapping):
+        return dict(config)
+    if hasattr(config, "__dict__"):  # an argparse.Namespace or a dataclass instance
+        return dict(vars(config))
+    raise TypeError(
+        f"the checkpoint's config must be a dict (or an argparse Namespace), but got {type(config).__name__}"
+    )
+
+
+def model_from_checkpoint(
+    checkpoint: Mapping[str, Any], config: Mapping[str, Any] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the :class:`~mixshare_layers.MIMOWrapper` of a loaded checkpoint dict (format: module docstring).
+
+    Args:
+        checkpoint: the dict returned by ``torch.load``.
+        config: the settings when the checkpoint holds none (e.g. the run's ``config.json``); a config inside the
+            checkpoint wins.
+
+    Returns:
+        ``(model, config)``: the model in eval mode with the checkpoint's weights (strict loading), and the config
+        dict completed with ``num_classes`` and ``num_subnetworks``.
+
+    Example:
+        >>> from mixshare_layers import MIMOWrapper
+        >>> from mixshare_layers.models import wide_resnet
+        >>> net = MIMOWrapper(wide_resnet(10, 1, 10), 2, preset="mixshare")
+        >>> cfg = {"depth": 10, "width": 1, "num_classes": 10, "method": "mixshare", "num_subnetworks": 2}
+        >>> model, _ = model_from_checkpoint({"model": net.state_dict(), "config": cfg})
+        >>> model.preset
+        'mixshare'
+    """
+    from ..models import wide_resnet
+    from ..presets import MIMOConfig
+    from ..wrapper import MIMOWrapper
+
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f"checkpoint must be a dict, but got {type(checkpoint).__name__}")
+    state_key = next((k for k in _STATE_KEYS if k in checkpoint), None)
+    config_key = next((k for k in _CONFIG_KEYS if k in checkpoint), None)
+    if state_key is None or (config_key is None and config is None):
+        raise ValueError(
+            "checkpoint must be a dict with the model's state_dict under 'model' and the settings to rebuild it "
+            f"under 'config' (keys {', '.join(CHECKPOINT_CONFIG_KEYS)}), or come with a config.json in its folder, "
+            f"but it has keys {sorted(checkpoint)}"
+        )
+    state = checkpoint[state_key]
+    if not isinstance(state, Mapping):
+        raise TypeError(f"checkpoint[{state_key!r}] must be a state_dict, but got {type(state).__name__}")
+    state = _strip_prefixes(state)
+    cfg = _as_dict(checkpoint[config_key] if config_key is not None else config)
+    if "method" not in cfg and "preset" in cfg:
+        cfg["method"] = cfg["preset"]
+    missing = [k for k in _REQUIRED_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(
+            f"the checkpoint's config lacks {missing}; needed: {', '.join(CHECKPOINT_CONFIG_KEYS)} "
+            f"(got keys {sorted(cfg)})"
+        )
+    heads = state.get("heads.weight")
+    if isinstance(heads, torch.Tensor) and heads.dim() == 3:  # (M, K, D)
+        cfg.setdefault("num_subnetworks", int(heads.shape[0]))
+        cfg.setdefault("num_classes", int(heads.shape[1]))
+    elif cfg.get("method") == "single" or "fc.weight" in state:
+        raise ValueError(
+            f"the checkpoint holds a plain network (method {cfg.get('method')!r}), not a MIMO model: there are no "
+            "subnetworks to analyse"
+        )
+    missing = [k for k in ("num_classes", "num_subnetworks") if k not in cfg]
+    if missing:
+        raise ValueError(f"the checkpoint's config lacks {missing} and its state_dict has no 'heads.weight'")
+    overrides = {f.name: cfg[f.name] for f in dataclasses.fields(MIMOConfig) if cfg.get(f.name) is not None}
+    extra = cfg.get("overrides") or {}
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"config['overrides'] must be a dict of MIMOConfig fields, but got {type(extra).__name__}")
+    overrides.update(extra)
+    backbone = wide_resnet(
+        int(cfg["depth"]), int(cfg["width"]), int(cfg["num_classes"]), int(cfg.get("in_channels", 3))
+    )
+    model = MIMOWrapper(backbone, int(cfg["num_subnetworks"]), preset=str(cfg["method"]), **overrides)
+    model.load_state_dict(state)
+    model.eval()
+    return model, cfg
+
+
+def load_wrn_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``torch.load`` a checkpoint file and rebuild its model (see :func:`model_from_checkpoint`).
+
+    A checkpoint without settings (examples/cifar100_wrn.py's ``checkpoint.pt``) takes them from the
+    ``config.json`` next to it.
+
+    The file is loaded with ``weights_only=True`` first (tensors, dicts, numbers and strings only) and, when that
+    fails because the file stores other Python objects (an ``argparse.Namespace``), with ``weights_only=False``:
+    only load checkpoints you trust.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:  # pickle errors come in many types
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    config = None
+    config_file = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if (
+        isinstance(checkpoint, Mapping)
+        and not any(k in checkpoint for k in _CONFIG_KEYS)
+        and os.path.isfile(config_file)
+    ):
+        with open(config_file, encoding="utf-8") as fh:
+            config = json.load(fh)
+    return model_from_checkpoint(checkpoint, config)

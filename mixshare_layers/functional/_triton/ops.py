@@ -1,0 +1,236 @@
+"""The Triton kernels registered as ``torch.library`` custom ops, with autograd and fake implementations.
+
+* ``mixshare::mix(encodings, boxes, inside, outside, native_h, native_w, scale) -> mixed``: ``(B, M, C, H, W)`` ->
+  ``(B, C, H, W)`` in the encodings' dtype. Backward: ``mixshare::mix_backward``, which reads the output gradient
+  once and writes the ``(B, M, C, H, W)`` gradient once. The boxes and compositions get no gradient (they describe
+  a random draw, nothing learnable).
+* ``mixshare::unmix_sums(features, boxes, native_h, native_w) -> (s_all, s_box)``: ``(B, C, h, w)`` -> two
+  ``(B, C)`` sums in float32 (float64 for float64 features). Backward: ``mixshare::unmix_sums_backward`` writes the
+  feature gradient ``g_all + g_box * cov`` once, in the features' dtype.
+
+Only the ``torch.library.custom_op`` / ``register_autograd`` / ``register_fake`` API of torch 2.4 is used.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import kernels
+
+__all__ = [
+    "launch_mix",
+    "launch_mix_backward",
+    "launch_unmix_sums",
+    "launch_unmix_sums_backward",
+    "mix",
+    "unmix_sums",
+]
+
+_MIX_BLOCK = 1024
+_MIX_WARPS = 4
+
+
+def _acc(dtype: torch.dtype) -> tuple[torch.dtype, object]:
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _unmix_blocks(c: int, hw: int) -> tuple[int, int]:
+    block_p = min(triton.next_power_of_2(hw), 256)
+    block_c = max(1, min(triton.next_power_of_2(c), 4096 // block_p))
+    return block_c, block_p
+
+
+# -- launchers (write into a given output; the tests poison it with NaN first) -----------------------------------
+def launch_mix(
+    encodings: Tensor,
+    boxes: Tensor,
+    inside: Tensor,
+    outside: Tensor,
+    native_h: int,
+    native_w: int,
+    scale: float,
+    out: Tensor,
+) -> Tensor:
+    """Fill the contiguous ``out`` ``(B, C, H, W)`` with the mix of ``encodings`` ``(B, M, C, H, W)`` (any strides)."""
+    b, m, c, h, w = encodings.shape
+    if out.numel() == 0:
+        return out
+    boxes = boxes.contiguous()
+    inside = inside.contiguous()
+    outside = outside.contiguous()
+    _, acc = _acc(encodings.dtype)
+    s = encodings.stride()
+    grid = (b * c, triton.cdiv(h * w, _MIX_BLOCK))
+    kernels.mix_fwd_kernel[grid](
+        encodings, boxes, inside, outside, out,
+        c, h, w, native_h, native_w, float(scale),
+        s[0], s[1], s[2], s[3], s[4],
+        M=m, BLOCK=_MIX_BLOCK, ACC=acc, num_warps=_MIX_WARPS,
+    )  # fmt: skip
+    return out
+
+
+def launch_mix_backward(
+    grad: Tensor,
+    boxes: Tensor,
+    inside: Tensor,
+    outside: Tensor,
+    native_h: int,
+    native_w: int,
+    scale: float,
+    out: Tensor,
+) -> Tensor:
+    """Fill the contiguous ``out`` ``(B, M, C, H, W)`` with ``scale * m_i * grad`` (``grad`` any strides)."""
+    b, c, h, w = grad.shape
+    m = inside.shape[1]
+    if out.numel() == 0:
+        return out
+    _, acc = _acc(grad.dtype)
+    s = grad.stride()
+    grid = (b * c, triton.cdiv(h * w, _MIX_BLOCK))
+    kernels.mix_bwd_kernel[grid](
+        grad, boxes.contiguous(), inside.contiguous(), outside.contiguous(), out,
+        c, h, w, native_h, native_w, float(scale),
+        s[0], s[1], s[2], s[3],
+        M=m, BLOCK=_MIX_BLOCK, ACC=acc, num_warps=_MIX_WARPS,
+    )  # fmt: skip
+    return out
+
+
+def launch_unmix_sums(
+    features: Tensor, boxes: Tensor, native_h: int, native_w: int, s_all: Tensor, s_box: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Fill ``s_all``/``s_box`` ``(B, C)`` (float32 or float64) with the two sums of ``features`` (any strides)."""
+    b, c, h, w = features.shape
+    if s_all.numel() == 0:
+        return s_all, s_box
+    if h * w == 0:
+        return s_all.zero_(), s_box.zero_()
+    _, acc = _acc(features.dtype)
+    block_c, block_p = _unmix_blocks(c, h * w)
+    s = features.stride()
+    grid = (b, triton.cdiv(c, block_c))
+    kernels.unmix_sums_fwd_kernel[grid](
+        features, boxes.contiguous(), s_all, s_box,
+        c, h, w, native_h, native_w,
+        s[0], s[1], s[2], s[3],
+        BLOCK_C=block_c, BLOCK_P=block_p, ACC=acc, num_warps=4,
+    )  # fmt: skip
+    return s_all, s_box
+
+
+def launch_unmix_sums_backward(
+    grad_all: Tensor, grad_box: Tensor, boxes: Tensor, native_h: int, native_w: int, out: Tensor
+) -> Tensor:
+    """Fill the contiguous ``out`` ``(B, C, h, w)`` with ``grad_all + grad_box * cov``."""
+    b, c, h, w = out.shape
+    if out.numel() == 0:
+        return out
+    _, acc = _acc(grad_all.dtype)
+    block_c, block_p = _unmix_blocks(c, h * w)
+    grid = (b, triton.cdiv(c, block_c), triton.cdiv(h * w, block_p))
+    kernels.unmix_sums_bwd_kernel[grid](
+        grad_all.contiguous(), grad_box.contiguous(), boxes.contiguous(), out,
+        c, h, w, native_h, native_w,
+        BLOCK_C=block_c, BLOCK_P=block_p, ACC=acc, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+# -- mixing ------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("mixshare::mix", mutates_args=())
+def mix(
+    encodings: Tensor, boxes: Tensor, inside: Tensor, outside: Tensor, native_h: int, native_w: int, scale: float
+) -> Tensor:
+    b, _, c, h, w = encodings.shape
+    out = torch.empty((b, c, h, w), device=encodings.device, dtype=encodings.dtype)
+    return launch_mix(encodings, boxes, inside, outside, native_h, native_w, scale, out)
+
+
+@mix.register_fake
+def _(encodings, boxes, inside, outside, native_h, native_w, scale):
+    b, _, c, h, w = encodings.shape
+    return encodings.new_empty((b, c, h, w))
+
+
+@torch.library.custom_op("mixshare::mix_backward", mutates_args=())
+def mix_backward(
+    grad: Tensor, boxes: Tensor, inside: Tensor, outside: Tensor, native_h: int, native_w: int, scale: float
+) -> Tensor:
+    b, c, h, w = grad.shape
+    out = torch.empty((b, inside.shape[1], c, h, w), device=grad.device, dtype=grad.dtype)
+    return launch_mix_backward(grad, boxes, inside, outside, native_h, native_w, scale, out)
+
+
+@mix_backward.register_fake
+def _(grad, boxes, inside, outside, native_h, native_w, scale):
+    b, c, h, w = grad.shape
+    return grad.new_empty((b, inside.shape[1], c, h, w))
+
+
+def _mix_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    _, boxes, inside, outside, native_h, native_w, scale = inputs
+    ctx.save_for_backward(boxes, inside, outside)
+    ctx.native = (native_h, native_w, scale)
+    ctx.enc_dtype = inputs[0].dtype
+
+
+def _mix_bwd(ctx, grad):  # type: ignore[no-untyped-def]
+    boxes, inside, outside = ctx.saved_tensors
+    native_h, native_w, scale = ctx.native
+    grad_e = mix_backward(grad.to(ctx.enc_dtype), boxes, inside, outside, native_h, native_w, scale)
+    return grad_e, None, None, None, None, None, None
+
+
+mix.register_autograd(_mix_bwd, setup_context=_mix_setup)
+
+
+# -- unmixing ----------------------------------------------------------------------------------------------------
+@torch.library.custom_op("mixshare::unmix_sums", mutates_args=())
+def unmix_sums(features: Tensor, boxes: Tensor, native_h: int, native_w: int) -> tuple[Tensor, Tensor]:
+    b, c, _, _ = features.shape
+    acc_t, _ = _acc(features.dtype)
+    s_all = torch.empty((b, c), device=features.device, dtype=acc_t)
+    s_box = torch.empty((b, c), device=features.device, dtype=acc_t)
+    return launch_unmix_sums(features, boxes, native_h, native_w, s_all, s_box)
+
+
+@unmix_sums.register_fake
+def _(features, boxes, native_h, native_w):
+    b, c, _, _ = features.shape
+    acc_t, _ = _acc(features.dtype)
+    return features.new_empty((b, c), dtype=acc_t), features.new_empty((b, c), dtype=acc_t)
+
+
+@torch.library.custom_op("mixshare::unmix_sums_backward", mutates_args=())
+def unmix_sums_backward(
+    grad_all: Tensor, grad_box: Tensor, boxes: Tensor, native_h: int, native_w: int, h: int, w: int, dtype: torch.dtype
+) -> Tensor:
+    b, c = grad_all.shape
+    out = torch.empty((b, c, h, w), device=grad_all.device, dtype=dtype)
+    return launch_unmix_sums_backward(grad_all, grad_box, boxes, native_h, native_w, out)
+
+
+@unmix_sums_backward.register_fake
+def _(grad_all, grad_box, boxes, native_h, native_w, h, w, dtype):
+    b, c = grad_all.shape
+    return grad_all.new_empty((b, c, h, w), dtype=dtype)
+
+
+def _unmix_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    features, boxes, native_h, native_w = inputs
+    ctx.save_for_backward(boxes)
+    ctx.geometry = (native_h, native_w, features.shape[2], features.shape[3], features.dtype)
+
+
+def _unmix_bwd(ctx, grad_all, grad_box):  # type: ignore[no-untyped-def]
+    (boxes,) = ctx.saved_tensors
+    native_h, native_w, h, w, dtype = ctx.geometry
+    grad_f = unmix_sums_backward(grad_all, grad_box, boxes, native_h, native_w, h, w, dtype)
+    return grad_f, None, None, None
+
+
+unmix_sums.register_autograd(_unmix_bwd, setup_context=_unmix_setup)

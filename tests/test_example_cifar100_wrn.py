@@ -1,0 +1,271 @@
+"""Tests of examples/cifar100_wrn.py: smoke runs, exact resume, SIGKILL recovery, the real CIFAR-100 loader, DDP."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "cifar100_wrn.py"
+SUMMARY_KEYS = {
+    "ensemble_acc", "mean_individual_acc", "individual_acc", "nll", "ece", "brier", "disagreement",
+    "classifier_sharing", "encoder_sharing", "epochs", "method", "seed", "run_dir", "ensemble_rule",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("cifar100_wrn", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cifar100_wrn"] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("cifar100_wrn", None)
+
+
+def _args(out: Path, name: str, *extra: str) -> list[str]:
+    return ["--smoke", "--out-dir", str(out), "--run-name", name, *extra]
+
+
+def _ckpt(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_smoke_writes_complete_run_directory(script, tmp_path: Path) -> None:
+    summary = script.main(_args(tmp_path, "a", "--epochs", "2", "--eval-every", "1"))
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["epochs"] == 2 and summary["method"] == "mixshare" and len(summary["individual_acc"]) == 2
+    assert 0.0 <= summary["ensemble_acc"] <= 100.0 and summary["nll"] > 0 and 0.0 <= summary["brier"] <= 2.0
+    assert summary["encoder_sharing"] is not None and summary["classifier_sharing"] is not None
+    run = Path(summary["run_dir"])
+    assert run == tmp_path / "a"
+    assert {"config.json", "metrics.csv", "checkpoint.pt", "summary.json"} <= {p.name for p in run.iterdir()}
+    assert not list(run.glob(".*tmp*"))  # no temp file left behind
+    cfg = json.loads((run / "config.json").read_text())
+    # the recipe: lr = 0.1 x unique images per step / 128; smoke batches of 32 rows with 2 repeats -> 16 images
+    assert cfg["lr_resolved"] == pytest.approx(0.1 * 16 / 128)
+    assert cfg["weight_decay"] == 6e-4 and cfg["nesterov"] is True and cfg["momentum"] == 0.9
+    assert cfg["mimo_config"]["input_repetition"] == 0.1 and cfg["mimo_config"]["unmix_mode"] == "fadeout"
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[-1]["test_ensemble_acc"]) == pytest.approx(summary["ensemble_acc"])
+    assert json.loads((run / "summary.json").read_text())["ensemble_acc"] == pytest.approx(summary["ensemble_acc"])
+    ckpt = _ckpt(run)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == summary["steps"]
+    assert float(ckpt["model"]["progress"]) == pytest.approx((summary["steps"] - 1) / summary["steps"])
+    # starting a run over an existing one is refused with the way to continue it
+    with pytest.raises(script.UserError, match="--resume"):
+        script.main(_args(tmp_path, "a"))
+
+
+def test_single_method_with_val_split_and_logit_rule(script, tmp_path: Path) -> None:
+    args = ["--method", "single", "--val-split", "0.25", "--ensemble-rule", "logit", "--tensorboard", "true"]
+    summary = script.main(_args(tmp_path, "s", *args))
+    assert summary["classifier_sharing"] is None and summary["encoder_sharing"] is None
+    assert len(summary["individual_acc"]) == 1 and summary["disagreement"] == 0.0
+    assert summary["individual_acc"][0] == pytest.approx(summary["ensemble_acc"])
+    assert summary["val"] is not None and summary["ensemble_rule"] == "logit"
+    assert "heads.weight" not in _ckpt(Path(summary["run_dir"]))["model"]  # the plain backbone
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:  # the script skips the logs cleanly without it
+        assert not (tmp_path / "s" / "tensorboard").exists()
+    else:
+        assert any((tmp_path / "s" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_equals_uninterrupted_training(script, tmp_path: Path) -> None:
+    straight = script.main(_args(tmp_path, "straight", "--epochs", "3"))
+    stopped = script.main(_args(tmp_path, "stopped", "--epochs", "3", "--stop-epoch", "1"))
+    assert stopped["stopped_early"] and stopped["epochs"] == 1
+    resumed = script.main(["--resume", str(tmp_path / "stopped")])  # config restored from config.json
+    assert resumed["epochs"] == 3 and resumed["steps"] == straight["steps"]
+    a, b = _ckpt(tmp_path / "straight"), _ckpt(tmp_path / "stopped")
+    _assert_same_state(a["model"], b["model"])
+    _assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
+    assert a["scheduler"] == b["scheduler"]
+    for key in ("ensemble_acc", "nll", "ece", "brier"):
+        assert resumed[key] == straight[key]
+    rows = list(csv.DictReader((tmp_path / "stopped" / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
+def test_device_and_dataloader_paths_agree(script, tmp_path: Path) -> None:
+    # the DataLoader path (a worker process) feeds the same batches as the on-device path
+    fast = script.main(_args(tmp_path, "fast"))
+    slow = script.main(_args(tmp_path, "slow", "--data-path", "loader", "--workers", "1"))
+    _assert_same_state(_ckpt(Path(fast["run_dir"]))["model"], _ckpt(Path(slow["run_dir"]))["model"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(script, tmp_path: Path) -> None:
+    script.main(_args(tmp_path, "nan", "--epochs", "3", "--stop-epoch", "1"))
+    before = (tmp_path / "nan" / "checkpoint.pt").read_bytes()
+    with pytest.raises(script.NonFiniteLossError, match=r"epoch 2, step \d+ of \d+"):
+        script.main(["--resume", str(tmp_path / "nan"), "--lr", "1e30", "--log-every", "1"])
+    assert (tmp_path / "nan" / "checkpoint.pt").read_bytes() == before
+    assert _ckpt(tmp_path / "nan")["epoch"] == 1
+
+
+def test_bad_options(script, tmp_path: Path) -> None:
+    with pytest.raises(script.UserError, match=r"--batch-size \(33\) must be a positive multiple"):
+        script.main(_args(tmp_path, "x", "--batch-size", "33"))
+    with pytest.raises(script.UserError, match="--method single has no MIMO options, but got alpha"):
+        script.main(_args(tmp_path, "y", "--method", "single", "--alpha", "1"))
+    with pytest.raises(script.UserError, match=r"no config\.json"):
+        script.main(["--resume", str(tmp_path / "nowhere")])
+
+
+def test_random_crop_flip_is_a_crop_of_the_padded_image(script) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (40, 3, 6, 5), dtype=torch.uint8, generator=g)
+    out = script.random_crop_flip(x, 2, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    flips = 0
+    for i in range(40):
+        crops = [padded[i, :, dy : dy + 6, dx : dx + 5] for dy in range(5) for dx in range(5)]
+        plain = any(torch.equal(out[i], c) for c in crops)
+        flipped = any(torch.equal(out[i], c.flip(-1)) for c in crops)
+        assert plain or flipped, i
+        flips += flipped and not plain
+    assert 5 < flips < 35  # about half are flipped
+
+
+def test_lr_schedule(script) -> None:
+    sched = script.LRSchedule(4, [10, 20], 0.1)
+    assert [sched(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert sched(9) == 1.0 and sched(10) == pytest.approx(0.1) and sched(25) == pytest.approx(0.01)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _fake_cifar100(root: Path, n_train: int, n_test: int) -> dict[str, str]:
+    """A tiny CIFAR-100 in torchvision's on-disk format; returns the md5 of each file."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    md5 = {}
+    # The real files are Python 2 pickles whose keys (and label names) are byte strings; torchvision unpickles
+    # them with encoding="latin1", which turns those into str. A Python 3 pickle with str keys loads identically.
+    for name, n in (("train", n_train), ("test", n_test)):
+        entry = {
+            "filenames": [f"img{i}.png" for i in range(n)],
+            "batch_label": f"{name} batch",
+            "fine_labels": (torch.arange(n) % 100).tolist(),
+            "coarse_labels": (torch.arange(n) % 20).tolist(),
+            "data": torch.randint(0, 256, (n, 3072), dtype=torch.uint8, generator=g).numpy(),  # rows: R, G, B planes
+        }
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+    meta = {"fine_label_names": [f"c{i}" for i in range(100)], "coarse_label_names": [f"s{i}" for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    for name in ("train", "test", "meta"):
+        md5[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
+    return md5
+
+
+def test_real_cifar100_loader_on_fabricated_files(script, tmp_path: Path, monkeypatch) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    md5 = _fake_cifar100(tmp_path / "data", 128, 50)
+    # torchvision checks every file against the md5 sums of the real CIFAR-100 (class attributes train_list,
+    # test_list, meta). Fabricated files cannot match them, so the test points those attributes at the md5 of its
+    # own files: the script then goes through torchvision's real loader, integrity check included.
+    cls = torchvision.datasets.CIFAR100
+    monkeypatch.setattr(cls, "train_list", [["train", md5["train"]]])
+    monkeypatch.setattr(cls, "test_list", [["test", md5["test"]]])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5["meta"]})
+    args = _args(tmp_path, "c", "--dataset", "cifar100", "--data-dir", str(tmp_path / "data"))
+    summary = script.main(args)
+    assert summary["dataset"] == "cifar100"
+    ckpt = _ckpt(Path(summary["run_dir"]))
+    assert ckpt["model"]["heads.weight"].shape[:2] == (2, 100)  # 100 classes from the meta file
+    assert ckpt["step"] == 128 // 16  # 128 training images, 16 unique per step
+
+
+def test_missing_cifar100_names_both_options(script, tmp_path: Path) -> None:
+    pytest.importorskip("torchvision")
+    with pytest.raises(script.DataNotFoundError, match=r"--data-dir.*--download"):
+        script.main(_args(tmp_path, "m", "--dataset", "cifar100", "--data-dir", str(tmp_path / "empty")))
+    # the command line prints it as one line and exits non-zero
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--dataset", "cifar100", "--data-dir", str(tmp_path / "empty"),
+         "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, env=_env(), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: CIFAR-100 not found") and "--download" in last
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_sigkill_then_resume_from_last_complete_checkpoint(script, tmp_path: Path) -> None:
+    args = ["--synthetic-train", "64", "--epochs", "12"]
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *_args(tmp_path, "killed", *args)],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # somewhere in a later epoch, possibly while a checkpoint is being written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = _ckpt(tmp_path / "killed")["epoch"]  # the file on disk is always a complete checkpoint
+    assert 1 <= done < 12
+    resumed = script.main(["--resume", str(tmp_path / "killed")])
+    script.main(_args(tmp_path, "straight", *args))
+    assert resumed["epochs"] == 12
+    a, b = _ckpt(tmp_path / "killed")["model"], _ckpt(tmp_path / "straight")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_gloo(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        str(SCRIPT), *_args(tmp_path, "ddp", "--epochs", "2", "--device", "cpu"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "ddp"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["rank_max_abs_diff"] == 0.0  # identical weights and BN statistics on both ranks
+    assert {"config.json", "metrics.csv", "checkpoint.pt", "summary.json"} <= {p.name for p in run.iterdir()}
+    ckpt = _ckpt(run)
+    assert len(ckpt["rng"]) == 2  # one RNG state per rank
+    assert not torch.equal(ckpt["rng"][0]["mix_gen"], ckpt["rng"][1]["mix_gen"])  # independent masks per rank
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["lr_resolved"] == pytest.approx(0.1 * 16 * 2 / 128)  # unique images of both ranks
+    assert summary["steps"] == 2 * (96 // 2 // 16)  # each rank sees its half of the data

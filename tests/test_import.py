@@ -1,0 +1,121 @@
+"""The package imports with only its hard dependencies (torch, einops), and its public names exist."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import mixshare_layers
+
+BLOCKED = ("torchvision", "timm", "triton", "matplotlib", "tqdm", "tensorboard", "onnx", "onnxruntime", "onnxscript")
+
+CORE_MODULES = (
+    "mixshare_layers",
+    "mixshare_layers._checks",
+    "mixshare_layers._version",
+    "mixshare_layers.adapters",
+    "mixshare_layers.analysis",
+    "mixshare_layers.batcher",
+    "mixshare_layers.data",
+    "mixshare_layers.data.synthetic",
+    "mixshare_layers.functional",
+    "mixshare_layers.functional.backend",
+    "mixshare_layers.functional.ensemble",
+    "mixshare_layers.functional.loss",
+    "mixshare_layers.functional.mixing",
+    "mixshare_layers.functional.random",
+    "mixshare_layers.functional.unmixing",
+    "mixshare_layers.loss",
+    "mixshare_layers.mix_info",
+    "mixshare_layers.mixer",
+    "mixshare_layers.models",
+    "mixshare_layers.models.wide_resnet",
+    "mixshare_layers.multi_encoder",
+    "mixshare_layers.multi_head",
+    "mixshare_layers.presets",
+    "mixshare_layers.unmixer",
+    "mixshare_layers.wrapper",
+)
+
+_SCRIPT = """
+import importlib, importlib.abc, sys
+
+BLOCKED = set({blocked!r})
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{{name}} is blocked: only torch and einops may be imported")
+        return None
+
+for name in list(sys.modules):  # nothing optional may be preloaded
+    if name.split(".")[0] in BLOCKED:
+        del sys.modules[name]
+sys.meta_path.insert(0, Blocker())
+for name in BLOCKED:  # as if not installed: importlib.util.find_spec gives None, an import raises ImportError
+    sys.modules[name] = None
+for name in BLOCKED:  # the blocker works
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(f"blocker failed for {{name}}")
+
+for module in {modules!r}:
+    importlib.import_module(module)
+
+import torch
+import mixshare_layers as ml
+from mixshare_layers.models import wide_resnet
+model = ml.MIMOWrapper(wide_resnet(10, 1, num_classes=3), 2, "mixshare")
+out = model(torch.randn(2, 2, 3, 8, 8))
+loss = model.make_loss()(out, torch.zeros(2, 2, dtype=torch.long))
+loss.backward()
+leaked = sorted({{n.split(".")[0] for n, m in sys.modules.items() if m is not None}} & BLOCKED)
+if leaked:
+    raise SystemExit(f"optional packages imported: {{leaked}}")
+print("ok", ml.__version__)
+"""
+
+
+def test_import_with_only_torch_and_einops():
+    script = textwrap.dedent(_SCRIPT.format(blocked=BLOCKED, modules=CORE_MODULES))
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("ok ")
+
+
+@pytest.mark.parametrize(
+    "module", ["mixshare_layers", "mixshare_layers.functional", "mixshare_layers.models", "mixshare_layers.data"]
+)
+def test_all_names_exist(module):
+    mod = importlib.import_module(module)
+    assert len(mod.__all__) == len(set(mod.__all__))
+    missing = [name for name in mod.__all__ if not hasattr(mod, name)]
+    assert missing == []
+
+
+def test_version_and_public_api():
+    assert isinstance(mixshare_layers.__version__, str) and mixshare_layers.__version__.count(".") >= 1
+    for name in (
+        "MIMOWrapper",
+        "MIMOBatcher",
+        "MIMOLoss",
+        "MixInfo",
+        "CutMixMixer",
+        "Unmixer",
+        "MultiEncoder",
+        "MultiHead",
+        "BackboneSplit",
+        "UnsupportedBackboneError",
+        "SyntheticImageDataset",
+        "get_preset",
+    ):
+        assert name in mixshare_layers.__all__

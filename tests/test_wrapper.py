@@ -1,0 +1,370 @@
+"""MIMOWrapper: shapes, train = composition of the parts, eval = float64 reference, function preservation of
+pretrained backbones through every adapter, round-trips, torch.compile, helpers and error paths."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixshare_layers import BackboneSplit, MIMOOutput, MIMOWrapper, UnsupportedBackboneError
+from mixshare_layers.functional import ensemble_probs, mix, unmix_pool
+from mixshare_layers.models import wide_resnet
+
+ALIGNED_PRESETS = ["unmix-aligned", "mixshare", "mixshare-partial"]
+
+
+def tiny_split(num_classes: int = 5) -> BackboneSplit:
+    """A small CNN: conv encoder, BN-ReLU-conv(stride 2)-ReLU core, linear classifier."""
+    encoder = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    core = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU())
+    return BackboneSplit(encoder=encoder, core=core, classifier=nn.Linear(12, num_classes))
+
+
+def tiny_model(m: int = 2, preset: str = "mixshare", **kw) -> MIMOWrapper:
+    return MIMOWrapper(num_subnetworks=m, preset=preset, split=tiny_split(), **kw)
+
+
+def _x(*shape, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+# -- cardinality -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("b", [1, 5])
+@pytest.mark.parametrize("preset", ["mimo", "mixmo", "unmix", "mixshare", "mixshare-partial"])
+def test_shapes(m, b, preset):
+    model = tiny_model(m, preset)
+    out = model(_x(b, m, 3, 8, 8))
+    assert isinstance(out, MIMOOutput)
+    assert out.logits.shape == (b, m, 5)
+    assert out.mix_info.ratios.shape == (b, m) and (out.mix_info.height, out.mix_info.width) == (8, 8)
+    model.eval()
+    assert model(_x(b, 3, 8, 8)).shape == (b, m, 5)
+    assert model(_x(b, m, 3, 8, 8)).shape == (b, m, 5)
+    assert model(_x(0, 3, 8, 8)).shape == (0, m, 5)
+
+
+# -- feature: train = the composition of the parts, eval = a hand-computed float64 reference ---------------------------
+@pytest.mark.parametrize("preset", ["mixmo", "unmix", "mixshare", "mixshare-partial"])
+def test_train_forward_is_the_composition_of_the_parts(preset):
+    model = tiny_model(3, preset).double()
+    model.set_progress(0.2)
+    x = _x(4, 3, 3, 8, 8, dtype=torch.float64)
+    out = model(x, generator=torch.Generator().manual_seed(5))
+    enc = model.encoder(x)
+    info = model.mixer.make_params(enc, model.progress, generator=torch.Generator().manual_seed(5))
+    for a, b in zip(out.mix_info, info, strict=True):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    feats = model.core(mix(enc, info, 3.0))
+    unmixer = model.unmixer
+    strength = min(1.0, 0.2 / unmixer.fadeout_end) if unmixer.mode == "fadeout" else 0.0
+    k = {"none": 0, "full": None, "partial": unmixer.num_unmixed(feats.shape[1]), "fadeout": None}[unmixer.mode]
+    pooled = unmix_pool(feats, info, strength=strength, num_unmixed=k)
+    torch.testing.assert_close(out.logits, model.heads(pooled))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_eval_matches_float64_reference_from_the_parts(m):
+    model = tiny_model(m, "mixmo").double()
+    model.train()
+    for _ in range(2):  # give BatchNorm non-trivial running statistics
+        model(_x(6, m, 3, 8, 8, seed=1, dtype=torch.float64))
+    model.eval()
+    x = _x(5, 3, 8, 8, seed=2, dtype=torch.float64)
+    kernel = model.encoder.kernels().sum(0)  # the summed encoder kernels, one convolution
+    feats = model.core(F.conv2d(x, kernel, None, 1, 1))
+    pooled = feats.mean(dim=(2, 3))  # global average pooling, shared by every head
+    w, bias = model.heads.weight, model.heads.bias
+    expected = torch.stack([pooled @ w[i].T + bias[i] for i in range(m)], dim=1)
+    calls = []
+    handle = model.core.register_forward_hook(lambda *args: calls.append(1))
+    got = model(x)
+    handle.remove()
+    torch.testing.assert_close(got, expected)
+    assert len(calls) == 1  # one pass of the core for all M heads
+    # the M-input eval form with the same image in every slot gives the same logits
+    torch.testing.assert_close(model(x[:, None].expand(-1, m, -1, -1, -1)), expected)
+
+
+@pytest.mark.parametrize("preset", ALIGNED_PRESETS)
+@pytest.mark.parametrize("m", [2, 3])
+def test_pretrained_resnet18_function_preservation(resnet18, preset, m):
+    x = _x(2, 3, 64, 64, seed=3)
+    with torch.no_grad():
+        expected = resnet18(x)
+        model = MIMOWrapper(copy.deepcopy(resnet18), m, preset, pretrained=True).eval()
+        got = model(x)
+    assert got.shape == (2, m, 10)
+    for i in range(m):
+        torch.testing.assert_close(got[:, i], expected, rtol=1e-5, atol=1e-5)
+    assert model.predict(x).argmax(1).tolist() == expected.argmax(1).tolist()
+
+
+def test_progress_drives_fadeout_in_the_wrapper():
+    model = tiny_model(2, "mixshare")
+    seen = []
+    model.heads.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    x = _x(4, 2, 3, 8, 8)
+    model.set_progress(0.0)
+    model(x)
+    model.set_progress(model.unmixer.fadeout_end)
+    model(x)
+    assert not torch.allclose(seen[0][:, 0], seen[0][:, 1])  # full unmixing: members see different features
+    torch.testing.assert_close(seen[1][:, 0], seen[1][:, 1])  # faded out: one shared vector
+    assert float(model.progress) == pytest.approx(1 / 3)
+
+
+def test_seeded_generator_reproduces_the_train_forward():
+    model = tiny_model(2, "mixmo")
+    x = _x(3, 2, 3, 8, 8)
+    a = model(x, generator=torch.Generator().manual_seed(0))
+    b = model(x, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    assert torch.equal(a.mix_info.boxes, b.mix_info.boxes)
+
+
+# -- round-trips -----------------------------------------------------------------------------------------------------
+def test_state_dict_round_trip_deepcopy_pickle():
+    torch.manual_seed(0)
+    model = MIMOWrapper(wide_resnet(10, 1, num_classes=4), 2, "mixshare")
+    model.set_progress(0.4)
+    model(_x(4, 2, 3, 16, 16))  # update BN statistics
+    model.eval()
+    x = _x(3, 3, 16, 16, seed=1)
+    expected = model(x)
+    fresh = MIMOWrapper(wide_resnet(10, 1, num_classes=4), 2, "mixshare")
+    fresh.load_state_dict(model.state_dict())
+    assert "progress" in model.state_dict() and float(fresh.progress) == pytest.approx(0.4)
+    for other in (fresh, copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        other.eval()
+        torch.testing.assert_close(other(x), expected, rtol=0, atol=0)
+        assert float(other.progress) == pytest.approx(0.4)
+
+
+# -- compile ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["mixshare", "mixmo"])
+def test_compile_fullgraph_train_and_eval(preset):
+    model = tiny_model(3, preset)
+    model.set_progress(0.1)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = _x(4, 3, 3, 8, 8)
+    torch.manual_seed(1)
+    out = compiled(x)
+    torch.manual_seed(1)
+    ref = model(x)
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.mix_info.ratios, ref.mix_info.ratios)
+    model.eval()
+    x4 = _x(4, 3, 8, 8)
+    torch.testing.assert_close(compiled(x4), model(x4))
+
+
+def test_compile_survives_dynamic_shapes_and_1x1_maps():
+    # a core that pools to 1x1 (the Unmixer's warning path must stay out of the graph), and a second batch size that
+    # makes dynamo recompile with dynamic shapes (random draws must not break the graph then)
+    split = tiny_split()
+    split = split._replace(core=nn.Sequential(split.core, nn.AdaptiveAvgPool2d(1)))
+    model = MIMOWrapper(num_subnetworks=2, preset="unmix", split=split)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for b in (4, 3, 5):
+            assert compiled(_x(b, 2, 3, 8, 8)).logits.shape == (b, 2, 5)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------------
+def test_predict_ensemble_and_estimator_major():
+    model = tiny_model(3, "mixmo")
+    x = _x(4, 3, 8, 8)
+    probs = model.predict(x)
+    assert model.training  # mode restored
+    model.eval()
+    logits = model(x)
+    torch.testing.assert_close(probs, logits.softmax(-1).mean(1))
+    torch.testing.assert_close(model.predict(x, rule="logit"), logits.mean(1).softmax(-1))
+    torch.testing.assert_close(probs.sum(1), torch.ones(4))
+    torch.testing.assert_close(MIMOWrapper.ensemble(logits), ensemble_probs(logits))
+    flat = MIMOWrapper.estimator_major(logits)
+    assert flat.shape == (12, 5)
+    for i in range(3):
+        torch.testing.assert_close(flat[i * 4 : (i + 1) * 4], logits[:, i])
+
+
+def test_loss_and_batcher_follow_the_preset():
+    model = tiny_model(2, "mixshare")
+    assert model.make_loss().rebalance_root == 1.0
+    assert model.make_batcher(2).input_repetition == pytest.approx(0.1)
+    assert model.make_batcher(2).batch_repetition == 2
+    assert tiny_model(2, "mimo").make_loss().rebalance_root is None
+    assert tiny_model(2, "mixmo").make_loss(label_smoothing=0.1).label_smoothing == pytest.approx(0.1)
+    assert tiny_model(2, "mixshare", alpha=1.0).mixer.alpha == 1.0
+    assert "preset='mixshare'" in repr(model)
+
+
+# -- adapters --------------------------------------------------------------------------------------------------------
+def _check_adapter(backbone: nn.Module, size: int = 32) -> None:
+    """Eval function preservation when wrapped as pretrained (so the split is exact), then a train forward."""
+    backbone.eval()
+    x = _x(2, 3, size, size, seed=4)
+    with torch.no_grad():
+        expected = backbone(x)
+        model = MIMOWrapper(backbone, 2, "mixshare", pretrained=True).eval()  # shares the backbone's core
+        got = model(x)
+        torch.testing.assert_close(got[:, 0], expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[:, 1], expected, rtol=1e-4, atol=1e-4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # backbones with 1x1 final maps at this size warn once
+            out = model.train()(_x(2, 2, 3, size, size, seed=5))
+    assert out.logits.shape == (2, 2, expected.shape[1])
+
+
+def test_adapter_torchvision_resnet18(resnet18):
+    _check_adapter(copy.deepcopy(resnet18))
+
+
+def test_adapter_torchvision_wide_resnet50_2():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = MIMOWrapper(torchvision.models.wide_resnet50_2(num_classes=7), 2, "mixmo")
+    assert model.encoder.kernels().shape == (2, 64, 3, 7, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert model(_x(2, 2, 3, 32, 32)).logits.shape == (2, 2, 7)
+
+
+def test_adapter_library_wrn():
+    torch.manual_seed(0)
+    _check_adapter(wide_resnet(10, 1, num_classes=6), size=16)
+
+
+def test_adapter_timm():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    _check_adapter(timm.create_model("resnet18", num_classes=6))  # attribute-based split (act1)
+    # a torch.fx-traced forward_features: timm's tiny test EfficientNet where available, else efficientnet_b0
+    name = "test_efficientnet" if "test_efficientnet" in timm.list_models("test_*") else "efficientnet_b0"
+    net = timm.create_model(name, num_classes=6)
+    _check_adapter(net)
+
+
+def test_adapter_timm_non_plain_head_is_refused():
+    timm = pytest.importorskip("timm")
+    with pytest.raises(UnsupportedBackboneError, match=r"head is not a plain global average pool.*BackboneSplit"):
+        MIMOWrapper(timm.create_model("convnext_atto", num_classes=6), 2)
+
+
+class _TimmLike(nn.Module):
+    """A model with timm's interface (forward_features / forward_head / get_classifier), configurable to break it."""
+
+    def __init__(self, head: str = "plain", stem: str = "conv", use_shape: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1) if stem == "conv" else nn.Identity()
+        self.body = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 4) if head != "conv" else nn.Conv2d(8, 4, 1)
+        self.head, self.use_shape = head, use_shape
+        self.probe = nn.Linear(8 * 16 * 16, 1) if head == "fixed-size" else None
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward_features(self, x):
+        y = self.body(self.stem(x))
+        if self.use_shape:
+            y = y * (x.shape[-1] / x.shape[-1])
+        if self.probe is not None:
+            y = y + self.probe(y.flatten(1))[:, :, None, None]  # only runs on 32x32 inputs
+        return y
+
+    def forward_head(self, y):
+        pooled = y.mean(dim=(2, 3))
+        return self.fc(self.norm(pooled) if self.head == "norm" else pooled)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def test_adapter_timm_like_traced_split():
+    torch.manual_seed(0)
+    _check_adapter(_TimmLike(), size=8)
+    model = MIMOWrapper(_TimmLike(), 2, "mixshare")
+    assert isinstance(model.core, torch.fx.GraphModule) and model.encoder.is_linear
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"head": "norm"}, "head is not a plain global average pool"),
+        ({"head": "conv"}, r"get_classifier\(\) is a Conv2d, not an nn.Linear"),
+        ({"stem": "none"}, "forward_features does not start with a convolution of its input"),
+        ({"use_shape": True}, "uses its input elsewhere than in its first convolution"),
+        ({"head": "fixed-size"}, "could not run _TimmLike split after its first convolution on a probe input"),
+    ],
+)
+def test_adapter_timm_like_refusals(kwargs, match):
+    with pytest.raises(UnsupportedBackboneError, match=match + ".*BackboneSplit"):
+        MIMOWrapper(_TimmLike(**kwargs), 2)
+
+
+def test_manual_split_and_split_function():
+    split = tiny_split()
+    model = MIMOWrapper(num_subnetworks=2, preset="unmix", split=split)
+    assert model.core is split.core
+    model2 = MIMOWrapper(nn.Module(), 2, "unmix", split=lambda _: tiny_split())
+    assert model2(_x(2, 2, 3, 8, 8)).logits.shape == (2, 2, 5)
+
+
+# -- errors ----------------------------------------------------------------------------------------------------------
+def test_errors():
+    with pytest.raises(ValueError, match=r"preset must be one of 'mimo', 'mixmo', .*'mixshare-partial', but got 'mix'"):
+        tiny_model(2, "mix")
+    with pytest.raises(ValueError, match="num_subnetworks must be an integer >= 1, but got 0"):
+        tiny_model(0)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) 'alfa'; valid options are alpha, .*input_repetition"):
+        tiny_model(2, alfa=1.0)
+    with pytest.raises(ValueError, match=r"unmix_mode must be one of 'none', 'full', 'partial', 'fadeout'"):
+        tiny_model(2, unmix_mode="half")
+    with pytest.raises(ValueError, match=r"encoder_init must be one of 'independent', 'aligned', 'colinear'"):
+        tiny_model(2, encoder_init="same")
+    with pytest.raises(UnsupportedBackboneError, match=r"no adapter knows how to split a Sequential.*BackboneSplit"):
+        MIMOWrapper(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), 2)
+    with pytest.raises(TypeError, match="backbone is None"):
+        MIMOWrapper(None, 2)
+    with pytest.raises(TypeError, match="split must be a BackboneSplit or a callable, but got int"):
+        MIMOWrapper(nn.Module(), 2, split=3)
+    with pytest.raises(TypeError, match=r"split\(backbone\) must return a BackboneSplit, but got tuple"):
+        MIMOWrapper(nn.Module(), 2, split=lambda _: (1, 2))
+    with pytest.raises(TypeError, match=r"split.classifier must be an nn.Linear, but got Conv2d"):
+        MIMOWrapper(split=tiny_split()._replace(classifier=nn.Conv2d(12, 5, 1)))
+    model = tiny_model(2)
+    with pytest.raises(
+        ValueError, match=r"in training mode the input must have shape \(B, M=2, C, H, W\).*\(4, 3, 8, 8\)"
+    ):
+        model(_x(4, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"in training mode the input must have shape \(B, M=2, C, H, W\)"):
+        model(_x(4, 3, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"progress must be in \[0, 1\], but got 1.5"):
+        model.set_progress(1.5)
+    with pytest.raises(ValueError, match=r"rule must be one of 'prob', 'logit', but got 'vote'"):
+        model.predict(_x(2, 3, 8, 8), rule="vote")
+    model.eval()
+    with pytest.raises(ValueError, match=r"input must have shape \(B, C, H, W\) or \(B, M=2, C, H, W\)"):
+        model(_x(3, 8, 8))
+    with pytest.raises(ValueError, match=r"input must have shape \(B, C, H, W\) or \(B, M=2, C, H, W\)"):
+        model(_x(2, 3, 3, 8, 8))
+    pooled = tiny_split()._replace(core=nn.Sequential(nn.Flatten(), nn.LazyLinear(12)))
+    with pytest.raises(ValueError, match=r"the core must return spatial feature maps \(B, D, h, w\).*\(2, 12\)"):
+        MIMOWrapper(split=pooled)(_x(2, 2, 3, 8, 8))
