@@ -62,8 +62,10 @@ def main(repo: Path) -> None:
         diff = (folded(images) - model(images)).abs().max().item()
     if diff > 1e-4:
         raise SystemExit(f"the folded model differs from the wrapper by {diff}")
-    print(f"wheel smoke test passed: mixshare_layers {installed} from {location.parent}, loss {loss.item():.3f}, "
-          f"fold max diff {diff:.1e}")
+    print(
+        f"wheel smoke test passed: mixshare_layers {installed} from {location.parent}, loss {loss.item():.3f}, "
+        f"fold max diff {diff:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -513,7 +513,10 @@ def build_model(cfg: dict[str, Any], num_classes: int, device: torch.device) -> 
     if cfg["method"] == "single":
         model: nn.Module = backbone
     else:
-        model = MIMOWrapper(backbone, cfg["num_subnetworks"], preset=cfg["method"], **preset_overrides(cfg))
+        try:
+            model = MIMOWrapper(backbone, cfg["num_subnetworks"], preset=cfg["method"], **preset_overrides(cfg))
+        except (TypeError, ValueError) as err:  # a preset override out of range: say it as a command-line error
+            raise UserError(str(err)) from err
     model = model.to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)

@@ -10,6 +10,7 @@ Conventions (used everywhere in the library):
       m_i(p) = cov(p) * inside[b, i] + (1 - cov(p)) * outside[b, i]
 
   where ``cov(p)`` is the fraction of cell ``p`` covered by the box (0 or 1 at the native resolution).
+
 * CutMix (M = 2): ``inside`` is one-hot on the box owner, ``outside`` one-hot on the other member. For M > 2 the
   others share the outside linearly (CutMix(owner, MixUp(others))). Linear mixing: an empty box and ``outside = λ``.
   In training every row of ``inside`` and ``outside`` sums to 1, so the masks sum to 1 at every pixel.

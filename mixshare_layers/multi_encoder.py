@@ -46,6 +46,7 @@ class MultiEncoder(nn.Module):
     When the template is an ``nn.Conv2d`` (zero padding), the M kernels are one ``(M, C_out, C_in / g, k, k)``
     parameter: training runs them as one grouped convolution over the M inputs, and test time runs a single
     convolution with the summed kernel (the sum of the M encodings of one image, computed once). Any other template
+    (including an ``nn.Conv2d`` subclass with its own ``forward``, such as timm's ``Conv2dSame`` or ``StdConv2d``)
     is deep-copied M times and run member by member.
 
     Args:

@@ -103,7 +103,7 @@ class Unmixer(nn.Module):
             warnings.warn(
                 "Unmixer got 1x1 feature maps: every mask is a constant there, so unmixing has no effect. Unmix "
                 "before the global pooling (on the core's last spatial feature maps).",
-                stacklevel=2,
+                stacklevel=4,  # the caller of the module (past nn.Module.__call__ and _call_impl)
             )
             self._warned_1x1 = True
         return unmix_pool(

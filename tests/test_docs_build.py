@@ -71,8 +71,14 @@ def _public_names() -> list[tuple[str, str, object]]:
 
 
 def test_site_has_every_page(site: Path) -> None:
-    for page in ("index.html", "getting-started.html", "concepts/mixing.html", "how-to/deploy.html",
-                 "api/wrapper.html", "changelog.html"):
+    for page in (
+        "index.html",
+        "getting-started.html",
+        "concepts/mixing.html",
+        "how-to/deploy.html",
+        "api/wrapper.html",
+        "changelog.html",
+    ):
         assert (site / page).is_file(), f"{page} missing from the built site"
     changelog = (site / "changelog.html").read_text(encoding="utf-8")
     assert mixshare_layers.__version__ in changelog, "the changelog page does not mention the current version"

@@ -73,8 +73,16 @@ def _needs(test: doctest.DocTest) -> set[str]:
 def test_core_api_has_examples() -> None:
     """The central classes keep their examples (a refactor that drops one fails here)."""
     names = {p.id for p in _TESTS}  # type: ignore[attr-defined]
-    for short in ("mixer.CutMixMixer", "unmixer.Unmixer", "multi_encoder.MultiEncoder", "multi_head.MultiHead",
-                  "wrapper.MIMOWrapper", "batcher.MIMOBatcher", "loss.MIMOLoss", "mix_info.MixInfo"):
+    for short in (
+        "mixer.CutMixMixer",
+        "unmixer.Unmixer",
+        "multi_encoder.MultiEncoder",
+        "multi_head.MultiHead",
+        "wrapper.MIMOWrapper",
+        "batcher.MIMOBatcher",
+        "loss.MIMOLoss",
+        "mix_info.MixInfo",
+    ):
         assert f"mixshare_layers.{short}" in names, f"mixshare_layers.{short} lost its doctested example"
 
 
@@ -87,4 +95,12 @@ def test_docstring_examples(test: doctest.DocTest) -> None:
     out = io.StringIO()
     runner = doctest.DocTestRunner(optionflags=FLAGS)
     result = runner.run(test, out=out.write, clear_globs=True)
+    if result.failed:
+        # an example whose library code imports a missing extra lazily (e.g. matplotlib inside a plotting call):
+        # the library raises an ImportError that names the package (and the extra to install)
+        text = out.getvalue()
+        missing = sorted(n for n in OPTIONAL if importlib.util.find_spec(n) is None)
+        named = [n for n in missing if "ImportError" in text and n in text]
+        if named:
+            pytest.skip(f"example needs the optional package {named[0]}")
     assert result.failed == 0, out.getvalue()

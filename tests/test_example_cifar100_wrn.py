@@ -136,6 +136,8 @@ def test_bad_options(script, tmp_path: Path) -> None:
         script.main(_args(tmp_path, "x", "--batch-size", "33"))
     with pytest.raises(script.UserError, match="--method single has no MIMO options, but got alpha"):
         script.main(_args(tmp_path, "y", "--method", "single", "--alpha", "1"))
+    with pytest.raises(script.UserError, match="unmix_mode must be one of"):
+        script.main(_args(tmp_path, "z", "--unmix-mode", "sideways"))
     with pytest.raises(script.UserError, match=r"no config\.json"):
         script.main(["--resume", str(tmp_path / "nowhere")])
 

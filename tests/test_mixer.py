@@ -211,6 +211,11 @@ def test_gamma_and_dirichlet_moments(alpha):
     assert float((d.mean(0) - 1 / m).abs().max()) < 5 * math.sqrt(var / n)
     # the sample variance's relative standard error is about sqrt(2 / n) = 0.45% here: 3% is over 6 of them
     assert float((d.var(0) / var - 1).abs().max()) < 0.03
+    # the mixer's own draw of λ (without a generator it may use torch's native sampler) has the same moments
+    torch.manual_seed(0)
+    lam = sample_mix_params(n, m, 1, 1, alpha=alpha, cutmix_prob=0.0, dtype=torch.float64).ratios
+    assert float((lam.mean(0) - 1 / m).abs().max()) < 5 * math.sqrt(var / n)
+    assert float((lam.var(0) / var - 1).abs().max()) < 0.03
 
 
 def test_cutmix_ramp_schedule():

@@ -170,8 +170,9 @@ def test_identity_info_and_eval_give_global_average():
 def test_warns_once_for_1x1_maps():
     unmixer = Unmixer("full")
     info = _info(2, 2)
-    with pytest.warns(UserWarning, match="1x1 feature maps.*unmixing has no effect"):
+    with pytest.warns(UserWarning, match="1x1 feature maps.*unmixing has no effect") as record:
         unmixer(_feat(2, 3, 1, 1), info)
+    assert record[0].filename == __file__  # the warning points at the caller, not into torch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         unmixer(_feat(2, 3, 1, 1), info)  # only once per module

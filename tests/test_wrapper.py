@@ -161,12 +161,14 @@ def test_compile_fullgraph_train_and_eval(preset):
     model.set_progress(0.1)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     x = _x(4, 3, 3, 8, 8)
-    torch.manual_seed(1)
     out = compiled(x)
-    torch.manual_seed(1)
-    ref = model(x)
-    torch.testing.assert_close(out.logits, ref.logits)
-    torch.testing.assert_close(out.mix_info.ratios, ref.mix_info.ratios)
+    # the compiled graph may draw λ with another (equally distributed) sampler than eager mode, so compare with the
+    # eager parts replaying the compiled forward's own mix
+    info = out.mix_info
+    torch.testing.assert_close(info.masks_at().sum(1), torch.ones(4, 8, 8))
+    torch.testing.assert_close(info.masks_at().mean(dim=(2, 3)), info.ratios)
+    features = model.core(model.mixer.apply(model.encoder(x), info))
+    torch.testing.assert_close(out.logits, model.heads(model.unmixer(features, info, model.progress)))
     model.eval()
     x4 = _x(4, 3, 8, 8)
     torch.testing.assert_close(compiled(x4), model(x4))

@@ -5,6 +5,8 @@ reStructuredText roles PyTorch users know (``:class:`~mixshare_layers.MixInfo```
 Griffe's Google parser does not understand. Before the docstrings are parsed this extension:
 
 * turns ``Example:`` into ``Examples:`` so the doctest block renders as highlighted code;
+* leaves out of the reference the instance attributes that have no docstring of their own (they repeat the
+  constructor's ``Args`` or a NamedTuple's ``Attributes``);
 * turns every ``:class:`` / ``:func:`` / ``:meth:`` / ``:mod:`` / ``:attr:`` / ``:data:`` / ``:exc:`` / ``:obj:``
   role that targets this package into an autorefs link (``[`MixInfo`][mixshare_layers.mix_info.MixInfo]``),
   resolving short names the way Python would from the object's own module. A link that does not resolve is left
@@ -77,6 +79,15 @@ class SphinxRolesToAutorefs(griffe.Extension):
         seen.add(obj.path)
         if obj.docstring is not None:
             obj.docstring.value = self._rewrite(obj, obj.docstring.value)
+        if obj.is_class:
+            # instance attributes set in __init__ without a docstring of their own repeat the constructor's
+            # arguments (or a NamedTuple's Attributes section): leave them out of the reference
+            for name in [
+                n
+                for n, m in obj.members.items()
+                if not m.is_alias and m.is_attribute and "instance-attribute" in m.labels and m.docstring is None
+            ]:
+                del obj.members[name]
         for member in obj.members.values():
             if not member.is_alias:
                 self._walk(member, seen)  # type: ignore[arg-type]

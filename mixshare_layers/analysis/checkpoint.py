@@ -24,7 +24,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
+
+from ..wrapper import MIMOWrapper
 
 __all__ = ["CHECKPOINT_CONFIG_KEYS", "load_wrn_checkpoint", "model_from_checkpoint"]
 
@@ -61,7 +62,7 @@ def _as_dict(config: object) -> dict[str, Any]:
 
 def model_from_checkpoint(
     checkpoint: Mapping[str, Any], config: Mapping[str, Any] | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[MIMOWrapper, dict[str, Any]]:
     """Rebuild the :class:`~mixshare_layers.MIMOWrapper` of a loaded checkpoint dict (format: module docstring).
 
     Args:
@@ -84,7 +85,6 @@ def model_from_checkpoint(
     """
     from ..models import wide_resnet
     from ..presets import MIMOConfig
-    from ..wrapper import MIMOWrapper
 
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"checkpoint must be a dict, but got {type(checkpoint).__name__}")
@@ -137,7 +137,7 @@ def model_from_checkpoint(
 
 def load_wrn_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[MIMOWrapper, dict[str, Any]]:
     """``torch.load`` a checkpoint file and rebuild its model (see :func:`model_from_checkpoint`).
 
     A checkpoint without settings (examples/cifar100_wrn.py's ``checkpoint.pt``) takes them from the

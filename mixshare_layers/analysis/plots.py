@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor
@@ -153,5 +153,9 @@ def plot_influence(
     for fmt in formats:
         target = stem.with_name(stem.name + "." + fmt)
         metadata = {"Date": None} if fmt == "svg" else None  # reproducible SVG files
-        written.append(atomic_write(target, lambda fh, fmt=fmt, md=metadata: fig.savefig(fh, format=fmt, metadata=md)))
+
+        def save(fh: IO[bytes], fmt: str = fmt, metadata: dict[str, None] | None = metadata) -> None:
+            fig.savefig(fh, format=fmt, metadata=metadata)
+
+        written.append(atomic_write(target, save))
     return written

@@ -13,6 +13,8 @@ computes both quantities of a model at once.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import Tensor, nn
 
@@ -28,9 +30,10 @@ __all__ = [
 ]
 
 SHARING_REDUCTIONS = ("mean-ratio", "sum-ratio")
+_M = TypeVar("_M", bound=nn.Module)
 
 
-def _find(model: nn.Module, attr: str, kind: type) -> nn.Module:
+def _find(model: nn.Module, attr: str, kind: type[_M]) -> _M:
     part = getattr(model, attr, None)
     if not isinstance(part, kind):
         raise TypeError(
@@ -64,14 +67,14 @@ def encoder_influence(model: nn.Module) -> Tensor:
     if encoder.fused:
         kernels = encoder.kernels()  # (M, C', C/g, k, k)
     else:
-        copies = list(encoder.encoders)  # type: ignore[arg-type]
+        copies = list(encoder.encoders or ())
         if not all(isinstance(c, nn.Conv2d) for c in copies):
             kinds = sorted({type(c).__name__ for c in copies})
             raise TypeError(
                 "encoder_influence needs nn.Conv2d encoders (a kernel per output channel), but the encoders are "
                 f"{', '.join(kinds)}"
             )
-        kernels = torch.stack([c.weight for c in copies])  # type: ignore[union-attr]
+        kernels = torch.stack([c.weight for c in copies if isinstance(c, nn.Conv2d)])
     return kernels.detach().abs().flatten(2).sum(dim=2).float()
 
 
@@ -93,7 +96,7 @@ def classifier_influence(model: nn.Module) -> Tensor:
     from ..multi_head import MultiHead
 
     heads = model if isinstance(model, MultiHead) else _find(model, "heads", MultiHead)
-    return heads.weight.detach().abs().sum(dim=1).float()  # type: ignore[union-attr]
+    return heads.weight.detach().abs().sum(dim=1).float()
 
 
 def _check_influence(influence: object) -> Tensor:

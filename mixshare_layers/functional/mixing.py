@@ -98,36 +98,44 @@ def sample_mix_params(
             width=width,
         )
     work = torch.float64 if dtype == torch.float64 else torch.float32  # compositions exact to the output dtype
-    lam = sample_dirichlet(alpha, batch_size, m, device=device, dtype=work, generator=generator)
-    if shuffle_roles:
-        owner = torch.randint(m, (1,), device=device, **generator_kwargs(generator)).expand(batch_size)
+    if generator is None and alpha > 0 and not torch.compiler.is_compiling():
+        # torch's native Dirichlet sampler: one op instead of about twenty (it takes no generator, hence the other path;
+        # it has no fake-tensor kernel either, so torch.compile traces the other path)
+        lam = torch._sample_dirichlet(torch.full((batch_size, m), float(alpha), device=device, dtype=work))
     else:
-        owner = torch.zeros(batch_size, device=device, dtype=torch.long)
-    owner_hot = F.one_hot(owner, m).to(work)  # (B, M)
-    lam_owner = (lam * owner_hot).sum(dim=1)  # (B,)
+        lam = sample_dirichlet(alpha, batch_size, m, device=device, dtype=work, generator=generator)
+    # (few, cheap ops: on the CPU this function's cost is the number of ops it launches)
+    if shuffle_roles:
+        owner = torch.randint(m, (1,), device=device, **generator_kwargs(generator))  # one owner for the batch
+    else:
+        owner = torch.zeros(1, device=device, dtype=torch.long)
+    owner_hot = (torch.arange(m, device=device) == owner).to(work)  # (M,), broadcast over the batch
+    lam_owner = lam.index_select(1, owner).squeeze(1)  # (B,)
 
     # CutMix box for the owner: side ratio sqrt(λ_o), centre uniform over the pixels, corners clipped.
     side = lam_owner.sqrt()
-    cut_h = torch.floor(height * side).long()
-    cut_w = torch.floor(width * side).long()
+    cut_h = (height * side).long()  # truncation = floor for these non-negative values
+    cut_w = (width * side).long()
     cy = torch.randint(height, (batch_size,), device=device, **generator_kwargs(generator))
     cx = torch.randint(width, (batch_size,), device=device, **generator_kwargs(generator))
-    y0 = (cy - cut_h // 2).clamp(0, height)
-    y1 = (cy + cut_h // 2).clamp(0, height)
-    x0 = (cx - cut_w // 2).clamp(0, width)
-    x1 = (cx + cut_w // 2).clamp(0, width)
+    half_h, half_w = cut_h // 2, cut_w // 2
+    y0 = (cy - half_h).clamp_min(0)  # cy < height and cy >= 0: one side of each clamp is enough
+    y1 = (cy + half_h).clamp_max(height)
+    x0 = (cx - half_w).clamp_min(0)
+    x1 = (cx + half_w).clamp_max(width)
     cut_boxes = torch.stack([y0, y1, x0, x1], dim=1)
     area = ((y1 - y0) * (x1 - x0)).to(work) / (height * width)  # realised share of the owner
 
     # the other members share the outside linearly, in proportion to their λ
-    others = lam * (1 - owner_hot)
+    not_owner = 1 - owner_hot
+    others = lam * not_owner
     denom = others.sum(dim=1, keepdim=True)
-    uniform_others = (1 - owner_hot) / (m - 1)
+    uniform_others = not_owner / (m - 1)
     cut_outside = torch.where(denom > 0, others / denom.clamp_min(torch.finfo(work).tiny), uniform_others)
     cut_ratios = area[:, None] * owner_hot + (1 - area[:, None]) * cut_outside
 
     use_cut = torch.rand((), device=device, **generator_kwargs(generator)) < torch.as_tensor(cutmix_prob, device=device)
-    boxes = torch.where(use_cut, cut_boxes, torch.zeros_like(cut_boxes))
+    boxes = cut_boxes * use_cut  # empty boxes for linear mixing
     inside = torch.where(use_cut, owner_hot, lam)
     outside = torch.where(use_cut, cut_outside, lam)
     ratios = torch.where(use_cut, cut_ratios, lam)
