@@ -139,7 +139,9 @@ class MultiEncoder(nn.Module):
             self.padding = conv.padding
             self.dilation = conv.dilation
             self.groups = conv.groups
-            self.weight = nn.Parameter(torch.stack([c.weight.detach() for c in copies]))  # type: ignore[union-attr]
+            # stored member-major as one 4-D (M * C', C / g, k, k) kernel, so that the grouped convolution needs no
+            # reshape and `module.to(memory_format=torch.channels_last)` works; kernels() gives the (M, C', ...) view
+            self.weight = nn.Parameter(torch.cat([c.weight.detach() for c in copies]))  # type: ignore[union-attr]
             if conv.bias is not None:
                 self.bias: nn.Parameter | None = nn.Parameter(
                     torch.stack([c.bias.detach() for c in copies])  # type: ignore[union-attr]
@@ -165,10 +167,14 @@ class MultiEncoder(nn.Module):
         return self.fused
 
     def kernels(self) -> Tensor:
-        """The stacked kernels ``(M, C', C / g, k, k)`` (fused encoders only)."""
+        """The kernels as an ``(M, C', C / g, k, k)`` view of :attr:`weight` (fused encoders only).
+
+        :attr:`weight` itself is stored as ``(M * C', C / g, k, k)``, member-major: rows ``i * C'`` to
+        ``(i + 1) * C' - 1`` are encoder ``i``.
+        """
         if not self.fused:
             raise TypeError("kernels() is only defined for nn.Conv2d encoders (this MultiEncoder is generic)")
-        return self.weight
+        return self.weight.view(self.num_subnetworks, self.out_channels, *self.weight.shape[1:])
 
     def folded_conv(self) -> nn.Conv2d:
         """A single ``nn.Conv2d`` computing the test-time sum of the M encoders (exact: convolution is linear)."""
@@ -190,7 +196,7 @@ class MultiEncoder(nn.Module):
             dtype=self.weight.dtype,
         )
         with torch.no_grad():
-            conv.weight.copy_(self.weight.sum(dim=0))
+            conv.weight.copy_(self.kernels().sum(dim=0))
             if self.bias is not None:
                 conv.bias.copy_(self.bias.sum(dim=0))  # type: ignore[union-attr]
         return conv
@@ -208,7 +214,7 @@ class MultiEncoder(nn.Module):
             if self.fused:
                 out = F.conv2d(
                     x.reshape(b, m * x.shape[2], x.shape[3], x.shape[4]),
-                    self.weight.reshape(m * self.out_channels, *self.weight.shape[2:]),
+                    self.weight,
                     None if self.bias is None else self.bias.reshape(-1),
                     self.stride,
                     self.padding,
@@ -221,7 +227,7 @@ class MultiEncoder(nn.Module):
         check_ndim("x", x, 4, "(B, C, H, W) or (B, M, C, H, W)")
         if self.fused:
             bias = None if self.bias is None else self.bias.sum(dim=0)
-            return F.conv2d(x, self.weight.sum(dim=0), bias, self.stride, self.padding, self.dilation, self.groups)
+            return F.conv2d(x, self.kernels().sum(dim=0), bias, self.stride, self.padding, self.dilation, self.groups)
         assert self.encoders is not None
         out = self.encoders[0](x)
         for enc in self.encoders[1:]:

@@ -122,7 +122,7 @@ def test_disjoint_channel_use_shares_nothing(m):
     heads = MultiHead(features, 10, m)
     with torch.no_grad():
         for i in range(m):  # subnetwork i owns channels i, i + m, i + 2m, ... and the same for features
-            enc.weight[i, [c for c in range(channels) if c % m != i]] = 0.0
+            enc.kernels()[i, [c for c in range(channels) if c % m != i]] = 0.0
             heads.weight[i, :, [d for d in range(features) if d % m != i]] = 0.0
     for reduction in ("mean-ratio", "sum-ratio"):
         assert float(sharing_rate(encoder_influence(enc), reduction)) == 0.0
@@ -132,7 +132,7 @@ def test_disjoint_channel_use_shares_nothing(m):
 def test_influence_tables_match_naive_loops():
     m = 3
     model = MIMOWrapper(wide_resnet(10, 1, 7), m, preset="mixmo")
-    kernels = model.encoder.weight.detach().double()
+    kernels = model.encoder.kernels().detach().double()
     expected = torch.tensor(
         [[kernels[i, c].abs().sum().item() for c in range(16)] for i in range(m)], dtype=torch.float64
     )
@@ -179,7 +179,7 @@ def _toy_model(m: int) -> MIMOWrapper:
     with torch.no_grad():
         stage1[0].weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
         for i in range(m):
-            model.encoder.weight[i, [c for c in range(channels) if c % m != i]] = 0.0
+            model.encoder.kernels()[i, [c for c in range(channels) if c % m != i]] = 0.0
     return model
 
 

@@ -189,3 +189,16 @@ def test_errors():
         enc(_x(1, 3, 4, 5, 5))
     with pytest.raises(ValueError, match=r"x must have shape \(B, C, H, W\) or \(B, M, C, H, W\)"):
         enc(_x(4, 5, 5))
+
+
+def test_channels_last_model_conversion_keeps_function():
+    """`module.to(memory_format=torch.channels_last)` works (the kernel is stored 4-D) and changes nothing."""
+    enc = MultiEncoder(nn.Conv2d(3, 8, 3, padding=1), 3, init="independent")
+    x5 = torch.randn(2, 3, 3, 9, 9)
+    x4 = torch.randn(2, 3, 9, 9)
+    before5, before4 = enc(x5), enc(x4)
+    enc = enc.to(memory_format=torch.channels_last)
+    assert enc.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(enc(x5), before5)
+    torch.testing.assert_close(enc(x4.contiguous(memory_format=torch.channels_last)), before4)
+    assert enc.kernels().shape == (3, 8, 3, 3, 3)
