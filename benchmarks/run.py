@@ -105,13 +105,14 @@ def row(stage: str, case: str, metric: str, ours: float, base: float | None, bas
 
 
 # -- (a) mask sampling + mixing -------------------------------------------------------------------------------------
-def naive_masks(batch: int, m: int, h: int, w: int, alpha: float, rng) -> torch.Tensor:
-    """MixMo's recipe done the slow way: per-sample numpy boxes, full (B, M, H, W) float masks built on the CPU."""
+def naive_masks(batch: int, m: int, h: int, w: int, alpha: float, rng, device: torch.device) -> torch.Tensor:
+    """MixMo's public recipe: per sample, numpy λ and box, a full (M, H, W) mask built in numpy and shipped as a
+    float16 CPU tensor (as its DataLoader workers do); the batch collated, copied to the device and cast back."""
     import numpy as np
 
-    masks = np.zeros((batch, m, h, w), dtype=np.float32)
     owner = rng.integers(m)
-    for b in range(batch):
+    per_sample = []
+    for _ in range(batch):
         lam = rng.beta(alpha, alpha)
         cut = math.sqrt(lam)
         ch, cw = int(h * cut), int(w * cut)
@@ -120,9 +121,9 @@ def naive_masks(batch: int, m: int, h: int, w: int, alpha: float, rng) -> torch.
         x0, x1 = np.clip(cx - cw // 2, 0, w), np.clip(cx + cw // 2, 0, w)
         box = np.zeros((h, w), dtype=np.float32)
         box[y0:y1, x0:x1] = 1.0
-        for i in range(m):
-            masks[b, i] = box if i == owner else (1.0 - box) / (m - 1)
-    return torch.from_numpy(masks)
+        mask = np.stack([box if i == owner else (1.0 - box) / (m - 1) for i in range(m)])
+        per_sample.append(torch.from_numpy(mask).half())
+    return torch.stack(per_sample).to(device).float()  # collate, copy, cast: (B, M, H, W)
 
 
 def stage_a(device: torch.device, reps: int) -> None:
@@ -137,7 +138,7 @@ def stage_a(device: torch.device, reps: int) -> None:
         return sample_mix_params(b, m, h, w, cutmix_prob=1.0, device=device)
 
     def naive_sample():
-        return naive_masks(b, m, h, w, 2.0, rng).to(device)
+        return naive_masks(b, m, h, w, 2.0, rng, device)
 
     masks = naive_sample()
     t = interleaved({"ours": ours_sample, "naive": naive_sample}, device, reps, 3)
@@ -289,8 +290,8 @@ def _unmix_bandwidth(device: torch.device, reps: int, copy_bw: float) -> None:
     info = sample_mix_params(b, 2, 32, 32, cutmix_prob=1.0, device=device)
     gp = torch.randn(b, 2, c, device=device)
     n = f.numel() * 4
-    t = interleaved({"fwd": lambda: unmix_pool(f, info), "bwd": lambda: torch.autograd.grad(unmix_pool(f, info), f, gp)},
-                    device, reps, 3)  # fmt: skip
+    fns = {"fwd": lambda: unmix_pool(f, info), "bwd": lambda: torch.autograd.grad(unmix_pool(f, info), f, gp)}
+    t = interleaved(fns, device, reps, 3)
     bw_f = n / t["fwd"]
     bw_b = n / (t["bwd"] - t["fwd"]) if t["bwd"] > t["fwd"] else float("nan")
     case = f"unmix B={b} C={c} {h}x{w} fp32"

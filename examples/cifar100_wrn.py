@@ -663,6 +663,7 @@ class Bar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def open_tensorboard(run_dir: Path, purge_step: int | None) -> Any:
@@ -756,12 +757,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.cuda.set_device(device)
     dist.init(device)
     try:
-        return _run(cfg, given, dist, device)
+        with contextlib.ExitStack() as cleanup:  # closes the logs even when the run stops on an error
+            return _run(cfg, given, dist, device, cleanup)
     finally:
         dist.close()
 
 
-def _run(cfg: dict[str, Any], given: set[str], dist: Dist, device: torch.device) -> dict[str, Any]:
+def _run(
+    cfg: dict[str, Any], given: set[str], dist: Dist, device: torch.device, cleanup: contextlib.ExitStack
+) -> dict[str, Any]:
     cfg, run_dir, ckpt = resolve_run(cfg, given, dist)
     check_config(cfg)
     say = print if dist.main else (lambda *a, **k: None)
@@ -937,6 +941,8 @@ def _run(cfg: dict[str, Any], given: set[str], dist: Dist, device: torch.device)
         atomic_text(run_dir / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if cfg["tensorboard"]:
             writer = open_tensorboard(run_dir, start_epoch * steps_per_epoch if start_epoch else None)
+            if writer is not None:
+                cleanup.callback(writer.close)
         for stale in run_dir.glob(f".{CKPT_NAME}.tmp*"):  # a temp file left by a run killed while saving
             stale.unlink()
 
@@ -954,6 +960,7 @@ def _run(cfg: dict[str, Any], given: set[str], dist: Dist, device: torch.device)
     model.train()
     for epoch in range(start_epoch, cfg["epochs"]):
         bar = Bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg['epochs']}", cfg["progress"] and dist.main)
+        cleanup.callback(bar.close)
         bad = torch.full((), -1, dtype=torch.int64, device=device)
         loss_sum = torch.zeros((), device=device)
         t0 = time.perf_counter()
@@ -966,7 +973,6 @@ def _run(cfg: dict[str, Any], given: set[str], dist: Dist, device: torch.device)
             if (i + 1) % cfg["log_every"] == 0 or i + 1 == steps_per_epoch:
                 first_bad = int(dist.max_(bad.clone()))  # one host sync every log_every steps
                 if first_bad >= 0:
-                    bar.close()
                     raise NonFiniteLossError(
                         f"non-finite training loss at epoch {first_bad // steps_per_epoch + 1}, step "
                         f"{first_bad % steps_per_epoch + 1} of {steps_per_epoch} (global step {first_bad + 1}); "
@@ -1073,8 +1079,6 @@ def _run(cfg: dict[str, Any], given: set[str], dist: Dist, device: torch.device)
         summary["rank_max_abs_diff"] = float((hi - lo).max())
     if dist.main:
         atomic_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        if writer is not None:
-            writer.close()
         say(results_table(summary))
     dist.barrier()
     return summary

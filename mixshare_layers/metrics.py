@@ -18,6 +18,8 @@ Sharing rates (paper Sec. 2) are properties of the weights, not of the data: see
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -180,8 +182,9 @@ class EnsembleMetrics:
         ]
         self.state += torch.cat([p.to(self.dtype) for p in parts]).to(self.state.device)
 
-    def all_reduce(self, group: object | None = None) -> None:
-        """Sum the state over every process of ``group`` (``torch.distributed``), in one collective."""
+    def all_reduce(self, group: Any = None) -> None:
+        """Sum the state over every process of ``group`` (a ``torch.distributed`` process group; ``None``: the
+        default one), in one collective. A no-op when no process group is initialised."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():

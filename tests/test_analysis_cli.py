@@ -131,3 +131,11 @@ def test_cli_on_a_checkpoint_of_the_example_script(tmp_path):
     assert result["rates"]["classifier"]["mean_ratio"] == pytest.approx(summary["classifier_sharing"], abs=1e-6)
     assert result["rates"]["encoder"]["mean_ratio"] == pytest.approx(summary["encoder_sharing"], abs=1e-6)
     assert "variance:core.2" in result["rates"]
+
+
+def test_checkpoint_with_the_older_5d_encoder_layout_loads():
+    model = MIMOWrapper(wide_resnet(10, 1, 10), 2, preset="mixmo")
+    state = model.state_dict()
+    state["encoder.weight"] = model.encoder.kernels().detach().clone()  # (M, C', C, k, k), as saved before
+    loaded, _ = model_from_checkpoint({"model": state, "config": dict(CONFIG, method="mixmo")})
+    torch.testing.assert_close(loaded.encoder.kernels(), model.encoder.kernels())

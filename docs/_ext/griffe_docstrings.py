@@ -46,23 +46,31 @@ def _lookup(scope: griffe.Object | griffe.Alias, parts: list[str]) -> griffe.Obj
     return current
 
 
-def _resolve(obj: griffe.Object, target: str) -> str | None:
-    """The canonical path of ``target`` seen from ``obj``, or ``None`` when it is not an object of the package."""
+def _hidden(member: Any) -> bool:
+    """An instance attribute without a docstring of its own: left out of the reference (see the module docstring)."""
+    return (
+        not member.is_alias
+        and member.is_attribute
+        and "instance-attribute" in member.labels
+        and member.docstring is None
+    )
+
+
+def _resolve(obj: griffe.Object, target: str) -> griffe.Object | griffe.Alias | None:
+    """The object ``target`` names, seen from ``obj``, or ``None`` when it is not an object of the package."""
     parts = target.split(".")
     root = obj.module
     while root.parent is not None:
         root = root.parent
     if parts[0] == PACKAGE:
-        found = _lookup(root, parts[1:])
-        return None if found is None else found.path
+        return _lookup(root, parts[1:])
     scope: griffe.Object | None = obj
     while scope is not None:
         found = _lookup(scope, parts)
         if found is not None:
-            return found.path
+            return found
         scope = scope.parent
-    found = _lookup(root, parts)
-    return None if found is None else found.path
+    return _lookup(root, parts)
 
 
 class SphinxRolesToAutorefs(griffe.Extension):
@@ -71,26 +79,24 @@ class SphinxRolesToAutorefs(griffe.Extension):
     def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
         if pkg.name != PACKAGE:
             return
-        self._walk(pkg, seen=set())
+        classes: list[griffe.Object] = []
+        self._walk(pkg, set(), classes)
+        # only once every docstring is rewritten (references to these attributes resolve first)
+        for cls in classes:
+            for name in [n for n, m in cls.members.items() if _hidden(m)]:
+                del cls.members[name]
 
-    def _walk(self, obj: griffe.Object, seen: set[str]) -> None:
+    def _walk(self, obj: griffe.Object, seen: set[str], classes: list[griffe.Object]) -> None:
         if obj.path in seen:
             return
         seen.add(obj.path)
         if obj.docstring is not None:
             obj.docstring.value = self._rewrite(obj, obj.docstring.value)
         if obj.is_class:
-            # instance attributes set in __init__ without a docstring of their own repeat the constructor's
-            # arguments (or a NamedTuple's Attributes section): leave them out of the reference
-            for name in [
-                n
-                for n, m in obj.members.items()
-                if not m.is_alias and m.is_attribute and "instance-attribute" in m.labels and m.docstring is None
-            ]:
-                del obj.members[name]
+            classes.append(obj)
         for member in obj.members.values():
             if not member.is_alias:
-                self._walk(member, seen)  # type: ignore[arg-type]
+                self._walk(member, seen, classes)  # type: ignore[arg-type]
 
     def _rewrite(self, obj: griffe.Object, text: str) -> str:
         text = _EXAMPLE.sub(r"\1Examples:", text)
@@ -103,10 +109,12 @@ class SphinxRolesToAutorefs(griffe.Extension):
                 shown, target = titled.group("title"), titled.group("target").strip()
             if target.split(".")[0] in {"torch", "einops", "torchvision", "timm", "numpy", "onnx", "triton"}:
                 return f"`{shown}`"
-            path = _resolve(obj, target)
-            if path is None:
+            found = _resolve(obj, target)
+            if found is None:
                 _logger.warning("%s: cross-reference %r does not resolve to an object of %s", obj.path, target, PACKAGE)
                 return f"`{shown}`"
-            return f"[`{shown}`][{path}]"
+            if _hidden(found):  # exists, but has no entry of its own to link to
+                return f"`{shown}`"
+            return f"[`{shown}`][{found.path}]"
 
         return _ROLE.sub(replace, text)

@@ -78,7 +78,7 @@ def _variance_images(config: dict[str, Any], args: argparse.Namespace) -> Tensor
             print(f"variance influence skipped: no CIFAR-100 under {root} (give --data-root)", file=sys.stderr)
             return None
         try:
-            import torchvision  # type: ignore[import-untyped]
+            import torchvision
         except ImportError as exc:
             raise SystemExit('--data cifar100 needs torchvision: pip install "mixshare-layers[examples]"') from exc
         test = torchvision.datasets.CIFAR100(str(root), train=False, download=False)

@@ -12,7 +12,8 @@ Accepted formats (a ``dict`` saved with ``torch.save``):
   value other than ``null`` are the preset overrides).
 
 State dict keys may carry the prefixes that ``torch.compile`` (``_orig_mod.``) or ``DataParallel`` (``module.``)
-add; they are removed.
+add; they are removed. Fused encoder kernels saved in the older ``(M, C', C, k, k)`` layout are reshaped to the
+current member-major ``(M * C', C, k, k)``.
 """
 
 from __future__ import annotations
@@ -130,6 +131,12 @@ def model_from_checkpoint(
         int(cfg["depth"]), int(cfg["width"]), int(cfg["num_classes"]), int(cfg.get("in_channels", 3))
     )
     model = MIMOWrapper(backbone, int(cfg["num_subnetworks"]), preset=str(cfg["method"]), **overrides)
+    expected = model.state_dict()
+    for key in ("encoder.weight", "encoder.bias"):  # checkpoints from before the fused kernel was stored 4-D
+        value, want = state.get(key), expected.get(key)
+        if isinstance(value, torch.Tensor) and want is not None and value.shape != want.shape:
+            if value.numel() == want.numel() and value.shape[0] == int(cfg["num_subnetworks"]):
+                state[key] = value.reshape(want.shape)  # (M, C', ...) member-major == (M * C', ...)
     model.load_state_dict(state)
     model.eval()
     return model, cfg
