@@ -359,23 +359,25 @@ def main() -> int:
     unknown = [s for s in wanted if s not in stages]
     if unknown:
         parser.error(f"--only: unknown stage(s) {unknown}; valid: {', '.join(stages)}")
-    failures = []
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    meta = machine(device)
+    meta["backend"] = os.environ.get("MIXSHARE_BACKEND", "auto")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = f"_{args.tag}" if args.tag else ""
+    failures: list[str] = []
     for name in wanted:
         try:
             stages[name](device, reps if name != "c" or not args.quick else 3)
         except Exception as exc:  # keep the other stages running; the failure is reported and in the exit status
             print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)
             failures.append(f"{name}: {type(exc).__name__}: {exc}")
-    meta = machine(device)
-    meta["backend"] = os.environ.get("MIXSHARE_BACKEND", "auto")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = f"_{args.tag}" if args.tag else ""
-    write_atomic(out / f"results{suffix}.json", json.dumps({"machine": meta, "rows": ROWS, "failures": failures},
-                                                           indent=2))  # fmt: skip
-    md = markdown(meta)
-    write_atomic(out / f"results{suffix}.md", md)
-    print("\n" + md)
+        # written after every stage, so a run stopped by a time limit still leaves the stages it finished
+        payload = {"machine": meta, "rows": ROWS, "failures": failures}
+        write_atomic(out / f"results{suffix}.json", json.dumps(payload, indent=2))
+        write_atomic(out / f"results{suffix}.md", markdown(meta))
+    print("\n" + markdown(meta))
     return 1 if failures else 0
 
 

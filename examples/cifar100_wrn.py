@@ -840,7 +840,8 @@ def _run(
         raw.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when the run was saved without fp16 AMP
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history = ckpt["epoch"], list(ckpt["history"])
         if given & {"lr", "base_lr"}:  # a new peak lr given with --resume replaces the saved one from here on
             scheduler.base_lrs = [lr for _ in optimizer.param_groups]
@@ -926,7 +927,10 @@ def _run(
     ctx = {"device": device, "normalize": normalize, "m": m, "autocast": autocast}
 
     if cfg["benchmark"]:
-        return benchmark(cfg, batches, train_step, forward_loss, optimise, batcher, device, say)
+        result = benchmark(cfg, batches, train_step, forward_loss, optimise, batcher, device, say)
+        if dist.main:
+            atomic_text(run_dir / "benchmark.json", json.dumps(result, indent=2) + "\n")
+        return result
 
     # -- run directory, config, logs
     splits = ["test"] if data.val_x is None else ["val", "test"]

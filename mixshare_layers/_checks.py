@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import cast
 
 import torch
 
@@ -88,7 +87,7 @@ def check_ndim(name: str, tensor: object, ndim: int, layout: str) -> torch.Tenso
 
 def check_shape(name: str, tensor: object, expected: Sequence[int | None], layout: str) -> torch.Tensor:
     """Check a tensor's shape against ``expected`` where ``None`` matches any size."""
-    tensor = cast(torch.Tensor, check_ndim(name, tensor, len(expected), layout))
+    tensor = check_ndim(name, tensor, len(expected), layout)
     for got, want in zip(tensor.shape, expected, strict=True):
         if want is not None and got != want:
             shown = tuple("*" if w is None else w for w in expected)

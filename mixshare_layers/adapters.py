@@ -78,8 +78,9 @@ def _split_resnet_like(model: nn.Module) -> BackboneSplit | None:
     fc = model.fc
     if act is None or not isinstance(fc, nn.Linear):
         return None
-    core = nn.Sequential(model.bn1, act, model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4)
-    return BackboneSplit(encoder=model.conv1, core=core, classifier=fc)
+    conv1, bn1, maxpool, *layers = (getattr(model, n) for n in names[:-1])  # getattr: any backbone's children
+    core = nn.Sequential(bn1, act, maxpool, *layers)
+    return BackboneSplit(encoder=conv1, core=core, classifier=fc)
 
 
 class _FeaturesCall(nn.Module):
@@ -90,13 +91,13 @@ class _FeaturesCall(nn.Module):
         self.backbone = backbone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(x)
+        return self.backbone.forward_features(x)  # type: ignore[operator]
 
 
 def _split_timm_like(model: nn.Module) -> BackboneSplit | None:
     if not (hasattr(model, "forward_features") and hasattr(model, "get_classifier")):
         return None
-    classifier = model.get_classifier()
+    classifier = model.get_classifier()  # type: ignore[operator]
     if not isinstance(classifier, nn.Linear):
         raise UnsupportedBackboneError(
             f"{type(model).__name__}.get_classifier() is a {type(classifier).__name__}, not an nn.Linear. " + _HOW_TO

@@ -141,10 +141,10 @@ class MultiEncoder(nn.Module):
             self.groups = conv.groups
             # stored member-major as one 4-D (M * C', C / g, k, k) kernel, so that the grouped convolution needs no
             # reshape and `module.to(memory_format=torch.channels_last)` works; kernels() gives the (M, C', ...) view
-            self.weight = nn.Parameter(torch.cat([c.weight.detach() for c in copies]))  # type: ignore[union-attr]
+            self.weight = nn.Parameter(torch.cat([c.weight.detach() for c in copies]))  # type: ignore[operator]
             if conv.bias is not None:
                 self.bias: nn.Parameter | None = nn.Parameter(
-                    torch.stack([c.bias.detach() for c in copies])  # type: ignore[union-attr]
+                    torch.stack([c.bias.detach() for c in copies])  # type: ignore[operator]
                 )
             else:
                 self.register_parameter("bias", None)

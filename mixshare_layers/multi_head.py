@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ class MultiHead(nn.Module):
         self.in_features = check_int("in_features", in_features, minimum=1)
         self.num_classes = check_int("num_classes", num_classes, minimum=1)
         self.num_subnetworks = check_num_subnetworks(num_subnetworks)
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.num_subnetworks, self.num_classes, self.in_features, **kw))
         if bias:
             self.bias: nn.Parameter | None = nn.Parameter(torch.empty(self.num_subnetworks, self.num_classes, **kw))

@@ -167,7 +167,7 @@ class _MixTorch(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, encodings: Tensor, weights: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, encodings: Tensor, weights: Tensor) -> Tensor:
         ctx.save_for_backward(weights)
         ctx.enc_dtype = encodings.dtype
         acc = weights.dtype
@@ -179,7 +179,7 @@ class _MixTorch(torch.autograd.Function):
         return out.to(encodings.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (weights,) = ctx.saved_tensors
         grad_e = torch.mul(grad.to(weights.dtype)[:, None], weights[:, :, None])
         return grad_e.to(ctx.enc_dtype), None

@@ -7,6 +7,8 @@ generator, on the caller's device, fully vectorised.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -17,7 +19,7 @@ __all__ = ["generator_kwargs", "sample_dirichlet", "sample_gamma"]
 _CANDIDATES = 10
 
 
-def generator_kwargs(generator: torch.Generator | None) -> dict[str, torch.Generator]:
+def generator_kwargs(generator: torch.Generator | None) -> dict[str, Any]:
     """``{"generator": generator}``, or ``{}`` for ``None``.
 
     Passing ``generator=None`` explicitly to a random factory makes ``torch.compile`` fail once shapes become dynamic

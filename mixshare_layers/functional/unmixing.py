@@ -61,7 +61,7 @@ class _UnmixSumsTorch(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, features: Tensor, cov_y: Tensor, cov_x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx, features: Tensor, cov_y: Tensor, cov_x: Tensor) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(cov_y, cov_x)
         ctx.feat_dtype = features.dtype
         acc = cov_y.dtype
@@ -74,7 +74,7 @@ class _UnmixSumsTorch(torch.autograd.Function):
         return s_all, s_box
 
     @staticmethod
-    def backward(ctx, grad_all: Tensor, grad_box: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad_all: Tensor, grad_box: Tensor) -> tuple[Tensor, None, None]:
         cov_y, cov_x = ctx.saved_tensors
         cov = (cov_y[:, :, None] * cov_x[:, None, :])[:, None]  # (B, 1, h, w)
         grad_f = torch.addcmul(grad_all[:, :, None, None], grad_box[:, :, None, None], cov)

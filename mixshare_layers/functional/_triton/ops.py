@@ -171,14 +171,14 @@ def _(grad, boxes, inside, outside, native_h, native_w, scale):
     return grad.new_empty((b, inside.shape[1], c, h, w))
 
 
-def _mix_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+def _mix_setup(ctx, inputs, output) -> None:
     _, boxes, inside, outside, native_h, native_w, scale = inputs
     ctx.save_for_backward(boxes, inside, outside)
     ctx.native = (native_h, native_w, scale)
     ctx.enc_dtype = inputs[0].dtype
 
 
-def _mix_bwd(ctx, grad):  # type: ignore[no-untyped-def]
+def _mix_bwd(ctx, grad):
     boxes, inside, outside = ctx.saved_tensors
     native_h, native_w, scale = ctx.native
     grad_e = mix_backward(grad.to(ctx.enc_dtype), boxes, inside, outside, native_h, native_w, scale)
@@ -220,13 +220,13 @@ def _(grad_all, grad_box, boxes, native_h, native_w, h, w, dtype):
     return grad_all.new_empty((b, c, h, w), dtype=dtype)
 
 
-def _unmix_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+def _unmix_setup(ctx, inputs, output) -> None:
     features, boxes, native_h, native_w = inputs
     ctx.save_for_backward(boxes)
     ctx.geometry = (native_h, native_w, features.shape[2], features.shape[3], features.dtype)
 
 
-def _unmix_bwd(ctx, grad_all, grad_box):  # type: ignore[no-untyped-def]
+def _unmix_bwd(ctx, grad_all, grad_box):
     (boxes,) = ctx.saved_tensors
     native_h, native_w, h, w, dtype = ctx.geometry
     grad_f = unmix_sums_backward(grad_all, grad_box, boxes, native_h, native_w, h, w, dtype)
