@@ -258,14 +258,17 @@ def _free_port() -> int:
 
 
 def test_two_process_ddp_gloo(tmp_path: Path) -> None:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-        str(SCRIPT), *_args(tmp_path, "ddp", "--epochs", "2", "--device", "cpu"),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240)
+    for attempt in range(2):  # a free port can be taken by another process before torchrun binds it: retry once
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+            "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+            str(SCRIPT), *_args(tmp_path, f"ddp{attempt}", "--epochs", "2", "--device", "cpu"),
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240)
+        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "ddp"
+    run = tmp_path / f"ddp{attempt}"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["rank_max_abs_diff"] == 0.0  # identical weights and BN statistics on both ranks
