@@ -214,6 +214,15 @@ def mix(encodings: Tensor, info: MixInfo, scale: float | None = None, *, backend
         return triton_ops().mix(encodings, info.boxes, info.inside, info.outside, info.height, info.width, scale)
     acc = torch.promote_types(encodings.dtype, torch.float32)
     weights = info.masks_at(encodings.shape[-2], encodings.shape[-1], dtype=acc) * scale  # (B, M, H, W)
+    if torch.compiler.is_compiling():
+        # Under torch.compile plain differentiable ops: the compiler fuses them into one pass anyway, and this keeps
+        # the compiled gradient correct on every torch version (torch 2.11's aot_eager got the custom Function's
+        # gradient wrong for one member; seen on an H200 in benchmarks/gpu_check.sh).
+        e = encodings.to(acc)
+        out = e[:, 0] * weights[:, 0, None]
+        for i in range(1, m):
+            out = torch.addcmul(out, e[:, i], weights[:, i, None])
+        return out.to(encodings.dtype)
     return _MixTorch.apply(encodings, weights)
 
 

@@ -138,6 +138,11 @@ def unmix_pool(
     cov_y, cov_x = info.coverage_at(h, w, dtype=acc)  # (B, h), (B, w)
     if use_triton(resolve_backend(backend), features):
         s_all, s_box = triton_ops().unmix_sums(features, info.boxes, info.height, info.width)
+    elif torch.compiler.is_compiling():
+        # plain differentiable ops under torch.compile (see functional.mixing.mix for why)
+        f = features.to(acc)
+        s_all = f.sum(dim=(2, 3))
+        s_box = torch.einsum("bchw,bh,bw->bc", f, cov_y, cov_x)
     else:
         s_all, s_box = _UnmixSumsTorch.apply(features, cov_y, cov_x)  # (B, C) each, in acc
     area = cov_y.sum(dim=1) * cov_x.sum(dim=1)  # (B,)
