@@ -43,9 +43,10 @@ def _runs_as(module: nn.Module, base: type, methods: tuple[str, ...]) -> bool:
 class MultiEncoder(nn.Module):
     """M encoders with the same architecture, one per subnetwork.
 
-    When the template is an ``nn.Conv2d`` (zero padding), the M kernels are one ``(M, C_out, C_in / g, k, k)``
-    parameter: training runs them as one grouped convolution over the M inputs, and test time runs a single
-    convolution with the summed kernel (the sum of the M encodings of one image, computed once). Any other template
+    When the template is an ``nn.Conv2d`` (zero padding), the M kernels are one ``(M * C_out, C_in / g, k, k)``
+    parameter (:meth:`kernels` views it as ``(M, C_out, C_in / g, k, k)``): training runs them as one grouped
+    convolution over the M inputs (on CUDA; on the CPU as M plain convolutions, which oneDNN runs faster), and test
+    time runs a single convolution with the summed kernel (the sum of the M encodings of one image, computed once). Any other template
     (including an ``nn.Conv2d`` subclass with its own ``forward``, such as timm's ``Conv2dSame`` or ``StdConv2d``)
     is deep-copied M times and run member by member.
 
@@ -211,6 +212,26 @@ class MultiEncoder(nn.Module):
                     f"num_subnetworks={m}; expected (B, M={m}, C, H, W)"
                 )
             b = x.shape[0]
+            if self.fused and x.device.type == "cpu":
+                # On the CPU, M plain convolutions beat one grouped convolution (oneDNN's grouped kernels are slow
+                # for the few channels of a first layer: 4.9 ms vs 16.4 ms forward + backward for WRN's 3->16 conv
+                # at B = 64, M = 2; see docs/benchmarks.md). On CUDA the grouped one is used.
+                kernels = self.kernels()
+                return torch.stack(
+                    [
+                        F.conv2d(
+                            x[:, i],
+                            kernels[i],
+                            None if self.bias is None else self.bias[i],
+                            self.stride,
+                            self.padding,
+                            self.dilation,
+                            self.groups,
+                        )
+                        for i in range(m)
+                    ],
+                    dim=1,
+                )
             if self.fused:
                 out = F.conv2d(
                     x.reshape(b, m * x.shape[2], x.shape[3], x.shape[4]),

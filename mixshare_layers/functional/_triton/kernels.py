@@ -103,9 +103,8 @@ def unmix_sums_fwd_kernel(
     c_ok = cs < C
     hw = H * W
     row = b.to(tl.int64) * s_b + cs.to(tl.int64) * s_c
-    # element-wise accumulation in registers over the whole map, one cross-thread reduction at the end
-    acc_all = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    acc_box = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    acc_all = tl.zeros([BLOCK_C], dtype=ACC)
+    acc_box = tl.zeros([BLOCK_C], dtype=ACC)
     for start in range(0, hw, BLOCK_P):
         p = start + tl.arange(0, BLOCK_P)
         p_ok = p < hw
@@ -114,11 +113,11 @@ def unmix_sums_fwd_kernel(
         cov = _box_coverage(box_ptr, b, y, x, H, W, NH, NW, ACC)
         col = y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
         f = tl.load(f_ptr + row[:, None] + col[None, :], mask=c_ok[:, None] & p_ok[None, :], other=0.0).to(ACC)
-        acc_all += f
-        acc_box += f * cov[None, :]
+        acc_all += tl.sum(f, axis=1)
+        acc_box += tl.sum(f * cov[None, :], axis=1)
     dst = b.to(tl.int64) * C + cs
-    tl.store(sall_ptr + dst, tl.sum(acc_all, axis=1), mask=c_ok)
-    tl.store(sbox_ptr + dst, tl.sum(acc_box, axis=1), mask=c_ok)
+    tl.store(sall_ptr + dst, acc_all, mask=c_ok)
+    tl.store(sbox_ptr + dst, acc_box, mask=c_ok)
 
 
 @triton.jit

@@ -38,8 +38,8 @@ def _acc(dtype: torch.dtype) -> tuple[torch.dtype, object]:
 
 
 def _unmix_blocks(c: int, hw: int) -> tuple[int, int]:
-    block_p = min(triton.next_power_of_2(hw), 128)
-    block_c = max(1, min(triton.next_power_of_2(c), 2048 // block_p))
+    block_p = min(triton.next_power_of_2(hw), 256)
+    block_c = max(1, min(triton.next_power_of_2(c), 4096 // block_p))
     return block_c, block_p
 
 
