@@ -46,9 +46,9 @@ class MultiEncoder(nn.Module):
     When the template is an ``nn.Conv2d`` (zero padding), the M kernels are one ``(M * C_out, C_in / g, k, k)``
     parameter (:meth:`kernels` views it as ``(M, C_out, C_in / g, k, k)``): training runs them as one grouped
     convolution over the M inputs (on CUDA; on the CPU as M plain convolutions, which oneDNN runs faster), and test
-    time runs a single convolution with the summed kernel (the sum of the M encodings of one image, computed once). Any other template
-    (including an ``nn.Conv2d`` subclass with its own ``forward``, such as timm's ``Conv2dSame`` or ``StdConv2d``)
-    is deep-copied M times and run member by member.
+    time runs a single convolution with the summed kernel (the sum of the M encodings of one image, computed once).
+    Any other template (including an ``nn.Conv2d`` subclass with its own ``forward``, such as timm's ``Conv2dSame``
+    or ``StdConv2d``) is deep-copied M times and run member by member.
 
     Args:
         template: the module to replicate (a backbone's first convolution, typically).

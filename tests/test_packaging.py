@@ -87,3 +87,15 @@ def test_wheel_metadata(wheel: Path) -> None:
     assert hard == ["einops", "torch"], f"hard dependencies must be torch and einops only, got {hard}"
     extras = set(meta.get_all("Provides-Extra") or [])
     assert {"examples", "timm", "triton", "analysis", "export", "docs", "dev"} <= extras
+
+
+def test_ruff_is_clean():
+    """The repository's ruff configuration (pyproject.toml) reports nothing (ruff comes with the ``dev`` extra)."""
+    import shutil
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    if not Path(ruff).exists():
+        pytest.skip("ruff is not installed (pip install -e '.[dev]')")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([ruff, "check", "--no-cache", str(root)], capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -12,6 +12,9 @@ from .random import generator_kwargs, sample_dirichlet
 
 __all__ = ["cutmix_probability", "mix", "mix_reference", "sample_mix_params"]
 
+# torch's native Dirichlet sampler is a private op: use it only where it exists
+_NATIVE_DIRICHLET = hasattr(torch, "_sample_dirichlet")
+
 
 def cutmix_probability(cutmix_prob: float, ramp: float, progress: Tensor | float) -> Tensor:
     """MixMo's schedule for the CutMix probability.
@@ -85,19 +88,10 @@ def sample_mix_params(
     m = check_int("num_subnetworks", num_subnetworks, minimum=1)
     height = check_int("height", height, minimum=1)
     width = check_int("width", width, minimum=1)
-    if m == 1:
-        ones = torch.ones(batch_size, 1, device=device, dtype=dtype)
-        return MixInfo(
-            boxes=torch.zeros(batch_size, 4, device=device, dtype=torch.long),
-            inside=ones,
-            outside=ones,
-            ratios=ones,
-            cutmix=torch.zeros((), device=device, dtype=torch.bool),
-            height=height,
-            width=width,
-        )
+    if m == 1:  # one member owns the whole map: its mask is 1 everywhere
+        return MixInfo.identity(batch_size, 1, height, width, device=device, dtype=dtype)
     work = torch.float64 if dtype == torch.float64 else torch.float32  # compositions exact to the output dtype
-    if generator is None and alpha > 0 and not torch.compiler.is_compiling():
+    if generator is None and alpha > 0 and _NATIVE_DIRICHLET and not torch.compiler.is_compiling():
         # torch's native Dirichlet sampler: one op instead of about twenty (it takes no generator, hence the other path;
         # it has no fake-tensor kernel either, so torch.compile traces the other path)
         lam = torch._sample_dirichlet(torch.full((batch_size, m), float(alpha), device=device, dtype=work))
