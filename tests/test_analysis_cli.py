@@ -121,7 +121,8 @@ def test_cli_on_a_checkpoint_of_the_example_script(tmp_path):
         spec.loader.exec_module(module)
     finally:
         del sys.modules[spec.name]
-    argv = ["--smoke", "--method", "mixshare-partial", "--out-dir", str(tmp_path), "--run-name", "run", "--seed", "1"]
+    argv = ["--smoke", "--device", "cpu", "--method", "mixshare-partial", "--seed", "1"]
+    argv += ["--out-dir", str(tmp_path), "--run-name", "run"]
     summary = module.main(argv)
     run_dir = Path(summary["run_dir"])
     result = main(
