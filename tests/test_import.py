@@ -62,9 +62,8 @@ for name in BLOCKED:  # the blocker works
     try:
         importlib.import_module(name)
     except ImportError:
-        pass
-    else:
-        raise SystemExit(f"blocker failed for {{name}}")
+        continue  # blocked, as wanted
+    raise SystemExit(f"blocker failed for {{name}}")
 
 for module in {modules!r}:
     importlib.import_module(module)
