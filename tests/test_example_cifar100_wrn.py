@@ -266,7 +266,11 @@ def test_two_process_ddp_gloo(tmp_path: Path) -> None:
             str(SCRIPT), *_args(tmp_path, f"ddp{attempt}", "--epochs", "2", "--device", "cpu"),
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240)
-        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
+        # retried once, and only for two failures outside the script: a port taken between _free_port() and
+        # torchrun's bind, and gloo's rare abort while a process exits (upstream teardown race, seen once in CI
+        # before the script collected its DDP objects ahead of destroy_process_group)
+        transient = ("address already in use", "terminate called without an active exception")
+        if proc.returncode == 0 or not any(t in proc.stderr.lower() for t in transient):
             break
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / f"ddp{attempt}"
