@@ -56,7 +56,8 @@ def make_info(batch: int, m: int, height: int, width: int, kind: str, seed: int)
     return info.to(DEVICE)
 
 
-# (B, M, C, H, W, kind): sizes off the block sizes (1024 for mixing, up to 256 cells x channels for unmixing)
+# (B, M, C, H, W, kind): sizes off the tile sizes (rows padded to a power of two, 2048-element tiles), several row
+# blocks per map (33 x 35: two blocks of 32 rows), and maps smaller than one tile
 MIX_CASES = [
     (1, 1, 3, 5, 7, "random"),
     (2, 2, 3, 33, 35, "random"),
@@ -93,6 +94,7 @@ UNMIX_CASES = [
     (2, 4, 1, 1, 8, 8, "random"),
     (2, 70, 8, 8, 32, 32, "empty"),
     (1, 6, 5, 3, 10, 9, "full"),
+    (1, 3, 45, 40, 45, 40, "border"),  # larger than one tile: the forward loops over two row blocks
 ]
 
 

@@ -1,12 +1,15 @@
-"""Triton kernels of the masked ops; the box coverage of every cell is computed in-kernel from the int boxes.
+"""Triton kernels of the masked ops; the box coverage is computed in-kernel from the int boxes.
 
 Coverage (see :func:`mixshare_layers.mix_info.interval_coverage`): cell ``j`` of ``target`` equal cells of
 ``[0, native)`` spans ``[j * native / target, (j + 1) * native / target)``; the part of it inside ``[lo, hi)`` is
-computed in integers scaled by ``target`` (exact), then divided by ``native``. At the native resolution it is 0 or 1.
-The coverage of cell ``(y, x)`` is ``cov_y(y) * cov_x(x)``.
+computed in int32 integers scaled by ``target`` (exact while ``native * target < 2**31``), then divided by
+``native``. At the native resolution it is 0 or 1. The coverage of cell ``(y, x)`` is ``cov_y(y) * cov_x(x)``.
 
-Each kernel reads the input through its strides (channels_last and other layouts need no copy) and accumulates in
-``ACC`` (float32, or float64 for float64 inputs).
+Every kernel works on 2-D ``(rows, columns)`` tiles of the maps (3-D with a channel block for the unmix sums), so the
+coverage is computed once per row and once per column of a tile rather than per element, no element index is ever
+divided into ``(y, x)``, and a map whose columns are contiguous (``stride_x == 1``, which Triton specialises) is read
+and written with vector accesses. Inputs are read through their strides (channels_last and other layouts need no copy);
+accumulation is in ``ACC`` (float32, or float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ def _coverage(lo, hi, j, native, target, ACC: tl.constexpr):
 
 
 @triton.jit
-def _box_coverage(box_ptr, b, y, x, H, W, NH, NW, ACC: tl.constexpr):
-    y0 = tl.load(box_ptr + b * 4 + 0)
-    y1 = tl.load(box_ptr + b * 4 + 1)
-    x0 = tl.load(box_ptr + b * 4 + 2)
-    x1 = tl.load(box_ptr + b * 4 + 3)
-    return _coverage(y0, y1, y, NH, H, ACC) * _coverage(x0, x1, x, NW, W, ACC)
+def _tile_coverage(box_ptr, b, ys, xs, H, W, NH, NW, ACC: tl.constexpr):
+    """Coverage of the cells ``(ys, xs)`` of sample ``b``: a ``(len(ys), len(xs))`` tile."""
+    y0 = tl.load(box_ptr + b * 4 + 0).to(tl.int32)
+    y1 = tl.load(box_ptr + b * 4 + 1).to(tl.int32)
+    x0 = tl.load(box_ptr + b * 4 + 2).to(tl.int32)
+    x1 = tl.load(box_ptr + b * 4 + 3).to(tl.int32)
+    cov_y = _coverage(y0, y1, ys, NH, H, ACC)
+    cov_x = _coverage(x0, x1, xs, NW, W, ACC)
+    return cov_y[:, None] * cov_x[None, :]
 
 
 @triton.jit
@@ -38,29 +44,26 @@ def mix_fwd_kernel(
     e_ptr, box_ptr, in_ptr, out_ptr, o_ptr,
     C, H, W, NH, NW, scale,
     s_b, s_m, s_c, s_y, s_x,
-    M: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    M: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, ACC: tl.constexpr,
 ):
-    """o[b, c, p] = scale * sum_i (out_i + cov(p) (in_i - out_i)) e[b, i, c, p]; one program per (b, c, block)."""
+    """o[b, c, y, x] = scale * sum_i (out_i + cov (in_i - out_i)) e[b, i, c, y, x]; a program per (b, c, row block)."""
     pid_bc = tl.program_id(0)
-    pid_p = tl.program_id(1)
     b = pid_bc // C
     c = pid_bc % C
-    hw = H * W
-    p = pid_p * BLOCK + tl.arange(0, BLOCK)
-    valid = p < hw
-    y = p // W
-    x = p % W
-    cov = _box_coverage(box_ptr, b, y, x, H, W, NH, NW, ACC)
-    base = b.to(tl.int64) * s_b + c.to(tl.int64) * s_c + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
-    acc = tl.zeros([BLOCK], dtype=ACC)
+    ys = tl.program_id(1) * BLOCK_Y + tl.arange(0, BLOCK_Y)
+    xs = tl.arange(0, BLOCK_X)
+    ok = (ys < H)[:, None] & (xs < W)[None, :]
+    cov = _tile_coverage(box_ptr, b, ys, xs, H, W, NH, NW, ACC)
+    src = e_ptr + (b.to(tl.int64) * s_b + c.to(tl.int64) * s_c) + (ys[:, None] * s_y + xs[None, :] * s_x)
+    acc = tl.zeros([BLOCK_Y, BLOCK_X], dtype=ACC)
     for i in tl.static_range(M):
         w_in = tl.load(in_ptr + b * M + i).to(ACC)
         w_out = tl.load(out_ptr + b * M + i).to(ACC)
-        ev = tl.load(e_ptr + base + i * s_m, mask=valid, other=0.0).to(ACC)
+        ev = tl.load(src, mask=ok, other=0.0).to(ACC)
         acc += (w_out + cov * (w_in - w_out)) * ev
-    acc = acc * scale
-    dst = o_ptr + pid_bc.to(tl.int64) * hw + p
-    tl.store(dst, acc.to(o_ptr.dtype.element_ty), mask=valid)
+        src += s_m  # pointer arithmetic: no int32 product of the member stride
+    dst = o_ptr + pid_bc.to(tl.int64) * H * W + (ys[:, None] * W + xs[None, :])
+    tl.store(dst, (acc * scale).to(o_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -68,26 +71,25 @@ def mix_bwd_kernel(
     g_ptr, box_ptr, in_ptr, out_ptr, ge_ptr,
     C, H, W, NH, NW, scale,
     s_b, s_c, s_y, s_x,
-    M: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    M: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, ACC: tl.constexpr,
 ):
-    """ge[b, i, c, p] = scale * m_i(p) * g[b, c, p]: the gradient is read once, the M outputs written once."""
+    """ge[b, i, c, y, x] = scale * m_i(y, x) * g[b, c, y, x]: the gradient read once, the M outputs written once."""
     pid_bc = tl.program_id(0)
-    pid_p = tl.program_id(1)
     b = pid_bc // C
     c = pid_bc % C
-    hw = H * W
-    p = pid_p * BLOCK + tl.arange(0, BLOCK)
-    valid = p < hw
-    y = p // W
-    x = p % W
-    cov = _box_coverage(box_ptr, b, y, x, H, W, NH, NW, ACC)
-    src = b.to(tl.int64) * s_b + c.to(tl.int64) * s_c + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
-    g = tl.load(g_ptr + src, mask=valid, other=0.0).to(ACC) * scale
+    ys = tl.program_id(1) * BLOCK_Y + tl.arange(0, BLOCK_Y)
+    xs = tl.arange(0, BLOCK_X)
+    ok = (ys < H)[:, None] & (xs < W)[None, :]
+    cov = _tile_coverage(box_ptr, b, ys, xs, H, W, NH, NW, ACC)
+    src = g_ptr + (b.to(tl.int64) * s_b + c.to(tl.int64) * s_c) + (ys[:, None] * s_y + xs[None, :] * s_x)
+    g = tl.load(src, mask=ok, other=0.0).to(ACC) * scale
+    cell = ys[:, None] * W + xs[None, :]
     for i in tl.static_range(M):
         w_in = tl.load(in_ptr + b * M + i).to(ACC)
         w_out = tl.load(out_ptr + b * M + i).to(ACC)
         row = (b.to(tl.int64) * M + i) * C + c
-        tl.store(ge_ptr + row * hw + p, ((w_out + cov * (w_in - w_out)) * g).to(ge_ptr.dtype.element_ty), mask=valid)
+        val = (w_out + cov * (w_in - w_out)) * g
+        tl.store(ge_ptr + row * H * W + cell, val.to(ge_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -95,50 +97,51 @@ def unmix_sums_fwd_kernel(
     f_ptr, box_ptr, sall_ptr, sbox_ptr,
     C, H, W, NH, NW,
     s_b, s_c, s_y, s_x,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, ACC: tl.constexpr,
 ):
-    """S_all[b, c] = sum_p f, S_box[b, c] = sum_p cov(p) f; one program per (b, block of channels)."""
+    """S_all[b, c] = sum f, S_box[b, c] = sum cov f; a program per (b, channel block), looping over row blocks.
+
+    Both sums accumulate element-wise in registers and are reduced once at the end.
+    """
     b = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cs < C
-    hw = H * W
-    row = b.to(tl.int64) * s_b + cs.to(tl.int64) * s_c
-    acc_all = tl.zeros([BLOCK_C], dtype=ACC)
-    acc_box = tl.zeros([BLOCK_C], dtype=ACC)
-    for start in range(0, hw, BLOCK_P):
-        p = start + tl.arange(0, BLOCK_P)
-        p_ok = p < hw
-        y = p // W
-        x = p % W
-        cov = _box_coverage(box_ptr, b, y, x, H, W, NH, NW, ACC)
-        col = y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
-        f = tl.load(f_ptr + row[:, None] + col[None, :], mask=c_ok[:, None] & p_ok[None, :], other=0.0).to(ACC)
-        acc_all += tl.sum(f, axis=1)
-        acc_box += tl.sum(f * cov[None, :], axis=1)
+    xs = tl.arange(0, BLOCK_X)
+    x_ok = xs < W
+    base = f_ptr + b.to(tl.int64) * s_b + (cs.to(tl.int64) * s_c)[:, None, None]
+    acc_all = tl.zeros([BLOCK_C, BLOCK_Y, BLOCK_X], dtype=ACC)
+    acc_box = tl.zeros([BLOCK_C, BLOCK_Y, BLOCK_X], dtype=ACC)
+    for y_start in range(0, H, BLOCK_Y):
+        ys = y_start + tl.arange(0, BLOCK_Y)
+        cov = _tile_coverage(box_ptr, b, ys, xs, H, W, NH, NW, ACC)
+        cell = ys[:, None] * s_y + xs[None, :] * s_x
+        ok = c_ok[:, None, None] & ((ys < H)[:, None] & x_ok[None, :])[None, :, :]
+        f = tl.load(base + cell[None, :, :], mask=ok, other=0.0).to(ACC)
+        acc_all += f
+        acc_box += f * cov[None, :, :]
     dst = b.to(tl.int64) * C + cs
-    tl.store(sall_ptr + dst, acc_all, mask=c_ok)
-    tl.store(sbox_ptr + dst, acc_box, mask=c_ok)
+    tl.store(sall_ptr + dst, tl.sum(tl.sum(acc_all, axis=2), axis=1), mask=c_ok)
+    tl.store(sbox_ptr + dst, tl.sum(tl.sum(acc_box, axis=2), axis=1), mask=c_ok)
 
 
 @triton.jit
 def unmix_sums_bwd_kernel(
     gall_ptr, gbox_ptr, box_ptr, gf_ptr,
     C, H, W, NH, NW,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, ACC: tl.constexpr,
 ):
-    """gf[b, c, p] = g_all[b, c] + g_box[b, c] * cov(p), written once (contiguous ``(B, C, h, w)``)."""
+    """gf[b, c, y, x] = g_all[b, c] + g_box[b, c] * cov(y, x), written once (contiguous ``(B, C, h, w)``)."""
     b = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ys = tl.program_id(2) * BLOCK_Y + tl.arange(0, BLOCK_Y)
+    xs = tl.arange(0, BLOCK_X)
     c_ok = cs < C
-    hw = H * W
-    p_ok = p < hw
-    y = p // W
-    x = p % W
-    cov = _box_coverage(box_ptr, b, y, x, H, W, NH, NW, ACC)
+    cov = _tile_coverage(box_ptr, b, ys, xs, H, W, NH, NW, ACC)
     src = b.to(tl.int64) * C + cs
     g_all = tl.load(gall_ptr + src, mask=c_ok, other=0.0).to(ACC)
     g_box = tl.load(gbox_ptr + src, mask=c_ok, other=0.0).to(ACC)
-    val = g_all[:, None] + g_box[:, None] * cov[None, :]
-    dst = (b.to(tl.int64) * C + cs.to(tl.int64))[:, None] * hw + p[None, :]
-    tl.store(gf_ptr + dst, val.to(gf_ptr.dtype.element_ty), mask=c_ok[:, None] & p_ok[None, :])
+    val = g_all[:, None, None] + g_box[:, None, None] * cov[None, :, :]
+    cell = ys[:, None] * W + xs[None, :]
+    dst = gf_ptr + (src.to(tl.int64) * H * W)[:, None, None] + cell[None, :, :]
+    ok = c_ok[:, None, None] & ((ys < H)[:, None] & (xs < W)[None, :])[None, :, :]
+    tl.store(dst, val.to(gf_ptr.dtype.element_ty), mask=ok)

@@ -29,18 +29,26 @@ __all__ = [
     "unmix_sums",
 ]
 
-_MIX_BLOCK = 1024
-_MIX_WARPS = 4
+_TILE = 2048  # elements per program tile (mixing) / per register accumulator (unmix sums)
+_WARPS = 4
 
 
 def _acc(dtype: torch.dtype) -> tuple[torch.dtype, object]:
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _unmix_blocks(c: int, hw: int) -> tuple[int, int]:
-    block_p = min(triton.next_power_of_2(hw), 256)
-    block_c = max(1, min(triton.next_power_of_2(c), 4096 // block_p))
-    return block_c, block_p
+def _map_blocks(h: int, w: int) -> tuple[int, int]:
+    """(BLOCK_Y, BLOCK_X): whole rows (padded to a power of two), as many as fit in a tile."""
+    block_x = triton.next_power_of_2(w)
+    block_y = max(1, min(triton.next_power_of_2(h), _TILE // block_x))
+    return block_y, block_x
+
+
+def _unmix_blocks(c: int, h: int, w: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_Y, BLOCK_X) of the unmix kernels: a map tile, then channels up to the tile size."""
+    block_y, block_x = _map_blocks(h, w)
+    block_c = max(1, min(triton.next_power_of_2(c), _TILE // (block_y * block_x)))
+    return block_c, block_y, block_x
 
 
 # -- launchers (write into a given output; the tests poison it with NaN first) -----------------------------------
@@ -63,12 +71,13 @@ def launch_mix(
     outside = outside.contiguous()
     _, acc = _acc(encodings.dtype)
     s = encodings.stride()
-    grid = (b * c, triton.cdiv(h * w, _MIX_BLOCK))
+    block_y, block_x = _map_blocks(h, w)
+    grid = (b * c, triton.cdiv(h, block_y))
     kernels.mix_fwd_kernel[grid](
         encodings, boxes, inside, outside, out,
         c, h, w, native_h, native_w, float(scale),
         s[0], s[1], s[2], s[3], s[4],
-        M=m, BLOCK=_MIX_BLOCK, ACC=acc, num_warps=_MIX_WARPS,
+        M=m, BLOCK_Y=block_y, BLOCK_X=block_x, ACC=acc, num_warps=_WARPS,
     )  # fmt: skip
     return out
 
@@ -90,12 +99,13 @@ def launch_mix_backward(
         return out
     _, acc = _acc(grad.dtype)
     s = grad.stride()
-    grid = (b * c, triton.cdiv(h * w, _MIX_BLOCK))
+    block_y, block_x = _map_blocks(h, w)
+    grid = (b * c, triton.cdiv(h, block_y))
     kernels.mix_bwd_kernel[grid](
         grad, boxes.contiguous(), inside.contiguous(), outside.contiguous(), out,
         c, h, w, native_h, native_w, float(scale),
         s[0], s[1], s[2], s[3],
-        M=m, BLOCK=_MIX_BLOCK, ACC=acc, num_warps=_MIX_WARPS,
+        M=m, BLOCK_Y=block_y, BLOCK_X=block_x, ACC=acc, num_warps=_WARPS,
     )  # fmt: skip
     return out
 
@@ -110,14 +120,14 @@ def launch_unmix_sums(
     if h * w == 0:
         return s_all.zero_(), s_box.zero_()
     _, acc = _acc(features.dtype)
-    block_c, block_p = _unmix_blocks(c, h * w)
+    block_c, block_y, block_x = _unmix_blocks(c, h, w)
     s = features.stride()
     grid = (b, triton.cdiv(c, block_c))
     kernels.unmix_sums_fwd_kernel[grid](
         features, boxes.contiguous(), s_all, s_box,
         c, h, w, native_h, native_w,
         s[0], s[1], s[2], s[3],
-        BLOCK_C=block_c, BLOCK_P=block_p, ACC=acc, num_warps=4,
+        BLOCK_C=block_c, BLOCK_Y=block_y, BLOCK_X=block_x, ACC=acc, num_warps=_WARPS,
     )  # fmt: skip
     return s_all, s_box
 
@@ -130,12 +140,12 @@ def launch_unmix_sums_backward(
     if out.numel() == 0:
         return out
     _, acc = _acc(grad_all.dtype)
-    block_c, block_p = _unmix_blocks(c, h * w)
-    grid = (b, triton.cdiv(c, block_c), triton.cdiv(h * w, block_p))
+    block_c, block_y, block_x = _unmix_blocks(c, h, w)
+    grid = (b, triton.cdiv(c, block_c), triton.cdiv(h, block_y))
     kernels.unmix_sums_bwd_kernel[grid](
         grad_all.contiguous(), grad_box.contiguous(), boxes.contiguous(), out,
         c, h, w, native_h, native_w,
-        BLOCK_C=block_c, BLOCK_P=block_p, ACC=acc, num_warps=4,
+        BLOCK_C=block_c, BLOCK_Y=block_y, BLOCK_X=block_x, ACC=acc, num_warps=_WARPS,
     )  # fmt: skip
     return out
 
