@@ -59,6 +59,8 @@ def interval_coverage(lo: Tensor, hi: Tensor, native: int, target: int, dtype: t
         tensor([[0.0000, 1.0000, 1.0000, 0.5000]])
     """
     j = torch.arange(target, device=lo.device, dtype=torch.long)
+    if target == native:  # the native grid: each cell is in or out (same values, a third of the ops)
+        return ((j >= lo.unsqueeze(1)) & (j < hi.unsqueeze(1))).to(dtype)
     cell_lo = (j * native).unsqueeze(0)  # (1, target), in units of 1/target native pixels
     cell_hi = cell_lo + native
     box_lo = (lo.long() * target).unsqueeze(1)  # (B, 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -94,40 +96,42 @@ def sample_mix_params(
     if generator is None and alpha > 0 and _NATIVE_DIRICHLET and not torch.compiler.is_compiling():
         # torch's native Dirichlet sampler: one op instead of about twenty (it takes no generator, hence the other path;
         # it has no fake-tensor kernel either, so torch.compile traces the other path)
-        lam = torch._sample_dirichlet(torch.full((batch_size, m), float(alpha), device=device, dtype=work))
+        concentration = _constant(
+            ("alpha", batch_size, m, float(alpha), device, work),
+            lambda: torch.full((batch_size, m), float(alpha), device=device, dtype=work),
+        )
+        lam = torch._sample_dirichlet(concentration)
     else:
         lam = sample_dirichlet(alpha, batch_size, m, device=device, dtype=work, generator=generator)
-    # (few, cheap ops: on the CPU this function's cost is the number of ops it launches)
+    # (few, cheap ops: on the CPU and at small batch on a GPU this function's cost is the number of ops it launches,
+    # so both axes of the box are computed at once on (B, 2) tensors, against cached (2,) size constants)
+    sizes, half_sizes, divisors = _grid_constants(height, width, lam.device)
     if shuffle_roles:
         owner = torch.randint(m, (1,), device=device, **generator_kwargs(generator))  # one owner for the batch
     else:
         owner = torch.zeros(1, device=device, dtype=torch.long)
-    owner_hot = (torch.arange(m, device=device) == owner).to(work)  # (M,), broadcast over the batch
-    lam_owner = lam.index_select(1, owner).squeeze(1)  # (B,)
+    # the owner's one-hot row, the others' indicator and their uniform shares: (M,) each, broadcast over the batch
+    owner_hot, not_owner, uniform_others = _role_table(m, lam.device, work).index_select(0, owner)[0].unbind(0)
+    lam_owner = lam.index_select(1, owner)  # (B, 1)
 
-    # CutMix box for the owner: side ratio sqrt(λ_o), centre uniform over the pixels, corners clipped.
-    side = lam_owner.sqrt()
-    cut_h = (height * side).long()  # truncation = floor for these non-negative values
-    cut_w = (width * side).long()
-    cy = torch.randint(height, (batch_size,), device=device, **generator_kwargs(generator))
-    cx = torch.randint(width, (batch_size,), device=device, **generator_kwargs(generator))
-    half_h, half_w = cut_h // 2, cut_w // 2
-    y0 = (cy - half_h).clamp_min(0)  # cy < height and cy >= 0: one side of each clamp is enough
-    y1 = (cy + half_h).clamp_max(height)
-    x0 = (cx - half_w).clamp_min(0)
-    x1 = (cx + half_w).clamp_max(width)
-    cut_boxes = torch.stack([y0, y1, x0, x1], dim=1)
-    area = ((y1 - y0) * (x1 - x0)).to(work) / (height * width)  # realised share of the owner
+    # CutMix box for the owner: side ratio sqrt(λ_o), centre uniform over the pixels, corners clipped. Columns are
+    # (y, x); truncation is the floor for these non-negative values.
+    half = (lam_owner.sqrt() * half_sizes).long()  # (B, 2): floor(floor(S sqrt(λ)) / 2) = floor(S sqrt(λ) / 2)
+    pixel = torch.randint(height * width, (batch_size, 1), device=device, **generator_kwargs(generator))
+    centre = (pixel // divisors) % sizes  # (B, 2): (pixel // W, pixel % W), exactly uniform over the pixels
+    lo = (centre - half).clamp_min(0)  # 0 <= centre < size: one side of each clamp is enough
+    hi = torch.minimum(centre + half, sizes)
+    cut_boxes = torch.stack([lo, hi], dim=2).view(batch_size, 4)  # (y0, y1, x0, x1)
+    area = (hi - lo).prod(dim=1, keepdim=True, dtype=work) / (height * width)  # (B, 1): realised share of the owner
 
-    # the other members share the outside linearly, in proportion to their λ
-    not_owner = 1 - owner_hot
+    # the other members share the outside linearly, in proportion to their λ (uniformly if all their λ underflowed)
     others = lam * not_owner
     denom = others.sum(dim=1, keepdim=True)
-    uniform_others = not_owner / (m - 1)
-    cut_outside = torch.where(denom > 0, others / denom.clamp_min(torch.finfo(work).tiny), uniform_others)
-    cut_ratios = area[:, None] * owner_hot + (1 - area[:, None]) * cut_outside
+    cut_outside = torch.where(denom > 0, others / denom, uniform_others)
+    cut_ratios = torch.lerp(cut_outside, owner_hot, area)  # area * owner_hot + (1 - area) * cut_outside
 
-    use_cut = torch.rand((), device=device, **generator_kwargs(generator)) < torch.as_tensor(cutmix_prob, device=device)
+    prob = cutmix_prob if isinstance(cutmix_prob, Tensor) else float(cutmix_prob)
+    use_cut = torch.rand((), device=device, **generator_kwargs(generator)) < prob
     boxes = cut_boxes * use_cut  # empty boxes for linear mixing
     inside = torch.where(use_cut, owner_hot, lam)
     outside = torch.where(use_cut, cut_outside, lam)
@@ -141,6 +145,40 @@ def sample_mix_params(
         height=height,
         width=width,
     )
+
+
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def _constant(key: tuple, make: Callable[[], Tensor]) -> Tensor:
+    """A small constant tensor, built once per key (shapes, dtype, device).
+
+    Building one is an op, and on CUDA a host-to-device copy; the sampler reuses them. While ``torch.compile``
+    traces, the tensor is built inline (the compiler folds it) and not cached (no global side effect in a trace).
+    """
+    if torch.compiler.is_compiling():
+        return make()
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = make()
+    return _CONSTANTS[key]
+
+
+def _grid_constants(height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """``[H, W]`` (int64), ``[H / 2, W / 2]`` (float32, exact) and ``[W, 1]`` (int64)."""
+    sizes = _constant(("sizes", height, width, device), lambda: torch.tensor([height, width], device=device))
+    half_sizes = _constant(("half", height, width, device), lambda: sizes.to(torch.float32) / 2)
+    divisors = _constant(("divisors", width, device), lambda: torch.tensor([width, 1], device=device))
+    return sizes, half_sizes, divisors
+
+
+def _role_table(m: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``(M, 3, M)``: for each owner ``o``, its one-hot row, the others' indicator and their uniform shares."""
+
+    def make() -> Tensor:
+        hot = torch.eye(m, device=device, dtype=dtype)
+        return torch.stack([hot, 1 - hot, (1 - hot) / (m - 1)], dim=1)
+
+    return _constant(("roles", m, device, dtype), make)
 
 
 def _check_mix_inputs(encodings: Tensor, info: MixInfo) -> None:
@@ -207,7 +245,8 @@ def mix(encodings: Tensor, info: MixInfo, scale: float | None = None, *, backend
     if use_triton(resolve_backend(backend), encodings):
         return triton_ops().mix(encodings, info.boxes, info.inside, info.outside, info.height, info.width, scale)
     acc = torch.promote_types(encodings.dtype, torch.float32)
-    weights = info.masks_at(encodings.shape[-2], encodings.shape[-1], dtype=acc) * scale  # (B, M, H, W)
+    h, w = encodings.shape[-2:]
+    weights = info.masks_at(h, w, dtype=acc) * scale  # (B, M, H, W)
     if torch.compiler.is_compiling():
         # Under torch.compile plain differentiable ops: the compiler fuses them into one pass anyway, and this keeps
         # the compiled gradient correct on every torch version (torch 2.11's aot_eager got the custom Function's
