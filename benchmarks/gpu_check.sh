@@ -6,7 +6,7 @@
 #     bash benchmarks/gpu_check.sh            # results in ${OUT:-benchmarks/results}/ (results_gpu.json/.md, logs)
 #
 # Needs no network and no install: the package is used from the checkout through PYTHONPATH. Every stage has its own
-# time limit and runs even if an earlier one failed; the limits add up to under 5 minutes (30 + 120 + 140 s).
+# time limit and runs even if an earlier one failed; the limits add up to under 7 minutes (30 + 150 + 150 + 45 + 60 s).
 # The table is printed last.
 set -u
 cd "$(dirname "$0")/.."
@@ -38,16 +38,23 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.ve
 print('device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE')
 import mixshare_layers; print('mixshare_layers', mixshare_layers.__version__, 'from', mixshare_layers.__file__)
 "
-# CUDA tests: every test of test_fused_triton.py runs on the GPU here; test_fused.py minus its interpreter subprocess
-stage tests 120 "$PY" -m pytest -q -p no:cacheprovider -o addopts="-ra" \
-  tests/test_fused_triton.py tests/test_fused.py tests/test_fold.py -k "not interpreter"
+# CUDA tests: every test of test_fused_triton.py runs on the GPU here; test_fused.py minus its interpreter subprocess;
+# the mixer/unmixer CUDA cases; the training step under sync-debug mode and recorded in a CUDA graph
+stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -o addopts="-ra" \
+  tests/test_fused_triton.py tests/test_fused.py tests/test_fold.py tests/test_mixer.py tests/test_unmixer.py \
+  tests/test_wrapper.py::test_cuda_training_step_never_syncs_and_replays_as_a_cuda_graph -k "not interpreter"
 # benchmarks a-d and the bandwidth stage on CUDA
 # shellcheck disable=SC2086
-stage bench 140 "$PY" benchmarks/run.py --device "$DEVICE" --threads 8 --tag gpu --out "$OUTDIR" $BENCH_ARGS
+stage bench 150 "$PY" benchmarks/run.py --device "$DEVICE" --threads 8 --tag gpu --out "$OUTDIR" $BENCH_ARGS
+# where the eager training step's time goes (kernel launches, top host-time ops), for the record
+stage profile 45 "$PY" benchmarks/profile_step.py --device "$DEVICE" --steps 5 --top 12
+# the same kernel tests under this machine's Triton interpreter (a diagnostic: CI runs them with Triton 3.8)
+stage interpreter 60 env TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= "$PY" -m pytest -q -p no:cacheprovider -x \
+  tests/test_fused_triton.py
 
 echo
 echo "================ summary ================"
-for name in env tests bench; do echo "$name: ${STATUS[$name]:-not run}"; done
+for name in env tests bench profile interpreter; do echo "$name: ${STATUS[$name]:-not run}"; done
 grep -E "passed|failed|error" "$OUTDIR/tests.log" | tail -n 1
 if [ -f "$OUTDIR/results_gpu.md" ]; then
   cat "$OUTDIR/results_gpu.md"

@@ -24,6 +24,7 @@ Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the allocat
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -55,20 +56,47 @@ def sync(device: torch.device) -> None:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each function, the functions called in turn within every repeat."""
+    """Median seconds per call of each function, the functions called in turn within every repeat.
+
+    Python's cyclic garbage collector is off while timing (as in ``timeit``): a collection triggered by one function's
+    allocations would otherwise land in whichever call happens to run next.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync(device)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+    gc.collect()
+    gc.disable()
+    try:
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(reps):
+            for name, fn in fns.items():
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        gc.enable()
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+# glibc returns every freed block above 128 KiB to the kernel by default, so each new multi-MiB tensor is fresh pages
+# and the first touch of every page is a fault: on the 2-core VM that dominated the CPU timings (one torch.add of
+# two 8 MiB encodings took 0.24 ms or 2.6 ms from run to run). Keeping freed memory in the heap (what a caching
+# allocator such as jemalloc or tcmalloc does) makes the timings repeatable; run() re-executes itself with these set.
+STEADY_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),  # glibc's maximum: blocks up to 32 MiB come from the heap
+    "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30),
+    "MALLOC_TOP_PAD_": str(256 * 2**20),
+}
+
+
+def steady_allocator() -> None:
+    """Re-execute this script with :data:`STEADY_MALLOC` in the environment (Linux only; once)."""
+    if sys.platform != "linux" or all(k in os.environ for k in STEADY_MALLOC) or os.environ.get("BENCH_NO_REEXEC"):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC, "BENCH_NO_REEXEC": "1"})
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
@@ -225,8 +253,33 @@ def stage_c(device: torch.device, reps: int) -> None:
     t = interleaved({"mimo": step_mimo, "plain": step_plain}, device, max(reps, 20), 3)
     limit = 1.03 if device.type == "cuda" else 1.05
     ratio = t["mimo"] / t["plain"]
-    row("c", f"WRN-28-2 M={m} mixshare, B={rows} rows", "train step", t["mimo"] * 1e3, t["plain"] * 1e3,
-        "plain WRN-28-2", f"<= {limit}", ratio <= limit)  # fmt: skip
+    case = f"WRN-28-2 M={m} mixshare, B={rows} rows"
+    row("c", case, "train step (eager)", t["mimo"] * 1e3, t["plain"] * 1e3, "plain WRN-28-2", f"<= {limit}",
+        ratio <= limit)  # fmt: skip
+    if device.type != "cuda":
+        return
+    # The same two steps, each recorded whole (forward, loss, backward, SGD) in one CUDA graph and replayed: at 64
+    # rows a WRN-28-2 step is bound by kernel-launch latency, which the graphs remove for both models. The MIMO step
+    # is capturable because nothing in it synchronises with the host (the mix is drawn on the GPU, in the graph).
+    t = interleaved({"mimo": capture_step(step_mimo, device), "plain": capture_step(step_plain, device)}, device,
+                    max(reps, 20) * 2, 3)  # fmt: skip
+    ratio = t["mimo"] / t["plain"]
+    row("c", case, "train step (CUDA graph)", t["mimo"] * 1e3, t["plain"] * 1e3, "plain WRN-28-2 (CUDA graph)",
+        f"<= {limit}", ratio <= limit)  # fmt: skip
+
+
+def capture_step(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """Record ``step`` (a whole training step on static tensors) in a CUDA graph; returns its replay."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the default stream (cuDNN choices, optimizer state), as torch asks
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 # -- (d) eval latency ------------------------------------------------------------------------------------------------
@@ -257,6 +310,17 @@ def stage_bw(device: torch.device, reps: int) -> None:
     row("bw", "1 GiB float32", "copy bandwidth", copy_bw / 1e9, None, "-", "reference", None, unit="GB/s")
     _mix_bandwidth(device, reps, copy_bw)
     _unmix_bandwidth(device, reps, copy_bw)
+    # the kernels' tile size and warp count, swept (info rows: the defaults are the first pair)
+    from mixshare_layers.functional._triton import ops as triton_ops_module
+
+    default = (triton_ops_module._TILE, triton_ops_module._WARPS)
+    try:
+        for tile, warps in [(1024, 4), (4096, 4), (4096, 8), (8192, 8)]:
+            triton_ops_module._TILE, triton_ops_module._WARPS = tile, warps
+            _mix_bandwidth(device, reps, copy_bw, note=f" [tile {tile}, {warps} warps]")
+            _unmix_bandwidth(device, reps, copy_bw, note=f" [tile {tile}, {warps} warps]")
+    finally:
+        triton_ops_module._TILE, triton_ops_module._WARPS = default
 
 
 def _copy_bandwidth(device: torch.device, reps: int) -> float:
@@ -266,7 +330,7 @@ def _copy_bandwidth(device: torch.device, reps: int) -> float:
     return 2 * src.numel() * 4 / t  # bytes read + written per second
 
 
-def _mix_bandwidth(device: torch.device, reps: int, copy_bw: float) -> None:
+def _mix_bandwidth(device: torch.device, reps: int, copy_bw: float, note: str = "") -> None:
     b, m, c, h, w = 256, 2, 64, 64, 64
     e = torch.randn(b, m, c, h, w, device=device, requires_grad=True)
     info = sample_mix_params(b, m, h, w, cutmix_prob=1.0, device=device)
@@ -277,14 +341,14 @@ def _mix_bandwidth(device: torch.device, reps: int, copy_bw: float) -> None:
                     reps, 3)  # fmt: skip
     bw_f = (m + 1) * n / t["fwd"]
     bw_b = (m + 1) * n / (t["bwd"] - t["fwd"]) if t["bwd"] > t["fwd"] else float("nan")
-    case = f"mix B={b} M={m} {c}x{h}x{w} fp32"
+    case = f"mix B={b} M={m} {c}x{h}x{w} fp32{note}"
     row("bw", case, "mix fwd bandwidth", bw_f / 1e9, copy_bw / 1e9, "copy", ">= 60% of copy", bw_f >= 0.6 * copy_bw,
         unit="GB/s")  # fmt: skip
     row("bw", case, "mix bwd bandwidth", bw_b / 1e9, copy_bw / 1e9, "copy", ">= 60% of copy", bw_b >= 0.6 * copy_bw,
         unit="GB/s")  # fmt: skip
 
 
-def _unmix_bandwidth(device: torch.device, reps: int, copy_bw: float) -> None:
+def _unmix_bandwidth(device: torch.device, reps: int, copy_bw: float, note: str = "") -> None:
     b, c, h, w = 256, 640, 32, 32
     f = torch.randn(b, c, h, w, device=device, requires_grad=True)
     info = sample_mix_params(b, 2, 32, 32, cutmix_prob=1.0, device=device)
@@ -294,7 +358,7 @@ def _unmix_bandwidth(device: torch.device, reps: int, copy_bw: float) -> None:
     t = interleaved(fns, device, reps, 3)
     bw_f = n / t["fwd"]
     bw_b = n / (t["bwd"] - t["fwd"]) if t["bwd"] > t["fwd"] else float("nan")
-    case = f"unmix B={b} C={c} {h}x{w} fp32"
+    case = f"unmix B={b} C={c} {h}x{w} fp32{note}"
     row("bw", case, "unmix fwd bandwidth", bw_f / 1e9, copy_bw / 1e9, "copy", ">= 60% of copy",
         bw_f >= 0.6 * copy_bw, unit="GB/s")  # fmt: skip
     row("bw", case, "unmix bwd bandwidth", bw_b / 1e9, copy_bw / 1e9, "copy", ">= 60% of copy",
@@ -351,6 +415,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for results.json/.md")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     args = parser.parse_args()
+    steady_allocator()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     reps = 5 if args.quick else 20
@@ -363,6 +428,7 @@ def main() -> int:
         torch.backends.cudnn.benchmark = True
     meta = machine(device)
     meta["backend"] = os.environ.get("MIXSHARE_BACKEND", "auto")
+    meta["malloc"] = {k: os.environ.get(k) for k in STEADY_MALLOC}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = f"_{args.tag}" if args.tag else ""

@@ -370,3 +370,48 @@ def test_errors():
     pooled = tiny_split()._replace(core=nn.Sequential(nn.Flatten(), nn.LazyLinear(12)))
     with pytest.raises(ValueError, match=r"the core must return spatial feature maps \(B, D, h, w\).*\(2, 12\)"):
         MIMOWrapper(split=pooled)(_x(2, 2, 3, 8, 8))
+
+
+# -- CUDA: no host synchronisation, so the whole training step records in a CUDA graph -------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset", ["mixmo", "mixshare", "mixshare-partial"])
+def test_cuda_training_step_never_syncs_and_replays_as_a_cuda_graph(preset):
+    torch.manual_seed(0)
+    model = MIMOWrapper(wide_resnet(10, 1, num_classes=10), 2, preset).cuda().train()
+    model.set_progress(0.5)
+    loss_fn = model.make_loss()
+    x = torch.randn(8, 2, 3, 32, 32, device="cuda")
+    y = torch.randint(10, (8, 2), device="cuda")
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = loss_fn(out, y)
+        loss.backward()
+        return loss, out.mix_info.ratios
+
+    step()  # warm-up (cuDNN choices, cached constants)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation in the step raises
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, ratios = step()
+    graph.replay()
+    first_loss, first_ratios = loss.clone(), ratios.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss) and torch.isfinite(first_loss)
+    assert not torch.equal(ratios, first_ratios)  # every replay draws a new mix (the RNG advances in the graph)
+    torch.testing.assert_close(ratios.sum(1), torch.ones(8, device="cuda"))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -243,7 +243,9 @@ def mix(encodings: Tensor, info: MixInfo, scale: float | None = None, *, backend
     m = encodings.shape[1]
     scale = float(m) if scale is None else check_real("scale", scale)
     if use_triton(resolve_backend(backend), encodings):
-        return triton_ops().mix(encodings, info.boxes, info.inside, info.outside, info.height, info.width, scale)
+        ops = triton_ops()
+        fn = ops.mix if torch.compiler.is_compiling() else ops.mix_eager  # the custom op for the compiler
+        return fn(encodings, info.boxes, info.inside, info.outside, info.height, info.width, scale)
     acc = torch.promote_types(encodings.dtype, torch.float32)
     h, w = encodings.shape[-2:]
     weights = info.masks_at(h, w, dtype=acc) * scale  # (B, M, H, W)

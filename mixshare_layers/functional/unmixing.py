@@ -135,17 +135,23 @@ def unmix_pool(
     _check_unmix_inputs(features, info, num_unmixed)
     _, c, h, w = features.shape
     acc = torch.promote_types(features.dtype, torch.float32)
-    cov_y, cov_x = info.coverage_at(h, w, dtype=acc)  # (B, h), (B, w)
     if use_triton(resolve_backend(backend), features):
-        s_all, s_box = triton_ops().unmix_sums(features, info.boxes, info.height, info.width)
-    elif torch.compiler.is_compiling():
-        # plain differentiable ops under torch.compile (see functional.mixing.mix for why)
-        f = features.to(acc)
-        s_all = f.sum(dim=(2, 3))
-        s_box = torch.einsum("bchw,bh,bw->bc", f, cov_y, cov_x)
+        # the kernel computes the coverage itself: no (B, h) / (B, w) coverage ops are launched here
+        ops = triton_ops()
+        fn = ops.unmix_sums if torch.compiler.is_compiling() else ops.unmix_sums_eager  # the custom op for compile
+        s_all, s_box = fn(features, info.boxes, info.height, info.width)
     else:
-        s_all, s_box = _UnmixSumsTorch.apply(features, cov_y, cov_x)  # (B, C) each, in acc
-    area = cov_y.sum(dim=1) * cov_x.sum(dim=1)  # (B,)
+        cov_y, cov_x = info.coverage_at(h, w, dtype=acc)  # (B, h), (B, w)
+        if torch.compiler.is_compiling():
+            # plain differentiable ops under torch.compile (see functional.mixing.mix for why)
+            f = features.to(acc)
+            s_all = f.sum(dim=(2, 3))
+            s_box = torch.einsum("bchw,bh,bw->bc", f, cov_y, cov_x)
+        else:
+            s_all, s_box = _UnmixSumsTorch.apply(features, cov_y, cov_x)  # (B, C) each, in acc
+    # the box's area in cells of the h x w grid, sum(cov): exact area coverage keeps it (y1-y0)(x1-x0) hw / (H W)
+    extent = info.boxes[:, 1::2] - info.boxes[:, 0::2]  # (B, 2): box height and width on the native grid
+    area = extent.prod(dim=1, dtype=acc) * (h * w / (info.height * info.width))  # (B,)
     inside, outside = _pool_weights(info, strength, acc)  # (B, M)
     num = inside[:, :, None] * s_box[:, None, :] + outside[:, :, None] * (s_all - s_box)[:, None, :]
     if normalize:

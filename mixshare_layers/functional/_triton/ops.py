@@ -9,6 +9,10 @@
   feature gradient ``g_all + g_box * cov`` once, in the features' dtype.
 
 Only the ``torch.library.custom_op`` / ``register_autograd`` / ``register_fake`` API of torch 2.4 is used.
+
+In eager mode, :func:`mix_eager` / :func:`unmix_sums_eager` launch the same kernels through plain autograd Functions,
+skipping the custom-op dispatch layers (host time that dominates at small sizes); under ``torch.compile`` the custom
+ops are used, so the compiler sees one opaque op with registered fake and backward implementations.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ __all__ = [
     "launch_unmix_sums",
     "launch_unmix_sums_backward",
     "mix",
+    "mix_eager",
     "unmix_sums",
+    "unmix_sums_eager",
 ]
 
 _TILE = 2048  # elements per program tile (mixing) / per register accumulator (unmix sums)
@@ -244,3 +250,61 @@ def _unmix_bwd(ctx, grad_all, grad_box):
 
 
 unmix_sums.register_autograd(_unmix_bwd, setup_context=_unmix_setup)
+
+
+# -- eager entry points ------------------------------------------------------------------------------------------
+# The custom ops above are what torch.compile and torch.export see. In eager mode their dispatch (schema parsing,
+# fake/autograd registration layers) costs tens of microseconds of host time per call, which at small sizes is more
+# than the kernel itself; these autograd Functions launch the same kernels with the same semantics directly.
+class _MixEager(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, encodings, boxes, inside, outside, native_h, native_w, scale):
+        b, _, c, h, w = encodings.shape
+        out = torch.empty((b, c, h, w), device=encodings.device, dtype=encodings.dtype)
+        ctx.save_for_backward(boxes, inside, outside)
+        ctx.native = (native_h, native_w, scale)
+        ctx.enc_dtype = encodings.dtype
+        return launch_mix(encodings, boxes, inside, outside, native_h, native_w, scale, out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        boxes, inside, outside = ctx.saved_tensors
+        native_h, native_w, scale = ctx.native
+        grad = grad.to(ctx.enc_dtype)
+        b, c, h, w = grad.shape
+        out = torch.empty((b, inside.shape[1], c, h, w), device=grad.device, dtype=grad.dtype)
+        launch_mix_backward(grad, boxes, inside, outside, native_h, native_w, scale, out)
+        return out, None, None, None, None, None, None
+
+
+class _UnmixSumsEager(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, boxes, native_h, native_w):
+        b, c, h, w = features.shape
+        acc_t, _ = _acc(features.dtype)
+        s_all = torch.empty((b, c), device=features.device, dtype=acc_t)
+        s_box = torch.empty((b, c), device=features.device, dtype=acc_t)
+        ctx.save_for_backward(boxes)
+        ctx.geometry = (native_h, native_w, h, w, features.dtype)
+        return launch_unmix_sums(features, boxes, native_h, native_w, s_all, s_box)
+
+    @staticmethod
+    def backward(ctx, grad_all, grad_box):
+        (boxes,) = ctx.saved_tensors
+        native_h, native_w, h, w, dtype = ctx.geometry
+        b, c = grad_all.shape
+        out = torch.empty((b, c, h, w), device=grad_all.device, dtype=dtype)
+        launch_unmix_sums_backward(grad_all, grad_box, boxes, native_h, native_w, out)
+        return out, None, None, None
+
+
+def mix_eager(
+    encodings: Tensor, boxes: Tensor, inside: Tensor, outside: Tensor, native_h: int, native_w: int, scale: float
+) -> Tensor:
+    """:func:`mix` without the custom-op dispatch (eager mode only; same kernels, same gradient)."""
+    return _MixEager.apply(encodings, boxes, inside, outside, native_h, native_w, scale)
+
+
+def unmix_sums_eager(features: Tensor, boxes: Tensor, native_h: int, native_w: int) -> tuple[Tensor, Tensor]:
+    """:func:`unmix_sums` without the custom-op dispatch (eager mode only; same kernels, same gradient)."""
+    return _UnmixSumsEager.apply(features, boxes, native_h, native_w)
