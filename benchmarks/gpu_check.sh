@@ -6,7 +6,7 @@
 #     bash benchmarks/gpu_check.sh            # results in ${OUT:-benchmarks/results}/ (results_gpu.json/.md, logs)
 #
 # Needs no network and no install: the package is used from the checkout through PYTHONPATH. Every stage has its own
-# time limit and runs even if an earlier one failed; the limits add up to under 7 minutes (30 + 150 + 150 + 45 + 60 s).
+# time limit and runs even if an earlier one failed; the limits add up to under 12 minutes (30 + 150 + 150 + 240 + 45 + 60 s); a run takes about 5.
 # The table is printed last.
 set -u
 cd "$(dirname "$0")/.."
@@ -20,9 +20,11 @@ OUTDIR="${OUT:-benchmarks/results}"
 mkdir -p "$OUTDIR"
 declare -A STATUS
 
+STAGES="${STAGES:-env tests bench compiled profile interpreter}"  # a subset, e.g. STAGES="tests bench"
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $OUTDIR/NAME.log, remember the exit status
   local name=$1 limit=$2
   shift 2
+  case " $STAGES " in *" $name "*) ;; *) STATUS[$name]="skipped"; return 0 ;; esac
   echo "=== [$name] (limit ${limit}s): $*"
   local t0=$SECONDS
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUTDIR/$name.log"
@@ -46,6 +48,9 @@ stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -o addopts="-ra" \
 # benchmarks a-d and the bandwidth stage on CUDA
 # shellcheck disable=SC2086
 stage bench 150 "$PY" benchmarks/run.py --device "$DEVICE" --threads 8 --tag gpu --out "$OUTDIR" $BENCH_ARGS
+# stage c again with both models compiled by inductor and captured in CUDA graphs (compilation takes a minute or two)
+stage compiled 240 "$PY" benchmarks/run.py --device "$DEVICE" --threads 8 --tag gpu_compiled --out "$OUTDIR" \
+  --only c --compile-step
 # where the eager training step's time goes (kernel launches, top host-time ops), for the record
 stage profile 45 "$PY" benchmarks/profile_step.py --device "$DEVICE" --steps 5 --top 12
 # the same kernel tests under this machine's Triton interpreter (a diagnostic: CI runs them with Triton 3.8)
@@ -54,10 +59,11 @@ stage interpreter 60 env TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= "$PY" -m pytes
 
 echo
 echo "================ summary ================"
-for name in env tests bench profile interpreter; do echo "$name: ${STATUS[$name]:-not run}"; done
+for name in env tests bench compiled profile interpreter; do echo "$name: ${STATUS[$name]:-not run}"; done
 grep -E "passed|failed|error" "$OUTDIR/tests.log" | tail -n 1
 if [ -f "$OUTDIR/results_gpu.md" ]; then
   cat "$OUTDIR/results_gpu.md"
+  [ -f "$OUTDIR/results_gpu_compiled.md" ] && grep "compiled" "$OUTDIR/results_gpu_compiled.md"
 else
   echo "no benchmark table (see $OUTDIR/bench.log)"
 fi

@@ -47,6 +47,7 @@ from mixshare_layers.functional import mix, sample_mix_params, unmix_pool  # noq
 from mixshare_layers.models import wide_resnet  # noqa: E402
 
 ROWS: list[dict] = []
+COMPILE_STEP = False  # --compile-step: stage c also times both models compiled (inductor) inside CUDA graphs
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
@@ -266,6 +267,29 @@ def stage_c(device: torch.device, reps: int) -> None:
     ratio = t["mimo"] / t["plain"]
     row("c", case, "train step (CUDA graph)", t["mimo"] * 1e3, t["plain"] * 1e3, "plain WRN-28-2 (CUDA graph)",
         f"<= {limit}", ratio <= limit)  # fmt: skip
+    if not COMPILE_STEP:
+        return
+    # Both models compiled by inductor (which fuses the MIMO step's small elementwise ops: the mix sampling, the
+    # pooling arithmetic, the loss weights), then each whole step recorded in a CUDA graph as above.
+    t0 = time.perf_counter()
+    mimo_c, plain_c = torch.compile(mimo), torch.compile(plain)
+
+    def step_mimo_c():
+        opt_m.zero_grad(set_to_none=True)
+        loss_fn(mimo_c(xm), ym).backward()
+        opt_m.step()
+
+    def step_plain_c():
+        opt_p.zero_grad(set_to_none=True)
+        F.cross_entropy(plain_c(xp), yp).backward()
+        opt_p.step()
+
+    fns = {"mimo": capture_step(step_mimo_c, device), "plain": capture_step(step_plain_c, device)}
+    print(f"[c] compiled and captured both steps in {time.perf_counter() - t0:.0f} s", flush=True)
+    t = interleaved(fns, device, max(reps, 20) * 2, 3)
+    ratio = t["mimo"] / t["plain"]
+    row("c", case, "train step (compiled + CUDA graph)", t["mimo"] * 1e3, t["plain"] * 1e3,
+        "plain WRN-28-2 (compiled + CUDA graph)", f"<= {limit}", ratio <= limit)  # fmt: skip
 
 
 def capture_step(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
@@ -310,17 +334,17 @@ def stage_bw(device: torch.device, reps: int) -> None:
     row("bw", "1 GiB float32", "copy bandwidth", copy_bw / 1e9, None, "-", "reference", None, unit="GB/s")
     _mix_bandwidth(device, reps, copy_bw)
     _unmix_bandwidth(device, reps, copy_bw)
-    # the kernels' tile size and warp count, swept (info rows: the defaults are the first pair)
-    from mixshare_layers.functional._triton import ops as triton_ops_module
+    # the kernels' tile size and warp count, swept (info rows beside the defaults)
+    from mixshare_layers.functional._triton import ops as tops
 
-    default = (triton_ops_module._TILE, triton_ops_module._WARPS)
+    default = (tops._MIX_TILE, tops._MIX_WARPS, tops._UNMIX_TILE, tops._UNMIX_WARPS)
     try:
-        for tile, warps in [(1024, 4), (4096, 4), (4096, 8), (8192, 8)]:
-            triton_ops_module._TILE, triton_ops_module._WARPS = tile, warps
+        for tile, warps in [(1024, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]:
+            tops._MIX_TILE, tops._MIX_WARPS, tops._UNMIX_TILE, tops._UNMIX_WARPS = tile, warps, tile, warps
             _mix_bandwidth(device, reps, copy_bw, note=f" [tile {tile}, {warps} warps]")
             _unmix_bandwidth(device, reps, copy_bw, note=f" [tile {tile}, {warps} warps]")
     finally:
-        triton_ops_module._TILE, triton_ops_module._WARPS = default
+        tops._MIX_TILE, tops._MIX_WARPS, tops._UNMIX_TILE, tops._UNMIX_WARPS = default
 
 
 def _copy_bandwidth(device: torch.device, reps: int) -> float:
@@ -330,39 +354,65 @@ def _copy_bandwidth(device: torch.device, reps: int) -> float:
     return 2 * src.numel() * 4 / t  # bytes read + written per second
 
 
+def _timed_launches(fns: dict[str, Callable[[], object]], device: torch.device, reps: int, n: int = 10) -> dict:
+    """Seconds per call: each timing sample runs ``fn`` ``n`` times back to back (one synchronisation per sample)."""
+
+    def batch(fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(n):
+                fn()
+
+        return run
+
+    t = interleaved({k: batch(fn) for k, fn in fns.items()}, device, reps, 2)
+    return {k: v / n for k, v in t.items()}
+
+
 def _mix_bandwidth(device: torch.device, reps: int, copy_bw: float, note: str = "") -> None:
+    from mixshare_layers.functional.backend import triton_ops
+
+    ops = triton_ops()
     b, m, c, h, w = 256, 2, 64, 64, 64
-    e = torch.randn(b, m, c, h, w, device=device, requires_grad=True)
+    e = torch.randn(b, m, c, h, w, device=device)
     info = sample_mix_params(b, m, h, w, cutmix_prob=1.0, device=device)
-    out = mix(e, info)
+    out = torch.empty(b, c, h, w, device=device)
     g = torch.randn_like(out)
-    n = out.numel() * 4
-    t = interleaved({"fwd": lambda: mix(e, info), "bwd": lambda: torch.autograd.grad(mix(e, info), e, g)}, device,
-                    reps, 3)  # fmt: skip
-    bw_f = (m + 1) * n / t["fwd"]
-    bw_b = (m + 1) * n / (t["bwd"] - t["fwd"]) if t["bwd"] > t["fwd"] else float("nan")
+    grad_e = torch.empty_like(e)
+    args = (info.boxes, info.inside, info.outside, h, w, float(m))
+    t = _timed_launches({"fwd": lambda: ops.launch_mix(e, *args, out),
+                         "bwd": lambda: ops.launch_mix_backward(g, *args, grad_e),
+                         "call": lambda: mix(e, info)}, device, reps)  # fmt: skip
+    moved = (m + 1) * out.numel() * 4  # forward: M maps read, one written; backward: one read, M written
     case = f"mix B={b} M={m} {c}x{h}x{w} fp32{note}"
-    row("bw", case, "mix fwd bandwidth", bw_f / 1e9, copy_bw / 1e9, "copy", ">= 60% of copy", bw_f >= 0.6 * copy_bw,
-        unit="GB/s")  # fmt: skip
-    row("bw", case, "mix bwd bandwidth", bw_b / 1e9, copy_bw / 1e9, "copy", ">= 60% of copy", bw_b >= 0.6 * copy_bw,
-        unit="GB/s")  # fmt: skip
+    for key, metric in (("fwd", "mix fwd kernel bandwidth"), ("bwd", "mix bwd kernel bandwidth")):
+        bw = moved / t[key]
+        row("bw", case, metric, bw / 1e9, copy_bw / 1e9, "copy", ">= 60% of copy", bw >= 0.6 * copy_bw, unit="GB/s")
+    if not note:
+        row("bw", case, "mix() call bandwidth", moved / t["call"] / 1e9, copy_bw / 1e9, "copy", "info", None,
+            unit="GB/s")  # fmt: skip
 
 
 def _unmix_bandwidth(device: torch.device, reps: int, copy_bw: float, note: str = "") -> None:
+    from mixshare_layers.functional.backend import triton_ops
+
+    ops = triton_ops()
     b, c, h, w = 256, 640, 32, 32
-    f = torch.randn(b, c, h, w, device=device, requires_grad=True)
+    f = torch.randn(b, c, h, w, device=device)
     info = sample_mix_params(b, 2, 32, 32, cutmix_prob=1.0, device=device)
-    gp = torch.randn(b, 2, c, device=device)
-    n = f.numel() * 4
-    fns = {"fwd": lambda: unmix_pool(f, info), "bwd": lambda: torch.autograd.grad(unmix_pool(f, info), f, gp)}
-    t = interleaved(fns, device, reps, 3)
-    bw_f = n / t["fwd"]
-    bw_b = n / (t["bwd"] - t["fwd"]) if t["bwd"] > t["fwd"] else float("nan")
+    s_all, s_box = torch.empty(b, c, device=device), torch.empty(b, c, device=device)
+    g_all, g_box = torch.randn(b, c, device=device), torch.randn(b, c, device=device)
+    grad_f = torch.empty_like(f)
+    t = _timed_launches({"fwd": lambda: ops.launch_unmix_sums(f, info.boxes, h, w, s_all, s_box),
+                         "bwd": lambda: ops.launch_unmix_sums_backward(g_all, g_box, info.boxes, h, w, grad_f),
+                         "call": lambda: unmix_pool(f, info)}, device, reps)  # fmt: skip
+    moved = f.numel() * 4  # forward: the map read once; backward: its gradient written once
     case = f"unmix B={b} C={c} {h}x{w} fp32{note}"
-    row("bw", case, "unmix fwd bandwidth", bw_f / 1e9, copy_bw / 1e9, "copy", ">= 60% of copy",
-        bw_f >= 0.6 * copy_bw, unit="GB/s")  # fmt: skip
-    row("bw", case, "unmix bwd bandwidth", bw_b / 1e9, copy_bw / 1e9, "copy", ">= 60% of copy",
-        bw_b >= 0.6 * copy_bw, unit="GB/s")  # fmt: skip
+    for key, metric in (("fwd", "unmix fwd kernel bandwidth"), ("bwd", "unmix bwd kernel bandwidth")):
+        bw = moved / t[key]
+        row("bw", case, metric, bw / 1e9, copy_bw / 1e9, "copy", ">= 60% of copy", bw >= 0.6 * copy_bw, unit="GB/s")
+    if not note:
+        row("bw", case, "unmix_pool() call bandwidth", moved / t["call"] / 1e9, copy_bw / 1e9, "copy", "info", None,
+            unit="GB/s")  # fmt: skip
 
 
 # -- output -----------------------------------------------------------------------------------------------------------
@@ -414,8 +464,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, not for the record)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for results.json/.md")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--compile-step", action="store_true",
+                        help="stage c on CUDA: also both models compiled by inductor inside CUDA graphs")  # fmt: skip
     args = parser.parse_args()
     steady_allocator()
+    global COMPILE_STEP
+    COMPILE_STEP = args.compile_step
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     reps = 5 if args.quick else 20

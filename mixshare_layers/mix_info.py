@@ -183,7 +183,10 @@ class MixInfo(NamedTuple):
 
         ``strength`` is a float or a 0-dim tensor (kept on device, no sync).
         """
-        r = torch.as_tensor(strength, dtype=self.inside.dtype, device=self.inside.device)
+        if isinstance(strength, Tensor):
+            r: Tensor | float = strength.to(dtype=self.inside.dtype, device=self.inside.device)
+        else:
+            r = float(strength)  # a Python number: no host-to-device copy
         return self._replace(inside=self.inside + r * (1 - self.inside), outside=self.outside + r * (1 - self.outside))
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MixInfo:

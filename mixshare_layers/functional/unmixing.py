@@ -85,7 +85,11 @@ def _pool_weights(info: MixInfo, strength: Tensor | float, dtype: torch.dtype) -
     """Faded compositions ``(inside', outside')`` for ``m + r (1 - m)``."""
     inside = info.inside.to(dtype)
     outside = info.outside.to(dtype)
-    r = torch.as_tensor(strength, dtype=dtype, device=inside.device)
+    if not isinstance(strength, Tensor):
+        # a Python number stays one: no host-to-device copy (a synchronisation on CUDA), and none of the ops for 0
+        r = float(strength)
+        return (inside, outside) if r == 0.0 else (inside + r * (1 - inside), outside + r * (1 - outside))
+    r = strength.to(dtype=dtype, device=inside.device)
     return inside + r * (1 - inside), outside + r * (1 - outside)
 
 

@@ -35,25 +35,26 @@ __all__ = [
     "unmix_sums_eager",
 ]
 
-_TILE = 2048  # elements per program tile (mixing) / per register accumulator (unmix sums)
-_WARPS = 4
+# elements per program tile and warps per program, per kernel family (benchmarks/run.py sweeps them on a GPU)
+_MIX_TILE, _MIX_WARPS = 2048, 4
+_UNMIX_TILE, _UNMIX_WARPS = 2048, 4
 
 
 def _acc(dtype: torch.dtype) -> tuple[torch.dtype, object]:
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _map_blocks(h: int, w: int) -> tuple[int, int]:
+def _map_blocks(h: int, w: int, tile: int) -> tuple[int, int]:
     """(BLOCK_Y, BLOCK_X): whole rows (padded to a power of two), as many as fit in a tile."""
     block_x = triton.next_power_of_2(w)
-    block_y = max(1, min(triton.next_power_of_2(h), _TILE // block_x))
+    block_y = max(1, min(triton.next_power_of_2(h), tile // block_x))
     return block_y, block_x
 
 
 def _unmix_blocks(c: int, h: int, w: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_Y, BLOCK_X) of the unmix kernels: a map tile, then channels up to the tile size."""
-    block_y, block_x = _map_blocks(h, w)
-    block_c = max(1, min(triton.next_power_of_2(c), _TILE // (block_y * block_x)))
+    block_y, block_x = _map_blocks(h, w, _UNMIX_TILE)
+    block_c = max(1, min(triton.next_power_of_2(c), _UNMIX_TILE // (block_y * block_x)))
     return block_c, block_y, block_x
 
 
@@ -77,13 +78,13 @@ def launch_mix(
     outside = outside.contiguous()
     _, acc = _acc(encodings.dtype)
     s = encodings.stride()
-    block_y, block_x = _map_blocks(h, w)
+    block_y, block_x = _map_blocks(h, w, _MIX_TILE)
     grid = (b * c, triton.cdiv(h, block_y))
     kernels.mix_fwd_kernel[grid](
         encodings, boxes, inside, outside, out,
         c, h, w, native_h, native_w, float(scale),
         s[0], s[1], s[2], s[3], s[4],
-        M=m, BLOCK_Y=block_y, BLOCK_X=block_x, ACC=acc, num_warps=_WARPS,
+        M=m, BLOCK_Y=block_y, BLOCK_X=block_x, ACC=acc, num_warps=_MIX_WARPS,
     )  # fmt: skip
     return out
 
@@ -105,13 +106,13 @@ def launch_mix_backward(
         return out
     _, acc = _acc(grad.dtype)
     s = grad.stride()
-    block_y, block_x = _map_blocks(h, w)
+    block_y, block_x = _map_blocks(h, w, _MIX_TILE)
     grid = (b * c, triton.cdiv(h, block_y))
     kernels.mix_bwd_kernel[grid](
         grad, boxes.contiguous(), inside.contiguous(), outside.contiguous(), out,
         c, h, w, native_h, native_w, float(scale),
         s[0], s[1], s[2], s[3],
-        M=m, BLOCK_Y=block_y, BLOCK_X=block_x, ACC=acc, num_warps=_WARPS,
+        M=m, BLOCK_Y=block_y, BLOCK_X=block_x, ACC=acc, num_warps=_MIX_WARPS,
     )  # fmt: skip
     return out
 
@@ -133,7 +134,7 @@ def launch_unmix_sums(
         features, boxes.contiguous(), s_all, s_box,
         c, h, w, native_h, native_w,
         s[0], s[1], s[2], s[3],
-        BLOCK_C=block_c, BLOCK_Y=block_y, BLOCK_X=block_x, ACC=acc, num_warps=_WARPS,
+        BLOCK_C=block_c, BLOCK_Y=block_y, BLOCK_X=block_x, ACC=acc, num_warps=_UNMIX_WARPS,
     )  # fmt: skip
     return s_all, s_box
 
@@ -151,7 +152,7 @@ def launch_unmix_sums_backward(
     kernels.unmix_sums_bwd_kernel[grid](
         grad_all.contiguous(), grad_box.contiguous(), boxes.contiguous(), out,
         c, h, w, native_h, native_w,
-        BLOCK_C=block_c, BLOCK_Y=block_y, BLOCK_X=block_x, ACC=acc, num_warps=_WARPS,
+        BLOCK_C=block_c, BLOCK_Y=block_y, BLOCK_X=block_x, ACC=acc, num_warps=_UNMIX_WARPS,
     )  # fmt: skip
     return out
 
