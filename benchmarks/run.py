@@ -48,6 +48,7 @@ from mixshare_layers.models import wide_resnet  # noqa: E402
 
 ROWS: list[dict] = []
 COMPILE_STEP = False  # --compile-step: stage c also times both models compiled (inductor) inside CUDA graphs
+ENCODER_PATHS: list[str] = []  # --encoder-paths: stage c's CUDA-graph rows for each way of running the encoders
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
@@ -262,11 +263,21 @@ def stage_c(device: torch.device, reps: int) -> None:
     # The same two steps, each recorded whole (forward, loss, backward, SGD) in one CUDA graph and replayed: at 64
     # rows a WRN-28-2 step is bound by kernel-launch latency, which the graphs remove for both models. The MIMO step
     # is capturable because nothing in it synchronises with the host (the mix is drawn on the GPU, in the graph).
-    t = interleaved({"mimo": capture_step(step_mimo, device), "plain": capture_step(step_plain, device)}, device,
-                    max(reps, 20) * 2, 3)  # fmt: skip
-    ratio = t["mimo"] / t["plain"]
-    row("c", case, "train step (CUDA graph)", t["mimo"] * 1e3, t["plain"] * 1e3, "plain WRN-28-2 (CUDA graph)",
-        f"<= {limit}", ratio <= limit)  # fmt: skip
+    from mixshare_layers import multi_encoder
+
+    plain_graph = capture_step(step_plain, device)
+    default_path = multi_encoder.CUDA_TRAIN_PATH
+    try:
+        for path in ENCODER_PATHS or [default_path]:
+            multi_encoder.CUDA_TRAIN_PATH = path  # how the M first convolutions run (see MultiEncoder)
+            t = interleaved({"mimo": capture_step(step_mimo, device), "plain": plain_graph}, device,
+                            max(reps, 20) * 2, 3)  # fmt: skip
+            ratio = t["mimo"] / t["plain"]
+            label = "" if path == default_path else f" [encoder path {path}]"
+            row("c", case + label, "train step (CUDA graph)", t["mimo"] * 1e3, t["plain"] * 1e3,
+                "plain WRN-28-2 (CUDA graph)", f"<= {limit}", ratio <= limit)  # fmt: skip
+    finally:
+        multi_encoder.CUDA_TRAIN_PATH = default_path
     if not COMPILE_STEP:
         return
     # Both models compiled by inductor (which fuses the MIMO step's small elementwise ops: the mix sampling, the
@@ -464,12 +475,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, not for the record)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for results.json/.md")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--encoder-paths", default="",
+                        help="stage c on CUDA: MultiEncoder paths among grouped,dense,split")  # fmt: skip
     parser.add_argument("--compile-step", action="store_true",
                         help="stage c on CUDA: also both models compiled by inductor inside CUDA graphs")  # fmt: skip
     args = parser.parse_args()
     steady_allocator()
-    global COMPILE_STEP
+    global COMPILE_STEP, ENCODER_PATHS
     COMPILE_STEP = args.compile_step
+    ENCODER_PATHS = [p.strip() for p in args.encoder_paths.split(",") if p.strip()]
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     reps = 5 if args.quick else 20

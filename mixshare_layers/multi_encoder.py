@@ -15,6 +15,12 @@ __all__ = ["ENCODER_INITS", "MultiEncoder", "reset_all_parameters"]
 
 ENCODER_INITS = ("independent", "aligned", "colinear")
 
+# How the M fused encoders run in training on CUDA: "grouped" (one grouped convolution), "dense" (one convolution
+# with a block-diagonal kernel) or "split" (M plain convolutions, stacked; always used on the CPU). All three compute
+# the same thing; benchmarks/run.py --encoder-paths compares them on a GPU.
+CUDA_TRAIN_PATH = "grouped"
+CUDA_TRAIN_PATHS = ("grouped", "dense", "split")
+
 
 def reset_all_parameters(module: nn.Module) -> None:
     """Call ``reset_parameters()`` on every submodule that has one (PyTorch's default initialisation).
@@ -203,6 +209,11 @@ class MultiEncoder(nn.Module):
         return conv
 
     # ---------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _train_path(device: torch.device) -> str:
+        """Which of :data:`CUDA_TRAIN_PATHS` runs the fused training convolution on ``device``."""
+        return CUDA_TRAIN_PATH if device.type == "cuda" else "split"
+
     def forward(self, x: Tensor) -> Tensor:
         m = self.num_subnetworks
         if x.dim() == 5:
@@ -212,10 +223,11 @@ class MultiEncoder(nn.Module):
                     f"num_subnetworks={m}; expected (B, M={m}, C, H, W)"
                 )
             b = x.shape[0]
-            if self.fused and x.device.type == "cpu":
+            path = self._train_path(x.device)
+            if self.fused and path == "split":
                 # On the CPU, M plain convolutions beat one grouped convolution (oneDNN's grouped kernels are slow
                 # for the few channels of a first layer: 4.9 ms vs 16.4 ms forward + backward for WRN's 3->16 conv
-                # at B = 64, M = 2; see docs/benchmarks.md). On CUDA the grouped one is used.
+                # at B = 64, M = 2; see docs/benchmarks.md).
                 kernels = self.kernels()
                 return torch.stack(
                     [
@@ -233,14 +245,24 @@ class MultiEncoder(nn.Module):
                     dim=1,
                 )
             if self.fused:
+                weight, groups = self.weight, m * self.groups
+                if path == "dense" and self.groups == 1:
+                    # one dense convolution with the block-diagonal (M C', M C, k, k) kernel: M times the
+                    # multiply-adds of the grouped one, but cuDNN's dense kernels are faster for a few input channels
+                    eye = torch.eye(m, device=weight.device, dtype=weight.dtype)
+                    k = self.kernels()  # (M, C', C, k, k)
+                    weight = (k[:, :, None] * eye[:, None, :, None, None, None]).reshape(
+                        m * self.out_channels, m * k.shape[2], *k.shape[3:]
+                    )
+                    groups = 1
                 out = F.conv2d(
                     x.reshape(b, m * x.shape[2], x.shape[3], x.shape[4]),
-                    self.weight,
+                    weight,
                     None if self.bias is None else self.bias.reshape(-1),
                     self.stride,
                     self.padding,
                     self.dilation,
-                    m * self.groups,
+                    groups,
                 )
                 return out.view(b, m, self.out_channels, out.shape[-2], out.shape[-1])
             assert self.encoders is not None
