@@ -90,7 +90,10 @@ class CutMixMixer(nn.Module):
         """Draw a mix for ``encodings`` ``(B, M, C, H, W)`` (only its shape, device and dtype are used)."""
         self._check(encodings)
         b, _, _, h, w = encodings.shape
-        prob = self.current_cutmix_prob(progress)
+        # a constant probability stays a Python float (no ops); a ramped one is a tensor on the progress's device
+        prob: Tensor | float = (
+            self.cutmix_prob if self.cutmix_ramp <= 0 else self.current_cutmix_prob(progress).to(encodings.device)
+        )
         dtype = encodings.dtype if encodings.dtype in (torch.float32, torch.float64) else torch.float32
         return sample_mix_params(
             b,
@@ -98,11 +101,12 @@ class CutMixMixer(nn.Module):
             h,
             w,
             alpha=self.alpha,
-            cutmix_prob=prob.to(encodings.device),
+            cutmix_prob=prob,
             shuffle_roles=self.shuffle_roles,
             device=encodings.device,
             dtype=dtype,
             generator=generator,
+            backend=self.backend,
         )
 
     def apply(self, encodings: Tensor, info: MixInfo) -> Tensor:  # type: ignore[override]

@@ -202,3 +202,52 @@ def test_compile_sees_the_custom_ops(ops, compiler):
     want.backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, e2.grad, rtol=1e-5, atol=1e-5)
+
+
+# -- the sampler's kernel: the same MixInfo as the torch reference from the same draws -------------------------------
+@pytest.mark.parametrize(
+    ("b", "m", "h", "w", "prob", "dtype"),
+    [
+        (1, 2, 32, 32, 1.0, torch.float32),
+        (37, 2, 7, 9, 0.5, torch.float32),
+        (130, 3, 16, 12, "tensor", torch.float32),
+        (5, 4, 5, 3, 0.0, torch.float64),
+        (64, 2, 1, 1, 1.0, torch.float64),
+    ],
+)
+def test_sampler_kernel_matches_torch_reference(ops, b, m, h, w, prob, dtype):
+    from mixshare_layers.functional.mixing import finish_mix_reference
+
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        lam = torch.distributions.Dirichlet(torch.full((m,), 2.0, dtype=work)).sample((b,))
+        lam[0, 1:] = 0.0  # a row whose others all underflowed: they share the outside uniformly
+        lam[0, 0] = 1.0
+        owner = torch.randint(m, (1,), generator=g)
+        pixel = torch.randint(h * w, (b,), generator=g)
+        coin = torch.rand((), generator=g)
+        p = torch.rand((), generator=g) if prob == "tensor" else prob
+        args = [t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in (lam, owner, pixel, coin, p)]
+        want = finish_mix_reference(*args, h, w, dtype)
+        got = ops.finish_mix(*args, h, w, dtype)
+        assert torch.equal(got.boxes, want.boxes)
+        assert bool(got.cutmix) == bool(want.cutmix) and got.cutmix.shape == () and got.cutmix.dtype == torch.bool
+        tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-13, "atol": 1e-15}
+        for name in ("inside", "outside", "ratios"):
+            assert getattr(got, name).dtype == dtype
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), **tol)
+        assert (got.height, got.width) == (h, w)
+
+
+def test_sample_mix_params_backends_draw_the_same_mix():
+    """With one generator state, the torch and Triton backends consume the same draws and return the same MixInfo."""
+    kw = {"device": DEVICE, "cutmix_prob": 0.7, "alpha": 1.0}
+    for seed in range(6):
+        g = torch.Generator(device=DEVICE).manual_seed(seed)
+        want = sample_mix_params(33, 3, 11, 13, generator=g, backend="torch", **kw)
+        g = torch.Generator(device=DEVICE).manual_seed(seed)
+        got = sample_mix_params(33, 3, 11, 13, generator=g, backend="triton", **kw)
+        assert torch.equal(got.boxes, want.boxes) and bool(got.cutmix) == bool(want.cutmix)
+        torch.testing.assert_close(got.ratios, want.ratios, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got.inside, want.inside, rtol=1e-6, atol=1e-7)

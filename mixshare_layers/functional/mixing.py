@@ -12,7 +12,7 @@ from ..mix_info import MixInfo
 from .backend import resolve_backend, triton_ops, use_triton
 from .random import generator_kwargs, sample_dirichlet
 
-__all__ = ["cutmix_probability", "mix", "mix_reference", "sample_mix_params"]
+__all__ = ["cutmix_probability", "finish_mix_reference", "mix", "mix_reference", "sample_mix_params"]
 
 # torch's native Dirichlet sampler is a private op: use it only where it exists
 _NATIVE_DIRICHLET = hasattr(torch, "_sample_dirichlet")
@@ -53,6 +53,7 @@ def sample_mix_params(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     generator: torch.Generator | None = None,
+    backend: str | None = None,
 ) -> MixInfo:
     """Draw one batch of MixMo mixes, fully vectorised and on ``device`` (no host synchronisation).
 
@@ -68,6 +69,9 @@ def sample_mix_params(
         device: device of the draw.
         dtype: floating dtype of the compositions and ratios.
         generator: optional ``torch.Generator`` (on ``device``) to make the draw replayable.
+        backend: ``"auto"`` (on CUDA, the boxes and compositions are computed from the draws by one Triton kernel
+            when Triton imports), ``"torch"`` or ``"triton"``; ``None`` reads ``MIXSHARE_BACKEND``. Both compute the
+            same :class:`MixInfo` from the same draws.
 
     Returns:
         A :class:`MixInfo`. With CutMix the owner ``o`` gets a box of side ``floor(S * sqrt(λ_o))`` centred at a
@@ -103,13 +107,50 @@ def sample_mix_params(
         lam = torch._sample_dirichlet(concentration)
     else:
         lam = sample_dirichlet(alpha, batch_size, m, device=device, dtype=work, generator=generator)
-    # (few, cheap ops: on the CPU and at small batch on a GPU this function's cost is the number of ops it launches,
-    # so both axes of the box are computed at once on (B, 2) tensors, against cached (2,) size constants)
-    sizes, half_sizes, divisors = _grid_constants(height, width, lam.device)
+    # the random draws, in this order: the box owner, the box centres, the CutMix-or-linear coin
     if shuffle_roles:
         owner = torch.randint(m, (1,), device=device, **generator_kwargs(generator))  # one owner for the batch
     else:
         owner = torch.zeros(1, device=device, dtype=torch.long)
+    pixel = torch.randint(height * width, (batch_size,), device=device, **generator_kwargs(generator))
+    coin = torch.rand((), device=device, **generator_kwargs(generator))
+    prob = cutmix_prob if isinstance(cutmix_prob, Tensor) else float(cutmix_prob)
+    if batch_size > 0 and use_triton(resolve_backend(backend), lam) and not torch.compiler.is_compiling():
+        # everything below in one kernel: on a GPU the about 30 small ops of the torch path cost a launch each
+        return triton_ops().finish_mix(lam, owner, pixel, coin, prob, height, width, dtype)
+    return finish_mix_reference(lam, owner, pixel, coin, prob, height, width, dtype)
+
+
+def finish_mix_reference(
+    lam: Tensor,
+    owner: Tensor,
+    pixel: Tensor,
+    coin: Tensor,
+    cutmix_prob: Tensor | float,
+    height: int,
+    width: int,
+    dtype: torch.dtype,
+) -> MixInfo:
+    """The deterministic part of :func:`sample_mix_params`: a :class:`MixInfo` from the random draws (torch ops).
+
+    Args:
+        lam: ``(B, M)`` Dirichlet draws (float32, or float64 for a float64 ``dtype``).
+        owner: ``(1,)`` int64, the member that owns the CutMix box.
+        pixel: ``(B,)`` int64 in ``[0, H W)``, the box centres as flat pixel indices.
+        coin: 0-dim uniform draw; the batch uses CutMix when ``coin < cutmix_prob``.
+        cutmix_prob: float or 0-dim tensor.
+        height: H of the box grid.
+        width: W of the box grid.
+        dtype: dtype of the compositions and ratios.
+
+    The Triton kernel ``mixshare_layers.functional._triton.kernels.finish_mix_kernel`` computes the same thing in
+    one launch; this is its reference.
+    """
+    batch_size, m = lam.shape
+    work = lam.dtype
+    # (few, cheap ops: on the CPU this function's cost is the number of ops it launches, so both axes of the box are
+    # computed at once on (B, 2) tensors, against cached (2,) size constants)
+    sizes, half_sizes, divisors = _grid_constants(height, width, lam.device)
     # the owner's one-hot row, the others' indicator and their uniform shares: (M,) each, broadcast over the batch
     owner_hot, not_owner, uniform_others = _role_table(m, lam.device, work).index_select(0, owner)[0].unbind(0)
     lam_owner = lam.index_select(1, owner)  # (B, 1)
@@ -117,8 +158,7 @@ def sample_mix_params(
     # CutMix box for the owner: side ratio sqrt(λ_o), centre uniform over the pixels, corners clipped. Columns are
     # (y, x); truncation is the floor for these non-negative values.
     half = (lam_owner.sqrt() * half_sizes).long()  # (B, 2): floor(floor(S sqrt(λ)) / 2) = floor(S sqrt(λ) / 2)
-    pixel = torch.randint(height * width, (batch_size, 1), device=device, **generator_kwargs(generator))
-    centre = (pixel // divisors) % sizes  # (B, 2): (pixel // W, pixel % W), exactly uniform over the pixels
+    centre = (pixel[:, None] // divisors) % sizes  # (B, 2): (pixel // W, pixel % W), exactly uniform over the pixels
     lo = (centre - half).clamp_min(0)  # 0 <= centre < size: one side of each clamp is enough
     hi = torch.minimum(centre + half, sizes)
     cut_boxes = torch.stack([lo, hi], dim=2).view(batch_size, 4)  # (y0, y1, x0, x1)
@@ -130,8 +170,7 @@ def sample_mix_params(
     cut_outside = torch.where(denom > 0, others / denom, uniform_others)
     cut_ratios = torch.lerp(cut_outside, owner_hot, area)  # area * owner_hot + (1 - area) * cut_outside
 
-    prob = cutmix_prob if isinstance(cutmix_prob, Tensor) else float(cutmix_prob)
-    use_cut = torch.rand((), device=device, **generator_kwargs(generator)) < prob
+    use_cut = coin < cutmix_prob
     boxes = cut_boxes * use_cut  # empty boxes for linear mixing
     inside = torch.where(use_cut, owner_hot, lam)
     outside = torch.where(use_cut, cut_outside, lam)

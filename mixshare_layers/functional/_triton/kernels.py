@@ -145,3 +145,93 @@ def unmix_sums_bwd_kernel(
     dst = gf_ptr + (src.to(tl.int64) * H * W)[:, None, None] + cell[None, :, :]
     ok = c_ok[:, None, None] & ((ys < H)[:, None] & (xs < W)[None, :])[None, :, :]
     tl.store(dst, val.to(gf_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _sqrt(x, WORK: tl.constexpr):
+    """IEEE-rounded square root, as torch computes it (float64's ``sqrt`` already is)."""
+    if WORK == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _div(a, b, WORK: tl.constexpr):
+    """IEEE-rounded division (Triton's float32 ``/`` may be approximate; float64's is exact)."""
+    if WORK == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def finish_mix_kernel(
+    lam_ptr, owner_ptr, pixel_ptr, coin_ptr, prob_ptr, prob_value,
+    boxes_ptr, inside_ptr, outside_ptr, ratios_ptr, cut_ptr,
+    B, H, W,
+    M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, PROB_IN_MEMORY: tl.constexpr,
+    WORK: tl.constexpr,
+):
+    """A MixInfo from the random draws (see ``functional.mixing.finish_mix_reference``); a program per block of rows.
+
+    Same operations as the reference, with IEEE-rounded square root and divisions, so the boxes are identical and
+    the compositions agree to the last bits.
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    r_ok = rows < B
+    ms = tl.arange(0, BLOCK_M)
+    m_ok = ms < M
+    ok = r_ok[:, None] & m_ok[None, :]
+    lam = tl.load(lam_ptr + rows[:, None] * M + ms[None, :], mask=ok, other=0.0).to(WORK)
+    owner = tl.load(owner_ptr)
+    is_owner = ms == owner
+    owner_hot = tl.where(is_owner, 1.0, 0.0).to(WORK)  # (BLOCK_M,)
+    not_owner = 1.0 - owner_hot
+    lam_owner = tl.sum(tl.where(is_owner[None, :], lam, 0.0), axis=1)  # (BLOCK_B,): exact, one non-zero term
+
+    # the box: half sides floor(S sqrt(λ_o) / 2), centre from the flat pixel index, corners clipped
+    side = _sqrt(lam_owner, WORK)
+    half_h = (side * (H * 0.5).to(tl.float32).to(WORK)).to(tl.int32)
+    half_w = (side * (W * 0.5).to(tl.float32).to(WORK)).to(tl.int32)
+    pixel = tl.load(pixel_ptr + rows, mask=r_ok, other=0).to(tl.int32)
+    cy = pixel // W
+    cx = pixel % W
+    y0 = tl.maximum(cy - half_h, 0)
+    y1 = tl.minimum(cy + half_h, H)
+    x0 = tl.maximum(cx - half_w, 0)
+    x1 = tl.minimum(cx + half_w, W)
+    cells = (H * W).to(WORK) + tl.zeros([BLOCK_B], dtype=WORK)  # (the precise division takes equal shapes)
+    area = _div((y1 - y0).to(WORK) * (x1 - x0).to(WORK), cells, WORK)  # (BLOCK_B,)
+
+    # the others share the outside in proportion to their λ (uniformly if all of theirs underflowed to 0)
+    others = lam * not_owner[None, :]
+    denom = tl.sum(others, axis=1)
+    uniform = _div(not_owner, tl.full([BLOCK_M], M - 1, WORK), WORK)
+    safe = tl.where(denom > 0, denom, 1.0).to(WORK)
+    safe_2d = tl.broadcast_to(safe[:, None], [BLOCK_B, BLOCK_M])
+    cut_outside = tl.where((denom > 0)[:, None], _div(others, safe_2d, WORK), uniform[None, :])
+    # torch.lerp(cut_outside, owner_hot, area), with torch's two-sided formula
+    w = area[:, None]
+    diff = owner_hot[None, :] - cut_outside
+    cut_ratios = tl.where(w < 0.5, cut_outside + w * diff, owner_hot[None, :] - diff * (1.0 - w))
+
+    coin = tl.load(coin_ptr)
+    if PROB_IN_MEMORY:
+        prob = tl.load(prob_ptr)
+    else:
+        prob = prob_value
+    use_cut = coin < prob
+    if tl.program_id(0) == 0:
+        tl.store(cut_ptr, use_cut)
+    box_row = boxes_ptr + rows.to(tl.int64) * 4
+    zero = tl.zeros([BLOCK_B], dtype=tl.int32)
+    tl.store(box_row + 0, tl.where(use_cut, y0, zero).to(tl.int64), mask=r_ok)
+    tl.store(box_row + 1, tl.where(use_cut, y1, zero).to(tl.int64), mask=r_ok)
+    tl.store(box_row + 2, tl.where(use_cut, x0, zero).to(tl.int64), mask=r_ok)
+    tl.store(box_row + 3, tl.where(use_cut, x1, zero).to(tl.int64), mask=r_ok)
+    dst = rows[:, None] * M + ms[None, :]
+    hot_rows = owner_hot[None, :] + tl.zeros([BLOCK_B, BLOCK_M], dtype=WORK)
+    tl.store(inside_ptr + dst, tl.where(use_cut, hot_rows, lam).to(inside_ptr.dtype.element_ty), mask=ok)
+    tl.store(outside_ptr + dst, tl.where(use_cut, cut_outside, lam).to(outside_ptr.dtype.element_ty), mask=ok)
+    tl.store(ratios_ptr + dst, tl.where(use_cut, cut_ratios, lam).to(ratios_ptr.dtype.element_ty), mask=ok)

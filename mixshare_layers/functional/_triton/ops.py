@@ -25,6 +25,7 @@ from torch import Tensor
 from . import kernels
 
 __all__ = [
+    "finish_mix",
     "launch_mix",
     "launch_mix_backward",
     "launch_unmix_sums",
@@ -309,3 +310,37 @@ def mix_eager(
 def unmix_sums_eager(features: Tensor, boxes: Tensor, native_h: int, native_w: int) -> tuple[Tensor, Tensor]:
     """:func:`unmix_sums` without the custom-op dispatch (eager mode only; same kernels, same gradient)."""
     return _UnmixSumsEager.apply(features, boxes, native_h, native_w)
+
+
+# -- sampling ----------------------------------------------------------------------------------------------------
+def finish_mix(
+    lam: Tensor,
+    owner: Tensor,
+    pixel: Tensor,
+    coin: Tensor,
+    cutmix_prob: Tensor | float,
+    height: int,
+    width: int,
+    dtype: torch.dtype,
+):
+    """:func:`~mixshare_layers.functional.mixing.finish_mix_reference` in one kernel launch (no autograd: draws)."""
+    from ...mix_info import MixInfo
+
+    b, m = lam.shape
+    dev = lam.device
+    boxes = torch.empty((b, 4), device=dev, dtype=torch.long)
+    inside = torch.empty((b, m), device=dev, dtype=dtype)
+    outside = torch.empty((b, m), device=dev, dtype=dtype)
+    ratios = torch.empty((b, m), device=dev, dtype=dtype)
+    cut = torch.empty((), device=dev, dtype=torch.bool)
+    in_memory = isinstance(cutmix_prob, Tensor)
+    prob_tensor = cutmix_prob.to(dev) if in_memory else coin  # compared in its own dtype; (coin: an unused pointer)
+    block_b = min(triton.next_power_of_2(max(b, 1)), 128)
+    _, work = _acc(lam.dtype)
+    kernels.finish_mix_kernel[(triton.cdiv(b, block_b),)](
+        lam.contiguous(), owner, pixel.contiguous(), coin, prob_tensor, 0.0 if in_memory else float(cutmix_prob),
+        boxes, inside, outside, ratios, cut,
+        b, height, width,
+        M=m, BLOCK_B=block_b, BLOCK_M=triton.next_power_of_2(m), PROB_IN_MEMORY=in_memory, WORK=work,
+    )  # fmt: skip
+    return MixInfo(boxes=boxes, inside=inside, outside=outside, ratios=ratios, cutmix=cut, height=height, width=width)
