@@ -348,14 +348,17 @@ def stage_bw(device: torch.device, reps: int) -> None:
     # the kernels' tile size and warp count, swept (info rows beside the defaults)
     from mixshare_layers.functional._triton import ops as tops
 
-    default = (tops._MIX_TILE, tops._MIX_WARPS, tops._UNMIX_TILE, tops._UNMIX_WARPS)
+    names = ("_MIX_TILE", "_MIX_WARPS", "_UNMIX_TILE", "_UNMIX_WARPS", "_UNMIX_BWD_TILE", "_UNMIX_BWD_WARPS")
+    default = {k: getattr(tops, k) for k in names}
     try:
-        for tile, warps in [(1024, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]:
-            tops._MIX_TILE, tops._MIX_WARPS, tops._UNMIX_TILE, tops._UNMIX_WARPS = tile, warps, tile, warps
+        for tile, warps in [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]:
+            for k in names:
+                setattr(tops, k, tile if k.endswith("TILE") else warps)
             _mix_bandwidth(device, reps, copy_bw, note=f" [tile {tile}, {warps} warps]")
             _unmix_bandwidth(device, reps, copy_bw, note=f" [tile {tile}, {warps} warps]")
     finally:
-        tops._MIX_TILE, tops._MIX_WARPS, tops._UNMIX_TILE, tops._UNMIX_WARPS = default
+        for k, v in default.items():
+            setattr(tops, k, v)
 
 
 def _copy_bandwidth(device: torch.device, reps: int) -> float:
@@ -410,11 +413,12 @@ def _unmix_bandwidth(device: torch.device, reps: int, copy_bw: float, note: str 
     b, c, h, w = 256, 640, 32, 32
     f = torch.randn(b, c, h, w, device=device)
     info = sample_mix_params(b, 2, 32, 32, cutmix_prob=1.0, device=device)
-    s_all, s_box = torch.empty(b, c, device=device), torch.empty(b, c, device=device)
-    g_all, g_box = torch.randn(b, c, device=device), torch.randn(b, c, device=device)
+    pooled = torch.empty(b, 2, c, device=device)
+    gp = torch.randn(b, 2, c, device=device)
     grad_f = torch.empty_like(f)
-    t = _timed_launches({"fwd": lambda: ops.launch_unmix_sums(f, info.boxes, h, w, s_all, s_box),
-                         "bwd": lambda: ops.launch_unmix_sums_backward(g_all, g_box, info.boxes, h, w, grad_f),
+    args = (info.boxes, info.inside, info.outside, None, h, w, c, True)
+    t = _timed_launches({"fwd": lambda: ops.launch_unmix_pool(f, *args, pooled),
+                         "bwd": lambda: ops.launch_unmix_pool_backward(gp, *args, grad_f),
                          "call": lambda: unmix_pool(f, info)}, device, reps)  # fmt: skip
     moved = f.numel() * 4  # forward: the map read once; backward: its gradient written once
     case = f"unmix B={b} C={c} {h}x{w} fp32{note}"

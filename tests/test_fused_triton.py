@@ -14,6 +14,7 @@ import torch
 
 from mixshare_layers import CutMixMixer, MixInfo, Unmixer
 from mixshare_layers.functional import mix, mix_reference, sample_mix_params, unmix_pool, unmix_pool_reference
+from mixshare_layers.functional.random import sample_dirichlet
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if INTERPRET:
@@ -98,25 +99,47 @@ UNMIX_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("b", "c", "h", "w", "nh", "nw", "kind"), UNMIX_CASES)
-def test_unmix_kernels_match_reference(ops, b, c, h, w, nh, nw, kind):
-    info = make_info(b, 2, nh, nw, kind, seed=b * 100 + c)
-    f = torch.randn(b, c, h, w, dtype=torch.float64, device=DEVICE)
-    cov_y, cov_x = info.coverage_at(h, w)
-    want_all = f.sum(dim=(2, 3))
-    want_box = torch.einsum("bchw,bh,bw->bc", f, cov_y, cov_x)
-    s_all = torch.full((b, c), float("nan"), dtype=torch.float64, device=DEVICE)
-    s_box = torch.full((b, c), float("nan"), dtype=torch.float64, device=DEVICE)
-    ops.launch_unmix_sums(f, info.boxes, nh, nw, s_all, s_box)
-    torch.testing.assert_close(s_all, want_all, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(s_box, want_box, rtol=1e-12, atol=1e-12)
+# the fused pooling: every mode of Unmixer (full, fadeout with a tensor or a float strength, partial, sum pooling)
+POOL_MODES = [
+    (0.0, None, True),
+    ("tensor", None, True),
+    (0.35, None, True),
+    (0.0, 3, True),
+    ("tensor", 2, False),
+    (0.0, None, False),
+]
 
-    g_all = torch.randn(b, c, dtype=torch.float64, device=DEVICE)
-    g_box = torch.randn(b, c, dtype=torch.float64, device=DEVICE)
-    want_grad = g_all[:, :, None, None] + g_box[:, :, None, None] * (cov_y[:, :, None] * cov_x[:, None, :])[:, None]
+
+@pytest.mark.parametrize(("strength", "num_unmixed", "normalize"), POOL_MODES)
+@pytest.mark.parametrize(("b", "c", "h", "w", "nh", "nw", "kind"), UNMIX_CASES)
+def test_unmix_pool_kernels_match_reference(ops, b, c, h, w, nh, nw, kind, strength, num_unmixed, normalize):
+    info = make_info(b, 3, nh, nw, kind, seed=b * 10 + c)
+    if kind == "empty":  # a member owning the empty box alone: zero mask mass at every resolution
+        info = info._replace(inside=torch.eye(3, dtype=torch.float64, device=DEVICE)[torch.zeros(b, dtype=torch.long)])
+        info = info._replace(outside=1 - info.inside)
+    k = num_unmixed if num_unmixed is None else min(num_unmixed, c)
+    r = torch.tensor(0.6, dtype=torch.float64, device=DEVICE) if strength == "tensor" else strength
+    f = torch.randn(b, c, h, w, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    kw = {"num_unmixed": k, "normalize": normalize}
+    want = unmix_pool_reference(f, info, strength=float(r), **kw)
+    got = unmix_pool(f, info, strength=r, backend="triton", **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(want)
+    (want_grad,) = torch.autograd.grad(want, f, grad)
+    (got_grad,) = torch.autograd.grad(got, f, grad)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-11, atol=1e-12)
+
+    # the raw launchers write every element (outputs poisoned first)
+    r_t = r if isinstance(r, torch.Tensor) else None
+    inside, outside = (info.inside, info.outside) if r_t is not None else (info.faded(r).inside, info.faded(r).outside)
+    pooled = torch.full((b, 3, c), float("nan"), dtype=torch.float64, device=DEVICE)
+    ops.launch_unmix_pool(f.detach(), info.boxes, inside, outside, r_t, nh, nw, c if k is None else k, normalize,
+                          pooled)  # fmt: skip
+    torch.testing.assert_close(pooled, want.detach(), rtol=1e-12, atol=1e-12)
     grad_f = torch.full((b, c, h, w), float("nan"), dtype=torch.float64, device=DEVICE)
-    ops.launch_unmix_sums_backward(g_all, g_box, info.boxes, nh, nw, grad_f)
-    torch.testing.assert_close(grad_f, want_grad, rtol=1e-12, atol=1e-12)
+    ops.launch_unmix_pool_backward(grad, info.boxes, inside, outside, r_t, nh, nw, c if k is None else k, normalize,
+                                   grad_f)  # fmt: skip
+    torch.testing.assert_close(grad_f, want_grad, rtol=1e-11, atol=1e-12)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
@@ -178,7 +201,10 @@ def test_opcheck(ops):
     e = torch.randn(2, 3, 4, 6, 5, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.mixshare.mix.default, (e, info.boxes, info.inside, info.outside, 6, 5, 3.0))
     f = torch.randn(2, 4, 3, 3, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.mixshare.unmix_sums.default, (f, info.boxes, 6, 5))
+    r = torch.tensor(0.25, device=DEVICE)
+    for strength, k, normalize in ((None, 4, True), (r, 2, False)):
+        args = (f, info.boxes, info.inside, info.outside, strength, 6, 5, k, normalize)
+        torch.library.opcheck(torch.ops.mixshare.unmix_pool.default, args)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"] if DEVICE == "cuda" else ["aot_eager"])
@@ -221,7 +247,7 @@ def test_sampler_kernel_matches_torch_reference(ops, b, m, h, w, prob, dtype):
     work = torch.float64 if dtype == torch.float64 else torch.float32
     for seed in range(4):
         g = torch.Generator().manual_seed(seed)
-        lam = torch.distributions.Dirichlet(torch.full((m,), 2.0, dtype=work)).sample((b,))
+        lam = sample_dirichlet(2.0, b, m, dtype=work, generator=g)
         lam[0, 1:] = 0.0  # a row whose others all underflowed: they share the outside uniformly
         lam[0, 0] = 1.0
         owner = torch.randint(m, (1,), generator=g)

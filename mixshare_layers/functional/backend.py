@@ -6,7 +6,7 @@ implementations with the same contract:
 * ``"torch"``: plain tensor code (a custom ``autograd.Function`` whose backward writes each gradient in one pass);
   runs everywhere and is traced by ``torch.compile`` without graph breaks;
 * ``"triton"``: fused Triton kernels, masks computed in-kernel from the box coordinates, registered as
-  ``torch.library`` custom ops (``mixshare::mix``, ``mixshare::unmix_sums``) with their own backward and fake
+  ``torch.library`` custom ops (``mixshare::mix``, ``mixshare::unmix_pool``) with their own backward and fake
   (meta) implementations, so autograd and ``torch.compile`` see proper ops. CUDA tensors only (or CPU tensors under
   ``TRITON_INTERPRET=1``, which is how CI checks the kernels without a GPU).
 

@@ -140,19 +140,24 @@ def unmix_pool(
     _, c, h, w = features.shape
     acc = torch.promote_types(features.dtype, torch.float32)
     if use_triton(resolve_backend(backend), features):
-        # the kernel computes the coverage itself: no (B, h) / (B, w) coverage ops are launched here
+        # one kernel for the whole pooling (the two sums and the M members' averages), one for its gradient
         ops = triton_ops()
-        fn = ops.unmix_sums if torch.compiler.is_compiling() else ops.unmix_sums_eager  # the custom op for compile
-        s_all, s_box = fn(features, info.boxes, info.height, info.width)
+        inside, outside, r = info.inside, info.outside, None
+        if isinstance(strength, Tensor):
+            r = strength.reshape(()).to(features.device)  # faded in the kernel (a tensor stays on the device)
+        elif float(strength) != 0.0:
+            inside, outside = _pool_weights(info, strength, acc)  # a Python number: faded here, in exact arithmetic
+        fn = ops.unmix_pool if torch.compiler.is_compiling() else ops.unmix_pool_eager  # the custom op for compile
+        k = c if num_unmixed is None else num_unmixed
+        return fn(features, info.boxes, inside, outside, r, info.height, info.width, k, normalize)
+    cov_y, cov_x = info.coverage_at(h, w, dtype=acc)  # (B, h), (B, w)
+    if torch.compiler.is_compiling():
+        # plain differentiable ops under torch.compile (see functional.mixing.mix for why)
+        f = features.to(acc)
+        s_all = f.sum(dim=(2, 3))
+        s_box = torch.einsum("bchw,bh,bw->bc", f, cov_y, cov_x)
     else:
-        cov_y, cov_x = info.coverage_at(h, w, dtype=acc)  # (B, h), (B, w)
-        if torch.compiler.is_compiling():
-            # plain differentiable ops under torch.compile (see functional.mixing.mix for why)
-            f = features.to(acc)
-            s_all = f.sum(dim=(2, 3))
-            s_box = torch.einsum("bchw,bh,bw->bc", f, cov_y, cov_x)
-        else:
-            s_all, s_box = _UnmixSumsTorch.apply(features, cov_y, cov_x)  # (B, C) each, in acc
+        s_all, s_box = _UnmixSumsTorch.apply(features, cov_y, cov_x)  # (B, C) each, in acc
     # the box's area in cells of the h x w grid, sum(cov): exact area coverage keeps it (y1-y0)(x1-x0) hw / (H W)
     extent = info.boxes[:, 1::2] - info.boxes[:, 0::2]  # (B, 2): box height and width on the native grid
     area = extent.prod(dim=1, dtype=acc) * (h * w / (info.height * info.width))  # (B,)

@@ -5,7 +5,10 @@ Coverage (see :func:`mixshare_layers.mix_info.interval_coverage`): cell ``j`` of
 computed in int32 integers scaled by ``target`` (exact while ``native * target < 2**31``), then divided by
 ``native``. At the native resolution it is 0 or 1. The coverage of cell ``(y, x)`` is ``cov_y(y) * cov_x(x)``.
 
-Every kernel works on 2-D ``(rows, columns)`` tiles of the maps (3-D with a channel block for the unmix sums), so the
+Scalar arguments are converted with ``tl.cast`` (an integer argument equal to 1 arrives as a constant, which has no
+``.to``); float32 divisions and square roots are the IEEE-rounded ones, as in torch.
+
+Every kernel works on 2-D ``(rows, columns)`` tiles of the maps (3-D with a channel block for the unmix pooling), so the
 coverage is computed once per row and once per column of a tile rather than per element, no element index is ever
 divided into ``(y, x)``, and a map whose columns are contiguous (``stride_x == 1``, which Triton specialises) is read
 and written with vector accesses. Inputs are read through their strides (channels_last and other layouts need no copy);
@@ -93,61 +96,6 @@ def mix_bwd_kernel(
 
 
 @triton.jit
-def unmix_sums_fwd_kernel(
-    f_ptr, box_ptr, sall_ptr, sbox_ptr,
-    C, H, W, NH, NW,
-    s_b, s_c, s_y, s_x,
-    BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, ACC: tl.constexpr,
-):
-    """S_all[b, c] = sum f, S_box[b, c] = sum cov f; a program per (b, channel block), looping over row blocks.
-
-    Both sums accumulate element-wise in registers and are reduced once at the end.
-    """
-    b = tl.program_id(0)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cs < C
-    xs = tl.arange(0, BLOCK_X)
-    x_ok = xs < W
-    base = f_ptr + b.to(tl.int64) * s_b + (cs.to(tl.int64) * s_c)[:, None, None]
-    acc_all = tl.zeros([BLOCK_C, BLOCK_Y, BLOCK_X], dtype=ACC)
-    acc_box = tl.zeros([BLOCK_C, BLOCK_Y, BLOCK_X], dtype=ACC)
-    for y_start in range(0, H, BLOCK_Y):
-        ys = y_start + tl.arange(0, BLOCK_Y)
-        cov = _tile_coverage(box_ptr, b, ys, xs, H, W, NH, NW, ACC)
-        cell = ys[:, None] * s_y + xs[None, :] * s_x
-        ok = c_ok[:, None, None] & ((ys < H)[:, None] & x_ok[None, :])[None, :, :]
-        f = tl.load(base + cell[None, :, :], mask=ok, other=0.0).to(ACC)
-        acc_all += f
-        acc_box += f * cov[None, :, :]
-    dst = b.to(tl.int64) * C + cs
-    tl.store(sall_ptr + dst, tl.sum(tl.sum(acc_all, axis=2), axis=1), mask=c_ok)
-    tl.store(sbox_ptr + dst, tl.sum(tl.sum(acc_box, axis=2), axis=1), mask=c_ok)
-
-
-@triton.jit
-def unmix_sums_bwd_kernel(
-    gall_ptr, gbox_ptr, box_ptr, gf_ptr,
-    C, H, W, NH, NW,
-    BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, ACC: tl.constexpr,
-):
-    """gf[b, c, y, x] = g_all[b, c] + g_box[b, c] * cov(y, x), written once (contiguous ``(B, C, h, w)``)."""
-    b = tl.program_id(0)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ys = tl.program_id(2) * BLOCK_Y + tl.arange(0, BLOCK_Y)
-    xs = tl.arange(0, BLOCK_X)
-    c_ok = cs < C
-    cov = _tile_coverage(box_ptr, b, ys, xs, H, W, NH, NW, ACC)
-    src = b.to(tl.int64) * C + cs
-    g_all = tl.load(gall_ptr + src, mask=c_ok, other=0.0).to(ACC)
-    g_box = tl.load(gbox_ptr + src, mask=c_ok, other=0.0).to(ACC)
-    val = g_all[:, None, None] + g_box[:, None, None] * cov[None, :, :]
-    cell = ys[:, None] * W + xs[None, :]
-    dst = gf_ptr + (src.to(tl.int64) * H * W)[:, None, None] + cell[None, :, :]
-    ok = c_ok[:, None, None] & ((ys < H)[:, None] & (xs < W)[None, :])[None, :, :]
-    tl.store(dst, val.to(gf_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
 def _sqrt(x, WORK: tl.constexpr):
     """IEEE-rounded square root, as torch computes it (float64's ``sqrt`` already is)."""
     if WORK == tl.float64:
@@ -192,8 +140,8 @@ def finish_mix_kernel(
 
     # the box: half sides floor(S sqrt(λ_o) / 2), centre from the flat pixel index, corners clipped
     side = _sqrt(lam_owner, WORK)
-    half_h = (side * (H * 0.5).to(tl.float32).to(WORK)).to(tl.int32)
-    half_w = (side * (W * 0.5).to(tl.float32).to(WORK)).to(tl.int32)
+    half_h = (side * tl.cast(tl.cast(H, tl.float32) * 0.5, WORK)).to(tl.int32)
+    half_w = (side * tl.cast(tl.cast(W, tl.float32) * 0.5, WORK)).to(tl.int32)
     pixel = tl.load(pixel_ptr + rows, mask=r_ok, other=0).to(tl.int32)
     cy = pixel // W
     cx = pixel % W
@@ -201,7 +149,7 @@ def finish_mix_kernel(
     y1 = tl.minimum(cy + half_h, H)
     x0 = tl.maximum(cx - half_w, 0)
     x1 = tl.minimum(cx + half_w, W)
-    cells = (H * W).to(WORK) + tl.zeros([BLOCK_B], dtype=WORK)  # (the precise division takes equal shapes)
+    cells = tl.cast(H * W, WORK) + tl.zeros([BLOCK_B], dtype=WORK)  # (the precise division takes equal shapes)
     area = _div((y1 - y0).to(WORK) * (x1 - x0).to(WORK), cells, WORK)  # (BLOCK_B,)
 
     # the others share the outside in proportion to their λ (uniformly if all of theirs underflowed to 0)
@@ -235,3 +183,122 @@ def finish_mix_kernel(
     tl.store(inside_ptr + dst, tl.where(use_cut, hot_rows, lam).to(inside_ptr.dtype.element_ty), mask=ok)
     tl.store(outside_ptr + dst, tl.where(use_cut, cut_outside, lam).to(outside_ptr.dtype.element_ty), mask=ok)
     tl.store(ratios_ptr + dst, tl.where(use_cut, cut_ratios, lam).to(ratios_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _member_weights(in_ptr, out_ptr, b, i, r, M: tl.constexpr, ACC: tl.constexpr):
+    """Member ``i``'s faded compositions ``m + r (1 - m)`` inside and outside the box (scalars)."""
+    w_in = tl.load(in_ptr + b * M + i).to(ACC)
+    w_out = tl.load(out_ptr + b * M + i).to(ACC)
+    return w_in + r * (1.0 - w_in), w_out + r * (1.0 - w_out)
+
+
+@triton.jit
+def _box_area(box_ptr, b, H, W, NH, NW, ACC: tl.constexpr):
+    """The box's area in cells of the ``H x W`` map: ``(y1 - y0)(x1 - x0) H W / (NH NW)`` (= the sum of coverage)."""
+    y0 = tl.load(box_ptr + b * 4 + 0)
+    y1 = tl.load(box_ptr + b * 4 + 1)
+    x0 = tl.load(box_ptr + b * 4 + 2)
+    x1 = tl.load(box_ptr + b * 4 + 3)
+    return ((y1 - y0) * (x1 - x0)).to(ACC) * _div(tl.cast(H * W, ACC), tl.cast(NH * NW, ACC), ACC)
+
+
+@triton.jit
+def unmix_pool_fwd_kernel(
+    f_ptr, box_ptr, in_ptr, out_ptr, r_ptr, pooled_ptr,
+    C, H, W, NH, NW, num_unmixed,
+    s_b, s_c, s_y, s_x,
+    M: tl.constexpr, HAS_R: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, ACC: tl.constexpr,
+):
+    """pooled[b, i, c]: member i's masked average (or sum / hw) of f[b, c]; a program per (b, channel block).
+
+    The two sums S_all = sum f and S_box = sum cov f accumulate element-wise in registers and are reduced once; the
+    M pooled values per channel are formed from them in the epilogue (channels from ``num_unmixed`` on get the plain
+    average).
+    """
+    b = tl.program_id(0)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cs < C
+    xs = tl.arange(0, BLOCK_X)
+    x_ok = xs < W
+    base = f_ptr + b.to(tl.int64) * s_b + (cs.to(tl.int64) * s_c)[:, None, None]
+    acc_all = tl.zeros([BLOCK_C, BLOCK_Y, BLOCK_X], dtype=ACC)
+    acc_box = tl.zeros([BLOCK_C, BLOCK_Y, BLOCK_X], dtype=ACC)
+    for y_start in range(0, H, BLOCK_Y):
+        ys = y_start + tl.arange(0, BLOCK_Y)
+        cov = _tile_coverage(box_ptr, b, ys, xs, H, W, NH, NW, ACC)
+        cell = ys[:, None] * s_y + xs[None, :] * s_x
+        ok = c_ok[:, None, None] & ((ys < H)[:, None] & x_ok[None, :])[None, :, :]
+        f = tl.load(base + cell[None, :, :], mask=ok, other=0.0).to(ACC)
+        acc_all += f
+        acc_box += f * cov[None, :, :]
+    s_all = tl.sum(tl.sum(acc_all, axis=2), axis=1)
+    s_box = tl.sum(tl.sum(acc_box, axis=2), axis=1)
+
+    if HAS_R:  # the fadeout strength, a 0-dim tensor (a float strength is applied to the compositions beforehand)
+        r = tl.load(r_ptr).to(ACC)
+    else:
+        r = 0.0
+    hw = tl.cast(H * W, ACC)
+    area = _box_area(box_ptr, b, H, W, NH, NW, ACC)
+    zeros = tl.zeros([BLOCK_C], dtype=ACC)
+    plain = _div(s_all, zeros + hw, ACC)
+    unmixed = cs < num_unmixed
+    for i in tl.static_range(M):
+        w_in, w_out = _member_weights(in_ptr, out_ptr, b, i, r, M, ACC)
+        num = w_in * s_box + w_out * (s_all - s_box)
+        if NORMALIZE:
+            mass = w_in * area + w_out * (hw - area)
+            val = tl.where(mass > 0, _div(num, zeros + tl.where(mass > 0, mass, 1.0), ACC), 0.0)
+        else:
+            val = _div(num, zeros + hw, ACC)
+        val = tl.where(unmixed, val, plain)
+        dst = pooled_ptr + (b.to(tl.int64) * M + i) * C + cs
+        tl.store(dst, val.to(pooled_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def unmix_pool_bwd_kernel(
+    gp_ptr, box_ptr, in_ptr, out_ptr, r_ptr, gf_ptr,
+    C, H, W, NH, NW, num_unmixed,
+    M: tl.constexpr, HAS_R: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, ACC: tl.constexpr,
+):
+    """gf[b, c, y, x] = g_all[b, c] + g_box[b, c] cov(y, x), with g_all / g_box gathered from the M pooled
+    gradients in the prologue; written once (contiguous ``(B, C, h, w)``)."""
+    b = tl.program_id(0)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ys = tl.program_id(2) * BLOCK_Y + tl.arange(0, BLOCK_Y)
+    xs = tl.arange(0, BLOCK_X)
+    c_ok = cs < C
+    if HAS_R:  # the fadeout strength, a 0-dim tensor (a float strength is applied to the compositions beforehand)
+        r = tl.load(r_ptr).to(ACC)
+    else:
+        r = 0.0
+    hw = tl.cast(H * W, ACC)
+    area = _box_area(box_ptr, b, H, W, NH, NW, ACC)
+    unmixed = cs < num_unmixed
+    g_all = tl.zeros([BLOCK_C], dtype=ACC)
+    g_box = tl.zeros([BLOCK_C], dtype=ACC)
+    g_plain = tl.zeros([BLOCK_C], dtype=ACC)
+    for i in tl.static_range(M):
+        g = tl.load(gp_ptr + (b.to(tl.int64) * M + i) * C + cs, mask=c_ok, other=0.0).to(ACC)
+        w_in, w_out = _member_weights(in_ptr, out_ptr, b, i, r, M, ACC)
+        if NORMALIZE:
+            mass = w_in * area + w_out * (hw - area)
+            inv = tl.where(mass > 0, _div(tl.cast(1.0, ACC), tl.where(mass > 0, mass, 1.0).to(ACC), ACC), 0.0)
+        else:
+            inv = _div(tl.cast(1.0, ACC), hw, ACC)
+        g_all += g * (w_out * inv)
+        g_box += g * ((w_in - w_out) * inv)
+        g_plain += g
+    g_all = tl.where(unmixed, g_all, _div(g_plain, tl.zeros([BLOCK_C], dtype=ACC) + hw, ACC))
+    g_box = tl.where(unmixed, g_box, 0.0)
+    cov = _tile_coverage(box_ptr, b, ys, xs, H, W, NH, NW, ACC)
+    val = g_all[:, None, None] + g_box[:, None, None] * cov[None, :, :]
+    cell = ys[:, None] * W + xs[None, :]
+    rows = b.to(tl.int64) * C + cs
+    dst = gf_ptr + (rows * H * W)[:, None, None] + cell[None, :, :]
+    ok = c_ok[:, None, None] & ((ys < H)[:, None] & (xs < W)[None, :])[None, :, :]
+    tl.store(dst, val.to(gf_ptr.dtype.element_ty), mask=ok)

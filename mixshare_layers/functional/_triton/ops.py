@@ -4,13 +4,16 @@
   ``(B, C, H, W)`` in the encodings' dtype. Backward: ``mixshare::mix_backward``, which reads the output gradient
   once and writes the ``(B, M, C, H, W)`` gradient once. The boxes and compositions get no gradient (they describe
   a random draw, nothing learnable).
-* ``mixshare::unmix_sums(features, boxes, native_h, native_w) -> (s_all, s_box)``: ``(B, C, h, w)`` -> two
-  ``(B, C)`` sums in float32 (float64 for float64 features). Backward: ``mixshare::unmix_sums_backward`` writes the
-  feature gradient ``g_all + g_box * cov`` once, in the features' dtype.
+* ``mixshare::unmix_pool(features, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize)
+  -> pooled``: ``(B, C, h, w)`` -> ``(B, M, C)`` in the features' dtype: the M members' masked averages (or sums over
+  ``h w``) through their (faded) masks, from two sums accumulated in float32 (float64 for float64 features); channels
+  from ``num_unmixed`` on get the plain average. ``strength`` is an optional 0-dim tensor. Backward:
+  ``mixshare::unmix_pool_backward`` writes the feature gradient ``g_all + g_box * cov`` once.
+* :func:`finish_mix` (no autograd): the boxes and compositions of a mix from its random draws, in one launch.
 
 Only the ``torch.library.custom_op`` / ``register_autograd`` / ``register_fake`` API of torch 2.4 is used.
 
-In eager mode, :func:`mix_eager` / :func:`unmix_sums_eager` launch the same kernels through plain autograd Functions,
+In eager mode, :func:`mix_eager` / :func:`unmix_pool_eager` launch the same kernels through plain autograd Functions,
 skipping the custom-op dispatch layers (host time that dominates at small sizes); under ``torch.compile`` the custom
 ops are used, so the compiler sees one opaque op with registered fake and backward implementations.
 """
@@ -28,17 +31,18 @@ __all__ = [
     "finish_mix",
     "launch_mix",
     "launch_mix_backward",
-    "launch_unmix_sums",
-    "launch_unmix_sums_backward",
+    "launch_unmix_pool",
+    "launch_unmix_pool_backward",
     "mix",
     "mix_eager",
-    "unmix_sums",
-    "unmix_sums_eager",
+    "unmix_pool",
+    "unmix_pool_eager",
 ]
 
 # elements per program tile and warps per program, per kernel family (benchmarks/run.py sweeps them on a GPU)
 _MIX_TILE, _MIX_WARPS = 2048, 4
-_UNMIX_TILE, _UNMIX_WARPS = 2048, 4
+_UNMIX_TILE, _UNMIX_WARPS = 4096, 4  # the forward (a reduction)
+_UNMIX_BWD_TILE, _UNMIX_BWD_WARPS = 2048, 4  # the backward (a broadcast write)
 
 
 def _acc(dtype: torch.dtype) -> tuple[torch.dtype, object]:
@@ -52,10 +56,10 @@ def _map_blocks(h: int, w: int, tile: int) -> tuple[int, int]:
     return block_y, block_x
 
 
-def _unmix_blocks(c: int, h: int, w: int) -> tuple[int, int, int]:
+def _unmix_blocks(c: int, h: int, w: int, tile: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_Y, BLOCK_X) of the unmix kernels: a map tile, then channels up to the tile size."""
-    block_y, block_x = _map_blocks(h, w, _UNMIX_TILE)
-    block_c = max(1, min(triton.next_power_of_2(c), _UNMIX_TILE // (block_y * block_x)))
+    block_y, block_x = _map_blocks(h, w, tile)
+    block_c = max(1, min(triton.next_power_of_2(c), tile // (block_y * block_x)))
     return block_c, block_y, block_x
 
 
@@ -118,46 +122,6 @@ def launch_mix_backward(
     return out
 
 
-def launch_unmix_sums(
-    features: Tensor, boxes: Tensor, native_h: int, native_w: int, s_all: Tensor, s_box: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Fill ``s_all``/``s_box`` ``(B, C)`` (float32 or float64) with the two sums of ``features`` (any strides)."""
-    b, c, h, w = features.shape
-    if s_all.numel() == 0:
-        return s_all, s_box
-    if h * w == 0:
-        return s_all.zero_(), s_box.zero_()
-    _, acc = _acc(features.dtype)
-    block_c, block_y, block_x = _unmix_blocks(c, h, w)
-    s = features.stride()
-    grid = (b, triton.cdiv(c, block_c))
-    kernels.unmix_sums_fwd_kernel[grid](
-        features, boxes.contiguous(), s_all, s_box,
-        c, h, w, native_h, native_w,
-        s[0], s[1], s[2], s[3],
-        BLOCK_C=block_c, BLOCK_Y=block_y, BLOCK_X=block_x, ACC=acc, num_warps=_UNMIX_WARPS,
-    )  # fmt: skip
-    return s_all, s_box
-
-
-def launch_unmix_sums_backward(
-    grad_all: Tensor, grad_box: Tensor, boxes: Tensor, native_h: int, native_w: int, out: Tensor
-) -> Tensor:
-    """Fill the contiguous ``out`` ``(B, C, h, w)`` with ``grad_all + grad_box * cov``."""
-    b, c, h, w = out.shape
-    if out.numel() == 0:
-        return out
-    _, acc = _acc(grad_all.dtype)
-    block_c, block_y, block_x = _unmix_blocks(c, h, w)
-    grid = (b, triton.cdiv(c, block_c), triton.cdiv(h, block_y))
-    kernels.unmix_sums_bwd_kernel[grid](
-        grad_all.contiguous(), grad_box.contiguous(), boxes.contiguous(), out,
-        c, h, w, native_h, native_w,
-        BLOCK_C=block_c, BLOCK_Y=block_y, BLOCK_X=block_x, ACC=acc, num_warps=_UNMIX_WARPS,
-    )  # fmt: skip
-    return out
-
-
 # -- mixing ------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("mixshare::mix", mutates_args=())
 def mix(
@@ -206,52 +170,139 @@ def _mix_bwd(ctx, grad):
 mix.register_autograd(_mix_bwd, setup_context=_mix_setup)
 
 
-# -- unmixing ----------------------------------------------------------------------------------------------------
-@torch.library.custom_op("mixshare::unmix_sums", mutates_args=())
-def unmix_sums(features: Tensor, boxes: Tensor, native_h: int, native_w: int) -> tuple[Tensor, Tensor]:
-    b, c, _, _ = features.shape
-    acc_t, _ = _acc(features.dtype)
-    s_all = torch.empty((b, c), device=features.device, dtype=acc_t)
-    s_box = torch.empty((b, c), device=features.device, dtype=acc_t)
-    return launch_unmix_sums(features, boxes, native_h, native_w, s_all, s_box)
-
-
-@unmix_sums.register_fake
-def _(features, boxes, native_h, native_w):
-    b, c, _, _ = features.shape
-    acc_t, _ = _acc(features.dtype)
-    return features.new_empty((b, c), dtype=acc_t), features.new_empty((b, c), dtype=acc_t)
-
-
-@torch.library.custom_op("mixshare::unmix_sums_backward", mutates_args=())
-def unmix_sums_backward(
-    grad_all: Tensor, grad_box: Tensor, boxes: Tensor, native_h: int, native_w: int, h: int, w: int, dtype: torch.dtype
+# -- fused unmix + pool ------------------------------------------------------------------------------------------
+def launch_unmix_pool(
+    features: Tensor,
+    boxes: Tensor,
+    inside: Tensor,
+    outside: Tensor,
+    strength: Tensor | None,
+    native_h: int,
+    native_w: int,
+    num_unmixed: int,
+    normalize: bool,
+    out: Tensor,
 ) -> Tensor:
-    b, c = grad_all.shape
-    out = torch.empty((b, c, h, w), device=grad_all.device, dtype=dtype)
-    return launch_unmix_sums_backward(grad_all, grad_box, boxes, native_h, native_w, out)
+    """Fill ``out`` ``(B, M, C)`` with the per-member masked pooling of ``features`` ``(B, C, h, w)`` (any strides).
+
+    ``strength`` is a 0-dim tensor (fadeout) or ``None`` (no fading); channels from ``num_unmixed`` on get the plain
+    average.
+    """
+    b, c, h, w = features.shape
+    m = inside.shape[1]
+    if out.numel() == 0:
+        return out
+    _, acc = _acc(features.dtype)
+    block_c, block_y, block_x = _unmix_blocks(c, h, w, _UNMIX_TILE)
+    s = features.stride()
+    grid = (b, triton.cdiv(c, block_c))
+    kernels.unmix_pool_fwd_kernel[grid](
+        features, boxes.contiguous(), inside.contiguous(), outside.contiguous(),
+        boxes if strength is None else strength, out,
+        c, h, w, native_h, native_w, num_unmixed,
+        s[0], s[1], s[2], s[3],
+        M=m, HAS_R=strength is not None, NORMALIZE=bool(normalize),
+        BLOCK_C=block_c, BLOCK_Y=block_y, BLOCK_X=block_x, ACC=acc, num_warps=_UNMIX_WARPS,
+    )  # fmt: skip
+    return out
 
 
-@unmix_sums_backward.register_fake
-def _(grad_all, grad_box, boxes, native_h, native_w, h, w, dtype):
-    b, c = grad_all.shape
-    return grad_all.new_empty((b, c, h, w), dtype=dtype)
+def launch_unmix_pool_backward(
+    grad: Tensor,
+    boxes: Tensor,
+    inside: Tensor,
+    outside: Tensor,
+    strength: Tensor | None,
+    native_h: int,
+    native_w: int,
+    num_unmixed: int,
+    normalize: bool,
+    out: Tensor,
+) -> Tensor:
+    """Fill the contiguous ``out`` ``(B, C, h, w)`` with the feature gradient of :func:`launch_unmix_pool`."""
+    b, c, h, w = out.shape
+    m = inside.shape[1]
+    if out.numel() == 0:
+        return out
+    _, acc = _acc(out.dtype)
+    block_c, block_y, block_x = _unmix_blocks(c, h, w, _UNMIX_BWD_TILE)
+    grid = (b, triton.cdiv(c, block_c), triton.cdiv(h, block_y))
+    kernels.unmix_pool_bwd_kernel[grid](
+        grad.contiguous(), boxes.contiguous(), inside.contiguous(), outside.contiguous(),
+        boxes if strength is None else strength, out,
+        c, h, w, native_h, native_w, num_unmixed,
+        M=m, HAS_R=strength is not None, NORMALIZE=bool(normalize),
+        BLOCK_C=block_c, BLOCK_Y=block_y, BLOCK_X=block_x, ACC=acc, num_warps=_UNMIX_BWD_WARPS,
+    )  # fmt: skip
+    return out
 
 
-def _unmix_setup(ctx, inputs, output) -> None:
-    features, boxes, native_h, native_w = inputs
-    ctx.save_for_backward(boxes)
-    ctx.geometry = (native_h, native_w, features.shape[2], features.shape[3], features.dtype)
+@torch.library.custom_op("mixshare::unmix_pool", mutates_args=())
+def unmix_pool(
+    features: Tensor,
+    boxes: Tensor,
+    inside: Tensor,
+    outside: Tensor,
+    strength: Tensor | None,
+    native_h: int,
+    native_w: int,
+    num_unmixed: int,
+    normalize: bool,
+) -> Tensor:
+    b, c, _, _ = features.shape
+    out = torch.empty((b, inside.shape[1], c), device=features.device, dtype=features.dtype)
+    return launch_unmix_pool(features, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize,
+                             out)  # fmt: skip
 
 
-def _unmix_bwd(ctx, grad_all, grad_box):
-    (boxes,) = ctx.saved_tensors
-    native_h, native_w, h, w, dtype = ctx.geometry
-    grad_f = unmix_sums_backward(grad_all, grad_box, boxes, native_h, native_w, h, w, dtype)
-    return grad_f, None, None, None
+@unmix_pool.register_fake
+def _(features, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize):
+    b, c, _, _ = features.shape
+    return features.new_empty((b, inside.shape[1], c))
 
 
-unmix_sums.register_autograd(_unmix_bwd, setup_context=_unmix_setup)
+@torch.library.custom_op("mixshare::unmix_pool_backward", mutates_args=())
+def unmix_pool_backward(
+    grad: Tensor,
+    boxes: Tensor,
+    inside: Tensor,
+    outside: Tensor,
+    strength: Tensor | None,
+    native_h: int,
+    native_w: int,
+    num_unmixed: int,
+    normalize: bool,
+    h: int,
+    w: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    b, _, c = grad.shape
+    out = torch.empty((b, c, h, w), device=grad.device, dtype=dtype)
+    return launch_unmix_pool_backward(grad, boxes, inside, outside, strength, native_h, native_w, num_unmixed,
+                                      normalize, out)  # fmt: skip
+
+
+@unmix_pool_backward.register_fake
+def _(grad, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize, h, w, dtype):
+    b, _, c = grad.shape
+    return grad.new_empty((b, c, h, w), dtype=dtype)
+
+
+def _pool_setup(ctx, inputs, output) -> None:
+    features, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize = inputs
+    ctx.save_for_backward(boxes, inside, outside, strength)
+    ctx.geometry = (native_h, native_w, num_unmixed, normalize, features.shape[2], features.shape[3], features.dtype)
+
+
+def _pool_bwd(ctx, grad):
+    boxes, inside, outside, strength = ctx.saved_tensors
+    native_h, native_w, num_unmixed, normalize, h, w, dtype = ctx.geometry
+    grad_f = unmix_pool_backward(grad, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize,
+                                 h, w, dtype)  # fmt: skip
+    return grad_f, None, None, None, None, None, None, None, None
+
+
+unmix_pool.register_autograd(_pool_bwd, setup_context=_pool_setup)
 
 
 # -- eager entry points ------------------------------------------------------------------------------------------
@@ -279,25 +330,40 @@ class _MixEager(torch.autograd.Function):
         return out, None, None, None, None, None, None
 
 
-class _UnmixSumsEager(torch.autograd.Function):
+class _UnmixPoolEager(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, boxes, native_h, native_w):
+    def forward(ctx, features, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize):
         b, c, h, w = features.shape
-        acc_t, _ = _acc(features.dtype)
-        s_all = torch.empty((b, c), device=features.device, dtype=acc_t)
-        s_box = torch.empty((b, c), device=features.device, dtype=acc_t)
-        ctx.save_for_backward(boxes)
-        ctx.geometry = (native_h, native_w, h, w, features.dtype)
-        return launch_unmix_sums(features, boxes, native_h, native_w, s_all, s_box)
+        out = torch.empty((b, inside.shape[1], c), device=features.device, dtype=features.dtype)
+        ctx.save_for_backward(boxes, inside, outside, strength)
+        ctx.geometry = (native_h, native_w, num_unmixed, normalize, h, w, features.dtype)
+        return launch_unmix_pool(features, boxes, inside, outside, strength, native_h, native_w, num_unmixed,
+                                 normalize, out)  # fmt: skip
 
     @staticmethod
-    def backward(ctx, grad_all, grad_box):
-        (boxes,) = ctx.saved_tensors
-        native_h, native_w, h, w, dtype = ctx.geometry
-        b, c = grad_all.shape
-        out = torch.empty((b, c, h, w), device=grad_all.device, dtype=dtype)
-        launch_unmix_sums_backward(grad_all, grad_box, boxes, native_h, native_w, out)
-        return out, None, None, None
+    def backward(ctx, grad):
+        boxes, inside, outside, strength = ctx.saved_tensors
+        native_h, native_w, num_unmixed, normalize, h, w, dtype = ctx.geometry
+        out = torch.empty((grad.shape[0], grad.shape[2], h, w), device=grad.device, dtype=dtype)
+        launch_unmix_pool_backward(grad, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize,
+                                   out)  # fmt: skip
+        return out, None, None, None, None, None, None, None, None
+
+
+def unmix_pool_eager(
+    features: Tensor,
+    boxes: Tensor,
+    inside: Tensor,
+    outside: Tensor,
+    strength: Tensor | None,
+    native_h: int,
+    native_w: int,
+    num_unmixed: int,
+    normalize: bool,
+) -> Tensor:
+    """:func:`unmix_pool` without the custom-op dispatch (eager mode only; same kernels, same gradient)."""
+    return _UnmixPoolEager.apply(features, boxes, inside, outside, strength, native_h, native_w, num_unmixed,
+                                 normalize)  # fmt: skip
 
 
 def mix_eager(
@@ -305,11 +371,6 @@ def mix_eager(
 ) -> Tensor:
     """:func:`mix` without the custom-op dispatch (eager mode only; same kernels, same gradient)."""
     return _MixEager.apply(encodings, boxes, inside, outside, native_h, native_w, scale)
-
-
-def unmix_sums_eager(features: Tensor, boxes: Tensor, native_h: int, native_w: int) -> tuple[Tensor, Tensor]:
-    """:func:`unmix_sums` without the custom-op dispatch (eager mode only; same kernels, same gradient)."""
-    return _UnmixSumsEager.apply(features, boxes, native_h, native_w)
 
 
 # -- sampling ----------------------------------------------------------------------------------------------------
