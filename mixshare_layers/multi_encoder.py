@@ -245,7 +245,8 @@ class MultiEncoder(nn.Module):
                     dim=1,
                 )
             if self.fused:
-                weight, groups = self.weight, m * self.groups
+                weight: Tensor = self.weight
+                groups = m * self.groups
                 if path == "dense" and self.groups == 1:
                     # one dense convolution with the block-diagonal (M C', M C, k, k) kernel: M times the
                     # multiply-adds of the grouped one, but cuDNN's dense kernels are faster for a few input channels

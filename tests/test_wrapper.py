@@ -383,12 +383,12 @@ def test_cuda_training_step_never_syncs_and_replays_as_a_cuda_graph(preset):
     x = torch.randn(8, 2, 3, 32, 32, device="cuda")
     y = torch.randint(10, (8, 2), device="cuda")
 
-    def step() -> tuple[torch.Tensor, torch.Tensor]:
+    def step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model.zero_grad(set_to_none=True)
         out = model(x)
         loss = loss_fn(out, y)
         loss.backward()
-        return loss, out.mix_info.ratios
+        return loss, out.mix_info.ratios, out.mix_info.cutmix
 
     step()  # warm-up (cuDNN choices, cached constants)
     torch.cuda.synchronize()
@@ -405,7 +405,7 @@ def test_cuda_training_step_never_syncs_and_replays_as_a_cuda_graph(preset):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        loss, ratios = step()
+        loss, ratios, cutmix = step()
     graph.replay()
     first_loss, first_ratios = loss.clone(), ratios.clone()
     graph.replay()
@@ -415,3 +415,8 @@ def test_cuda_training_step_never_syncs_and_replays_as_a_cuda_graph(preset):
     torch.testing.assert_close(ratios.sum(1), torch.ones(8, device="cuda"))
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+    if model.mixer.cutmix_ramp > 0:  # the replays read the progress buffer: at the end of the ramp, no CutMix
+        model.set_progress(1.0)
+        for _ in range(3):
+            graph.replay()
+            assert not bool(cutmix)

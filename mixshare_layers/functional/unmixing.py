@@ -87,8 +87,10 @@ def _pool_weights(info: MixInfo, strength: Tensor | float, dtype: torch.dtype) -
     outside = info.outside.to(dtype)
     if not isinstance(strength, Tensor):
         # a Python number stays one: no host-to-device copy (a synchronisation on CUDA), and none of the ops for 0
-        r = float(strength)
-        return (inside, outside) if r == 0.0 else (inside + r * (1 - inside), outside + r * (1 - outside))
+        value = float(strength)
+        if value == 0.0:
+            return inside, outside
+        return inside + value * (1 - inside), outside + value * (1 - outside)
     r = strength.to(dtype=dtype, device=inside.device)
     return inside + r * (1 - inside), outside + r * (1 - outside)
 

@@ -395,7 +395,8 @@ def finish_mix(
     ratios = torch.empty((b, m), device=dev, dtype=dtype)
     cut = torch.empty((), device=dev, dtype=torch.bool)
     in_memory = isinstance(cutmix_prob, Tensor)
-    prob_tensor = cutmix_prob.to(dev) if in_memory else coin  # compared in its own dtype; (coin: an unused pointer)
+    # a tensor probability is compared in its own dtype; a float one is passed by value (then coin is an unused pointer)
+    prob_tensor = cutmix_prob.to(dev) if isinstance(cutmix_prob, Tensor) else coin
     block_b = min(triton.next_power_of_2(max(b, 1)), 128)
     _, work = _acc(lam.dtype)
     kernels.finish_mix_kernel[(triton.cdiv(b, block_b),)](
