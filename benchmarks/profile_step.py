@@ -15,13 +15,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mixshare_layers import MIMOLoss, MIMOWrapper
-from mixshare_layers.models import wide_resnet
+from run import StepPair  # benchmarks/run.py (this script's directory is on sys.path)
 
 
 def main() -> int:
@@ -31,25 +29,8 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    rows, m = 64, 2
-    mimo = MIMOWrapper(wide_resnet(28, 2, num_classes=100), m, "mixshare").to(device).train()
-    plain = wide_resnet(28, 2, num_classes=100).to(device).train()
-    loss_fn = MIMOLoss(mimo.config.rebalance_root)
-    opt_m = torch.optim.SGD(mimo.parameters(), lr=0.025, momentum=0.9, nesterov=True, weight_decay=6e-4)
-    opt_p = torch.optim.SGD(plain.parameters(), lr=0.025, momentum=0.9, nesterov=True, weight_decay=6e-4)
-    xm, ym = torch.randn(rows, m, 3, 32, 32, device=device), torch.randint(100, (rows, m), device=device)
-    xp, yp = torch.randn(rows, 3, 32, 32, device=device), torch.randint(100, (rows,), device=device)
-
-    def step_mimo() -> None:
-        opt_m.zero_grad(set_to_none=True)
-        loss_fn(mimo(xm), ym).backward()
-        opt_m.step()
-
-    def step_plain() -> None:
-        opt_p.zero_grad(set_to_none=True)
-        F.cross_entropy(plain(xp), yp).backward()
-        opt_p.step()
+    pair = StepPair(device)
+    step_mimo, step_plain = pair.step_mimo, pair.step_plain
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for name, step in (("mimo", step_mimo), ("plain", step_plain)):

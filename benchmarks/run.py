@@ -234,30 +234,41 @@ def stage_b(device: torch.device, reps: int) -> None:
 
 
 # -- (c) training step -----------------------------------------------------------------------------------------------
+class StepPair:
+    """Stage c's two training steps on the same 64 rows: MIMOWrapper(WRN-28-2, M=2, "mixshare") and the plain
+    WRN-28-2, each with the paper's SGD (also used by benchmarks/profile_step.py)."""
+
+    def __init__(self, device: torch.device, rows: int = 64, m: int = 2) -> None:
+        torch.manual_seed(0)
+        self.mimo = MIMOWrapper(wide_resnet(28, 2, num_classes=100), m, "mixshare").to(device).train()
+        self.plain = wide_resnet(28, 2, num_classes=100).to(device).train()
+        self.mimo.set_progress(0.05)
+        self.loss_fn = MIMOLoss(self.mimo.config.rebalance_root)
+        sgd = {"lr": 0.025, "momentum": 0.9, "nesterov": True, "weight_decay": 6e-4}
+        self.opt_m = torch.optim.SGD(self.mimo.parameters(), **sgd)
+        self.opt_p = torch.optim.SGD(self.plain.parameters(), **sgd)
+        self.xm = torch.randn(rows, m, 3, 32, 32, device=device)
+        self.ym = torch.randint(100, (rows, m), device=device)
+        self.xp = torch.randn(rows, 3, 32, 32, device=device)
+        self.yp = torch.randint(100, (rows,), device=device)
+
+    def step_mimo(self, model: Callable | None = None) -> None:
+        """One step of the MIMO model (or of ``model``, e.g. its compiled version)."""
+        self.opt_m.zero_grad(set_to_none=True)
+        self.loss_fn((model or self.mimo)(self.xm), self.ym).backward()
+        self.opt_m.step()
+
+    def step_plain(self, model: Callable | None = None) -> None:
+        """One step of the plain model (or of ``model``)."""
+        self.opt_p.zero_grad(set_to_none=True)
+        F.cross_entropy((model or self.plain)(self.xp), self.yp).backward()
+        self.opt_p.step()
+
+
 def stage_c(device: torch.device, reps: int) -> None:
-    torch.manual_seed(0)
     rows, m = 64, 2
-    mimo = MIMOWrapper(wide_resnet(28, 2, num_classes=100), m, "mixshare").to(device).train()
-    plain = wide_resnet(28, 2, num_classes=100).to(device).train()
-    loss_fn = MIMOLoss(mimo.config.rebalance_root)
-    opt_m = torch.optim.SGD(mimo.parameters(), lr=0.025, momentum=0.9, nesterov=True, weight_decay=6e-4)
-    opt_p = torch.optim.SGD(plain.parameters(), lr=0.025, momentum=0.9, nesterov=True, weight_decay=6e-4)
-    xm = torch.randn(rows, m, 3, 32, 32, device=device)
-    ym = torch.randint(100, (rows, m), device=device)
-    xp = torch.randn(rows, 3, 32, 32, device=device)
-    yp = torch.randint(100, (rows,), device=device)
-    mimo.set_progress(0.05)
-
-    def step_mimo():
-        opt_m.zero_grad(set_to_none=True)
-        loss_fn(mimo(xm), ym).backward()
-        opt_m.step()
-
-    def step_plain():
-        opt_p.zero_grad(set_to_none=True)
-        F.cross_entropy(plain(xp), yp).backward()
-        opt_p.step()
-
+    pair = StepPair(device, rows, m)
+    step_mimo, step_plain = pair.step_mimo, pair.step_plain
     t = interleaved({"mimo": step_mimo, "plain": step_plain}, device, max(reps, 20), 3)
     limit = 1.03 if device.type == "cuda" else 1.05
     ratio = t["mimo"] / t["plain"]
@@ -289,17 +300,13 @@ def stage_c(device: torch.device, reps: int) -> None:
     # Both models compiled by inductor (which fuses the MIMO step's small elementwise ops: the mix sampling, the
     # pooling arithmetic, the loss weights), then each whole step recorded in a CUDA graph as above.
     t0 = time.perf_counter()
-    mimo_c, plain_c = torch.compile(mimo), torch.compile(plain)
+    mimo_c, plain_c = torch.compile(pair.mimo), torch.compile(pair.plain)
 
     def step_mimo_c():
-        opt_m.zero_grad(set_to_none=True)
-        loss_fn(mimo_c(xm), ym).backward()
-        opt_m.step()
+        pair.step_mimo(mimo_c)
 
     def step_plain_c():
-        opt_p.zero_grad(set_to_none=True)
-        F.cross_entropy(plain_c(xp), yp).backward()
-        opt_p.step()
+        pair.step_plain(plain_c)
 
     fns = {"mimo": capture_step(step_mimo_c, device), "plain": capture_step(step_plain_c, device)}
     print(f"[c] compiled and captured both steps in {time.perf_counter() - t0:.0f} s", flush=True)

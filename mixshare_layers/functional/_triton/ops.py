@@ -123,13 +123,23 @@ def launch_mix_backward(
 
 
 # -- mixing ------------------------------------------------------------------------------------------------------
+def _mix_new(encodings, boxes, inside, outside, native_h, native_w, scale):
+    b, _, c, h, w = encodings.shape
+    out = torch.empty((b, c, h, w), device=encodings.device, dtype=encodings.dtype)
+    return launch_mix(encodings, boxes, inside, outside, native_h, native_w, scale, out)
+
+
+def _mix_grad_new(grad, boxes, inside, outside, native_h, native_w, scale):
+    b, c, h, w = grad.shape
+    out = torch.empty((b, inside.shape[1], c, h, w), device=grad.device, dtype=grad.dtype)
+    return launch_mix_backward(grad, boxes, inside, outside, native_h, native_w, scale, out)
+
+
 @torch.library.custom_op("mixshare::mix", mutates_args=())
 def mix(
     encodings: Tensor, boxes: Tensor, inside: Tensor, outside: Tensor, native_h: int, native_w: int, scale: float
 ) -> Tensor:
-    b, _, c, h, w = encodings.shape
-    out = torch.empty((b, c, h, w), device=encodings.device, dtype=encodings.dtype)
-    return launch_mix(encodings, boxes, inside, outside, native_h, native_w, scale, out)
+    return _mix_new(encodings, boxes, inside, outside, native_h, native_w, scale)
 
 
 @mix.register_fake
@@ -142,9 +152,7 @@ def _(encodings, boxes, inside, outside, native_h, native_w, scale):
 def mix_backward(
     grad: Tensor, boxes: Tensor, inside: Tensor, outside: Tensor, native_h: int, native_w: int, scale: float
 ) -> Tensor:
-    b, c, h, w = grad.shape
-    out = torch.empty((b, inside.shape[1], c, h, w), device=grad.device, dtype=grad.dtype)
-    return launch_mix_backward(grad, boxes, inside, outside, native_h, native_w, scale, out)
+    return _mix_grad_new(grad, boxes, inside, outside, native_h, native_w, scale)
 
 
 @mix_backward.register_fake
@@ -160,10 +168,10 @@ def _mix_setup(ctx, inputs, output) -> None:
     ctx.enc_dtype = inputs[0].dtype
 
 
-def _mix_bwd(ctx, grad):
+def _mix_bwd(ctx, grad, op=None):
     boxes, inside, outside = ctx.saved_tensors
     native_h, native_w, scale = ctx.native
-    grad_e = mix_backward(grad.to(ctx.enc_dtype), boxes, inside, outside, native_h, native_w, scale)
+    grad_e = (op or mix_backward)(grad.to(ctx.enc_dtype), boxes, inside, outside, native_h, native_w, scale)
     return grad_e, None, None, None, None, None, None
 
 
@@ -237,6 +245,20 @@ def launch_unmix_pool_backward(
     return out
 
 
+def _pool_new(features, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize):
+    b, c, _, _ = features.shape
+    out = torch.empty((b, inside.shape[1], c), device=features.device, dtype=features.dtype)
+    return launch_unmix_pool(features, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize,
+                             out)  # fmt: skip
+
+
+def _pool_grad_new(grad, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize, h, w, dtype):
+    b, _, c = grad.shape
+    out = torch.empty((b, c, h, w), device=grad.device, dtype=dtype)
+    return launch_unmix_pool_backward(grad, boxes, inside, outside, strength, native_h, native_w, num_unmixed,
+                                      normalize, out)  # fmt: skip
+
+
 @torch.library.custom_op("mixshare::unmix_pool", mutates_args=())
 def unmix_pool(
     features: Tensor,
@@ -249,10 +271,7 @@ def unmix_pool(
     num_unmixed: int,
     normalize: bool,
 ) -> Tensor:
-    b, c, _, _ = features.shape
-    out = torch.empty((b, inside.shape[1], c), device=features.device, dtype=features.dtype)
-    return launch_unmix_pool(features, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize,
-                             out)  # fmt: skip
+    return _pool_new(features, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize)
 
 
 @unmix_pool.register_fake
@@ -276,10 +295,8 @@ def unmix_pool_backward(
     w: int,
     dtype: torch.dtype,
 ) -> Tensor:
-    b, _, c = grad.shape
-    out = torch.empty((b, c, h, w), device=grad.device, dtype=dtype)
-    return launch_unmix_pool_backward(grad, boxes, inside, outside, strength, native_h, native_w, num_unmixed,
-                                      normalize, out)  # fmt: skip
+    return _pool_grad_new(grad, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize, h, w,
+                          dtype)  # fmt: skip
 
 
 @unmix_pool_backward.register_fake
@@ -294,11 +311,11 @@ def _pool_setup(ctx, inputs, output) -> None:
     ctx.geometry = (native_h, native_w, num_unmixed, normalize, features.shape[2], features.shape[3], features.dtype)
 
 
-def _pool_bwd(ctx, grad):
+def _pool_bwd(ctx, grad, op=None):
     boxes, inside, outside, strength = ctx.saved_tensors
     native_h, native_w, num_unmixed, normalize, h, w, dtype = ctx.geometry
-    grad_f = unmix_pool_backward(grad, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize,
-                                 h, w, dtype)  # fmt: skip
+    grad_f = (op or unmix_pool_backward)(grad, boxes, inside, outside, strength, native_h, native_w, num_unmixed,
+                                         normalize, h, w, dtype)  # fmt: skip
     return grad_f, None, None, None, None, None, None, None, None
 
 
@@ -308,46 +325,28 @@ unmix_pool.register_autograd(_pool_bwd, setup_context=_pool_setup)
 # -- eager entry points ------------------------------------------------------------------------------------------
 # The custom ops above are what torch.compile and torch.export see. In eager mode their dispatch (schema parsing,
 # fake/autograd registration layers) costs tens of microseconds of host time per call, which at small sizes is more
-# than the kernel itself; these autograd Functions launch the same kernels with the same semantics directly.
+# than the kernel itself; these autograd Functions run the same allocating launchers and the same setup/backward
+# code as the custom ops, without the dispatch.
 class _MixEager(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, encodings, boxes, inside, outside, native_h, native_w, scale):
-        b, _, c, h, w = encodings.shape
-        out = torch.empty((b, c, h, w), device=encodings.device, dtype=encodings.dtype)
-        ctx.save_for_backward(boxes, inside, outside)
-        ctx.native = (native_h, native_w, scale)
-        ctx.enc_dtype = encodings.dtype
-        return launch_mix(encodings, boxes, inside, outside, native_h, native_w, scale, out)
+    def forward(ctx, *inputs):
+        _mix_setup(ctx, inputs, None)
+        return _mix_new(*inputs)
 
     @staticmethod
     def backward(ctx, grad):
-        boxes, inside, outside = ctx.saved_tensors
-        native_h, native_w, scale = ctx.native
-        grad = grad.to(ctx.enc_dtype)
-        b, c, h, w = grad.shape
-        out = torch.empty((b, inside.shape[1], c, h, w), device=grad.device, dtype=grad.dtype)
-        launch_mix_backward(grad, boxes, inside, outside, native_h, native_w, scale, out)
-        return out, None, None, None, None, None, None
+        return _mix_bwd(ctx, grad, op=_mix_grad_new)
 
 
 class _UnmixPoolEager(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize):
-        b, c, h, w = features.shape
-        out = torch.empty((b, inside.shape[1], c), device=features.device, dtype=features.dtype)
-        ctx.save_for_backward(boxes, inside, outside, strength)
-        ctx.geometry = (native_h, native_w, num_unmixed, normalize, h, w, features.dtype)
-        return launch_unmix_pool(features, boxes, inside, outside, strength, native_h, native_w, num_unmixed,
-                                 normalize, out)  # fmt: skip
+    def forward(ctx, *inputs):
+        _pool_setup(ctx, inputs, None)
+        return _pool_new(*inputs)
 
     @staticmethod
     def backward(ctx, grad):
-        boxes, inside, outside, strength = ctx.saved_tensors
-        native_h, native_w, num_unmixed, normalize, h, w, dtype = ctx.geometry
-        out = torch.empty((grad.shape[0], grad.shape[2], h, w), device=grad.device, dtype=dtype)
-        launch_unmix_pool_backward(grad, boxes, inside, outside, strength, native_h, native_w, num_unmixed, normalize,
-                                   out)  # fmt: skip
-        return out, None, None, None, None, None, None, None, None
+        return _pool_bwd(ctx, grad, op=_pool_grad_new)
 
 
 def unmix_pool_eager(
