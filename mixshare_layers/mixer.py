@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_ndim, check_num_subnetworks, check_real
+from ._checks import check_bool, check_floating, check_mix_info, check_ndim, check_num_subnetworks, check_real
 from .functional.backend import resolve_backend
 from .functional.mixing import cutmix_probability, mix, sample_mix_params
 from .mix_info import MixInfo
@@ -65,9 +65,7 @@ class CutMixMixer(nn.Module):
         self.alpha = check_real("alpha", alpha)
         self.cutmix_prob = check_real("cutmix_prob", cutmix_prob, low=0.0, high=1.0)
         self.cutmix_ramp = check_real("cutmix_ramp", cutmix_ramp, low=0.0, high=1.0)
-        if not isinstance(shuffle_roles, bool):
-            raise TypeError(f"shuffle_roles must be a bool, but got {shuffle_roles!r}")
-        self.shuffle_roles = shuffle_roles
+        self.shuffle_roles = check_bool("shuffle_roles", shuffle_roles)
         self.scale = float(self.num_subnetworks) if scale is None else check_real("scale", scale)
 
     def extra_repr(self) -> str:
@@ -112,6 +110,7 @@ class CutMixMixer(nn.Module):
     def apply(self, encodings: Tensor, info: MixInfo) -> Tensor:  # type: ignore[override]
         """Apply a given mix (deterministic)."""
         self._check(encodings)
+        check_mix_info("info", info)
         return mix(encodings, info, self.scale, backend=self.backend)
 
     def forward(
@@ -130,6 +129,7 @@ class CutMixMixer(nn.Module):
 
     def _check(self, encodings: Tensor) -> None:
         check_ndim("encodings", encodings, 5, "(B, M, C, H, W)")
+        check_floating("encodings", encodings)
         if encodings.shape[1] != self.num_subnetworks:
             raise ValueError(
                 f"encodings of shape {tuple(encodings.shape)} have {encodings.shape[1]} members on dim 1, but the "

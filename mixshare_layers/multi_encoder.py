@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_ndim, check_num_subnetworks, check_real
+from ._checks import check_bool, check_choice, check_images, check_num_subnetworks, check_real
 
 __all__ = ["ENCODER_INITS", "MultiEncoder", "reset_all_parameters"]
 
@@ -97,7 +97,7 @@ class MultiEncoder(nn.Module):
             raise TypeError(f"template must be an nn.Module, but got {type(template).__name__}")
         self.num_subnetworks = check_num_subnetworks(num_subnetworks)
         self.init = check_choice("init", init, ENCODER_INITS)
-        self.preserve_sum = bool(preserve_sum)
+        self.preserve_sum = check_bool("preserve_sum", preserve_sum)
         low, high = colinear_range
         check_real("colinear_range[0]", low, low=0.0, low_inclusive=False)
         check_real("colinear_range[1]", high, low=low)
@@ -107,6 +107,8 @@ class MultiEncoder(nn.Module):
         # weight) is neither fused nor treated as linear: it is replicated and run as the module it is
         plain_conv = isinstance(template, nn.Conv2d) and _runs_as(template, nn.Conv2d, ("forward", "_conv_forward"))
         self.fused = plain_conv and template.padding_mode == "zeros"
+        # the image channels the first layer takes, for the input check (unknown for a generic template)
+        self.input_channels: int | None = template.in_channels if isinstance(template, nn.Conv2d) else None
         linear = plain_conv or (isinstance(template, nn.Linear) and _runs_as(template, nn.Linear, ("forward",)))
         if init == "colinear" and not linear:
             raise TypeError(
@@ -214,8 +216,27 @@ class MultiEncoder(nn.Module):
         """Which of :data:`CUDA_TRAIN_PATHS` runs the fused training convolution on ``device``."""
         return CUDA_TRAIN_PATH if device.type == "cuda" else "split"
 
+    def check_input(self, x: object, name: str = "x") -> Tensor:
+        """Check images for these encoders: a floating tensor ``(B, C, H, W)`` or ``(B, M, C, H, W)`` with the
+        template's channel count, on the encoders' device and in their dtype (any floating dtype under autocast).
+
+        Raises ``TypeError`` / ``ValueError`` naming ``name``; reads only metadata (no device synchronisation).
+        """
+        param = self.weight if self.fused else next(self.encoders.parameters(), None)  # type: ignore[union-attr]
+        return check_images(
+            name,
+            x,
+            layout="(B, C, H, W) or (B, M, C, H, W)",
+            ndims=(4, 5),
+            channels=self.input_channels,
+            dtype=param.dtype if param is not None and param.is_floating_point() else None,
+            device=None if param is None else param.device,
+            owner="the encoder",
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         m = self.num_subnetworks
+        self.check_input(x)
         if x.dim() == 5:
             if x.shape[1] != m:
                 raise ValueError(
@@ -268,7 +289,6 @@ class MultiEncoder(nn.Module):
                 return out.view(b, m, self.out_channels, out.shape[-2], out.shape[-1])
             assert self.encoders is not None
             return torch.stack([enc(x[:, i]) for i, enc in enumerate(self.encoders)], dim=1)
-        check_ndim("x", x, 4, "(B, C, H, W) or (B, M, C, H, W)")
         if self.fused:
             bias = None if self.bias is None else self.bias.sum(dim=0)
             return F.conv2d(x, self.kernels().sum(dim=0), bias, self.stride, self.padding, self.dilation, self.groups)

@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_int, check_num_subnetworks
+from ._checks import (
+    check_bool,
+    check_device,
+    check_dtype,
+    check_floating,
+    check_int,
+    check_num_subnetworks,
+    check_tensor,
+)
 
 __all__ = ["MultiHead"]
 
@@ -50,7 +58,7 @@ class MultiHead(nn.Module):
         self.num_subnetworks = check_num_subnetworks(num_subnetworks)
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.num_subnetworks, self.num_classes, self.in_features, **kw))
-        if bias:
+        if check_bool("bias", bias):
             self.bias: nn.Parameter | None = nn.Parameter(torch.empty(self.num_subnetworks, self.num_classes, **kw))
         else:
             self.register_parameter("bias", None)
@@ -105,6 +113,10 @@ class MultiHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         m, k, d = self.weight.shape
+        check_tensor("x", x, "(B, D) or (B, M, D)", stack_dim=1)
+        check_floating("x", x)
+        check_device("x", x, self.weight.device, "the heads")
+        check_dtype("x", x, self.weight.dtype, "the heads")
         if x.dim() == 2:
             if x.shape[1] != d:
                 raise ValueError(f"input must have shape (B, D={d}), but got {tuple(x.shape)}")

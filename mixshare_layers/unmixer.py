@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_fraction, check_ndim
+from ._checks import check_choice, check_device, check_floating, check_fraction, check_mix_info, check_ndim
 from .functional.backend import resolve_backend
 from .functional.unmixing import global_pool, unmix_pool
 from .mix_info import MixInfo
@@ -90,6 +90,9 @@ class Unmixer(nn.Module):
 
     def forward(self, features: Tensor, info: MixInfo, progress: Tensor | float = 0.0) -> Tensor:
         check_ndim("features", features, 4, "(B, C, h, w)")
+        check_floating("features", features)
+        check_mix_info("info", info)
+        check_device("features", features, info.inside.device, "the MixInfo")
         m = info.inside.shape[1]
         if features.shape[0] != info.inside.shape[0]:
             raise ValueError(

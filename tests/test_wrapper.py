@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixshare_layers import BackboneSplit, MIMOOutput, MIMOWrapper, UnsupportedBackboneError
-from mixshare_layers.functional import ensemble_probs, mix, unmix_pool
+from mixshare_layers import BackboneSplit, MIMOLoss, MIMOOutput, MIMOWrapper, UnsupportedBackboneError
+from mixshare_layers.functional import ensemble_probs, mix, rebalanced_weights, unmix_pool
 from mixshare_layers.models import wide_resnet
 
 ALIGNED_PRESETS = ["unmix-aligned", "mixshare", "mixshare-partial"]
@@ -66,8 +66,10 @@ def test_train_forward_is_the_composition_of_the_parts(preset):
     out = model(x, generator=torch.Generator().manual_seed(5))
     enc = model.encoder(x)
     info = model.mixer.make_params(enc, model.progress, generator=torch.Generator().manual_seed(5))
-    for a, b in zip(out.mix_info, info, strict=True):
-        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    for a, b in zip(out.mix_info._replace(loss_weights=None), info, strict=True):
+        assert a is b is None or torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    # the output carries the preset's loss weights (what MIMOLoss() uses)
+    torch.testing.assert_close(out.mix_info.loss_weights, rebalanced_weights(info.ratios, model.config.rebalance_root))
     feats = model.core(mix(enc, info, 3.0))
     unmixer = model.unmixer
     strength = min(1.0, 0.2 / unmixer.fadeout_end) if unmixer.mode == "fadeout" else 0.0
@@ -206,11 +208,18 @@ def test_predict_ensemble_and_estimator_major():
 
 
 def test_loss_and_batcher_follow_the_preset():
+    y = torch.randint(5, (4, 2), generator=torch.Generator().manual_seed(0))
+    for preset, root in (("mixshare", 1.0), ("mixmo", 3.0), ("mimo", None)):
+        model = tiny_model(2, preset)
+        out = model(_x(4, 2, 3, 8, 8))
+        expected = MIMOLoss(root)(out, y)  # the preset's root, given explicitly
+        for loss_fn in (model.make_loss(), MIMOLoss()):  # the output carries it: both spellings give the same loss
+            torch.testing.assert_close(loss_fn(out, y), expected, rtol=0, atol=0)
+            torch.testing.assert_close(loss_fn(out.logits, y, out.mix_info), expected, rtol=0, atol=0)
+        assert out.mix_info.loss_weights.sum(1).tolist() == pytest.approx([2.0] * 4)
     model = tiny_model(2, "mixshare")
-    assert model.make_loss().rebalance_root == 1.0
     assert model.make_batcher(2).input_repetition == pytest.approx(0.1)
     assert model.make_batcher(2).batch_repetition == 2
-    assert tiny_model(2, "mimo").make_loss().rebalance_root is None
     assert tiny_model(2, "mixmo").make_loss(label_smoothing=0.1).label_smoothing == pytest.approx(0.1)
     assert tiny_model(2, "mixshare", alpha=1.0).mixer.alpha == 1.0
     assert "preset='mixshare'" in repr(model)
