@@ -187,21 +187,34 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
 
 
 # -- tensors -------------------------------------------------------------------------------------------------------
-def check_tensor(name: str, value: object, layout: str, *, stack_dim: int | None = None) -> torch.Tensor:
-    """Check that ``value`` is a tensor; a list or tuple gets a hint to stack it on dim ``stack_dim``."""
+def check_tensor(
+    name: str, value: object, layout: str, *, stack_dim: int | dict[int, int] | None = None
+) -> torch.Tensor:
+    """Check that ``value`` is a tensor.
+
+    A list or tuple of tensors gets a hint to stack it: on dim ``stack_dim``, or, for a dict, on the dim it maps the
+    items' number of dimensions to (e.g. ``{3: 0, 4: 1}``: images ``(C, H, W)`` make a batch, batches
+    ``(B, C, H, W)`` the M inputs).
+    """
     if isinstance(value, torch.Tensor):
         return value
     got = type(value).__name__
     if isinstance(value, (list, tuple)):
-        got = f"a {got} of {len(value)} items"
-        if stack_dim is not None and value and all(isinstance(v, torch.Tensor) for v in value):
-            got += f"; stack them into one tensor first (torch.stack({name}, dim={stack_dim}))"
+        tensors = bool(value) and all(isinstance(v, torch.Tensor) for v in value)
+        got = f"a {got} of {len(value)} {'tensor' if tensors else 'item'}{'s' if len(value) != 1 else ''}"
+        dims = {v.dim() for v in value if isinstance(v, torch.Tensor)}
+        if tensors and len(dims) == 1:
+            dim = stack_dim.get(dims.pop()) if isinstance(stack_dim, dict) else stack_dim
+            if dim is not None:
+                got += f"; stack them into one tensor first (torch.stack({name}, dim={dim}))"
     raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, but got {got}")
 
 
-def check_ndim(name: str, tensor: object, ndim: int, layout: str) -> torch.Tensor:
+def check_ndim(
+    name: str, tensor: object, ndim: int, layout: str, *, stack_dim: int | dict[int, int] | None = None
+) -> torch.Tensor:
     """Check that ``tensor`` is a tensor with ``ndim`` dimensions laid out as ``layout`` (e.g. "(B, C, H, W)")."""
-    tensor = check_tensor(name, tensor, layout)
+    tensor = check_tensor(name, tensor, layout, stack_dim=stack_dim)
     if tensor.dim() != ndim:
         raise ValueError(f"{name} must have shape {layout}, but got a tensor of shape {tuple(tensor.shape)}")
     return tensor
@@ -277,7 +290,7 @@ def check_images(
 
     An empty batch (``B = 0``) is accepted; empty spatial dims are not.
     """
-    x = check_tensor(name, x, layout, stack_dim=1 if 5 in ndims else 0)
+    x = check_tensor(name, x, layout, stack_dim={3: 0, 4: 1} if 5 in ndims else {3: 0})
     if x.dim() not in ndims:
         raise ValueError(f"{name} must have shape {layout}, but got a tensor of shape {tuple(x.shape)}")
     check_floating(name, x, "a floating-point image tensor")
@@ -316,7 +329,7 @@ def check_targets(
     The value range (``ignore_index`` allowed besides) is checked where :func:`values_checked` says reading the
     tensor is free. Returns the targets as int64 (what the cross-entropy kernels take).
     """
-    t = check_tensor(name, targets, layout, stack_dim=1)
+    t = check_tensor(name, targets, layout, stack_dim={len(shape) - 1: len(shape) - 1})
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(
             f"{name} must hold integer class indices (int64), but got dtype {t.dtype}; soft or one-hot targets are "

@@ -89,7 +89,7 @@ class MIMOBatcher:
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         check_ndim("x", x, 4, "(B, C, H, W)")
-        check_tensor("y", y, "(B,)", stack_dim=0)
+        check_tensor("y", y, "(B,)", stack_dim={0: 0})
         if y.shape != (x.shape[0],):
             raise ValueError(f"y must have shape (B,) = ({x.shape[0]},) to match x, but got {tuple(y.shape)}")
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:

@@ -128,7 +128,7 @@ class CutMixMixer(nn.Module):
         return self.apply(encodings, info), info
 
     def _check(self, encodings: Tensor) -> None:
-        check_ndim("encodings", encodings, 5, "(B, M, C, H, W)")
+        check_ndim("encodings", encodings, 5, "(B, M, C, H, W)", stack_dim={4: 1})
         check_floating("encodings", encodings)
         if encodings.shape[1] != self.num_subnetworks:
             raise ValueError(

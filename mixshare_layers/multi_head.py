@@ -113,7 +113,7 @@ class MultiHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         m, k, d = self.weight.shape
-        check_tensor("x", x, "(B, D) or (B, M, D)", stack_dim=1)
+        check_tensor("x", x, "(B, D) or (B, M, D)", stack_dim={1: 0, 2: 1})
         check_floating("x", x)
         check_device("x", x, self.weight.device, "the heads")
         check_dtype("x", x, self.weight.dtype, "the heads")

@@ -32,6 +32,8 @@ from .unmixer import Unmixer
 
 __all__ = ["MIMOOutput", "MIMOWrapper", "ProgressWarning"]
 
+_STACK = {3: 0, 4: 1}  # how a list of images (C, H, W) or of member batches (B, C, H, W) stacks into the input
+
 
 class ProgressWarning(UserWarning):
     """A schedule that reads training progress (fadeout unmixing, the CutMix ramp) has seen it unchanged for long.
@@ -338,7 +340,9 @@ class MIMOWrapper(nn.Module):
     # ---------------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> MIMOOutput | Tensor:
         m = self.num_subnetworks
-        check_tensor("x", x, "(B, M, C, H, W)" if self.training else "(B, C, H, W) or (B, M, C, H, W)", stack_dim=1)
+        check_tensor(
+            "x", x, "(B, M, C, H, W)" if self.training else "(B, C, H, W) or (B, M, C, H, W)", stack_dim=_STACK
+        )
         if self.training:
             if x.dim() != 5 or x.shape[1] != m:
                 raise ValueError(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_ndim
+from .._checks import check_mix_info, check_ndim
 from ..mix_info import MixInfo
 from .backend import resolve_backend, triton_ops, use_triton
 
@@ -44,6 +44,7 @@ def global_pool(features: Tensor, num_subnetworks: int) -> Tensor:
 
 def _check_unmix_inputs(features: Tensor, info: MixInfo, num_unmixed: int | None) -> None:
     check_ndim("features", features, 4, "(B, C, h, w)")
+    check_mix_info("info", info)
     if features.shape[0] != info.inside.shape[0]:
         raise ValueError(
             f"features have batch size {features.shape[0]} (shape {tuple(features.shape)}) but the MixInfo "
