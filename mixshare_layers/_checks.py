@@ -251,7 +251,7 @@ def check_device(name: str, tensor: torch.Tensor, device: torch.device | None, o
     """Check that ``tensor`` lives on ``device`` (``None``: anywhere)."""
     if device is not None and tensor.device != device:
         raise ValueError(
-            f"{name} is on device {tensor.device} but {owner} is on {device}; move one of them "
+            f"{name} is on device {tensor.device}, not on {device} like {owner}; move one of them "
             f"({name}.to({str(device)!r}) or model.to({str(tensor.device)!r}))"
         )
 
