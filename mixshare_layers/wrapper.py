@@ -316,8 +316,8 @@ class MIMOWrapper(nn.Module):
         return cfg.unmix_mode == "fadeout" or (cfg.cutmix_ramp > 0 and cfg.cutmix_prob > 0)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
-        for name in ("num_steps", "total_steps"):  # state dicts written before these buffers existed
-            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        for name in ("num_steps", "total_steps"):  # a state dict written before these buffers: progress by hand
+            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         total = state_dict[prefix + "total_steps"]
         if isinstance(total, Tensor) and total.device.type != "meta":
