@@ -119,14 +119,14 @@ class MultiHead(nn.Module):
         check_dtype("x", x, self.weight.dtype, "the heads")
         if x.dim() == 2:
             if x.shape[1] != d:
-                raise ValueError(f"input must have shape (B, D={d}), but got {tuple(x.shape)}")
+                raise ValueError(f"x must have shape (B, D={d}), but got {tuple(x.shape)}")
             bias = None if self.bias is None else self.bias.reshape(m * k)
             return F.linear(x, self.weight.reshape(m * k, d), bias).view(x.shape[0], m, k)
         if x.dim() == 3:
             if x.shape[1] != m or x.shape[2] != d:
-                raise ValueError(f"input must have shape (B, M={m}, D={d}), but got {tuple(x.shape)}")
+                raise ValueError(f"x must have shape (B, M={m}, D={d}), but got {tuple(x.shape)}")
             out = torch.bmm(x.transpose(0, 1), self.weight.transpose(1, 2))  # (M, B, K)
             if self.bias is not None:
                 out = out + self.bias[:, None, :]
             return out.transpose(0, 1)
-        raise ValueError(f"input must have shape (B, D) or (B, M, D), but got {tuple(x.shape)}")
+        raise ValueError(f"x must have shape (B, D) or (B, M, D), but got {tuple(x.shape)}")

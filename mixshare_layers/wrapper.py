@@ -346,7 +346,7 @@ class MIMOWrapper(nn.Module):
         if self.training:
             if x.dim() != 5 or x.shape[1] != m:
                 raise ValueError(
-                    f"in training mode the input must have shape (B, M={m}, C, H, W) (M different images per row; "
+                    f"x must have shape (B, M={m}, C, H, W) in training mode (M different images per row; "
                     f"see MIMOBatcher), but got a tensor of shape {tuple(x.shape)}"
                 )
             encodings = self.encoder(x)  # (B, M, C', H', W')
@@ -358,12 +358,12 @@ class MIMOWrapper(nn.Module):
             return MIMOOutput(self.heads(pooled), info)
         if x.dim() == 5:
             if x.shape[1] != m:
-                raise ValueError(f"input must have shape (B, C, H, W) or (B, M={m}, C, H, W), but got {tuple(x.shape)}")
+                raise ValueError(f"x must have shape (B, C, H, W) or (B, M={m}, C, H, W), but got {tuple(x.shape)}")
             mixed = self.encoder(x).sum(dim=1)
         elif x.dim() == 4:
             mixed = self.encoder(x)  # the summed encoders, one convolution
         else:
-            raise ValueError(f"input must have shape (B, C, H, W) or (B, M={m}, C, H, W), but got {tuple(x.shape)}")
+            raise ValueError(f"x must have shape (B, C, H, W) or (B, M={m}, C, H, W), but got {tuple(x.shape)}")
         features = self._core(mixed)
         return self.heads(features.mean(dim=(2, 3)))  # one pooled vector shared by every head
 

@@ -80,9 +80,9 @@ def test_errors():
     with pytest.raises(TypeError, match=r"linear must be an nn.Linear, but got Conv2d"):
         MultiHead.from_linear(nn.Conv2d(3, 3, 1), 2)
     heads = MultiHead(4, 3, 2)
-    with pytest.raises(ValueError, match=r"input must have shape \(B, D=4\), but got \(2, 5\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, D=4\), but got \(2, 5\)"):
         heads(torch.randn(2, 5))
-    with pytest.raises(ValueError, match=r"input must have shape \(B, M=2, D=4\), but got \(2, 3, 4\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, M=2, D=4\), but got \(2, 3, 4\)"):
         heads(torch.randn(2, 3, 4))
-    with pytest.raises(ValueError, match=r"input must have shape \(B, D\) or \(B, M, D\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, D\) or \(B, M, D\)"):
         heads(torch.randn(2))

@@ -361,20 +361,18 @@ def test_errors():
     with pytest.raises(TypeError, match=r"split.classifier must be an nn.Linear, but got Conv2d"):
         MIMOWrapper(split=tiny_split()._replace(classifier=nn.Conv2d(12, 5, 1)))
     model = tiny_model(2)
-    with pytest.raises(
-        ValueError, match=r"in training mode the input must have shape \(B, M=2, C, H, W\).*\(4, 3, 8, 8\)"
-    ):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, M=2, C, H, W\) in training mode.*\(4, 3, 8, 8\)"):
         model(_x(4, 3, 8, 8))
-    with pytest.raises(ValueError, match=r"in training mode the input must have shape \(B, M=2, C, H, W\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, M=2, C, H, W\) in training mode"):
         model(_x(4, 3, 3, 8, 8))
     with pytest.raises(ValueError, match=r"progress must be in \[0, 1\], but got 1.5"):
         model.set_progress(1.5)
     with pytest.raises(ValueError, match=r"rule must be one of 'prob', 'logit', but got 'vote'"):
         model.predict(_x(2, 3, 8, 8), rule="vote")
     model.eval()
-    with pytest.raises(ValueError, match=r"input must have shape \(B, C, H, W\) or \(B, M=2, C, H, W\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, C, H, W\) or \(B, M=2, C, H, W\)"):
         model(_x(3, 8, 8))
-    with pytest.raises(ValueError, match=r"input must have shape \(B, C, H, W\) or \(B, M=2, C, H, W\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, C, H, W\) or \(B, M=2, C, H, W\)"):
         model(_x(2, 3, 3, 8, 8))
     pooled = tiny_split()._replace(core=nn.Sequential(nn.Flatten(), nn.LazyLinear(12)))
     with pytest.raises(ValueError, match=r"the core must return spatial feature maps \(B, D, h, w\).*\(2, 12\)"):
