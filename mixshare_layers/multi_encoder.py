@@ -46,6 +46,13 @@ def _runs_as(module: nn.Module, base: type, methods: tuple[str, ...]) -> bool:
     return all(getattr(type(module), name) is getattr(base, name) for name in methods)
 
 
+def _input_channels(template: nn.Module) -> int | None:
+    """The image channels a template takes: a convolution's, or that of the first layer of a ``Sequential`` stem."""
+    while isinstance(template, nn.Sequential) and len(template) > 0:
+        template = template[0]
+    return template.in_channels if isinstance(template, nn.Conv2d) else None
+
+
 class MultiEncoder(nn.Module):
     """M encoders with the same architecture, one per subnetwork.
 
@@ -107,8 +114,7 @@ class MultiEncoder(nn.Module):
         # weight) is neither fused nor treated as linear: it is replicated and run as the module it is
         plain_conv = isinstance(template, nn.Conv2d) and _runs_as(template, nn.Conv2d, ("forward", "_conv_forward"))
         self.fused = plain_conv and template.padding_mode == "zeros"
-        # the image channels the first layer takes, for the input check (unknown for a generic template)
-        self.input_channels: int | None = template.in_channels if isinstance(template, nn.Conv2d) else None
+        self.input_channels = _input_channels(template)  # for the input check (None: unknown)
         linear = plain_conv or (isinstance(template, nn.Linear) and _runs_as(template, nn.Linear, ("forward",)))
         if init == "colinear" and not linear:
             raise TypeError(

@@ -203,6 +203,12 @@ def test_layer_entry_points():
         r"shape \(3, 8, 8\)",
     ):
         encoder(EVAL[0])
+    stem = MultiEncoder(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), 2)  # a generic encoder
+    with pytest.raises(ValueError, match=r"x has 1 channels .* but the encoder expects 3"):
+        stem(_x(2, 2, 1, 8, 8))
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the parameters of the encoder are"):
+        stem(_x(2, 2, 3, 8, 8, dtype=torch.float64))
+    assert stem(_x(2, 2, 3, 8, 8)).shape == (2, 2, 4, 6, 6)
     with pytest.raises(TypeError, match=r"preserve_sum must be a bool, but got 1"):
         MultiEncoder(nn.Conv2d(3, 4, 3), 2, init="aligned", preserve_sum=1)
 
