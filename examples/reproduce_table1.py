@@ -400,7 +400,8 @@ def read_summary(path: Path) -> dict[str, Any]:
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise TableError(f"{path} cannot be read ({' '.join(str(err).split())}): delete it to run that cell again") from None
+        text = " ".join(str(err).split())
+        raise TableError(f"{path} cannot be read ({text}): delete it to run that cell again") from None
     if not isinstance(summary, dict):
         raise TableError(f"{path} does not hold a run summary (a JSON object): delete it to run that cell again")
     return summary

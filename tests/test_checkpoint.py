@@ -25,10 +25,10 @@ from mixshare_layers.checkpoint import (
     plain_value_problem,
     previous_checkpoint_path,
     save_checkpoint,
+    store,
     to_plain,
     verify_checkpoint,
 )
-from mixshare_layers.checkpoint import store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,7 @@ def test_every_flipped_byte_is_caught(tmp_path: Path) -> None:
     data = path.read_bytes()
     for cut in (1, 50, len(data) // 2, len(data) - 1):  # truncated anywhere
         bad.write_bytes(data[:cut])
-        with pytest.raises(CheckpointError, match="truncated or damaged|not a zip archive|is damaged"):
+        with pytest.raises(CheckpointError, match=r"truncated or damaged|not a zip archive|is damaged"):
             load_checkpoint(bad)
     bad.write_bytes(data + b"\0")  # one byte added at the end
     with pytest.raises(CheckpointError, match="damaged"):

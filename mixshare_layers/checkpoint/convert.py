@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import importlib
 import os
 import pathlib
 import types
@@ -53,7 +54,7 @@ def _data_only_objects() -> list[Any]:
     core = getattr(np, "_core", None)
     multiarray = getattr(core, "multiarray", None) if core is not None else None
     if multiarray is None:  # numpy 1
-        multiarray = np.core.multiarray
+        multiarray = importlib.import_module("numpy.core.multiarray")
     for name in _NUMPY_NAMES:  # a file names the module of the numpy that wrote it: accept both spellings
         target = getattr(multiarray, name)
         objects += [(target, f"numpy.core.multiarray.{name}"), (target, f"numpy._core.multiarray.{name}")]
@@ -212,7 +213,7 @@ def convert_checkpoint(
                 raise error from None
             raise CheckpointError(
                 src_p,
-                error.reason.replace("refused: it stores", "it stores").replace(", able to run code,", ""),
+                error.reason.replace(", able to run code,", ""),
                 "if you made this file yourself or trust its source, add --trusted (trusted=True), which runs "
                 "what it holds",
             ) from None

@@ -171,13 +171,13 @@ def plain_value_problem(value: object, where: str = "checkpoint") -> str | None:
             continue
         if depth >= _MAX_DEPTH:
             return f"{name} is nested more than {_MAX_DEPTH} levels deep (a container that holds itself?)"
-        if kind in _MAPPING_TYPES:
-            for key, sub in item.items():  # type: ignore[attr-defined]
+        if isinstance(item, dict) and kind in _MAPPING_TYPES:
+            for key, sub in item.items():
                 if type(key) not in (str, int):
                     return f"{name} has the key {key!r} of type {_type_name(key)} (keys must be str or int)"
                 stack.append((sub, f"{name}[{key!r}]", depth + 1))
-        elif kind in _SEQUENCE_TYPES:
-            stack.extend((sub, f"{name}[{i}]", depth + 1) for i, sub in enumerate(item))  # type: ignore[arg-type]
+        elif isinstance(item, (list, tuple)) and kind in _SEQUENCE_TYPES:
+            stack.extend((sub, f"{name}[{i}]", depth + 1) for i, sub in enumerate(item))
         else:
             return f"{name} has type {_type_name(item)}"
     return None
@@ -367,7 +367,7 @@ def _open(path: str) -> tuple[IO[bytes], int]:
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(path, "is not a regular file", "give a checkpoint file")
     try:
-        fh = open(path, "rb")  # noqa: SIM115 (closed by the caller)
+        fh = open(path, "rb")
     except OSError as err:
         raise CheckpointError(
             path, f"cannot be read ({err.strerror or _one_line(err)})", "check the file's permissions"
@@ -428,13 +428,14 @@ def _refused_objects_error(path: str, names: list[str]) -> CheckpointError:
 
 
 def _load_error(path: str, err: BaseException, fh: IO[bytes]) -> CheckpointError:
+    full = " ".join(str(err).split())
     text = _one_line(err).split(". ")[0]  # torch's zip errors go on with generic advice
     if isinstance(err, pickle.UnpicklingError):
         names = _unsafe_globals(fh)
-        if names or "was not an allowed global" in text or "Unsupported global" in text:
+        if names or "was not an allowed global" in full or "Unsupported global" in full:
             return _refused_objects_error(path, names or ["unknown"])
-    if "TorchScript" in text:
-        return CheckpointError(path, "is a TorchScript archive (torch.jit.save), not a checkpoint", "use torch.jit.load")
+    if "TorchScript" in full:
+        return CheckpointError(path, "is a TorchScript archive (torch.jit.save), not a checkpoint", "torch.jit.load it")
     return CheckpointError(
         path,
         f"cannot be read as a checkpoint, it is truncated or damaged ({type(err).__name__}: {text})",
