@@ -349,6 +349,7 @@ def main(
             try:
                 cfg, _ = module.parse_config([*run_argv, "--out-dir", str(runs_dir), "--run-name", "x"])
                 module.check_config(cfg)
+                module.pick_device(cfg["device"], 0)
             except module.UserError as err:
                 raise TableError(f"{err} (in the options given to every run)") from None
 
