@@ -172,7 +172,9 @@ def convert_checkpoint(
     overwrite: bool = False,
     log: Callable[[str], object] | None = None,
 ) -> Path:
-    """Rewrite the checkpoint ``src`` as ``dst`` in the plain format (:func:`~mixshare_layers.checkpoint.store.save_checkpoint`).
+    """Rewrite the checkpoint ``src`` as ``dst`` in the plain format, with its digest.
+
+    ``dst`` is written by :func:`~mixshare_layers.checkpoint.store.save_checkpoint`.
 
     Args:
         src: the file to convert (it is not changed).
