@@ -121,6 +121,46 @@ def test_every_flipped_byte_is_caught(tmp_path: Path) -> None:
         load_checkpoint(bad)
 
 
+def _reference_digest(data: bytes, block: int) -> str:
+    """The documented digest, computed directly: SHA-256 of the blocks' SHA-256s, comment length counted as zeros."""
+    import hashlib
+
+    body = bytearray(data[: -store._TRAILER_SIZE])
+    assert bytes(body[-2:]) == store._TRAILER_SIZE.to_bytes(2, "little")  # the archive's comment length
+    body[-2:] = b"\0\0"
+    top = hashlib.sha256()
+    for start in range(0, len(body), block):
+        top.update(hashlib.sha256(bytes(body[start : start + block])).digest())
+    return top.hexdigest()
+
+
+@pytest.mark.parametrize("block", [2, 3, 5, 64, 1000, 4 << 20])
+def test_digest_matches_its_definition_at_every_block_size(tmp_path: Path, monkeypatch, block: int) -> None:
+    # small blocks put block boundaries everywhere, in particular inside the archive's last bytes
+    monkeypatch.setattr(store, "_BLOCK", block)
+    for n in range(0, 40, 13 if block < 64 else 3):
+        path = save_checkpoint(tmp_path / f"ck{n}.pt", {"w": torch.arange(float(n)), "name": "x" * n})
+        data = path.read_bytes()
+        size = len(data) - store._TRAILER_SIZE
+        assert data[-store._TRAILER_SIZE :].startswith(store._TAG)
+        assert data[-store._TRAILER_SIZE + len(store._TAG) :].decode() == _reference_digest(data, block), (n, size)
+        assert verify_checkpoint(path) and torch.equal(load_checkpoint(path)["w"], torch.arange(float(n)))
+    flipped = bytearray(data)
+    flipped[len(flipped) // 3] ^= 1
+    path.write_bytes(flipped)
+    with pytest.raises(CheckpointError, match="do not match"):
+        verify_checkpoint(path)
+
+
+def test_large_checkpoint_spans_many_blocks(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(store, "_BLOCK", 4096)  # a 1 MB file: 256 blocks, hashed on the pool while written
+    payload = {"model": {f"w{i}": torch.randn(1000, generator=torch.Generator().manual_seed(i)) for i in range(64)}}
+    path = save_checkpoint(tmp_path / "big.pt", payload)
+    data = path.read_bytes()
+    assert data[-64:].decode() == _reference_digest(data, 4096)
+    _same(load_checkpoint(path), payload)
+
+
 def _flip_in_tensor_data(data: bytes, value: torch.Tensor) -> bytes:
     raw = value.numpy().tobytes()
     at = data.index(raw) + len(raw) // 2
@@ -164,15 +204,15 @@ def test_a_failed_write_leaves_the_old_file(tmp_path: Path, monkeypatch: pytest.
         save_checkpoint(path, {"epoch": 2}, keep_previous=True)
     monkeypatch.undo()
     # a file that does not verify when read back (a byte lost on the way): it never replaces the old one
-    real_append = store._append_digest
+    real_save = store._save_with_digest
 
-    def append_then_damage(fh):
-        digest = real_append(fh)
+    def save_then_damage(payload, fh):
+        digest = real_save(payload, fh)
         fh.seek(-1, os.SEEK_END)
         fh.write(b"x")
         return digest
 
-    monkeypatch.setattr(store, "_append_digest", append_then_damage)
+    monkeypatch.setattr(store, "_save_with_digest", save_then_damage)
     with pytest.raises(CheckpointError, match="do not match the SHA-256 digest"):
         save_checkpoint(path, {"epoch": 3}, keep_previous=True)
     monkeypatch.undo()
@@ -239,7 +279,7 @@ def _case_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     add("random_bytes", os.urandom(4096), "not a zip archive")
     add("text", b"just some text\n", "not a zip archive")
     add("flipped_tensor_byte", _flip_in_tensor_data(data, torch.arange(100.0)), "do not match the SHA-256 digest")
-    add("digest_cut_off", data[: -len(store._TAG) - 64], "truncated or damaged|digest that is no longer there")
+    add("digest_cut_off", data[: -store._TRAILER_SIZE], "truncated or damaged|digest that is no longer there")
     add("plain_pickle", pickle.dumps({"model": 1}), "pickle stream")
     buf = tmp_path / "legacy.pt"
     torch.save({"w": torch.ones(2)}, buf, _use_new_zipfile_serialization=False)

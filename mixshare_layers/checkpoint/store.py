@@ -4,8 +4,10 @@ File format (version :data:`FORMAT_VERSION`): the zip archive that ``torch.save`
 ``{"format": FORMAT, "format_version": FORMAT_VERSION, **entries}``, where every value is a tensor, a ``str``,
 ``bytes``, ``int``, ``float``, ``complex``, ``bool``, ``None``, a ``torch.dtype`` / ``torch.device``, or a ``dict``
 (``str`` / ``int`` keys), ``list`` or ``tuple`` of those. The archive's comment (the last bytes of the file) holds
-``mixshare_layers:sha256:<hex>``, the SHA-256 of every byte before it: one flipped or lost byte anywhere in the file
-is detected before anything is unpickled. ``torch.load(path, weights_only=True)`` reads such a file as usual (zip
+``mixshare_layers:sha256-4mib:<hex>``, a digest of every byte before it: the SHA-256 of the concatenated SHA-256s of
+its consecutive 4 MiB blocks (so that blocks hash on several threads), with the archive's two comment-length bytes
+counted as zeros (they must hold the comment's length, 92). One flipped, lost or added byte anywhere in the file is
+detected before anything is unpickled. ``torch.load(path, weights_only=True)`` reads such a file as usual (zip
 readers ignore the comment).
 
 Loading (:func:`load_checkpoint`) always passes ``weights_only=True`` to ``torch.load`` and never retries without
@@ -34,8 +36,9 @@ import re
 import shutil
 import stat
 import struct
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -61,12 +64,12 @@ FORMAT_VERSION = 1
 MIN_TORCH_VERSION = (2, 6)
 RESERVED_KEYS = ("format", "format_version")
 
-_TAG = b"mixshare_layers:sha256:"
+_TAG = b"mixshare_layers:sha256-4mib:"
 _TRAILER_SIZE = len(_TAG) + 64
 _EOCD_SIG = b"PK\x05\x06"  # zip "end of central directory" record: 22 bytes, then the archive comment
 _EOCD_SIZE = 22
+_BLOCK = 4 << 20  # digest block
 _ZIP_MAGIC = b"PK\x03\x04"
-_CHUNK = 1 << 20
 _TRUE = ("1", "y", "yes", "true")  # what torch.load counts as a set TORCH_FORCE_* variable
 _LEAF_TYPES = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
 _SEQUENCE_TYPES = (list, tuple, torch.Size)
@@ -186,17 +189,40 @@ def plain_value_problem(value: object, where: str = "checkpoint") -> str | None:
 # ----------------------------------------------------------------------------------------------------------------
 # the digest in the archive comment
 # ----------------------------------------------------------------------------------------------------------------
-def _sha256_of_prefix(fh: IO[bytes], length: int) -> str:
-    digest = hashlib.sha256()
+def _block_digest(data: Any) -> bytes:
+    return hashlib.sha256(data).digest()  # releases the GIL: blocks hash in parallel on the pool's threads
+
+
+def _workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _digest_of_prefix(fh: IO[bytes], length: int) -> str:
+    """The digest of the file's first ``length`` bytes, its last two (the comment length) counted as zeros."""
+    top = hashlib.sha256()
     fh.seek(0)
-    left = length
-    while left > 0:
-        chunk = fh.read(min(_CHUNK, left))
-        if not chunk:
-            raise EOFError("the file got shorter while it was read")
-        digest.update(chunk)
-        left -= len(chunk)
-    return digest.hexdigest()
+    with ThreadPoolExecutor(_workers() if length > _BLOCK else 1) as pool:  # threads start on the first submit
+        pending: deque[Future[bytes]] = deque()
+        for start in range(0, length, _BLOCK):
+            want = min(_BLOCK, length - start)
+            block = fh.read(want)
+            if len(block) != want:
+                raise EOFError("the file got shorter while it was read")
+            if start + want > length - 2:  # the block holds (some of) the comment-length bytes
+                patched = bytearray(block)
+                for offset in (length - 2, length - 1):
+                    if start <= offset < start + want:
+                        patched[offset - start] = 0
+                block = bytes(patched)
+            if length <= _BLOCK:  # one block: no thread
+                top.update(_block_digest(block))
+                continue
+            pending.append(pool.submit(_block_digest, block))
+            while len(pending) > 2 * _workers():  # bounded memory: a few blocks in flight
+                top.update(pending.popleft().result())
+        while pending:
+            top.update(pending.popleft().result())
+    return top.hexdigest()
 
 
 def _stored_digest(fh: IO[bytes], size: int) -> str | None:
@@ -210,18 +236,73 @@ def _stored_digest(fh: IO[bytes], size: int) -> str | None:
     return trailer[len(_TAG) :].decode("ascii", errors="replace")
 
 
-def _append_digest(fh: IO[bytes]) -> str:
-    """Turn the zip archive that ``fh`` holds into one whose comment is the SHA-256 of all bytes before it."""
-    size = fh.seek(0, os.SEEK_END)
-    fh.seek(size - _EOCD_SIZE)
-    eocd = fh.read(_EOCD_SIZE)
-    if len(eocd) != _EOCD_SIZE or eocd[:4] != _EOCD_SIG or eocd[20:22] != b"\0\0":
-        raise RuntimeError("torch.save wrote an archive without the expected end record: cannot add the digest")
-    fh.seek(size - 2)
-    fh.write(struct.pack("<H", _TRAILER_SIZE))  # the comment's length, part of what the digest covers
-    fh.flush()
-    digest = _sha256_of_prefix(fh, size)
-    fh.seek(size)
+class _HashingWriter:
+    """Writes to ``fh`` and hashes what it writes on a pool of threads, while the bytes are being written.
+
+    Whole blocks of a large write are hashed in place (the write waits for their digests before it returns, so the
+    caller's buffer is never read afterwards); a block that straddles writes is gathered in a copy. ``end`` keeps
+    the last 22 bytes written (the archive's end record).
+    """
+
+    def __init__(self, fh: IO[bytes], pool: ThreadPoolExecutor) -> None:
+        self.fh = fh
+        self.pool = pool
+        self.partial = bytearray()
+        self.digests: list[Future[bytes]] = []
+        self.size = 0
+        self.end = b""
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        pos = 0
+        if self.partial:
+            pos = min(_BLOCK - len(self.partial), n)
+            self.partial += view[:pos]
+            if len(self.partial) == _BLOCK:
+                self.digests.append(self.pool.submit(_block_digest, bytes(self.partial)))
+                self.partial = bytearray()
+        in_place = []
+        while n - pos >= _BLOCK:
+            in_place.append(self.pool.submit(_block_digest, view[pos : pos + _BLOCK]))
+            pos += _BLOCK
+        self.digests.extend(in_place)
+        self.partial += view[pos:]
+        self.fh.write(view)  # while the pool hashes
+        for future in in_place:
+            future.result()
+        self.size += n
+        self.end = (self.end + bytes(view[-_EOCD_SIZE:]))[-_EOCD_SIZE:]
+        return n
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+    def hexdigest(self) -> str:
+        """The digest of everything written (in blocks of 4 MiB)."""
+        top = hashlib.sha256()
+        for future in self.digests:
+            top.update(future.result())
+        if self.partial:
+            top.update(_block_digest(bytes(self.partial)))
+        return top.hexdigest()
+
+
+def _save_with_digest(payload: dict[str, Any], fh: IO[bytes]) -> str:
+    """``torch.save(payload)`` into ``fh`` as a zip archive whose comment is the digest of all bytes before it.
+
+    The digest is computed while the bytes are written; torch writes no comment, so the two comment-length bytes it
+    hashes are zeros, as the digest counts them. Then they get the comment's length and the comment is appended.
+    """
+    with ThreadPoolExecutor(_workers()) as pool:
+        writer = _HashingWriter(fh, pool)
+        torch.save(payload, writer)  # type: ignore[arg-type]  # torch only calls write() and flush()
+        end = writer.end
+        if len(end) != _EOCD_SIZE or end[:4] != _EOCD_SIG or end[20:22] != b"\0\0":
+            raise RuntimeError("torch.save wrote an archive without the expected end record: cannot add the digest")
+        digest = writer.hexdigest()
+    fh.seek(writer.size - 2)
+    fh.write(struct.pack("<H", _TRAILER_SIZE))  # the comment's length
     fh.write(_TAG + digest.encode("ascii"))
     return digest
 
@@ -231,7 +312,9 @@ def _check_digest(fh: IO[bytes], size: int, path: str) -> bool:
     stored = _stored_digest(fh, size)
     if stored is None:
         return False
-    actual = _sha256_of_prefix(fh, size - _TRAILER_SIZE)
+    length = size - _TRAILER_SIZE
+    fh.seek(length - 2)
+    actual = _digest_of_prefix(fh, length) if fh.read(2) == struct.pack("<H", _TRAILER_SIZE) else "wrong length"
     if actual != stored:
         raise CheckpointError(
             path,
@@ -307,9 +390,8 @@ def save_checkpoint(
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_path_in(target)
     try:
-        with os.fdopen(fd, "w+b") as fh:
-            torch.save(payload, fh)
-            _append_digest(fh)
+        with os.fdopen(fd, "wb") as fh:
+            _save_with_digest(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, FILE_MODE)
@@ -324,13 +406,26 @@ def save_checkpoint(
             os.unlink(tmp)
         raise
     fsync_dir(target.parent)
+    _WRITTEN[os.path.realpath(target)] = _identity(target)
     return target
+
+
+# files this process wrote and verified, by real path: (device, inode, size, mtime); a file found unchanged when it
+# is about to become the previous one is not hashed again
+_WRITTEN: dict[str, tuple[int, int, int, int]] = {}
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _verifies(path: Path) -> bool:
     try:
+        if _WRITTEN.get(os.path.realpath(path)) == _identity(path):
+            return True
         return verify_checkpoint(path)
-    except CheckpointError:
+    except (CheckpointError, OSError):
         return False  # a damaged file is replaced, never kept as the fallback
 
 
