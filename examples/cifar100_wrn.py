@@ -87,6 +87,8 @@ from mixshare_layers.metrics import EnsembleMetrics
 from mixshare_layers.models import wide_resnet
 
 METHODS = ("single", *PRESETS)
+DATASETS, DATA_PATHS = ("cifar100", "synthetic"), ("device", "loader")
+RULES, AMPS = ("prob", "logit"), ("off", "bf16", "fp16")
 SUMMARY_METRICS = ("ensemble_acc", "mean_individual_acc", "nll", "ece", "brier", "disagreement")
 CKPT_NAME = "checkpoint.pt"
 PREV_NAME = previous_checkpoint_path(CKPT_NAME).name  # checkpoint.prev.pt: the verified one before
@@ -193,7 +195,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--stop-epoch", type=int, default=0, help="stop after this epoch as if interrupted (0: train to the end)")
     add("--benchmark", type=int, default=0, help="time N steps of the pipeline vs the bare model step, then exit")
     # -- data
-    add("--dataset", choices=("cifar100", "synthetic"), default="cifar100")
+    add("--dataset", choices=DATASETS, default="cifar100")
     add("--data-dir", type=str, default="./data", help="folder holding cifar-100-python/")
     add("--download", action="store_true", default=False, help="download CIFAR-100 into --data-dir if missing")
     add("--synthetic-train", type=int, default=50000, help="synthetic training images")
@@ -205,7 +207,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--val-split", type=float, default=0.0, help="fraction of training images held out for validation")
     add(
         "--data-path",
-        choices=("device", "loader"),
+        choices=DATA_PATHS,
         default="device",
         help="device: whole dataset as uint8 on the training device; loader: DataLoader with workers",
     )
@@ -233,7 +235,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--label-smoothing", type=float, default=0.0)
     add("--seed", type=int, default=0)
     # -- evaluation and logging
-    add("--ensemble-rule", choices=("prob", "logit"), default="prob")
+    add("--ensemble-rule", choices=RULES, default="prob")
     add("--eval-every", type=int, default=10, help="evaluate every N epochs (0: only at the end)")
     add("--eval-batch-size", type=int, default=500)
     add("--log-every", type=int, default=25, help="steps between loss checks / bar updates (one host sync)")
@@ -243,7 +245,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--progress", type=_bool, default=True, help="show a tqdm progress bar")
     # -- speed
     add("--device", type=str, default="auto", help="auto (cuda, then mps, then cpu) or a torch device")
-    add("--amp", choices=("off", "bf16", "fp16"), default="off")
+    add("--amp", choices=AMPS, default="off")
     add("--channels-last", type=_bool, default=False)
     add("--compile", type=_bool, default=False)
     return p
@@ -283,6 +285,9 @@ def check_config(cfg: dict[str, Any]) -> None:
         interval = ("(" if open_low else "[") + f"{low:g}, {high:g}" + (")" if open_high or high == math.inf else "]")
         need(ok, f"{_opt(key)} must be a finite number in {interval}, got {v:g}")
 
+    choices = {"method": METHODS, "dataset": DATASETS, "data_path": DATA_PATHS, "ensemble_rule": RULES, "amp": AMPS}
+    for key, allowed in choices.items():  # argparse checks them on the command line; a resumed config too
+        need(cfg[key] in allowed, f"{_opt(key)} must be one of {', '.join(allowed)}, got {cfg[key]!r}")
     for key in ("epochs", "batch_repetition", "num_subnetworks", "log_every", "eval_batch_size", "width"):
         at_least(key, 1)
     for key in ("stop_epoch", "benchmark", "eval_every", "workers"):
