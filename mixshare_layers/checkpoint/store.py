@@ -268,9 +268,11 @@ class _HashingWriter:
             pos += _BLOCK
         self.digests.extend(in_place)
         self.partial += view[pos:]
-        self.fh.write(view)  # while the pool hashes
-        for future in in_place:
-            future.result()
+        try:
+            self.fh.write(view)  # while the pool hashes
+        finally:  # the caller's buffer must outlive every read of it, even when the write fails
+            for future in in_place:
+                future.exception()
         self.size += n
         self.end = (self.end + bytes(view[-_EOCD_SIZE:]))[-_EOCD_SIZE:]
         return n
