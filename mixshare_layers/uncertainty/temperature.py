@@ -13,7 +13,9 @@ Two places a single temperature ``T > 0`` can act (``mode``):
   the same function.
 
 The fit minimises the mean NLL (nats) of the tempered ensemble on the given logits by golden-section search over
-``log T`` in ``bounds``, in float64, deterministic; accuracy never changes (the arg-max is kept).
+``log T`` in ``bounds``, in float64, deterministic. The accuracy does not change in mode ``"ensemble"`` or with
+``rule="logit"`` (a temperature keeps the arg-max); in mode ``"members"`` with ``rule="prob"`` it reweighs the
+members inside the mixture, so the arg-max of a few samples can move.
 """
 
 from __future__ import annotations
