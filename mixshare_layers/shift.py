@@ -288,7 +288,7 @@ def _jpeg_plane(plane: Tensor, table: Tensor, dct: Tensor) -> Tensor:
 
 
 def _jpeg(x: Tensor, quality: float, stream: _Stream) -> Tensor:
-    b, c, h, w = x.shape
+    _, c, h, w = x.shape
     if c not in (1, 3):
         raise ValueError(f"jpeg_compression needs 1 or 3 channels, but the images have shape {tuple(x.shape)}")
     dev = x.device

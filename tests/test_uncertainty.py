@@ -120,8 +120,8 @@ def test_ood_metrics_equal_sklearn_torchmetrics_and_torch_uncertainty(case):
     assert float(got["aupr"]) == pytest.approx(metrics_mod.average_precision_score(y.numpy(), s.numpy()), abs=1e-12)
     assert float(got["fpr95"]) == pytest.approx(_fpr_reference(id_s.tolist(), ood_s.tolist(), 0.95), abs=1e-12)
     pytest.importorskip("torch_uncertainty")
-    from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
     from torch_uncertainty.metrics import FPR95
+    from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
 
     assert float(got["auroc"]) == pytest.approx(float(BinaryAUROC()(s, y.long())), abs=1e-6)
     assert float(got["aupr"]) == pytest.approx(float(BinaryAveragePrecision()(s, y.long())), abs=1e-6)
@@ -238,7 +238,8 @@ def test_classwise_ece_equals_a_loop_and_torch_uncertainty():
     got = classwise_calibration_error(probs, targets)
     assert float(got) == pytest.approx(sum(per_class) / 5, abs=1e-12)
     # the bin sums add up over batches
-    parts = classwise_calibration_bins(probs[:120], targets[:120]) + classwise_calibration_bins(probs[120:], targets[120:])
+    parts = classwise_calibration_bins(probs[:120], targets[:120])
+    parts += classwise_calibration_bins(probs[120:], targets[120:])
     assert float(classwise_calibration_error_from_bins(parts)) == pytest.approx(float(got), abs=1e-12)
     pytest.importorskip("torch_uncertainty")
     from torch_uncertainty.metrics import ClasswiseCalibrationError
@@ -312,7 +313,8 @@ def test_temperature_of_the_averaged_logits_equals_torch_uncertainty():
     scaler.fit(loader, progress=False)
     theirs = float(scaler.temperature[0].detach())
     assert ours == pytest.approx(theirs, rel=5e-3)  # its LBFGS stops near the optimum ...
-    assert _nll(logits, y, "logit", ours, "ensemble") <= _nll(logits, y, "logit", theirs, "ensemble") + 1e-12  # ours at it
+    # ... ours at it
+    assert _nll(logits, y, "logit", ours, "ensemble") <= _nll(logits, y, "logit", theirs, "ensemble") + 1e-12
 
 
 def test_tempered_log_probs_identities():
@@ -346,8 +348,10 @@ def test_temperature_errors_and_bound_warning():
 # ------------------------------------------------------------------------------------------------------------------
 # UncertaintyMetrics
 # ------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("rule", "temperature", "mode"), [("prob", 1.0, "ensemble"), ("logit", 1.0, "ensemble"),
-                                                           ("prob", 1.8, "ensemble"), ("prob", 0.7, "members")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("rule", "temperature", "mode"),
+    [("prob", 1.0, "ensemble"), ("logit", 1.0, "ensemble"), ("prob", 1.8, "ensemble"), ("prob", 0.7, "members")],
+)
 def test_uncertainty_metrics_equal_the_functions(rule, temperature, mode):
     logits = _logits(250, m=2, k=5).float()
     targets = torch.randint(5, (250,), generator=_gen(6))

@@ -72,7 +72,7 @@ def test_report_equals_the_metrics_computed_by_hand(setup):
         preprocess=_normalise,
         batch_size=17,  # uneven batches
     )
-    acc, logits = _direct(model, test.data, test.targets)
+    acc, _ = _direct(model, test.data, test.targets)
     clean = acc.compute()
     for key in ("ensemble_acc", "nll", "ece", "adaptive_ece", "classwise_ece", "aurc", "mutual_information"):
         assert report["clean"][key] == pytest.approx(clean[key], abs=1e-6), key
@@ -180,7 +180,7 @@ def test_load_svhn(tmp_path, monkeypatch):
     io_mod = pytest.importorskip("scipy.io")
     import numpy as np
 
-    with pytest.raises(FileNotFoundError, match="test_32x32.mat is missing or corrupted .* download=True"):
+    with pytest.raises(FileNotFoundError, match=r"test_32x32\.mat is missing or corrupted .* download=True"):
         load_svhn(tmp_path)
     images = np.random.default_rng(0).integers(0, 256, (32, 32, 3, 5), dtype=np.uint8)  # the file's (H, W, C, N)
     io_mod.savemat(tmp_path / "test_32x32.mat", {"X": images, "y": np.array([[10], [1], [2], [3], [9]])})
@@ -204,12 +204,13 @@ def test_plots(setup, tmp_path):
     )  # fmt: skip
     files = plot_uncertainty_report(report, tmp_path / "report", formats=("png", "svg"))
     assert [f.suffix for f in files] == [".png", ".svg"] and all(f.stat().st_size > 1000 for f in files)
-    files = plot_reliability_diagram(report["clean"], tmp_path / "sub" / "rel", calibrated=report["calibrated"]["clean"])
+    calibrated = report["calibrated"]["clean"]
+    files = plot_reliability_diagram(report["clean"], tmp_path / "sub" / "rel", calibrated=calibrated)
     assert files[0].is_file()
     # the reliability dict alone works too; no shift and no OOD: one panel
     plot_reliability_diagram(report["clean"]["reliability"], tmp_path / "rel2")
     plot_uncertainty_report({"clean": report["clean"]}, tmp_path / "one")
-    with pytest.raises(ValueError, match="expected the metrics of UncertaintyMetrics.compute"):
+    with pytest.raises(ValueError, match=r"expected the metrics of UncertaintyMetrics\.compute"):
         plot_reliability_diagram({"nll": 1.0}, tmp_path / "bad")
     with pytest.raises(ValueError, match="report must be the dict evaluate_uncertainty returned"):
         plot_uncertainty_report({}, tmp_path / "bad")

@@ -88,7 +88,7 @@ def classwise_calibration_bins(probs: Tensor, targets: Tensor, num_bins: int = E
     check_ndim("probs", probs, 2, "(B, K)")
     targets = check_targets(probs, targets)
     num_bins = check_int("num_bins", num_bins, minimum=1)
-    b, k = probs.shape
+    k = probs.shape[1]
     dtype = accumulation_dtype(probs.device)
     p = probs.to(dtype)
     idx = (p * num_bins).ceil().long().sub_(1).clamp_(0, num_bins - 1)

@@ -348,8 +348,8 @@ def flatten_report(
     Lists become ``key/0``, ``key/1``, ...; keys named in ``skip`` (at any depth) are left out; NaN stays NaN.
 
     Example:
-        >>> flatten_report({"clean": {"nll": 0.5, "individual_acc": [0.8, 0.7]}, "shift": {"contrast": {5: {"nll": 1.0}}}})
-        {'clean/nll': 0.5, 'clean/individual_acc/0': 0.8, 'clean/individual_acc/1': 0.7, 'shift/contrast/5/nll': 1.0}
+        >>> flatten_report({"clean": {"nll": 0.5, "individual_acc": [0.8, 0.7]}, "shift": {"blur": {5: {"nll": 1.0}}}})
+        {'clean/nll': 0.5, 'clean/individual_acc/0': 0.8, 'clean/individual_acc/1': 0.7, 'shift/blur/5/nll': 1.0}
     """
     flat: dict[str, Any] = {}
 

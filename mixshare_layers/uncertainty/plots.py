@@ -107,7 +107,7 @@ def plot_reliability_diagram(
         ...     [p.suffix for p in plot_reliability_diagram(acc.compute(), f"{folder}/rel")]
         ['.png']
     """
-    rel = _reliability(metrics)
+    _reliability(metrics)  # checks the input before anything is drawn
     fmts = _formats(formats)
     figure_cls, canvas_cls = _require_matplotlib()
     fig = figure_cls(figsize=figsize, dpi=dpi)
@@ -199,7 +199,8 @@ def plot_uncertainty_report(
                 )
             mean = report.get("shift_by_severity") or {}
             sev = sorted(mean)
-            ax.plot([0, *sev], [clean_value, *(mean[s][key] for s in sev)], color="#000000", linewidth=2.0, label="mean")
+            means = [clean_value, *(mean[s][key] for s in sev)]
+            ax.plot([0, *sev], means, color="#000000", linewidth=2.0, label="mean")
             ax.set_xlabel("severity (0 = clean)")
             ax.set_ylabel(f"{label} (fraction)")
             ax.set_title(f"{label} under corruptions", fontsize=9)

@@ -61,8 +61,12 @@ def uncertainty_scores(
 
     Example:
         >>> logits = torch.tensor([[[4.0, 0.0], [0.0, 4.0]], [[4.0, 0.0], [4.0, 0.0]]])  # disagree, agree
-        >>> {k: [round(v, 3) for v in s.tolist()] for k, s in uncertainty_scores(logits).items()}
-        {'msp': [0.5, 0.018], 'entropy': [0.693, 0.09], 'mutual_information': [0.603, 0.0], 'expected_entropy': [0.09, 0.09]}
+        >>> for name, values in uncertainty_scores(logits).items():
+        ...     print(name, [round(v, 3) for v in values.tolist()])
+        msp [0.5, 0.018]
+        entropy [0.693, 0.09]
+        mutual_information [0.603, 0.0]
+        expected_entropy [0.09, 0.09]
     """
     ens, members = tempered_log_probs(logits, rule, temperature, temperature_mode)
     member_entropy = entropy(members).mean(dim=1)
