@@ -6,12 +6,19 @@ import importlib
 from types import ModuleType
 
 
+def missing(module: str, extra: str, purpose: str, exc: ImportError) -> ModuleNotFoundError:
+    """The error for a missing optional package: a ``ModuleNotFoundError`` (an ``ImportError``) whose ``name`` is the
+    module that failed and whose message says ``pip install "mixshare-layers[extra]"``."""
+    return ModuleNotFoundError(
+        f"{purpose} needs the optional package {module.split('.')[0]!r} ({exc}): "
+        f'pip install "mixshare-layers[{extra}]"',
+        name=exc.name or module,
+    )
+
+
 def require(module: str, extra: str, purpose: str) -> ModuleType:
-    """``importlib.import_module(module)``, or an ``ImportError`` saying ``pip install "mixshare-layers[extra]"``."""
+    """``importlib.import_module(module)``, or the error of :func:`missing`."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(
-            f"{purpose} needs the optional package {module.split('.')[0]!r} ({exc}): "
-            f'pip install "mixshare-layers[{extra}]"'
-        ) from exc
+        raise missing(module, extra, purpose, exc) from exc

@@ -26,14 +26,12 @@ from ..metrics import EnsembleMetrics
 from ..uncertainty import UNCERTAINTY_SCORES, UncertaintyMetrics, ood_detection_metrics, uncertainty_scores
 from ..uncertainty._common import all_gather_cat
 from ..wrapper import MIMOWrapper
+from ._optional import missing
 
 try:
     import lightning.pytorch as pl
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "mixshare_layers.integrations.lightning needs the optional package 'lightning' (Lightning 2): "
-        'pip install "mixshare-layers[lightning]"'
-    ) from exc
+except ImportError as exc:  # tested with the package blocked (tests/test_import.py)
+    raise missing("lightning.pytorch", "lightning", __name__, exc) from exc
 
 __all__ = ["PROGRESS_GRANULARITIES", "MIMOLightningModule", "MIMOProgress", "find_mimo_wrappers"]
 
