@@ -77,10 +77,13 @@ def _batches(
         items = ((x_all[i : i + batch_size], y_all[i : i + batch_size]) for i in range(0, x_all.shape[0], batch_size))
     elif isinstance(data, Iterable):
         items = data
+    elif isinstance(data, torch.utils.data.Dataset):  # map-style: (image, label) items
+        items = torch.utils.data.DataLoader(data, batch_size=batch_size)
     else:
         raise TypeError(
-            f"{name} must be an iterable of (images, labels) batches (e.g. a DataLoader), a pair of tensors "
-            f"(images, labels) or, for OOD data, a tensor of images, but got {type(data).__name__}"
+            f"{name} must be an iterable of (images, labels) batches (e.g. a DataLoader), a map-style Dataset of "
+            f"(image, label), a pair of tensors (images, labels) or, for OOD data, a tensor of images, but got "
+            f"{type(data).__name__}"
         )
     offset = 0
     for i, item in enumerate(items):
@@ -147,7 +150,8 @@ def evaluate_uncertainty(
         model: returns logits ``(B, M, K)`` in eval mode (a :class:`~mixshare_layers.MIMOWrapper`), or ``(B, K)``
             for a single network (M = 1).
         test: labelled test data: an iterable of ``(images, labels)`` batches (a ``DataLoader``, iterated once per
-            pass, in a fixed order), or a pair of tensors ``(images, labels)`` cut into ``batch_size`` batches.
+            pass, in a fixed order), a map-style ``Dataset`` of ``(image, label)`` or a pair of tensors
+            ``(images, labels)``, the last two cut into ``batch_size`` batches.
             Images are uint8 or floats in ``[0, 1]``, *not normalised*: the corruptions act on pixel values.
         ood: OOD data (labels, if any, are ignored): data as ``test`` or a tensor of images, or a mapping from a
             name to such data for several sets (a single set is named ``"ood"``).
@@ -162,7 +166,7 @@ def evaluate_uncertainty(
             torch-uncertainty) or ``"logit"`` (mean of the logits, MixMo).
         preprocess: applied to the ``[0, 1]`` images (after any corruption) before the model, e.g. the dataset's
             normalisation.
-        batch_size: batch size when data are given as tensors.
+        batch_size: batch size when data are given as tensors or a ``Dataset``.
         device: where the model runs and the metrics live (default: the model's device).
         seed: seed of the corruptions.
         num_bins: bins of the calibration errors and of the reliability diagram.
