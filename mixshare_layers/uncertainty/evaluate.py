@@ -144,7 +144,16 @@ def evaluate_uncertainty(
     on the test set, once on every OOD set and once per corruption and severity of the test set (corrupted on the
     fly, on ``device``, by :func:`mixshare_layers.shift.corrupt`, deterministic from ``seed`` and each image's
     position in the test set). Every metric is :class:`~mixshare_layers.uncertainty.UncertaintyMetrics`' (units in
-    :data:`METRIC_UNITS`: fractions, nats).
+    :data:`METRIC_UNITS`: fractions, nats). The report's keys:
+
+    - ``"clean"``: the test set's metrics (:meth:`UncertaintyMetrics.compute`);
+    - ``"ood"``: ``{set: {score: {"auroc", "aupr", "fpr95"}}}`` for the scores of
+      :data:`~mixshare_layers.uncertainty.UNCERTAINTY_SCORES`, in-distribution = the clean test set;
+    - ``"shift"``: ``{corruption: {severity: metrics}}``; ``"shift_by_severity"``: ``{severity: mean over the
+      corruptions}``; ``"shift_mean"``: the mean over every corruption and severity (float metrics only);
+    - ``"calibrated"``: the same five entries at the fitted / given temperature (absent without one);
+    - ``"temperature"`` (``None`` without one), ``"temperature_mode"``, ``"rule"``, ``"num_subnetworks"``,
+      ``"seed"``, ``"units"`` (:data:`METRIC_UNITS`).
 
     Args:
         model: returns logits ``(B, M, K)`` in eval mode (a :class:`~mixshare_layers.MIMOWrapper`), or ``(B, K)``
@@ -172,16 +181,7 @@ def evaluate_uncertainty(
         num_bins: bins of the calibration errors and of the reliability diagram.
 
     Returns:
-        A dict (JSON-serialisable):
-
-        - ``"clean"``: the test set's metrics (:meth:`UncertaintyMetrics.compute`);
-        - ``"ood"``: ``{set: {score: {"auroc", "aupr", "fpr95"}}}`` for the scores of
-          :data:`~mixshare_layers.uncertainty.UNCERTAINTY_SCORES`, in-distribution = the clean test set;
-        - ``"shift"``: ``{corruption: {severity: metrics}}``; ``"shift_by_severity"``: ``{severity: mean over the
-          corruptions}``; ``"shift_mean"``: the mean over every corruption and severity (float metrics only);
-        - ``"calibrated"``: the same five entries at the fitted / given temperature (absent without one);
-        - ``"temperature"`` (``None`` without one), ``"temperature_mode"``, ``"rule"``, ``"num_subnetworks"``,
-          ``"seed"``, ``"units"`` (:data:`METRIC_UNITS`).
+        The report, a JSON-serialisable dict (its keys are listed above).
 
     In a ``torch.distributed`` run where every process evaluates its own shard, the results gather every shard
     (corruption positions then count the images of each process separately).
