@@ -9,7 +9,7 @@ adds adaptive / classwise ECE, AURC, entropies and OOD detection against the sec
 ``evaluate_uncertainty`` reports the same model under corruptions, with a temperature fitted on the validation
 split, and draws a one-page figure when matplotlib is installed.
 
-    python examples/lightning_wrn.py                       # WRN-16-2, M = 2, synthetic data, a few CPU minutes
+    python examples/lightning_wrn.py                       # WRN-10-1, M = 2, synthetic data, minutes on a CPU
     python examples/lightning_wrn.py --preset mixmo --epochs 20
     python examples/lightning_wrn.py --smoke               # seconds: a check that it runs
 
@@ -37,8 +37,8 @@ from mixshare_layers.models import wide_resnet
 from mixshare_layers.uncertainty import evaluate_uncertainty, flatten_report
 
 # defaults (override on the command line)
-PRESET, M, DEPTH, WIDTH = "mixshare", 2, 16, 2
-CLASSES, TRAIN, VAL, TEST, OOD = 10, 5000, 500, 1000, 1000
+PRESET, M, DEPTH, WIDTH = "mixshare", 2, 10, 1
+CLASSES, NOISE, TRAIN, VAL, TEST, OOD = 10, 1.5, 4000, 500, 1000, 1000
 EPOCHS, ROWS, REPETITION, LR = 8, 64, 2, 0.05  # ROWS counts the repeated images of a step
 CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast", "jpeg_compression")
 
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=DEPTH)
     p.add_argument("--width", type=int, default=WIDTH)
     p.add_argument("--classes", type=int, default=CLASSES)
+    p.add_argument("--noise", type=float, default=NOISE, help="pixel noise of the synthetic images")
     p.add_argument("--train-size", type=int, default=TRAIN)
     p.add_argument("--val-size", type=int, default=VAL, help="held out of the training images")
     p.add_argument("--test-size", type=int, default=TEST)
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out_dir = Path(args.out_dir)
 
     # data: uint8 tensors, normalised when read; evaluate_uncertainty takes them raw, with the normalisation apart
-    kw = dict(num_classes=args.classes, seed=args.seed)
+    kw = dict(num_classes=args.classes, seed=args.seed, noise=args.noise)
     full = SyntheticImageDataset(args.train_size + args.val_size, train=True, **kw)
     normalize = Normalize(full.data[: args.train_size])
     full.transform = normalize

@@ -10,7 +10,7 @@ model never saw (``synthetic_ood_dataset``). At the end the same model is evalua
 ``mixshare_layers.uncertainty.evaluate_uncertainty`` and the numbers the two libraries share are printed side by
 side (they agree: both average member probabilities).
 
-    python examples/torch_uncertainty_wrn.py                                  # WRN-16-2, M = 2, a few CPU minutes
+    python examples/torch_uncertainty_wrn.py                                  # WRN-10-1, M = 2, minutes on a CPU
     python examples/torch_uncertainty_wrn.py --ood-criterion msp --epochs 20
     python examples/torch_uncertainty_wrn.py --smoke                          # seconds: a check that it runs
 
@@ -37,8 +37,8 @@ from mixshare_layers.models import wide_resnet
 from mixshare_layers.uncertainty import evaluate_uncertainty
 
 # defaults (override on the command line)
-PRESET, M, DEPTH, WIDTH = "mixshare", 2, 16, 2
-CLASSES, TRAIN, TEST, OOD = 10, 5000, 1000, 1000
+PRESET, M, DEPTH, WIDTH = "mixshare", 2, 10, 1
+CLASSES, NOISE, TRAIN, TEST, OOD = 10, 1.5, 4000, 1000, 1000
 EPOCHS, ROWS, REPETITION = 8, 64, 2  # ROWS counts the repeated images of a step: ROWS / REPETITION unique ones
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=DEPTH)
     p.add_argument("--width", type=int, default=WIDTH)
     p.add_argument("--classes", type=int, default=CLASSES)
+    p.add_argument("--noise", type=float, default=NOISE, help="pixel noise of the synthetic images")
     p.add_argument("--train-size", type=int, default=TRAIN)
     p.add_argument("--test-size", type=int, default=TEST)
     p.add_argument("--ood-size", type=int, default=OOD)
@@ -115,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     seed_everything(args.seed, verbose=False)
 
     # data: uint8 tensors, normalised in the datasets; crop + flip of every repeated copy in the batch format
-    kw = dict(num_classes=args.classes, seed=args.seed)
+    kw = dict(num_classes=args.classes, seed=args.seed, noise=args.noise)
     train = SyntheticImageDataset(args.train_size, train=True, **kw)
     test = SyntheticImageDataset(args.test_size, train=False, **kw)
     ood = synthetic_ood_dataset(test, args.ood_size)  # classes the model never saw

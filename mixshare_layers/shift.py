@@ -3,16 +3,14 @@
 Eight families from Hendrycks & Dietterich (ICLR 2019), each at severities 1 to 5 with the parameters of their
 CIFAR-10-C / CIFAR-100-C generator (:data:`SEVERITY_PARAMETERS`):
 
-========================  ======================================================================================
-``gaussian_noise``        ``x + N(0, s^2)`` per pixel and channel
-``shot_noise``            ``Poisson(c x) / c`` per pixel and channel (photon noise, exact Poisson counts)
-``impulse_noise``         salt and pepper: each value set to 0 or 1 (equally likely) with probability ``a``
-``gaussian_blur``         Gaussian filter of standard deviation ``s`` pixels (``nearest`` edges, radius 4 s)
-``pixelate``              box down-sampling to ``int(size * f)`` pixels, then box up-sampling (PIL's ``BOX``)
-``jpeg_compression``      JPEG at quality ``q``: YCbCr, 4:2:0 chroma, 8x8 DCT quantised with the standard tables
-``contrast``              ``(x - mean) * c + mean`` with the per-image, per-channel mean
-``brightness``            the HSV value ``V`` raised by ``b`` (clipped at 1), hue and saturation kept
-========================  ======================================================================================
+- ``gaussian_noise``: ``x + N(0, s^2)`` per pixel and channel
+- ``shot_noise``: ``Poisson(c x) / c`` per pixel and channel (photon noise, exact Poisson counts)
+- ``impulse_noise``: salt and pepper: each value set to 0 or 1 (equally likely) with probability ``a``
+- ``gaussian_blur``: Gaussian filter of standard deviation ``s`` pixels (``nearest`` edges, radius 4 s)
+- ``pixelate``: box down-sampling to ``int(size * f)`` pixels, then box up-sampling (PIL's ``BOX``)
+- ``jpeg_compression``: JPEG at quality ``q``: YCbCr, 4:2:0 chroma, 8x8 DCT quantised with the standard tables
+- ``contrast``: ``(x - mean) * c + mean`` with the per-image, per-channel mean
+- ``brightness``: the HSV value ``V`` raised by ``b`` (clipped at 1), hue and saturation kept
 
 Conventions:
 

@@ -1,11 +1,9 @@
 """Per-sample uncertainty scores of an M-member ensemble (larger = more uncertain), in nats where they are entropies.
 
-=========================  ==========================================================================================
-``msp``                    ``1 - max_k p(k)``: one minus the maximum probability of the ensemble prediction
-``entropy``                ``H(p) = -sum_k p(k) log p(k)`` of the ensemble prediction ``p`` (predictive entropy)
-``mutual_information``     ``H(mean_m p_m) - mean_m H(p_m)``: what the members disagree about (epistemic part)
-``expected_entropy``       ``mean_m H(p_m)``: the members' own uncertainty (aleatoric part)
-=========================  ==========================================================================================
+- ``msp``: ``1 - max_k p(k)``: one minus the maximum probability of the ensemble prediction
+- ``entropy``: ``H(p) = -sum_k p(k) log p(k)`` of the ensemble prediction ``p`` (predictive entropy)
+- ``mutual_information``: ``H(mean_m p_m) - mean_m H(p_m)``: what the members disagree about (epistemic part)
+- ``expected_entropy``: ``mean_m H(p_m)``: the members' own uncertainty (aleatoric part)
 
 ``p`` is the ensemble prediction under the chosen ``rule`` (``"prob"``: ``mean_m p_m``; ``"logit"``:
 ``softmax(mean_m z_m)``) and temperature; ``p_m = softmax(z_m)`` are the members' probabilities. The mutual
