@@ -38,7 +38,7 @@ from mixshare_layers.uncertainty import evaluate_uncertainty, flatten_report
 
 # defaults (override on the command line)
 PRESET, M, DEPTH, WIDTH = "mixshare", 2, 10, 1
-CLASSES, NOISE, TRAIN, VAL, TEST, OOD = 10, 1.5, 4000, 500, 1000, 1000
+CLASSES, NOISE, TRAIN, VAL, TEST, OOD = 10, 5.5, 4000, 500, 1000, 1000
 EPOCHS, ROWS, REPETITION, LR = 8, 64, 2, 0.05  # ROWS counts the repeated images of a step
 CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast", "jpeg_compression")
 

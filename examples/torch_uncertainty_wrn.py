@@ -38,7 +38,7 @@ from mixshare_layers.uncertainty import evaluate_uncertainty
 
 # defaults (override on the command line)
 PRESET, M, DEPTH, WIDTH = "mixshare", 2, 10, 1
-CLASSES, NOISE, TRAIN, TEST, OOD = 10, 1.5, 4000, 1000, 1000
+CLASSES, NOISE, TRAIN, TEST, OOD = 10, 5.5, 4000, 1000, 1000
 EPOCHS, ROWS, REPETITION = 8, 64, 2  # ROWS counts the repeated images of a step: ROWS / REPETITION unique ones
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 
