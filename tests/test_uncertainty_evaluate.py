@@ -130,6 +130,11 @@ def test_given_temperature_single_network_and_mode_restored(setup):
     assert report["num_subnetworks"] == 1 and report["temperature"] == 2.0
     assert report["clean"]["disagreement"] == 0.0 and report["calibrated"]["clean"]["temperature"] == 2.0
     assert report["shift"] == {} and report["shift_mean"] == {}
+    # the search interval of the fit is the caller's
+    labelled = (test.data, test.targets)
+    with pytest.warns(RuntimeWarning, match=r"lies on the edge of bounds=\(0\.5, 0\.6\)"):
+        fitted = evaluate_uncertainty(net, labelled, val=labelled, temperature_bounds=(0.5, 0.6), corruptions=())
+    assert 0.5 <= fitted["temperature"] <= 0.6
 
 
 def test_errors(setup):

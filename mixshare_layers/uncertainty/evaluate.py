@@ -129,6 +129,7 @@ def evaluate_uncertainty(
     val: Data | None = None,
     temperature: float | None = None,
     temperature_mode: str = "ensemble",
+    temperature_bounds: tuple[float, float] = (0.05, 20.0),
     corruptions: Sequence[str] = CORRUPTIONS,
     severities: Sequence[int] = SEVERITIES,
     rule: str = "prob",
@@ -169,6 +170,7 @@ def evaluate_uncertainty(
             :func:`~mixshare_layers.uncertainty.fit_temperature`; ``None`` without ``val``: no calibrated results.
         temperature_mode: ``"ensemble"`` (``T`` divides the ensemble's log-probabilities after ``rule``) or
             ``"members"`` (``T`` divides every member's logits).
+        temperature_bounds: the search interval of the fit (a warning says when the optimum lies on its edge).
         corruptions: families of :data:`mixshare_layers.shift.CORRUPTIONS` to evaluate (``()``: none).
         severities: severities among 1..5.
         rule: the ensemble rule of every metric: ``"prob"`` (mean of the member probabilities, MIMO and
@@ -233,8 +235,8 @@ def evaluate_uncertainty(
     model.eval()
     try:
         return _evaluate(
-            model, test, ood_sets, val, temperature, temperature_mode, corruptions, severities, rule, preprocess,
-            batch_size, device, seed, num_bins,
+            model, test, ood_sets, val, temperature, temperature_mode, temperature_bounds, corruptions, severities,
+            rule, preprocess, batch_size, device, seed, num_bins,
         )  # fmt: skip
     finally:
         model.train(was_training)
@@ -247,6 +249,7 @@ def _evaluate(
     val: Data | None,
     temperature: float | None,
     temperature_mode: str,
+    temperature_bounds: tuple[float, float],
     corruptions: Sequence[str],
     severities: tuple[int, ...],
     rule: str,
@@ -265,7 +268,7 @@ def _evaluate(
             raise ValueError("val holds no batch")
         val_logits = all_gather_cat(torch.cat(logits_list))
         val_labels = all_gather_cat(torch.cat(labels_list))  # type: ignore[arg-type]
-        temperature = fit_temperature(val_logits, val_labels, rule, mode=temperature_mode)
+        temperature = fit_temperature(val_logits, val_labels, rule, mode=temperature_mode, bounds=temperature_bounds)
     temps = [1.0] if temperature is None else [1.0, float(temperature)]
 
     def run(corruption: str | None, severity: int) -> list[UncertaintyMetrics]:
