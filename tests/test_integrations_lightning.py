@@ -10,7 +10,7 @@ import torch
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from mixshare_layers import MIMOWrapper, SyntheticImageDataset  # noqa: E402
+from mixshare_layers import MIMOLoss, MIMOWrapper, SyntheticImageDataset  # noqa: E402
 from mixshare_layers.data import synthetic_ood_dataset  # noqa: E402
 from mixshare_layers.integrations.lightning import MIMOLightningModule, MIMOProgress, find_mimo_wrappers  # noqa: E402
 from mixshare_layers.metrics import EnsembleMetrics  # noqa: E402
@@ -85,6 +85,16 @@ def test_progress_per_epoch_and_without_the_callback():
     assert {p for p, _, _ in module.seen} == {0.5}
 
 
+def test_a_wrapper_counting_its_own_steps_is_left_alone():
+    model = _model()
+    if not hasattr(model, "set_total_steps"):
+        pytest.skip("this MIMOWrapper has no total-steps mode")
+    model.set_total_steps(4)
+    module = Recording(model, batch_repetition=1)  # adds MIMOProgress
+    _trainer(max_epochs=2).fit(module, _loader(_data(16)))
+    assert [p for p, _, _ in module.seen] == pytest.approx([0.0, 0.25, 0.5, 0.75])
+
+
 def test_callback_on_any_lightning_module_and_its_errors():
     class Plain(pl.LightningModule):  # a user's own module holding a wrapper somewhere inside
         def __init__(self) -> None:
@@ -130,9 +140,9 @@ def test_training_step_is_the_batcher_and_the_preset_loss():
     loss = module.training_step((x, y), 0)
     torch.manual_seed(1)
     xs, ys = model.make_batcher(2)(x, y)
-    expected = model.make_loss()(model(xs), ys)
-    assert torch.equal(loss, expected)
-    assert module.criterion.rebalance_root == 3.0  # MixMo's rebalancing, from the preset
+    out = model(xs)
+    assert torch.equal(loss, model.make_loss()(out, ys))
+    assert torch.equal(loss, MIMOLoss(rebalance_root=3.0)(out, ys))  # MixMo's rebalancing, from the preset
 
 
 def test_validation_and_test_metrics_equal_the_library():

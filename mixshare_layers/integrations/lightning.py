@@ -49,7 +49,9 @@ class MIMOProgress(pl.Callback):
     Before every training batch, the progress of every :class:`~mixshare_layers.MIMOWrapper` in the
     LightningModule becomes ``min(1, global_step / estimated_stepping_batches)`` (``granularity="step"``: optimizer
     steps, so gradient accumulation and ``max_steps`` are accounted for, and a resumed fit continues where it
-    stopped) or ``current_epoch / max_epochs`` (``"epoch"``, the paper's per-epoch schedule).
+    stopped) or ``current_epoch / max_epochs`` (``"epoch"``, the paper's per-epoch schedule). A wrapper whose
+    progress already drives itself from its own step counter (the total-steps mode of ``MIMOWrapper``, where the
+    library has it) is left alone.
 
     Args:
         granularity: ``"step"`` or ``"epoch"``.
@@ -89,9 +91,11 @@ class MIMOProgress(pl.Callback):
         wrappers = find_mimo_wrappers(pl_module)
         if not wrappers:
             raise ValueError(f"MIMOProgress found no MIMOWrapper in the {type(pl_module).__name__} being trained")
-        p = self.progress(trainer)
-        for wrapper in wrappers:
-            wrapper.set_progress(p)
+        driven = [w for w in wrappers if not getattr(w, "_steps_drive_progress", False)]
+        if driven:
+            p = self.progress(trainer)
+            for wrapper in driven:
+                wrapper.set_progress(p)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply(trainer, pl_module)
