@@ -104,7 +104,7 @@ def _split_resnet_like(model: nn.Module) -> BackboneSplit:
     except ValueError as exc:
         raise UnsupportedBackboneError(
             f"{type(model).__name__} (split by its ResNet attribute names): {exc}. " + HOW_TO
-        )
+        ) from exc
     return split
 
 
