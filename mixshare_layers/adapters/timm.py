@@ -152,6 +152,9 @@ def _find_encoder(model: nn.Module, receivers: list[str]) -> str:
 
 
 def _image_channels(model: nn.Module) -> int:
+    chans = getattr(model, "in_chans", None)
+    if isinstance(chans, int) and chans > 0:
+        return chans
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is not None:
         return conv.in_channels
@@ -163,17 +166,21 @@ def _image_channels(model: nn.Module) -> int:
 def _probe_sizes(model: nn.Module) -> list[tuple[int, int]]:
     """Candidate probe sizes: the patch embedding's fixed size, else a small one, then the pretrained config's."""
     sizes: list[tuple[int, int]] = []
-    img = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(v, int) for v in img):
-        sizes.append((int(img[0]), int(img[1])))
+    for module in [getattr(model, "patch_embed", None), *model.modules()]:  # a patch embedding's fixed size first
+        img = getattr(module, "img_size", None)
+        if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(v, int) for v in img):
+            sizes.append((int(img[0]), int(img[1])))
+            break
     cfg = getattr(model, "pretrained_cfg", None) or {}
     cfg = cfg if isinstance(cfg, dict) else {}
-    if not cfg.get("fixed_input_size", False):
-        sizes += [(64, 64), (96, 96), (128, 128)]
     size = cfg.get("input_size")
-    if size and len(size) == 3:
-        sizes.append((int(size[1]), int(size[2])))
-    sizes.append((224, 224))
+    default = [(int(size[1]), int(size[2]))] if size and len(size) == 3 else []
+    small = [(64, 64), (96, 96), (128, 128), (160, 160)]
+    if cfg.get("fixed_input_size", False):
+        sizes += default + small
+    else:
+        sizes += small + default
+    sizes += [(224, 224), (256, 256), (384, 384)]
     return list(dict.fromkeys(sizes))
 
 
@@ -223,9 +230,12 @@ def split_timm(model: nn.Module, *, image_size: int | tuple[int, int] | None = N
             f"{name} does not have timm's forward_features / forward_head / get_classifier API. " + HOW_TO
         )
     classifier = model.get_classifier()  # type: ignore[operator]
-    if not isinstance(classifier, nn.Module) or not any(True for _ in classifier.parameters()):
+    classifiers = classifier if isinstance(classifier, (tuple, list)) else (classifier,)  # distilled: two heads
+    if not all(isinstance(c, nn.Module) for c in classifiers) or not any(
+        True for c in classifiers for _ in c.parameters()
+    ):
         raise UnsupportedBackboneError(
-            f"{name} has no classifier (get_classifier() is {type(classifier).__name__}: a model created with "
+            f"{name} has no classifier (get_classifier() returns {type(classifier).__name__}: a model created with "
             "num_classes=0 returns features): each member needs its own classifier. Create the model with "
             "num_classes=K, e.g. timm.create_model(name, num_classes=10), or model.reset_classifier(10)."
         )
@@ -256,7 +266,9 @@ def split_timm(model: nn.Module, *, image_size: int | tuple[int, int] | None = N
         )
     if not isinstance(features, Tensor):
         raise UnsupportedBackboneError(
-            f"{name}.forward_features returns a {type(features).__name__}, not a tensor of features. " + HOW_TO
+            f"{name}.forward_features returns a {type(features).__name__}, not one tensor of features (a model with "
+            "several branches, e.g. one per image scale, has no single first layer and feature map to mix and "
+            "unmix). " + HOW_TO
         )
 
     # -- the encoder and its output --------------------------------------------------------------------------
@@ -325,6 +337,7 @@ def split_timm(model: nn.Module, *, image_size: int | tuple[int, int] | None = N
             plain = (
                 isinstance(classifier, nn.Linear)
                 and type(classifier).forward is nn.Linear.forward
+                and classifier.in_features == pooled.shape[-1]
                 and same_values(classifier(pooled), expected, tolerance=1e-5)
             )
         if plain and _train_eval_agree(head, pooled):

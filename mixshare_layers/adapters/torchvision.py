@@ -4,24 +4,22 @@ torchvision has no uniform feature API, so each model class gets its split here,
 modules (torchvision's ``Sequential`` subclasses such as ``Conv2dNormActivation`` are split with ``list(...)``:
 slicing them raises ``TypeError``):
 
-======================  ====================  ==================  =================  =========================
-class                   encoder               features            pooling            head
-======================  ====================  ==================  =================  =========================
-ResNet / ResNeXt / WRN  ``conv1``             ``(B, D, h, w)``    average            ``fc``
-RegNet                  ``stem[0]``           ``(B, D, h, w)``    average            ``fc``
-EfficientNet v1 / v2    ``features[0][0]``    ``(B, D, h, w)``    average            dropout + linear
-MobileNet v2 / v3       ``features[0][0]``    ``(B, D, h, w)``    average            dropout + linear / MLP
-MNASNet                 ``layers[0]``         ``(B, D, h, w)``    average            dropout + linear
-ConvNeXt                ``features[0][0]``    ``(B, D, h, w)``    average            LayerNorm + linear
-DenseNet                ``features.conv0``    ``(B, D, h, w)``    average            ``classifier``
-ShuffleNet v2           ``conv1[0]``          ``(B, D, h, w)``    average            ``fc``
-GoogLeNet / Inception   first ``conv``        ``(B, D, h, w)``    average            dropout + ``fc``
-MaxViT                  ``stem[0][0]``        ``(B, D, h, w)``    average            LayerNorm + MLP
-Swin v1 / v2            ``features[0][0]``    ``(B, h, w, D)``    average            ``head``
-VisionTransformer       ``conv_proj``         tokens, 1 prefix    class token        ``heads``
-VGG / AlexNet           ``features[0]``       ``(B, D, h, w)``    the head's own     pool + flatten + MLP
-SqueezeNet              ``features[0]``       ``(B, D, h, w)``    the head's own     1x1 conv + ReLU + pool
-======================  ====================  ==================  =================  =========================
+| class | encoder | features | pooling | head |
+|---|---|---|---|---|
+| ResNet / ResNeXt / WRN | ``conv1`` | ``(B, D, h, w)`` | average | ``fc`` |
+| RegNet | ``stem[0]`` | ``(B, D, h, w)`` | average | ``fc`` |
+| EfficientNet v1 / v2 | ``features[0][0]`` | ``(B, D, h, w)`` | average | dropout + linear |
+| MobileNet v2 / v3 | ``features[0][0]`` | ``(B, D, h, w)`` | average | dropout + linear / MLP |
+| MNASNet | ``layers[0]`` | ``(B, D, h, w)`` | average | dropout + linear |
+| ConvNeXt | ``features[0][0]`` | ``(B, D, h, w)`` | average | LayerNorm + linear |
+| DenseNet | ``features.conv0`` | ``(B, D, h, w)`` | average | ``classifier`` |
+| ShuffleNet v2 | ``conv1[0]`` | ``(B, D, h, w)`` | average | ``fc`` |
+| GoogLeNet / Inception v3 | the first ``conv`` | ``(B, D, h, w)`` | average | dropout + ``fc`` |
+| MaxViT | ``stem[0][0]`` | ``(B, D, h, w)`` | average | LayerNorm + MLP |
+| Swin v1 / v2 | ``features[0][0]`` | ``(B, h, w, D)`` | average | ``head`` |
+| VisionTransformer | ``conv_proj`` (or its conv stem's first conv) | tokens, 1 prefix | class token | ``heads`` |
+| VGG / AlexNet | ``features[0]`` | ``(B, D, h, w)`` | the head's own | pool + flatten + MLP |
+| SqueezeNet | ``features[0]`` | ``(B, D, h, w)`` | the head's own | 1x1 conv + ReLU + pool |
 
 GoogLeNet and Inception v3 lose their auxiliary classifiers (they only run in training, on intermediate maps, and
 are not part of the network's prediction); their ``transform_input`` becomes the split's ``preprocess``. VGG,
@@ -92,15 +90,19 @@ class InceptionInputTransform(nn.Module):
 
 
 class ViTCore(nn.Module):
-    """torchvision ``VisionTransformer`` from its patch embedding on: flatten the ``(B, D, h, w)`` grid row-major,
-    prepend the class token, run the encoder (positional embedding, blocks, final norm): ``(B, 1 + h w, D)``."""
+    """torchvision ``VisionTransformer`` from its patch embedding on: the rest of a convolutional stem if it has one,
+    then flatten the ``(B, D, h, w)`` grid row-major, prepend the class token, run the encoder (positional
+    embedding, blocks, final norm): ``(B, 1 + h w, D)``."""
 
-    def __init__(self, class_token: nn.Parameter, encoder: nn.Module) -> None:
+    def __init__(self, class_token: nn.Parameter, encoder: nn.Module, stem: nn.Module | None = None) -> None:
         super().__init__()
+        self.stem = stem
         self.class_token = class_token
         self.encoder = encoder
 
     def forward(self, grid: Tensor) -> Tensor:
+        if self.stem is not None:
+            grid = self.stem(grid)
         tokens = grid.flatten(2).transpose(1, 2)  # (B, h w, D), as VisionTransformer._process_input
         cls = self.class_token.expand(tokens.shape[0], -1, -1)
         return self.encoder(torch.cat([cls, tokens], dim=1))
@@ -183,9 +185,13 @@ def _swin(m: nn.Module) -> BackboneSplit:
 
 
 def _vit(m: nn.Module) -> BackboneSplit:
+    encoder, stem = m.conv_proj, None
+    if isinstance(encoder, nn.Sequential):  # a convolutional stem (conv_stem_configs): its first conv sees the image
+        layers = _rest(encoder[0]) + _rest(encoder)
+        encoder, stem = encoder[0][0], nn.Sequential(*layers)
     return BackboneSplit(
-        encoder=m.conv_proj,
-        core=ViTCore(m.class_token, m.encoder),
+        encoder=encoder,
+        core=ViTCore(m.class_token, m.encoder, stem),
         classifier=m.heads,
         layout="tokens",
         num_prefix_tokens=1,
