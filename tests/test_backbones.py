@@ -202,3 +202,205 @@ def test_one_training_step_reaches_every_member(case):
         else:
             g_head = torch.cat([p.grad.flatten() for p in model.heads.members[i].parameters() if p.grad is not None])
         assert g_enc.abs().sum() > 0 and g_head.abs().sum() > 0, (name, i)
+
+
+# -- where the mixing and the unmixing happen on a vision transformer ------------------------------------------------
+def test_vit_mixes_the_patch_grid_before_positions_and_prefix_tokens():
+    """The core run on a mixed patch grid is timm's forward_features with the patch projection's output replaced
+    by that grid: positional embeddings and class / register tokens are added to the mixed grid, as in timm."""
+    torch.manual_seed(0)
+    net = _timm_vit(reg_tokens=2, global_pool="avg")().eval()
+    model = MIMOWrapper(net, 2, "mixshare").eval()
+    mixed = _images(2, 32, 4, 4, seed=3)  # a (B, D, h, w) grid, as the patch projection returns
+    handle = net.patch_embed.proj.register_forward_hook(lambda module, args, out: mixed)
+    try:
+        with torch.no_grad():
+            expected = net.forward_features(_images(2, 3, 32, 32, seed=4))
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(model.core(mixed), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["full", "partial", "fadeout"])
+def test_vit_unmixes_the_patch_tokens_through_the_masks(mode):
+    """Training: each member's head reads the masked average of the final patch tokens (prefix tokens left out),
+    the masks being the input mix brought to the token grid."""
+    from mixshare_layers.functional import unmix_pool_reference
+    from mixshare_layers.functional.layout import as_maps
+
+    torch.manual_seed(0)
+    model = MIMOWrapper(_timm_vit(reg_tokens=2, global_pool="avg")(), 2, "mixshare", unmix_mode=mode).train()
+    seen = {}
+    model.core.register_forward_hook(lambda m, a, out: seen.update(features=out))
+    model.heads.register_forward_pre_hook(lambda m, args: seen.update(pooled=args[0]))
+    model.set_progress(0.1)
+    out = model(_images(3, 2, 3, 32, 32, seed=5))
+    info, features = out.mix_info, seen["features"].detach()
+    assert (info.height, info.width) == (4, 4) and features.shape == (3, 3 + 16, 32)
+    unmixer = model.unmixer
+    strength = float(unmixer.strength(0.1)) if mode == "fadeout" else 0.0
+    num_unmixed = unmixer.num_unmixed(32) if mode == "partial" else None
+    grid = as_maps(features.double(), "tokens", num_prefix_tokens=3, grid=(4, 4))
+    expected = unmix_pool_reference(grid, info.to(dtype=torch.float64), strength=strength, num_unmixed=num_unmixed)
+    torch.testing.assert_close(seen["pooled"].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_backbone_unmixes_its_maps():
+    from mixshare_layers.functional import unmix_pool_reference
+
+    torch.manual_seed(0)
+    model = MIMOWrapper(CASES["tv-swin"].build(), 2, "unmix-aligned").train()
+    seen = {}
+    model.core.register_forward_hook(lambda m, a, out: seen.update(features=out))
+    model.heads.register_forward_pre_hook(lambda m, args: seen.update(pooled=args[0]))
+    out = model(_images(2, 2, 3, 32, 32, seed=6))
+    features = seen["features"].detach()  # (B, h, w, D)
+    expected = unmix_pool_reference(features.permute(0, 3, 1, 2).double(), out.mix_info.to(dtype=torch.float64))
+    torch.testing.assert_close(seen["pooled"].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+# -- refusals name the reason and a way out that works ---------------------------------------------------------------
+def test_class_token_refuses_unmixing_and_the_advice_works():
+    net = _timm_vit()()
+    with pytest.raises(ValueError, match=r"unmixes the final features.*class token.*unmix_mode='none'"):
+        MIMOWrapper(net, 2, "mixshare")
+    assert MIMOWrapper(net, 2, "mixshare", unmix_mode="none").unmixer.mode == "none"
+    assert MIMOWrapper(net, 2, "mixmo").pooling == "token"
+    # the other way out: a head that averages the patch tokens
+    model = MIMOWrapper(_timm_vit(global_pool="avg", class_token=False)(), 2, "mixshare")
+    assert model.pooling == "avg" and model.unmixer.mode == "fadeout"
+    with pytest.raises(ValueError, match=r"head \(Sequential\) pools the features itself"):
+        MIMOWrapper(torchvision.models.squeezenet1_1(num_classes=5), 2, "unmix")
+
+
+def test_timm_model_without_classifier_is_refused_with_the_fix():
+    from mixshare_layers import UnsupportedBackboneError
+
+    net = timm.create_model("test_resnet", num_classes=0)
+    with pytest.raises(UnsupportedBackboneError, match=r"has no classifier.*reset_classifier\(10\)"):
+        MIMOWrapper(net, 2)
+    net.reset_classifier(10)
+    assert MIMOWrapper(net, 2).num_classes == 10
+
+
+class _TwoBranches(nn.Module):
+    """timm's API, but features from two branches (one per image scale), like CrossViT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem_a, self.stem_b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward_features(self, x):
+        return [self.stem_a(x), self.stem_b(x)]
+
+    def forward_head(self, feats):
+        return self.fc(torch.cat([f.mean(dim=(2, 3)) for f in feats], dim=1))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def test_unsplittable_timm_like_model_is_refused_and_a_manual_split_works():
+    from mixshare_layers import BackboneSplit, UnsupportedBackboneError
+
+    net = _TwoBranches()
+    with pytest.raises(UnsupportedBackboneError, match=r"returns a list, not one tensor.*BackboneSplit"):
+        MIMOWrapper(net, 2)
+    # the advice: say where the parts are (here: the first branch only, with its own head)
+    split = BackboneSplit(encoder=net.stem_a, core=nn.ReLU(), classifier=nn.Linear(8, 4))
+    model = MIMOWrapper(split=split, num_subnetworks=2)
+    assert model(_images(2, 2, 3, 8, 8, seed=0)).logits.shape == (2, 2, 4)
+
+
+def test_modified_torchvision_model_is_checked_and_a_manual_split_keeps_it_exact():
+    from mixshare_layers import BackboneSplit, UnsupportedBackboneError
+    from mixshare_layers.adapters import check_split
+
+    net = _tv_resnet().eval()
+    net.avgpool = nn.AdaptiveMaxPool2d(1)  # no longer what the ResNet split assumes
+    with pytest.raises(UnsupportedBackboneError, match=r"does not compute ResNet's function.*BackboneSplit"):
+        MIMOWrapper(net, 2)
+    core = nn.Sequential(net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+    split = BackboneSplit(net.conv1, core, nn.Sequential(net.avgpool, nn.Flatten(1), net.fc), pooling="head")
+    x = _images(2, 3, 32, 32, seed=0)
+    assert check_split(net, split, x) <= TOL
+    model = MIMOWrapper(split=split, num_subnetworks=2, preset="mixmo", encoder_init="aligned", pretrained=True)
+    with torch.no_grad():
+        assert _relative(model.eval()(x)[:, 1], net(x)) <= TOL
+
+
+def test_register_adapter_for_your_own_architecture():
+    from mixshare_layers import BackboneSplit, UnsupportedBackboneError
+    from mixshare_layers.adapters import register_adapter, split_backbone
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Conv2d(3, 8, 4, stride=4)
+            self.mixer = nn.Sequential(nn.GELU(), nn.Conv2d(8, 8, 1))
+            self.head = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 3))
+
+        def forward(self, x):
+            return self.head(self.mixer(self.embed(x)).mean(dim=(2, 3)))
+
+    with pytest.raises(UnsupportedBackboneError, match=r"no adapter knows how to split a Net.*register_adapter"):
+        MIMOWrapper(Net(), 2)
+    handle = register_adapter(Net, lambda net: BackboneSplit(net.embed, net.mixer, net.head))
+    try:
+        net = Net().eval()
+        x = _images(2, 3, 16, 16, seed=0)
+        model = MIMOWrapper(net, 2, "mixshare", pretrained=True).eval()
+        with torch.no_grad():
+            assert _relative(model(x)[:, 0], net(x)) <= TOL
+        # a predicate registered later is tried first
+        other = register_adapter(lambda m: isinstance(m, Net), lambda net: BackboneSplit(net.embed, nn.Identity(),
+                                                                                        nn.Linear(8, 2)))  # fmt: skip
+        assert split_backbone(Net()).classifier.out_features == 2
+        other.remove()
+        assert split_backbone(Net()).classifier is not None and isinstance(split_backbone(Net()).head, nn.Sequential)
+    finally:
+        handle.remove()
+    with pytest.raises(UnsupportedBackboneError):
+        split_backbone(Net())
+    with pytest.raises(TypeError, match="match must be a class or a predicate, but got int"):
+        register_adapter(3, lambda net: None)
+    handle = register_adapter(Net, lambda net: (net.embed, net.mixer))
+    try:
+        with pytest.raises(TypeError, match=r"the adapter registered for Net must return a BackboneSplit, but got"):
+            split_backbone(Net())
+    finally:
+        handle.remove()
+
+
+def test_pretrained_is_exact_for_three_members():
+    torch.manual_seed(0)
+    net = timm.create_model("test_convnext", num_classes=5).eval()
+    x = _images(2, 3, 64, 64, seed=0)
+    model = MIMOWrapper(net, 3, "mixshare", pretrained=True).eval()
+    with torch.no_grad():
+        expected = net(x)
+        got = model(x)
+    for i in range(3):
+        assert _relative(got[:, i], expected) <= TOL
+
+
+@pytest.mark.parametrize("name", ["timm-vit-registers-avg", "tv-swin"])
+def test_onnx_export_of_token_and_channels_last_backbones(name, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = MIMOWrapper(CASES[name].build(), 2, "mixshare", **CASES[name].overrides).eval()
+    folded = model.fold()
+    x = _images(2, 3, 32, 32, seed=0)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(folded, (x,), str(path), input_names=["images"], output_names=["logits"], dynamo=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"images": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-4)
