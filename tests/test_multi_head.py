@@ -127,7 +127,7 @@ def test_generic_heads_initialised_independently_and_first_layer_weights():
     assert conv.first_layer_weights().shape == (2, 3, 4) and conv(torch.randn(5, 4, 1, 1)).shape == (5, 2, 3)
     with pytest.raises(TypeError, match="as_linear\\(\\) needs linear heads"):
         heads.as_linear()
-    with pytest.raises(TypeError, match="no nn.Linear or nn.Conv2d layer"):
+    with pytest.raises(TypeError, match=r"no nn\.Linear or nn\.Conv2d layer"):
         MultiHead.from_module(nn.Flatten(1), 2).first_layer_weights()
 
 
@@ -141,5 +141,5 @@ def test_generic_heads_state_dict_deepcopy_pickle_and_errors():
     assert "generic" in repr(heads)
     with pytest.raises(ValueError, match=r"input must have 2 dims \(B, \*S\), shared by the heads, or 3"):
         heads(_x(4, 3, 2, 6))
-    with pytest.raises(TypeError, match="head must be an nn.Module, but got int"):
+    with pytest.raises(TypeError, match=r"head must be an nn\.Module, but got int"):
         MultiHead.from_module(3, 2)
