@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import torch  # noqa: F401 - the doctests run in this module's namespace
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int
