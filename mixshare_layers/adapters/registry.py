@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -92,7 +93,7 @@ def _resnet_like(model: nn.Module) -> bool:
     )
 
 
-def _split_resnet_like(model: nn.Module) -> BackboneSplit:
+def _split_resnet_like(model: Any) -> BackboneSplit:
     """A model with torchvision ResNet's attribute names (``conv1 ... layer4``, ``fc``) and average pooling."""
     act = getattr(model, "relu", None) or model.act1
     core = nn.Sequential(model.bn1, act, model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4)

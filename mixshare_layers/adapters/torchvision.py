@@ -33,6 +33,7 @@ Every split is checked against the model on a probe batch before it is returned.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -108,53 +109,53 @@ class ViTCore(nn.Module):
         return self.encoder(torch.cat([cls, tokens], dim=1))
 
 
-def _resnet(m: nn.Module) -> BackboneSplit:
+def _resnet(m: Any) -> BackboneSplit:
     core = _seq(m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
     return BackboneSplit(encoder=m.conv1, core=core, classifier=m.fc)
 
 
-def _regnet(m: nn.Module) -> BackboneSplit:
+def _regnet(m: Any) -> BackboneSplit:
     return BackboneSplit(encoder=m.stem[0], core=_seq(_rest(m.stem), m.trunk_output), classifier=m.fc)
 
 
-def _features_classifier(m: nn.Module) -> BackboneSplit:
+def _features_classifier(m: Any) -> BackboneSplit:
     """EfficientNet, MobileNet v2 / v3: ``features`` (a conv-norm-act stem first), average pool, ``classifier``."""
     core = _seq(_rest(m.features[0]), _rest(m.features))
     return BackboneSplit(encoder=m.features[0][0], core=core, classifier=m.classifier)
 
 
-def _mnasnet(m: nn.Module) -> BackboneSplit:
+def _mnasnet(m: Any) -> BackboneSplit:
     return BackboneSplit(encoder=m.layers[0], core=_seq(_rest(m.layers)), classifier=m.classifier)
 
 
-def _convnext(m: nn.Module) -> BackboneSplit:
+def _convnext(m: Any) -> BackboneSplit:
     core = _seq(_rest(m.features[0]), _rest(m.features))
     width = m.classifier[-1].in_features  # the classifier's LayerNorm2d reads the pooled (B, D, 1, 1) map
     head = nn.Sequential(nn.Unflatten(1, (width, 1, 1)), m.classifier)
     return BackboneSplit(encoder=m.features[0][0], core=core, classifier=head)
 
 
-def _densenet(m: nn.Module) -> BackboneSplit:
+def _densenet(m: Any) -> BackboneSplit:
     core = _seq(_rest(m.features), nn.ReLU(inplace=True))  # DenseNet.forward applies F.relu after its features
     return BackboneSplit(encoder=m.features[0], core=core, classifier=m.classifier)
 
 
-def _shufflenet(m: nn.Module) -> BackboneSplit:
+def _shufflenet(m: Any) -> BackboneSplit:
     core = _seq(_rest(m.conv1), m.maxpool, m.stage2, m.stage3, m.stage4, m.conv5)
     return BackboneSplit(encoder=m.conv1[0], core=core, classifier=m.fc)
 
 
-def _squeezenet(m: nn.Module) -> BackboneSplit:
+def _squeezenet(m: Any) -> BackboneSplit:
     head = nn.Sequential(m.classifier, nn.Flatten(1))  # dropout, 1x1 conv to the classes, ReLU, average pool
     return BackboneSplit(encoder=m.features[0], core=_seq(_rest(m.features)), classifier=head, pooling="head")
 
 
-def _vgg(m: nn.Module) -> BackboneSplit:  # VGG and AlexNet
+def _vgg(m: Any) -> BackboneSplit:  # VGG and AlexNet
     head = nn.Sequential(m.avgpool, nn.Flatten(1), m.classifier)
     return BackboneSplit(encoder=m.features[0], core=_seq(_rest(m.features)), classifier=head, pooling="head")
 
 
-def _googlenet(m: nn.Module) -> BackboneSplit:
+def _googlenet(m: Any) -> BackboneSplit:
     names = ["maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3", "inception4a"]
     names += ["inception4b", "inception4c", "inception4d", "inception4e", "maxpool4", "inception5a", "inception5b"]
     core = _seq(_Inception(m.conv1.bn), [m.get_submodule(n) for n in names])
@@ -163,7 +164,7 @@ def _googlenet(m: nn.Module) -> BackboneSplit:
     return BackboneSplit(encoder=m.conv1.conv, core=core, classifier=head, preprocess=pre)
 
 
-def _inception3(m: nn.Module) -> BackboneSplit:
+def _inception3(m: Any) -> BackboneSplit:
     names = ["Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2", "Mixed_5b"]
     names += ["Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a"]
     names += ["Mixed_7b", "Mixed_7c"]
@@ -173,22 +174,23 @@ def _inception3(m: nn.Module) -> BackboneSplit:
     return BackboneSplit(encoder=m.Conv2d_1a_3x3.conv, core=core, classifier=head, preprocess=pre)
 
 
-def _maxvit(m: nn.Module) -> BackboneSplit:
+def _maxvit(m: Any) -> BackboneSplit:
     core = _seq(_rest(m.stem[0]), _rest(m.stem), list(m.blocks))
     head = nn.Sequential(*list(m.classifier.children())[2:])  # after its average pool and flatten
     return BackboneSplit(encoder=m.stem[0][0], core=core, classifier=head)
 
 
-def _swin(m: nn.Module) -> BackboneSplit:
+def _swin(m: Any) -> BackboneSplit:
     core = _seq(_rest(m.features[0]), _rest(m.features), m.norm)  # (B, h, w, D): Swin keeps the channels last
     return BackboneSplit(encoder=m.features[0][0], core=core, classifier=m.head, layout="channels_last")
 
 
-def _vit(m: nn.Module) -> BackboneSplit:
-    encoder, stem = m.conv_proj, None
+def _vit(m: Any) -> BackboneSplit:
+    encoder: Any = m.conv_proj
+    stem = None
     if isinstance(encoder, nn.Sequential):  # a convolutional stem (conv_stem_configs): its first conv sees the image
         layers = _rest(encoder[0]) + _rest(encoder)
-        encoder, stem = encoder[0][0], nn.Sequential(*layers)
+        encoder, stem = encoder[0][0], nn.Sequential(*layers)  # type: ignore[index]
     return BackboneSplit(
         encoder=encoder,
         core=ViTCore(m.class_token, m.encoder, stem),
@@ -199,7 +201,7 @@ def _vit(m: nn.Module) -> BackboneSplit:
     )
 
 
-def _table() -> list[tuple[type, Callable[[nn.Module], BackboneSplit]]]:
+def _table() -> list[tuple[type, Callable[[Any], BackboneSplit]]]:
     from torchvision import models as tvm
 
     return [
