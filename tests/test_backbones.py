@@ -404,3 +404,22 @@ def test_onnx_export_of_token_and_channels_last_backbones(name, tmp_path):
     (got,) = session.run(["logits"], {"images": x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_splitting_leaves_the_backbone_as_it_was():
+    """The core is a shallow copy of the timm model sharing its modules: the model itself keeps its encoder and head,
+    still runs, and a hook added to it later does not fire inside the wrapper."""
+    torch.manual_seed(0)
+    net = _timm_vit(global_pool="avg")().eval()
+    x = _images(2, 3, 32, 32, seed=0)
+    with torch.no_grad():
+        before = net(x)
+    model = MIMOWrapper(net, 2, "mixshare", pretrained=True).eval()
+    assert isinstance(net.patch_embed.proj, nn.Conv2d) and isinstance(net.head, nn.Linear)
+    assert model.core.backbone.blocks is net.blocks  # shared, not copied
+    fired = []
+    net.register_forward_hook(lambda *args: fired.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, rtol=0, atol=0)
+        model(x)
+    assert fired == [1]

@@ -31,11 +31,12 @@ def module_name(root: nn.Module, target: nn.Module) -> str:
 
 
 def _shallow(module: nn.Module) -> nn.Module:
-    """A new module object sharing every submodule, parameter and attribute of ``module`` (own child tables)."""
+    """A new module object sharing every submodule, parameter and attribute value of ``module``, with its own tables
+    (children, parameters, buffers, hooks): replacing a child or adding a hook on one does not touch the other."""
     clone = copy.copy(module)
-    clone.__dict__["_modules"] = dict(module._modules)
-    clone.__dict__["_parameters"] = dict(module._parameters)
-    clone.__dict__["_buffers"] = dict(module._buffers)
+    for key, value in module.__dict__.items():
+        if isinstance(value, (dict, set)):
+            clone.__dict__[key] = copy.copy(value)
     return clone
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .check import check_split, eval_mode, first_tensor
+from .check import check_split, default_tolerance, eval_mode, first_tensor
 from .split import BackboneSplit, UnsupportedBackboneError
 from .surgery import Slot, SplicedCore, head_shell, same_values, spliced
 
@@ -324,7 +324,7 @@ def split_timm(model: nn.Module, *, image_size: int | tuple[int, int] | None = N
                 got = TimmHead(shell, pooling, layout, p)(trial.pool(features))
             except Exception:  # a hypothesis the head cannot run on is simply not the right one
                 continue
-            if same_values(got, expected):
+            if same_values(got, expected, default_tolerance(dtype)):
                 chosen = (layout, pooling, p)
                 break
     if chosen is None:
@@ -338,7 +338,7 @@ def split_timm(model: nn.Module, *, image_size: int | tuple[int, int] | None = N
                 isinstance(classifier, nn.Linear)
                 and type(classifier).forward is nn.Linear.forward
                 and classifier.in_features == pooled.shape[-1]
-                and same_values(classifier(pooled), expected, tolerance=1e-5)
+                and same_values(classifier(pooled), expected, tolerance=default_tolerance(dtype) / 10)
             )
         if plain and _train_eval_agree(head, pooled):
             head = classifier
