@@ -423,3 +423,66 @@ def test_splitting_leaves_the_backbone_as_it_was():
         torch.testing.assert_close(net(x), before, rtol=0, atol=0)
         model(x)
     assert fired == [1]
+
+
+class _TimmLike(nn.Module):
+    """A small model with timm's API, configurable to break the automatic split in the ways a model can."""
+
+    def __init__(self, kind: str = "plain") -> None:
+        super().__init__()
+        self.kind = kind
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.other = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+        self.fc = nn.Linear(8, 4)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward_features(self, x):
+        if self.kind == "odd-size":
+            assert x.shape[-1] == 40, "this model takes 40x40 images"
+        if self.kind == "scaled-input":
+            x = x * 2.0  # a tensor operation before any layer
+        y = self.stem(x)
+        if self.kind == "two-stems":
+            y = y + self.other(x)
+        return self.body(y)
+
+    def forward_head(self, y):
+        return self.fc(y.mean(dim=(2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def test_timm_like_refusals_and_their_way_out():
+    from mixshare_layers import BackboneSplit, UnsupportedBackboneError
+    from mixshare_layers.adapters import split_timm
+
+    torch.manual_seed(0)
+    assert MIMOWrapper(_TimmLike(), 2).encoder.in_channels == 3  # the plain model splits
+    net = _TimmLike("odd-size").eval()
+    with pytest.raises(UnsupportedBackboneError, match=r"runs on none of the probe sizes.*split_timm\(m, image_size="):
+        MIMOWrapper(net, 2)
+    model = MIMOWrapper(net, 2, "mixshare", split=lambda m: split_timm(m, image_size=40), pretrained=True).eval()
+    x = _images(2, 3, 40, 40, seed=0)
+    with torch.no_grad():
+        assert _relative(model(x)[:, 1], net(x)) <= TOL
+
+    net = _TimmLike("scaled-input").eval()
+    with pytest.raises(UnsupportedBackboneError, match=r"no module of _TimmLike receives the image itself"):
+        MIMOWrapper(net, 2)
+
+    class Double(nn.Module):  # the tensor operation, as a parameter-free preprocess shared by the members
+        def forward(self, x):
+            return x * 2.0
+
+    split = BackboneSplit(net.stem, net.body, net.fc, preprocess=Double())
+    model = MIMOWrapper(split=split, num_subnetworks=2, pretrained=True).eval()
+    with torch.no_grad():
+        assert _relative(model(x)[:, 0], net(x)) <= TOL
+        assert _relative(model.fold()(x), model(x)) <= TOL
+
+    with pytest.raises(UnsupportedBackboneError, match=r"the image feeds several layers of _TimmLike \(other, stem\)"):
+        MIMOWrapper(_TimmLike("two-stems"), 2)
