@@ -486,3 +486,29 @@ def test_timm_like_refusals_and_their_way_out():
 
     with pytest.raises(UnsupportedBackboneError, match=r"the image feeds several layers of _TimmLike \(other, stem\)"):
         MIMOWrapper(_TimmLike("two-stems"), 2)
+
+
+def test_analysis_reads_every_layout():
+    """Encoder influence = the patch-embedding kernels, classifier influence = the head's first layer; the variance
+    influence probes timm's own stages (tokens of a ViT, channels-last maps of a Swin)."""
+    from mixshare_layers.analysis import (
+        classifier_influence,
+        default_variance_layers,
+        encoder_influence,
+        feature_variance_influence,
+        sharing_rates,
+    )
+
+    torch.manual_seed(0)
+    vit = MIMOWrapper(_timm_vit(global_pool="avg", reg_tokens=1)(), 2, "mixmo")
+    assert encoder_influence(vit).shape == (2, 32)  # the patch projection's 32 output channels
+    assert classifier_influence(vit).shape == (2, 32)  # the head's first layer: Linear(32, 5) after fc_norm
+    assert set(sharing_rates(vit)) >= {"encoder", "classifier"}
+    assert default_variance_layers(vit) == ["core.backbone.blocks.0", "core.backbone.blocks.1"]
+    out = feature_variance_influence(vit, _images(6, 3, 32, 32, seed=0), batch_size=3)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {n: (2, 32) for n in default_variance_layers(vit)}
+    swin = MIMOWrapper(CASES["timm-swin"].build(), 2, "mixmo")
+    out = feature_variance_influence(swin, _images(4, 3, 32, 32, seed=0), batch_size=2)
+    assert [tuple(v.shape) for v in out.values()] == [(2, 16), (2, 32)]  # channels read last
+    mobilenet = MIMOWrapper(torchvision.models.mobilenet_v3_small(num_classes=5), 2, "mixmo")
+    assert classifier_influence(mobilenet).shape == (2, 576)  # the MLP's first Linear reads the pooled 576 channels

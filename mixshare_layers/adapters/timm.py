@@ -219,10 +219,13 @@ def split_timm(model: nn.Module, *, image_size: int | tuple[int, int] | None = N
             not reproduce the model...) and the way out.
 
     Example:
-        >>> import timm  # doctest: +SKIP
-        >>> split = split_timm(timm.create_model("resnet18d", num_classes=10))  # doctest: +SKIP
-        >>> split.encoder, split.layout, split.pooling  # doctest: +SKIP
+        >>> import timm
+        >>> split = split_timm(timm.create_model("resnet18d", num_classes=10))  # a deep stem: its first conv
+        >>> split.encoder, split.layout, split.pooling
         (Conv2d(3, 32, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), bias=False), 'channels_first', 'avg')
+        >>> vit = split_timm(timm.create_model("test_vit", num_classes=10))
+        >>> vit.encoder, vit.layout, vit.num_prefix_tokens, vit.pooling
+        (Conv2d(3, 64, kernel_size=(16, 16), stride=(16, 16)), 'tokens', 1, 'token')
     """
     name = type(model).__name__
     if not is_timm_like(model):
