@@ -97,6 +97,7 @@ class MultiHead(nn.Module):
         self.num_classes: int | None = check_int("num_classes", num_classes, minimum=1)
         self.num_subnetworks = check_num_subnetworks(num_subnetworks)
         self.input_ndim = 1
+        self.copy_inputs = False
         self.members: nn.ModuleList | None = None
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight: nn.Parameter | None = nn.Parameter(
@@ -205,6 +206,9 @@ class MultiHead(nn.Module):
         obj.register_parameter("weight", None)
         obj.register_parameter("bias", None)
         obj.members = nn.ModuleList(copy.deepcopy(head) for _ in range(m))
+        # a head with an in-place layer (torchvision's Dropout(inplace=True) first) would write into its input, which
+        # is shared with the other heads (or a view of the pooled features): each head then gets its own copy
+        obj.copy_inputs = any(getattr(sub, "inplace", False) is True for sub in head.modules())
         if not copy_weights:
             for member in obj.members:
                 (reinit or _reset)(member)
@@ -255,9 +259,13 @@ class MultiHead(nn.Module):
         if self.members is not None:
             nd = self.input_ndim
             if x.dim() == nd + 1:  # one input shared by every head
-                return torch.stack([member(x) for member in self.members], dim=1)
-            if x.dim() == nd + 2 and x.shape[1] == m:
-                return torch.stack([member(x[:, i]) for i, member in enumerate(self.members)], dim=1)
+                inputs = [x.clone() if self.copy_inputs else x for _ in range(m)]
+            elif x.dim() == nd + 2 and x.shape[1] == m:
+                inputs = [x[:, i].clone() if self.copy_inputs else x[:, i] for i in range(m)]
+            else:
+                inputs = []
+            if inputs:
+                return torch.stack([member(v) for member, v in zip(self.members, inputs, strict=True)], dim=1)
             raise ValueError(
                 f"input must have {nd + 1} dims (B, *S), shared by the heads, or {nd + 2} (B, M={m}, *S), one row per "
                 f"head, but got shape {tuple(x.shape)}"

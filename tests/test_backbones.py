@@ -74,6 +74,10 @@ CASES = {
     "timm-mobilenetv3": Case(
         lambda: timm.create_model("mobilenetv3_small_050", num_classes=5), 32, "channels_first", "avg", False
     ),
+    # a head whose first layer works in place (torchvision's Dropout(inplace=True)): each member gets its own input
+    "tv-mnasnet-inplace-dropout": Case(
+        lambda: torchvision.models.mnasnet0_5(num_classes=5), 32, "channels_first", "avg", False
+    ),
     # channels-last maps
     "tv-swin": Case(
         lambda: torchvision.models.SwinTransformer([4, 4], 16, [1, 1], [1, 2], [2, 2], num_classes=5),

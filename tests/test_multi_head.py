@@ -143,3 +143,22 @@ def test_generic_heads_state_dict_deepcopy_pickle_and_errors():
         heads(_x(4, 3, 2, 6))
     with pytest.raises(TypeError, match=r"head must be an nn\.Module, but got int"):
         MultiHead.from_module(3, 2)
+
+
+def test_generic_heads_with_an_in_place_first_layer_get_their_own_inputs():
+    """torchvision's EfficientNet / MNASNet heads start with Dropout(inplace=True): run on a shared input (or a view of
+    the pooled features), one head would write into the others' input."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Dropout(0.5, inplace=True), nn.Linear(6, 3)).double()
+    heads = MultiHead.from_module(head, 3).train()
+    assert heads.copy_inputs
+    x = _x(8, 6).requires_grad_()
+    x_before = x.detach().clone()
+    out = heads(x)
+    out.sum().backward()  # no in-place error
+    torch.testing.assert_close(x.detach(), x_before)  # the shared input is untouched
+    per_member = _x(8, 3, 6).requires_grad_()
+    heads(per_member.expand(-1, -1, -1)).sum().backward()
+    assert per_member.grad is not None and bool(torch.isfinite(per_member.grad).all())
+    heads.eval()
+    torch.testing.assert_close(heads(x_before), head.eval()(x_before)[:, None].expand(-1, 3, -1))
