@@ -123,7 +123,10 @@ def worker(source: str, name: str) -> dict:
     net, size = _build(source, name)
     rec["params_m"] = round(sum(p.numel() for p in net.parameters()) / 1e6, 3)
     rec["input"] = size
-    chans = next((m.in_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)), 3)
+    chans = getattr(net, "in_chans", None) or next(
+        (m.in_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)), 3
+    )
+    chans = 3 if source == "torchvision" else chans
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, chans, size, size, generator=gen)
     with torch.no_grad():

@@ -69,7 +69,8 @@ class MultiHead(nn.Module):
     Shape:
         - Input: ``(B, *S)``, one input shared by every head (one matmul for linear heads), or ``(B, M, *S)``, head
           ``i`` reading row ``i``, where ``S`` is a head's input shape (``(D,)`` for pooled vectors; see
-          :attr:`input_ndim`).
+          :attr:`input_ndim`). Generic heads that read the features themselves also take a list of tensors (a
+          backbone with one feature map per scale), shared by every head.
         - Output: ``(B, M, K)``.
 
     Example:
@@ -258,6 +259,8 @@ class MultiHead(nn.Module):
         m = self.num_subnetworks
         if self.members is not None:
             nd = self.input_ndim
+            if not isinstance(x, Tensor):  # several feature maps (a list), read by every head
+                return torch.stack([member(x) for member in self.members], dim=1)
             if x.dim() == nd + 1:  # one input shared by every head
                 inputs = [x.clone() if self.copy_inputs else x for _ in range(m)]
             elif x.dim() == nd + 2 and x.shape[1] == m:

@@ -240,9 +240,7 @@ class MIMOWrapper(nn.Module):
 
     def _core(self, mixed: Tensor) -> Tensor:
         features = self.core(mixed)
-        if self.pooling == "head":
-            if not isinstance(features, Tensor):
-                raise ValueError(f"the core must return a tensor of features, but returned {type(features).__name__}")
+        if self.pooling == "head":  # the heads read the features as they are (even several maps, in a list)
             return features
         try:
             return check_features("features", features, self.layout)

@@ -274,7 +274,7 @@ def test_class_token_refuses_unmixing_and_the_advice_works():
     # the other way out: a head that averages the patch tokens
     model = MIMOWrapper(_timm_vit(global_pool="avg", class_token=False)(), 2, "mixshare")
     assert model.pooling == "avg" and model.unmixer.mode == "fadeout"
-    with pytest.raises(ValueError, match=r"head \(Sequential\) pools the features itself"):
+    with pytest.raises(ValueError, match=r"head \(Sequential\) reads the features itself"):
         MIMOWrapper(torchvision.models.squeezenet1_1(num_classes=5), 2, "unmix")
 
 
@@ -516,3 +516,18 @@ def test_analysis_reads_every_layout():
     assert [tuple(v.shape) for v in out.values()] == [(2, 16), (2, 32)]  # channels read last
     mobilenet = MIMOWrapper(torchvision.models.mobilenet_v3_small(num_classes=5), 2, "mixmo")
     assert classifier_influence(mobilenet).shape == (2, 576)  # the MLP's first Linear reads the pooled 576 channels
+
+
+def test_several_feature_maps_are_read_by_the_heads():
+    """A model whose features are one map per scale (CoaT's class tokens of three scales): the heads read the list."""
+    torch.manual_seed(0)
+    net = timm.create_model("coat_tiny", img_size=32, num_classes=5).eval()
+    x = _images(2, 3, 32, 32, seed=0)
+    model = MIMOWrapper(net, 2, "mixmo", encoder_init="aligned", pretrained=True).eval()
+    assert model.pooling == "head"
+    with torch.no_grad():
+        assert _relative(model(x)[:, 1], net(x)) <= TOL
+        assert _relative(model.fold()(x), model(x)) <= TOL
+    out = model.train()(_images(2, 2, 3, 32, 32, seed=1))
+    out.logits.sum().backward()
+    assert model.heads.members[1].model.head.weight.grad.abs().sum() > 0

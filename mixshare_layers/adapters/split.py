@@ -160,7 +160,7 @@ def no_unmixing_reason(split: BackboneSplit, backbone_name: str) -> str | None:
             "every patch, so there is no spatial map to filter through the members' masks"
         )
     return (
-        f"{backbone_name}'s head ({_describe(split.classifier)}) pools the features itself (attention pooling, a "
-        "flattened map, or a classifier applied before the pooling), so there is no pooled vector to replace by the "
-        "members' masked averages"
+        f"{backbone_name}'s head ({_describe(split.classifier)}) reads the features itself (attention pooling, "
+        "several feature maps, a flattened map, or a classifier applied before the pooling), so there is no "
+        "average-pooled vector to replace by the members' masked averages"
     )

@@ -267,11 +267,10 @@ def split_timm(model: nn.Module, *, image_size: int | tuple[int, int] | None = N
             f"{name}.forward_features runs on none of the probe sizes ({'; '.join(errors)}); pass the size it "
             "takes: split=lambda m: split_timm(m, image_size=...). " + HOW_TO
         )
-    if not isinstance(features, Tensor):
+    several = isinstance(features, (list, tuple)) and len(features) > 0
+    if not (isinstance(features, Tensor) or (several and all(isinstance(f, Tensor) for f in features))):
         raise UnsupportedBackboneError(
-            f"{name}.forward_features returns a {type(features).__name__}, not one tensor of features (a model with "
-            "several branches, e.g. one per image scale, has no single first layer and feature map to mix and "
-            "unmix). " + HOW_TO
+            f"{name}.forward_features returns a {type(features).__name__}, not tensors of features. " + HOW_TO
         )
 
     # -- the encoder and its output --------------------------------------------------------------------------
@@ -304,7 +303,9 @@ def split_timm(model: nn.Module, *, image_size: int | tuple[int, int] | None = N
     # -- the layout of the features and the head's pooling ----------------------------------------------------
     num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
     candidates: list[tuple[str, str, int]] = []
-    if features.dim() == 4:
+    if several:  # several feature maps (one per scale, CoaT): the head reads them
+        fallback_layout = "tokens" if features[0].dim() == 3 else "channels_first"
+    elif features.dim() == 4:
         d = getattr(model, "num_features", None)
         last_first = features.shape[-1] == d and features.shape[1] != d
         orders = ["channels_last", "channels_first"] if last_first else ["channels_first", "channels_last"]
@@ -351,5 +352,8 @@ def split_timm(model: nn.Module, *, image_size: int | tuple[int, int] | None = N
     try:
         check_split(model, split, images)
     except ValueError as exc:
-        raise UnsupportedBackboneError(f"{name}: {exc}. " + HOW_TO) from exc
+        raise UnsupportedBackboneError(
+            f"{name}: {exc} (its forward_features uses the image elsewhere than through {encoder_name}, e.g. resized "
+            "for a second branch, or its forward is not forward_head(forward_features(x))). " + HOW_TO
+        ) from exc
     return split
