@@ -46,6 +46,7 @@ JSON_PATH = ROOT / "benchmarks" / "results" / "backbones.json"
 DOC_PATH = ROOT / "docs" / "backbones.md"
 TOLERANCE = 1e-5
 SIZES = (64, 96, 128, 160)
+LARGE = 60e6  # parameters above which a timm family's smallest model is built with depth=2 (where it takes it)
 
 
 # -- the worker (runs in a subprocess) -----------------------------------------------------------------------------
@@ -76,25 +77,40 @@ def _build(source: str, name: str):
     else:
         import timm
 
-        probe = timm.create_model(name, pretrained=False, num_classes=10)
+        with torch.device("meta"):  # no memory, no init: the config, and whether it is large
+            probe = timm.create_model(name, pretrained=False, num_classes=10)
         cfg = probe.pretrained_cfg or {}
         default = int(cfg.get("input_size", (3, 224, 224))[-1])
-        chans = int(cfg.get("input_size", (3, 224, 224))[0])
+        chans = int(getattr(probe, "in_chans", None) or cfg.get("input_size", (3, 224, 224))[0])
+        large = sum(p.numel() for p in probe.parameters()) > LARGE
         del probe
-        candidates = []
+        reduced: dict = {}
+        if large:  # a family whose smallest model is large: the same code with 2 blocks, where the model takes it
+            try:
+                with torch.device("meta"):
+                    timm.create_model(name, pretrained=False, num_classes=10, depth=2)
+                reduced = {"depth": 2}
+            except Exception:
+                reduced = {}
         if cfg.get("fixed_input_size", False):
-            candidates = [({"img_size": s}, s) for s in (64, 96, 128)] + [({}, default)]
+            builds = [({"img_size": s}, [s]) for s in (64, 96, 128)] + [({}, [default])]
         else:
-            candidates = [({}, s) for s in SIZES if s < default] + [({}, default)]
-        for kwargs, size in candidates:
+            builds = [({}, [s for s in SIZES if s < default] + [default])]
+        for kwargs, sizes in builds:
             try:
                 torch.manual_seed(0)
-                net = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
-                with torch.no_grad():
-                    net(torch.randn(1, chans, size, size))
-                return net, size
+                net = timm.create_model(name, pretrained=False, num_classes=10, **kwargs, **reduced).eval()
             except Exception as exc:
-                errors.append(f"{size} {kwargs}: {type(exc).__name__}: {str(exc)[:200]}")
+                errors.append(f"build {kwargs}: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            for size in sizes:
+                try:
+                    with torch.no_grad():
+                        net(torch.randn(1, chans, size, size))
+                    net.coverage_config = ", ".join(f"{k}={v}" for k, v in reduced.items())
+                    return net, size
+                except Exception as exc:
+                    errors.append(f"{size} {kwargs}: {type(exc).__name__}: {str(exc)[:200]}")
     raise RuntimeError("could not build or run the backbone at any size: " + " | ".join(errors))
 
 
@@ -123,6 +139,8 @@ def worker(source: str, name: str) -> dict:
     net, size = _build(source, name)
     rec["params_m"] = round(sum(p.numel() for p in net.parameters()) / 1e6, 3)
     rec["input"] = size
+    if getattr(net, "coverage_config", ""):
+        rec["config"] = net.coverage_config
     chans = getattr(net, "in_chans", None) or next(
         (m.in_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)), 3
     )
@@ -427,7 +445,8 @@ def write_report(data: dict) -> None:
         ]
         for r in recs:
             lines.append(
-                f"| `{r['name']}` | {r.get('family', '')} | {r.get('params_m', '-')} | {r.get('input', '-')} | "
+                f"| `{r['name']}` | {r.get('family', '')} | {r.get('params_m', '-')}"
+                f"{' (' + r['config'] + ')' if r.get('config') else ''} | {r.get('input', '-')} | "
                 f"{r.get('layout', '-')} | {r.get('pooling', '-')} | {r.get('encoder', '-')} | {r.get('head', '-')} | "
                 f"{_mark(r.get('train'))} | {_mark(r.get('exact'))} {_rel(r, 'exact')} | "
                 f"{_mark(r.get('fold'))} | {_mark(r.get('export'))} | {_unmix(r)} | {_why(r)} |"
