@@ -7,9 +7,9 @@ Not part of the test suite (it builds about 180 models); tests/test_backbones.py
     python benchmarks/backbone_coverage.py --models timm/resnet18d tv/vgg11 # some models (tv = torchvision)
     python benchmarks/backbone_coverage.py --report                        # rewrite docs/backbones.md from the JSON
 
-Models: every builder of ``torchvision.models.list_models(module=torchvision.models)``, and the smallest model
-(fewest parameters, counted on the meta device) of every timm architecture family (the module that defines it:
-``timm.list_modules()``), with random weights, 10 classes and the smallest input size the model takes among 64, 96,
+Models: every builder of ``torchvision.models.list_models(module=torchvision.models)``, and the smallest classifier
+(fewest parameters, counted on the meta device; a feature encoder without a head is passed over) of every timm
+architecture family (the module that defines it: ``timm.list_modules()``), with random weights, 10 classes and the smallest input size the model takes among 64, 96,
 128, 160 and its default (a fixed-size ViT / Swin is built with ``img_size=64`` where its constructor takes it).
 
 For each model, in its own subprocess (one thread, a time limit, results cached in the JSON after each model):
@@ -259,6 +259,32 @@ def count_params(names: list[str]) -> dict[str, float]:
     return counts
 
 
+def first_classifier(ranked: dict[str, list[str]]) -> dict[str, str]:
+    """For each family, its smallest model that is a classifier (timm's API and a classifier with parameters when
+    built with 10 classes): a family's smallest model can be a feature encoder (``*_enc``) without a head."""
+    import timm
+    import torch
+
+    out = {}
+    for family, names in ranked.items():
+        for name in names:
+            try:
+                with torch.device("meta"):
+                    net = timm.create_model(name, pretrained=False, num_classes=10)
+                clf = net.get_classifier()
+                clfs = clf if isinstance(clf, (tuple, list)) else (clf,)
+                if callable(getattr(net, "forward_head", None)) and any(
+                    p.numel() for c in clfs for p in c.parameters()
+                ):
+                    out[family] = name
+                    break
+            except Exception:  # not buildable on meta, or no classification API: the next one
+                continue
+        else:
+            out[family] = names[0]
+    return out
+
+
 # -- the driver ----------------------------------------------------------------------------------------------------
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -319,11 +345,17 @@ def timm_models(data: dict, timeout: float) -> list[tuple[str, str]]:
             counts[name] = got.get(name, math.inf) if got.get(name) is not None else math.inf
         _save(data)
         print(f"counted parameters of {min(start + 50, len(missing))}/{len(missing)} timm models", flush=True)
-    chosen = []
-    for family, names in sorted(by_family.items()):
-        best = min(names, key=lambda n: (counts.get(n, math.inf), n))
-        chosen.append((best, family))
-    return chosen
+    choice = data.setdefault("timm_choice", {})
+    ranked = {f: sorted(names, key=lambda n: (counts.get(n, math.inf), n)) for f, names in by_family.items()}
+    todo = {f: r for f, r in ranked.items() if f not in choice}
+    if todo:
+        code = f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.backbone_coverage import "
+        code += f"first_classifier; print(json.dumps(first_classifier({todo!r})))"
+        rc, out, _ = _run_python(code, timeout * 4)
+        if rc == 0 and out.strip():
+            choice.update(json.loads(out.strip().splitlines()[-1]))
+        _save(data)
+    return [(choice.get(f) or ranked[f][0], f) for f in sorted(ranked)]
 
 
 def run(args: argparse.Namespace) -> None:

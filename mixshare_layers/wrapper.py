@@ -205,8 +205,8 @@ class MIMOWrapper(nn.Module):
     # ---------------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> MIMOOutput | Tensor:
         m = self.num_subnetworks
-        if self.preprocess is not None:
-            x = self.preprocess(x)
+        if self.preprocess is not None:  # the split's parameter-free input transform, on (B, C, H, W) images
+            x = self.preprocess(x.flatten(0, 1)).unflatten(0, x.shape[:2]) if x.dim() == 5 else self.preprocess(x)
         if self.training:
             if x.dim() != 5 or x.shape[1] != m:
                 raise ValueError(

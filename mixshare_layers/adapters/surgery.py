@@ -40,13 +40,16 @@ def _shallow(module: nn.Module) -> nn.Module:
     return clone
 
 
-def spliced(root: nn.Module, replacements: Mapping[str, nn.Module]) -> nn.Module:
+def spliced(root: nn.Module, replacements: Mapping[str, nn.Module], drop: Iterable[str] = ()) -> nn.Module:
     """A copy of ``root`` with the submodules named in ``replacements`` swapped; ``root`` itself is unchanged.
 
     Only the modules on the paths to the replaced ones are copied (shallowly); every other submodule, parameter
-    and buffer is shared with ``root``.
+    and buffer is shared with ``root``. ``drop`` names parameters / buffers of ``root`` itself left out of the copy.
     """
     new_root = _shallow(root)
+    for name in drop:
+        new_root._parameters.pop(name, None)
+        new_root._buffers.pop(name, None)
     copies: dict[str, nn.Module] = {"": new_root}
     for name, replacement in replacements.items():
         parts = name.split(".")

@@ -26,6 +26,7 @@ per-family attribute names, and on no tracing:
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 
 from .check import check_split, default_tolerance, eval_mode, first_tensor
 from .split import BackboneSplit, UnsupportedBackboneError
-from .surgery import Slot, SplicedCore, head_shell, same_values, spliced
+from .surgery import Slot, SplicedCore, head_shell, module_name, same_values, spliced
 
 __all__ = ["TimmHead", "is_timm_like", "split_timm"]
 
@@ -92,15 +93,16 @@ class TimmHead(nn.Module):
 
 
 class _Recorder:
-    """Forward pre-hooks on every submodule: who receives the probe image, who runs in each phase."""
+    """Forward pre-hooks on every submodule: which modules receive which tensor (the image first), what they return,
+    and which modules run in each phase (features, head)."""
 
     def __init__(self, model: nn.Module, image: Tensor) -> None:
         self.names = {id(m): n for n, m in model.named_modules(remove_duplicate=False) if n}
         self.image = image
         self.phase = "features"
-        self.receivers: list[str] = []
+        self.inputs: list[tuple[str, int]] = []  # (module, id of its first input) in call order (features phase)
         self.called: dict[str, list[str]] = {"features": [], "head": []}
-        self.outputs: dict[str, Tensor] = {}
+        self.outputs: dict[str, Any] = {}
         self.handles = [
             m.register_forward_pre_hook(self._pre, with_kwargs=True)
             for n, m in model.named_modules()
@@ -112,13 +114,17 @@ class _Recorder:
         name = self.names[id(module)]
         self.called[self.phase].append(name)
         first = args[0] if args else next(iter(kwargs.values()), None)
-        if self.phase == "features" and first is self.image:
-            self.receivers.append(name)
+        if self.phase == "features" and isinstance(first, Tensor):
+            self.inputs.append((name, id(first)))
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         name = self.names[id(module)]
-        if name in self.receivers and isinstance(output, Tensor) and name not in self.outputs:
+        if self.phase == "features" and name not in self.outputs:
             self.outputs[name] = output
+
+    def receivers(self, tensor: Tensor) -> list[str]:
+        """The modules whose first input was ``tensor`` itself (features phase)."""
+        return [name for name, ident in self.inputs if ident == id(tensor)]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -127,6 +133,7 @@ class _Recorder:
 
 def _find_encoder(model: nn.Module, receivers: list[str]) -> str:
     """The deepest module receiving the image that holds every leaf receiving it."""
+    receivers = list(dict.fromkeys(receivers))
     if not receivers:
         raise UnsupportedBackboneError(
             f"no module of {type(model).__name__} receives the image itself in forward_features (it is transformed "
@@ -134,6 +141,9 @@ def _find_encoder(model: nn.Module, receivers: list[str]) -> str:
         )
     receiving = set(receivers)
     leaves = [n for n in receiving if not any(o != n and o.startswith(n + ".") for o in receiving)]
+    # a parameter-free leaf that passes the image on unchanged (an identity, a dropout) is not a layer
+    learnable = [n for n in leaves if any(True for _ in model.get_submodule(n).parameters())]
+    leaves = learnable or leaves
     common = leaves[0].split(".")
     for leaf in leaves[1:]:
         parts = leaf.split(".")
@@ -189,6 +199,33 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
     return torch.device("cpu"), torch.get_default_dtype()
+
+
+def _complete_shell(model: nn.Module, shell: nn.Module, features: Any) -> list[str]:
+    """Give the head shell the parameters / buffers of the model itself that ``forward_head`` reads (EfficientViM's
+    weights of its per-scale heads): found by running it on the features and reading the ``AttributeError``."""
+    added: list[str] = []
+    for _ in range(16):
+        try:
+            with eval_mode(shell), torch.no_grad():
+                shell.forward_head(features)  # type: ignore[operator]
+            return added
+        except AttributeError as exc:
+            match = re.search(r"has no attribute '(\w+)'", str(exc))
+            missing = match.group(1) if match else None
+            if missing in model._parameters:
+                shell._parameters[missing] = model._parameters[missing]
+            elif missing in model._buffers:
+                shell._buffers[missing] = model._buffers[missing]
+            elif missing is not None and missing in vars(model):
+                shell.__dict__[missing] = vars(model)[missing]
+                continue
+            else:
+                return added  # not a missing tensor: the layout trials below will tell
+            added.append(missing)
+        except Exception:  # the head may not run on these features as they are: nothing to add
+            return added
+    return added
 
 
 def _train_eval_agree(head: nn.Module, pooled: Tensor) -> bool:
@@ -274,9 +311,18 @@ def split_timm(model: nn.Module, *, image_size: int | tuple[int, int] | None = N
         )
 
     # -- the encoder and its output --------------------------------------------------------------------------
-    encoder_name = _find_encoder(model, recorder.receivers)
-    encoder = model.get_submodule(encoder_name)
-    encoding = recorder.outputs.get(encoder_name)
+    # the first layer that sees the image; parameter-free ones (TResNet's space-to-depth) are part of the input:
+    # they become the split's shared preprocess, and the next layer is the encoder
+    preprocess: list[nn.Module] = []
+    seen = recorder.image
+    while True:
+        encoder_name = _find_encoder(model, recorder.receivers(seen))
+        encoder = model.get_submodule(encoder_name)
+        encoding = recorder.outputs.get(encoder_name)
+        if any(True for _ in encoder.parameters()) or not isinstance(encoding, Tensor) or len(preprocess) >= 8:
+            break
+        preprocess.append(encoder)
+        seen = encoding
     if not isinstance(encoding, Tensor) or encoding.dim() != 4:
         got = tuple(encoding.shape) if isinstance(encoding, Tensor) else type(encoding).__name__
         raise UnsupportedBackboneError(
@@ -294,11 +340,15 @@ def split_timm(model: nn.Module, *, image_size: int | tuple[int, int] | None = N
         raise UnsupportedBackboneError(f"{name}.forward_head calls no module of the model. " + HOW_TO)
     feature_children = {n.split(".")[0] for n in recorder.called["features"]}
     replacements: dict[str, nn.Module] = {encoder_name: Slot()}
+    for module in preprocess:  # run on the images before the encoders: nothing left to compute in the core
+        replacements[module_name(model, module)] = nn.Identity()
     for child in head_children:
         if child not in feature_children and child != encoder_name.split(".")[0]:
             replacements[child] = nn.Identity()  # the head's modules live in the heads, not in the core
-    core = SplicedCore(spliced(model, replacements), encoder_name, "forward_features", channels, stride)
     shell = head_shell(model, head_children)
+    head_tensors = _complete_shell(model, shell, features)  # parameters / buffers the head reads directly
+    core = SplicedCore(spliced(model, replacements, drop=head_tensors), encoder_name, "forward_features", channels,
+                       stride)  # fmt: skip
 
     # -- the layout of the features and the head's pooling ----------------------------------------------------
     num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
@@ -337,7 +387,7 @@ def split_timm(model: nn.Module, *, image_size: int | tuple[int, int] | None = N
     head: nn.Module = TimmHead(shell, pooling, layout, p)
     if pooling != "head":
         pooled = BackboneSplit(encoder, core, head, layout=layout, num_prefix_tokens=p, pooling=pooling).pool(features)
-        with eval_mode(classifier, shell):
+        with eval_mode(*classifiers, shell):
             plain = (
                 isinstance(classifier, nn.Linear)
                 and type(classifier).forward is nn.Linear.forward
@@ -347,11 +397,22 @@ def split_timm(model: nn.Module, *, image_size: int | tuple[int, int] | None = N
         if plain and _train_eval_agree(head, pooled):
             head = classifier
     split = BackboneSplit(
-        encoder=encoder, core=core, classifier=head, layout=layout, num_prefix_tokens=p, pooling=pooling
+        encoder=encoder,
+        core=core,
+        classifier=head,
+        layout=layout,
+        num_prefix_tokens=p,
+        pooling=pooling,
+        preprocess=nn.Sequential(*preprocess) if preprocess else None,
     )
     try:
-        check_split(model, split, images)
-    except ValueError as exc:
+        try:
+            check_split(model, split, images)
+        except AttributeError:  # the features read a tensor the head reads too: the core keeps it
+            core = SplicedCore(spliced(model, replacements), encoder_name, "forward_features", channels, stride)
+            split = split._replace(core=core)
+            check_split(model, split, images)
+    except Exception as exc:  # a mismatch (ValueError), or a core that cannot run without the image itself
         raise UnsupportedBackboneError(
             f"{name}: {exc} (its forward_features uses the image elsewhere than through {encoder_name}, e.g. resized "
             "for a second branch, or its forward is not forward_head(forward_features(x))). " + HOW_TO
