@@ -9,8 +9,11 @@ Not part of the test suite (it builds about 180 models); tests/test_backbones.py
 
 Models: every builder of ``torchvision.models.list_models(module=torchvision.models)``, and the smallest classifier
 (fewest parameters, counted on the meta device; a feature encoder without a head is passed over) of every timm
-architecture family (the module that defines it: ``timm.list_modules()``), with random weights, 10 classes and the smallest input size the model takes among 64, 96,
-128, 160 and its default (a fixed-size ViT / Swin is built with ``img_size=64`` where its constructor takes it).
+architecture family (the module that defines it: ``timm.list_modules()``), with random weights, 10 classes and the
+smallest input size the model takes among 64, 96, 128, 160 and its default (a fixed-size ViT / Swin is built with
+``img_size=64`` where its constructor takes it). A timm family whose smallest classifier has more than 60 M
+parameters is built with ``depth=2`` where its constructor takes it (the same code with fewer blocks; the "params"
+column says so).
 
 For each model, in its own subprocess (one thread, a time limit, results cached in the JSON after each model):
 
