@@ -313,7 +313,9 @@ def test_unsplittable_timm_like_model_is_refused_and_a_manual_split_works():
     from mixshare_layers import BackboneSplit, UnsupportedBackboneError
 
     net = _TwoBranches()
-    with pytest.raises(UnsupportedBackboneError, match=r"returns a list, not one tensor.*BackboneSplit"):
+    with pytest.raises(
+        UnsupportedBackboneError, match=r"the image feeds several layers of _TwoBranches.*BackboneSplit"
+    ):
         MIMOWrapper(net, 2)
     # the advice: say where the parts are (here: the first branch only, with its own head)
     split = BackboneSplit(encoder=net.stem_a, core=nn.ReLU(), classifier=nn.Linear(8, 4))
