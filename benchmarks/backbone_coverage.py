@@ -368,6 +368,8 @@ def run(args: argparse.Namespace) -> None:
         entries += [("torchvision", n, f) for n, f in torchvision_models()]
     if args.only in (None, "timm"):
         entries += [("timm", n, f) for n, f in timm_models(data, args.timeout)]
+    if args.only is None and not args.models:  # the full selection: the report lists these models only
+        data["selected"] = [f"{source}/{name}" for source, name, _ in entries]
     if args.models:
         wanted = {m.replace("tv/", "torchvision/") for m in args.models}
         entries = [e for e in entries if f"{e[0]}/{e[1]}" in wanted]
@@ -443,13 +445,16 @@ def _unmix(rec: dict) -> str:
 
 
 def write_report(data: dict) -> None:
-    models = data["models"]
+    selected = data.get("selected")  # models measured earlier but no longer selected (a family's choice) are left out
+    models = {k: v for k, v in data["models"].items() if selected is None or k in selected}
     lines = [
         "# Backbones",
         "",
         "Which backbones wrap, train and start exactly as themselves, measured by `benchmarks/backbone_coverage.py` "
-        "on every torchvision classification builder and the smallest model of every timm architecture family "
-        "(random weights, 10 classes, M = 2, preset `mixshare`; the JSON is `benchmarks/results/backbones.json`).",
+        "on every torchvision classification builder and the smallest classifier of every timm architecture family "
+        "(random weights, 10 classes, M = 2, preset `mixshare`; the JSON is `benchmarks/results/backbones.json`). "
+        "A timm family whose smallest classifier has over 60 M parameters is built with `depth=2` (the params "
+        "column says so): the same code with fewer blocks.",
         "",
         "Columns: **train**: one training step with a finite loss and finite gradients in every member; "
         "**exact**: `pretrained=True` eval logits equal the backbone's (max abs difference / logit scale, "
@@ -467,7 +472,7 @@ def write_report(data: dict) -> None:
         if not recs:
             continue
         good = sum(_ok(r) for r in recs)
-        unit = "builders" if source == "torchvision" else "families (smallest model of each)"
+        unit = "builders" if source == "torchvision" else "families (the smallest classifier of each)"
         lines += [
             f"## {source}",
             "",
@@ -497,7 +502,9 @@ def write_report(data: dict) -> None:
         "",
         f"Machine: {meta.get('machine', '?')}; torch {meta.get('torch', '?')}, torchvision "
         f"{meta.get('torchvision', '?')}, timm {meta.get('timm', '?')}. Each model runs in its own subprocess with one "
-        f"thread under `nice`; the models took {seconds / 60:.0f} minutes in all (sum of the per-model wall times).",
+        f"thread under `nice`; the models took {seconds / 60:.0f} minutes in all (sum of the per-model wall times; "
+        "choosing each timm family's smallest classifier first counts the parameters of every timm model on the "
+        "meta device, about an hour on this machine, once: the counts are cached in the JSON).",
         "",
         "```bash",
         "nice -n 10 python benchmarks/backbone_coverage.py          # resumes from the JSON; --force redoes",
@@ -506,7 +513,7 @@ def write_report(data: dict) -> None:
         "",
     ]
     DOC_PATH.write_text("\n".join(lines))
-    print(f"wrote {DOC_PATH.relative_to(ROOT)} and {JSON_PATH.relative_to(ROOT)}")
+    print(f"wrote {DOC_PATH.relative_to(ROOT)} (from {JSON_PATH.relative_to(ROOT)})")
 
 
 def main() -> None:
