@@ -310,6 +310,7 @@ def _save(data: dict) -> None:
     with tempfile.NamedTemporaryFile("w", dir=JSON_PATH.parent, delete=False, suffix=".tmp") as f:
         json.dump(data, f, indent=1, sort_keys=True)
         tmp = f.name
+    os.chmod(tmp, 0o644)  # a results file of the repository, not a private temporary
     os.replace(tmp, JSON_PATH)
 
 
