@@ -1,4 +1,4 @@
-"""``MIMOWrapper``: any CNN backbone as a MIMO / MixMo / MixShare network."""
+"""``MIMOWrapper``: any backbone (CNN or vision transformer) as a MIMO / MixMo / MixShare network."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from ._checks import (
     values_checked,
 )
 from .adapters import BackboneSplit, split_backbone
+from .adapters.split import no_unmixing_reason
 from .batcher import MIMOBatcher
 from .functional.ensemble import ENSEMBLE_RULES, ensemble_probs, to_estimator_major
+from .functional.layout import check_features
 from .functional.loss import rebalanced_weights
 from .loss import MIMOLoss
 from .mix_info import MixInfo
@@ -65,24 +67,26 @@ class MIMOOutput(NamedTuple):
 class MIMOWrapper(nn.Module):
     """Turn a classification backbone into an M-subnetwork MIMO network.
 
-    The backbone is split into encoder / core / classifier (:mod:`mixshare_layers.adapters`). The encoder becomes a
-    :class:`~mixshare_layers.MultiEncoder`, a :class:`~mixshare_layers.CutMixMixer` mixes the M encodings, the core
-    is shared, an :class:`~mixshare_layers.Unmixer` pools the final maps per subnetwork and a
-    :class:`~mixshare_layers.MultiHead` classifies.
+    The backbone is split into encoder / core / head (:mod:`mixshare_layers.adapters`: every torchvision and timm
+    classifier, or your own split). The encoder becomes a :class:`~mixshare_layers.MultiEncoder`, a
+    :class:`~mixshare_layers.CutMixMixer` mixes the M encodings in the encoder's layout, the core is shared, an
+    :class:`~mixshare_layers.Unmixer` pools the final features (maps or the patch grid of tokens) per subnetwork and
+    a :class:`~mixshare_layers.MultiHead` (M copies of the backbone's head) classifies.
 
     Args:
-        backbone: the network to wrap (ignored parts: its global pooling). May be ``None`` when ``split`` is a
+        backbone: the network to wrap. May be ``None`` when ``split`` is a
             :class:`~mixshare_layers.BackboneSplit`.
         num_subnetworks: M.
         preset: one of ``"mimo"``, ``"mixmo"``, ``"unmix"``, ``"unmix-aligned"``, ``"mixshare"``,
             ``"mixshare-partial"`` (table in :mod:`mixshare_layers.presets`).
         split: a :class:`~mixshare_layers.BackboneSplit`, or a function of the backbone returning one.
         pretrained: (a bool) start as the backbone: aligned/colinear encoder copies are scaled to sum to the
-            original conv and every head is a copy of the classifier, so that in eval mode every head gives exactly
-            the backbone's logits at initialisation. Presets with independent encoders (``"mimo"``, ``"mixmo"``,
-            ``"unmix"``) re-initialise the first layer, which breaks that promise: they are refused unless
-            ``encoder_init="aligned"`` (or ``"colinear"``) is given. With ``pretrained=False`` heads are initialised
-            independently and encoders follow ``encoder_init``; the core keeps the backbone's weights either way.
+            original first layer and every head is a copy of the backbone's head, so that in eval mode every member
+            gives exactly the backbone's logits at initialisation. Presets with independent encoders (``"mimo"``,
+            ``"mixmo"``, ``"unmix"``) re-initialise the first layer, which breaks that promise: they are refused
+            unless ``encoder_init="aligned"`` (or ``"colinear"``) is given. With ``pretrained=False`` heads are
+            initialised independently and encoders follow ``encoder_init``; the core keeps the backbone's weights
+            either way.
         backend: implementation of the masked ops (mixing, unmixing): ``"auto"`` (fused Triton kernels for CUDA
             tensors when triton imports, else torch), ``"torch"`` or ``"triton"``; ``None`` reads
             ``MIXSHARE_BACKEND`` (see :mod:`mixshare_layers.functional.backend`).
@@ -98,10 +102,19 @@ class MIMOWrapper(nn.Module):
         the backbone holds a trained core between an untrained stem and classifier: treat it as consumed, and pass
         ``copy.deepcopy(backbone)`` to keep the original. Build the optimizer from ``model.parameters()``.
 
+    Raises:
+        UnsupportedBackboneError: the backbone cannot be split automatically (the message says why and how).
+        ValueError: an unmixing preset on a backbone whose head does not average its features (a class token,
+            attention pooling, a flattening head): unmixing has nothing to filter there; the message gives the
+            options (``unmix_mode="none"`` keeps the rest of the preset).
+
     Shape:
         - Training: ``(B, M, C, H, W)`` -> :class:`MIMOOutput` with logits ``(B, M, K)``.
         - Eval: ``(B, C, H, W)`` -> logits ``(B, M, K)``, from one pass of the core (the same image fed to every
           encoder, encodings summed); ``(B, M, C, H, W)`` is accepted too (M different images, summed encodings).
+        - The core's features may be ``(B, D, h, w)``, ``(B, h, w, D)`` or tokens ``(B, P + h w, D)`` (the split's
+          ``layout``); the mixing happens on the encoder's output, before the core adds positional embeddings and
+          prefix tokens.
 
     Example:
         >>> from mixshare_layers.models import wide_resnet
@@ -148,27 +161,22 @@ class MIMOWrapper(nn.Module):
                 "encoder_init='aligned' (or 'colinear') to keep it, or pretrained=False (the core keeps the "
                 "backbone's weights; encoders and heads start afresh)"
             )
-        if split is None:
-            if backbone is None:
-                raise TypeError(
-                    "backbone is None: give a backbone to wrap, or split=BackboneSplit(encoder=..., core=..., "
-                    "classifier=...)"
-                )
-            parts = split_backbone(backbone)
-        elif isinstance(split, BackboneSplit):
-            parts = split
-        elif callable(split):
-            if backbone is None:
-                raise TypeError("split is a function of the backbone, but backbone is None")
-            parts = split(backbone)
-            if not isinstance(parts, BackboneSplit):
-                raise TypeError(f"split(backbone) must return a BackboneSplit, but got {type(parts).__name__}")
-        else:
-            raise TypeError(f"split must be a BackboneSplit or a callable, but got {type(split).__name__}")
-        if not isinstance(parts.classifier, nn.Linear):
-            raise TypeError(f"split.classifier must be an nn.Linear, but got {type(parts.classifier).__name__}")
-
+        parts = _resolve_split(backbone, split)
+        name = type(backbone).__name__ if backbone is not None else "the split's backbone"
         cfg = self.config
+        reason = no_unmixing_reason(parts, name)
+        if reason is not None and cfg.unmix_mode != "none":
+            raise ValueError(
+                f"preset {preset!r} unmixes the final features (unmix_mode={cfg.unmix_mode!r}), but {reason}. "
+                f"Keep the rest of the preset without unmixing: MIMOWrapper(net, {m}, {preset!r}, "
+                "unmix_mode='none'), or use preset='mixmo' / 'mimo'; to unmix, give the backbone a head that "
+                "averages its features (timm: timm.create_model(name, global_pool='avg', class_token=False) for a "
+                "ViT)."
+            )
+        self.layout = parts.layout
+        self.num_prefix_tokens = parts.num_prefix_tokens
+        self.pooling = parts.pooling
+        self.preprocess = parts.preprocess
         self.encoder = MultiEncoder(
             parts.encoder,
             m,
@@ -182,6 +190,7 @@ class MIMOWrapper(nn.Module):
             cutmix_prob=cfg.cutmix_prob,
             cutmix_ramp=cfg.cutmix_ramp,
             shuffle_roles=cfg.shuffle_roles,
+            layout=parts.encoding_layout,
             backend=backend,
         )
         self.core = parts.core
@@ -190,24 +199,18 @@ class MIMOWrapper(nn.Module):
             fraction=cfg.unmix_fraction,
             fadeout_end=cfg.fadeout_end,
             pooling=cfg.unmix_pooling,
+            layout=parts.layout,
+            num_prefix_tokens=parts.num_prefix_tokens,
             backend=backend,
         )
-        clf = parts.classifier
-        if self.pretrained:
-            self.heads = MultiHead.from_linear(clf, m)
-        else:
-            self.heads = MultiHead(
-                clf.in_features,
-                clf.out_features,
-                m,
-                bias=clf.bias is not None,
-                device=clf.weight.device,
-                dtype=clf.weight.dtype,
-            )
-        self.register_buffer("progress", torch.zeros((), device=clf.weight.device))
+        self.heads = MultiHead.from_module(
+            parts.classifier, m, copy_weights=self.pretrained, input_ndim=parts.head_input_ndim
+        )
+        device = next((p.device for p in self.heads.parameters()), None)
+        self.register_buffer("progress", torch.zeros((), device=device))
         # the total-steps mode (set_total_steps): training forwards done, and the total (0: progress set by hand)
-        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long, device=clf.weight.device))
-        self.register_buffer("total_steps", torch.zeros((), dtype=torch.long, device=clf.weight.device))
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("total_steps", torch.zeros((), dtype=torch.long, device=device))
         self._steps_drive_progress = False  # mirrors total_steps > 0 on the host, so forward never reads the buffer
         self._stale_forwards = 0  # training forwards since progress last changed (eager mode, progress set by hand)
         self._last_progress: float | None = 0.0
@@ -219,8 +222,24 @@ class MIMOWrapper(nn.Module):
         return f"num_subnetworks={self.num_subnetworks}, preset={self.preset!r}, pretrained={self.pretrained}"
 
     @property
-    def num_classes(self) -> int:
+    def num_classes(self) -> int | None:
+        """K (``None`` when a generic head has no ``nn.Linear`` / ``nn.Conv2d`` to read it from)."""
         return self.heads.num_classes
+
+    def split(self) -> BackboneSplit:
+        """This network's layout and pooling as a :class:`~mixshare_layers.BackboneSplit` of its own parts (the
+        encoder and head fields hold the :class:`~mixshare_layers.MultiEncoder` and
+        :class:`~mixshare_layers.MultiHead`)."""
+        return BackboneSplit(
+            encoder=self.encoder,
+            core=self.core,
+            classifier=self.heads,
+            layout=self.layout,
+            num_prefix_tokens=self.num_prefix_tokens,
+            pooling=self.pooling,
+            encoding_layout=self.mixer.layout,
+            preprocess=self.preprocess,
+        )
 
     def set_progress(self, progress: float | Tensor) -> None:
         """Set training progress in [0, 1] (e.g. ``epoch / num_epochs``); it drives fadeout and the CutMix ramp.
@@ -343,6 +362,8 @@ class MIMOWrapper(nn.Module):
         check_tensor(
             "x", x, "(B, M, C, H, W)" if self.training else "(B, C, H, W) or (B, M, C, H, W)", stack_dim=_STACK
         )
+        if self.preprocess is not None:  # the split's parameter-free input transform, on (B, C, H, W) images
+            x = self.preprocess(x.flatten(0, 1)).unflatten(0, x.shape[:2]) if x.dim() == 5 else self.preprocess(x)
         if self.training:
             if x.dim() != 5 or x.shape[1] != m:
                 raise ValueError(
@@ -352,8 +373,11 @@ class MIMOWrapper(nn.Module):
             encodings = self.encoder(x)  # (B, M, C', H', W')
             progress = self._training_progress()  # the progress buffer (advanced on device with total_steps)
             mixed, info = self.mixer(encodings, progress, generator)
-            features = self._core(mixed)  # (B, D, h, w)
-            pooled = self.unmixer(features, info, progress)  # (B, M, D)
+            features = self._core(mixed)  # (B, D, h, w), (B, h, w, D) or (B, P + h w, D)
+            if self.pooling == "avg":
+                pooled = self.unmixer(features, info, progress)  # (B, M, D)
+            else:
+                pooled = self._pool(features)  # one input shared by every head
             info = info._replace(loss_weights=rebalanced_weights(info.ratios, self.config.rebalance_root))
             return MIMOOutput(self.heads(pooled), info)
         if x.dim() == 5:
@@ -365,22 +389,35 @@ class MIMOWrapper(nn.Module):
         else:
             raise ValueError(f"x must have shape (B, C, H, W) or (B, M={m}, C, H, W), but got {tuple(x.shape)}")
         features = self._core(mixed)
-        return self.heads(features.mean(dim=(2, 3)))  # one pooled vector shared by every head
+        return self.heads(self._pool(features))  # one pooled vector shared by every head
+
+    def _pool(self, features: Tensor) -> Tensor:
+        """The heads' shared input: the grid average, the class token, or the features themselves."""
+        if self.layout == "channels_first" and self.pooling == "avg":
+            return features.mean(dim=(2, 3))
+        return self.split().pool(features)
 
     def _core(self, mixed: Tensor) -> Tensor:
         features = self.core(mixed)
-        if not isinstance(features, Tensor) or features.dim() != 4:
+        if self.pooling == "head":  # the heads read the features as they are (even several maps, in a list)
+            return features
+        try:
+            return check_features("features", features, self.layout)
+        except (TypeError, ValueError):
             shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-            raise ValueError(
-                f"the core must return spatial feature maps (B, D, h, w) (before global pooling), but returned {shape}"
-            )
-        return features
+            expected = {
+                "channels_first": "spatial feature maps (B, D, h, w)",
+                "channels_last": "channels-last feature maps (B, h, w, D)",
+                "tokens": "tokens (B, P + h w, D)",
+            }[self.layout]
+            raise ValueError(f"the core must return {expected} (before global pooling), but returned {shape}") from None
 
     def fold(self) -> nn.Module:
         """A module computing this network's eval-mode logits in one pass (:func:`mixshare_layers.deploy.fold`).
 
-        The M encoders become one convolution (their test-time sum) and the M heads one ``nn.Linear`` with ``M * K``
-        outputs; the result is a copy in eval mode, ready for ``torch.export`` / ONNX.
+        The M encoders become one layer (their test-time sum; M copies summed for a non-linear first layer) and M
+        linear heads one ``nn.Linear`` with ``M * K`` outputs; the result is a copy in eval mode, ready for
+        ``torch.export`` / ONNX.
 
         Shape:
             - Input: ``(B, C, H, W)``; output: logits ``(B, M, K)``, equal to ``self.eval()(x)``.
@@ -415,3 +452,25 @@ class MIMOWrapper(nn.Module):
     def estimator_major(logits: Tensor) -> Tensor:
         """torch-uncertainty's layout: ``(B, M, K) -> (M * B, K)``, members in contiguous blocks."""
         return to_estimator_major(logits)
+
+
+def _resolve_split(
+    backbone: nn.Module | None, split: BackboneSplit | Callable[[nn.Module], BackboneSplit] | None
+) -> BackboneSplit:
+    if split is None:
+        if backbone is None:
+            raise TypeError(
+                "backbone is None: give a backbone to wrap, or split=BackboneSplit(encoder=..., core=..., "
+                "classifier=...)"
+            )
+        return split_backbone(backbone)
+    if isinstance(split, BackboneSplit):
+        return split.validate()
+    if callable(split):
+        if backbone is None:
+            raise TypeError("split is a function of the backbone, but backbone is None")
+        parts = split(backbone)
+        if not isinstance(parts, BackboneSplit):
+            raise TypeError(f"split(backbone) must return a BackboneSplit, but got {type(parts).__name__}")
+        return parts.validate()
+    raise TypeError(f"split must be a BackboneSplit or a callable, but got {type(split).__name__}")

@@ -86,3 +86,79 @@ def test_errors():
         heads(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match=r"x must have shape \(B, D\) or \(B, M, D\)"):
         heads(torch.randn(2))
+
+
+# -- generic heads: M copies of any module ---------------------------------------------------------------------------
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 5), nn.GELU(), nn.Dropout(0.5), nn.Linear(5, 3)).double()
+
+
+def test_generic_heads_copy_the_module_and_apply_head_i_to_row_i():
+    torch.manual_seed(0)
+    head = _mlp().eval()
+    heads = MultiHead.from_module(head, 3).eval()
+    assert not heads.is_linear and heads.num_classes == 3 and heads.in_features == 6
+    shared, per_member = _x(4, 6), _x(4, 3, 6)
+    torch.testing.assert_close(heads(shared), head(shared)[:, None].expand(-1, 3, -1))
+    torch.testing.assert_close(heads(per_member), torch.stack([head(per_member[:, i]) for i in range(3)], 1))
+    # copies, not shared modules: training one head leaves the others
+    with torch.no_grad():
+        heads.members[1][4].bias.add_(1.0)
+    torch.testing.assert_close(heads(shared)[:, 0], head(shared))
+    assert not torch.allclose(heads(shared)[:, 1], head(shared))
+    # each member keeps the module's own train-time behaviour (here: its own dropout masks)
+    heads.train()
+    out = heads(shared)
+    assert out.shape == (4, 3, 3) and not torch.equal(out[:, 0], out[:, 2])
+
+
+def test_generic_heads_initialised_independently_and_first_layer_weights():
+    torch.manual_seed(0)
+    heads = MultiHead.from_module(_mlp(), 2, copy_weights=False)
+    w = heads.first_layer_weights()  # the LayerNorm has no columns: the first Linear is read
+    assert w.shape == (2, 5, 6) and not torch.equal(w[0], w[1])
+    marker = []
+    MultiHead.from_module(_mlp(), 2, copy_weights=False, reinit=lambda m: marker.append(type(m).__name__))
+    assert marker == ["Sequential", "Sequential"]
+    # a plain nn.Linear on vectors keeps the batched storage (copied, or initialised like nn.Linear)
+    lin = nn.Linear(6, 3)
+    assert MultiHead.from_module(lin, 2).is_linear and torch.equal(MultiHead.from_module(lin, 2).weight[1], lin.weight)
+    conv = MultiHead.from_module(nn.Sequential(nn.Conv2d(4, 3, 1), nn.Flatten(1)), 2, input_ndim=3)
+    assert conv.first_layer_weights().shape == (2, 3, 4) and conv(torch.randn(5, 4, 1, 1)).shape == (5, 2, 3)
+    with pytest.raises(TypeError, match="as_linear\\(\\) needs linear heads"):
+        heads.as_linear()
+    with pytest.raises(TypeError, match=r"no nn\.Linear or nn\.Conv2d layer"):
+        MultiHead.from_module(nn.Flatten(1), 2).first_layer_weights()
+
+
+def test_generic_heads_state_dict_deepcopy_pickle_and_errors():
+    heads = MultiHead.from_module(_mlp(), 2).eval()
+    fresh = MultiHead.from_module(_mlp(), 2, copy_weights=False).eval()
+    fresh.load_state_dict(heads.state_dict())
+    x = _x(4, 2, 6)
+    for other in (fresh, copy.deepcopy(heads), pickle.loads(pickle.dumps(heads))):
+        torch.testing.assert_close(other(x), heads(x), rtol=0, atol=0)
+    assert "generic" in repr(heads)
+    with pytest.raises(ValueError, match=r"x must have 2 dims \(B, \*S\), shared by the heads, or 3"):
+        heads(_x(4, 3, 2, 6))
+    with pytest.raises(TypeError, match=r"head must be an nn\.Module, but got int"):
+        MultiHead.from_module(3, 2)
+
+
+def test_generic_heads_with_an_in_place_first_layer_get_their_own_inputs():
+    """torchvision's EfficientNet / MNASNet heads start with Dropout(inplace=True): run on a shared input (or a view of
+    the pooled features), one head would write into the others' input."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Dropout(0.5, inplace=True), nn.Linear(6, 3)).double()
+    heads = MultiHead.from_module(head, 3).train()
+    assert heads.copy_inputs
+    x = _x(8, 6).requires_grad_()
+    x_before = x.detach().clone()
+    out = heads(x)
+    out.sum().backward()  # no in-place error
+    torch.testing.assert_close(x.detach(), x_before)  # the shared input is untouched
+    per_member = _x(8, 3, 6).requires_grad_()
+    heads(per_member.expand(-1, -1, -1)).sum().backward()
+    assert per_member.grad is not None and bool(torch.isfinite(per_member.grad).all())
+    heads.eval()
+    torch.testing.assert_close(heads(x_before), head.eval()(x_before)[:, None].expand(-1, 3, -1))

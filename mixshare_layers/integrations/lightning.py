@@ -231,6 +231,11 @@ class MIMOLightningModule(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         m, k = self.model.num_subnetworks, self.model.num_classes
+        if k is None:
+            raise ValueError(
+                "the model's heads do not tell their number of classes (a head without an nn.Linear or nn.Conv2d "
+                "layer); give the MultiHead a num_classes (MultiHead.from_module(..., num_classes=K))"
+            )
         self._test = UncertaintyMetrics(m, k, self.rule, device=self.device)
         self._ood_scores = {}
 

@@ -88,7 +88,13 @@ class TorchUncertaintyMIMO(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.model.num_classes
+        k = self.model.num_classes
+        if k is None:
+            raise ValueError(
+                "the model's heads do not tell their number of classes (a head without an nn.Linear or nn.Conv2d "
+                "layer); give the MultiHead a num_classes (MultiHead.from_module(..., num_classes=K))"
+            )
+        return k
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.num_estimators
