@@ -7,8 +7,11 @@ Writes, under ``DIR`` (every file atomically):
 * ``encoder_influence.png/.svg`` and ``classifier_influence.png/.svg`` (Fig. 3 / Fig. 5 of the paper);
 * ``variance_<layer>.png/.svg`` for each probed core layer (Fig. 6), unless ``--variance-images 0``.
 
-The checkpoint is a dict of plain values (format in :mod:`mixshare_layers.analysis.checkpoint`), e.g. the
-``checkpoint.pt`` written by ``examples/cifar100_wrn.py``; it is loaded with
+The checkpoint is a dict of plain values (format in :mod:`mixshare_layers.analysis.checkpoint`): any wrapped model
+saved with its recipe (:func:`mixshare_layers.checkpoint.save_model`: the library's WRN, a torchvision or timm
+backbone, a described hand-made split), e.g. the ``checkpoint.pt`` written by ``examples/cifar100_wrn.py``, or a
+wrapped WRN with its config; a model built by a builder your code registered is analysed from Python
+(:func:`main` with the same arguments, after :func:`~mixshare_layers.checkpoint.register_builder`). It is loaded with
 :func:`mixshare_layers.checkpoint.load_checkpoint` (``weights_only=True`` only, digest checked). Every error (a bad
 option, a damaged or refused checkpoint, an output folder that cannot be written) is one line on stderr and exit
 code 2, and nothing is written unless the analysis runs.
@@ -29,6 +32,7 @@ from torch import Tensor
 
 from .._files import folder_problem
 from ..checkpoint import CheckpointError
+from ..wrapper import MIMOWrapper
 from ._io import write_json
 from .checkpoint import load_wrn_checkpoint
 from .sharing import classifier_influence, encoder_influence, sharing_rate
@@ -72,6 +76,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every option checked before anything is loaded or written (``p.error``: one line, exit code 2)."""
     if args.variance_images < 0:
         p.error(f"argument --variance-images: must be >= 0, but got {args.variance_images}")
+    if args.image_size is not None and args.image_size < 4:
+        p.error(f"argument --image-size: must be >= 4, but got {args.image_size}")
     if args.layers is not None and not args.layers:
         p.error("argument --layers: give at least one module name (or leave the option out)")
     problem = _device_problem(args.device)
@@ -108,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-root", default="./data", help="folder with torchvision's CIFAR-100 (never downloaded)")
     p.add_argument("--variance-images", type=int, default=512, help="test images for the variance (0: skip)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="side of the synthetic images for the variance (default: the checkpoint's config, else 32)",
+    )
     p.add_argument("--layers", nargs="*", default=None, help="module names to probe (default: each core stage)")
     p.add_argument("--sort", choices=("owner", "sharing", "none"), default="owner", help="feature order in figures")
     p.add_argument("--formats", nargs="+", default=["png", "svg"], choices=("png", "svg", "pdf"))
@@ -120,7 +132,7 @@ def _rates(h: Tensor) -> dict[str, float]:
     return {"mean_ratio": float(sharing_rate(h, "mean-ratio")), "sum_ratio": float(sharing_rate(h, "sum-ratio"))}
 
 
-def _variance_images(config: dict[str, Any], args: argparse.Namespace) -> Tensor | None:
+def _variance_images(config: dict[str, Any], args: argparse.Namespace, model: MIMOWrapper) -> Tensor | None:
     """Test images ``(N, C, H, W)`` float32, normalised as the checkpoint's training inputs, or None to skip."""
     n = args.variance_images
     if n == 0 or args.data == "none":
@@ -130,9 +142,14 @@ def _variance_images(config: dict[str, Any], args: argparse.Namespace) -> Tensor
     if source.startswith("synth"):
         from ..data import SyntheticImageDataset
 
-        size = int(config.get("synthetic_size", config.get("image_size", 32)))
+        size = args.image_size or int(config.get("synthetic_size", config.get("image_size", 32)))
         seed = int(config.get("data_seed", 0))
-        images = SyntheticImageDataset(n, int(config["num_classes"]), size, train=False, seed=seed).data
+        classes = int(config.get("num_classes") or model.num_classes or 10)
+        channels = getattr(model.encoder, "input_channels", None) or 3
+        noise = float(config.get("synthetic_noise", 2.5))
+        images = SyntheticImageDataset(
+            n, max(2, classes), size, channels, train=False, seed=seed, noise=noise
+        ).data
     elif source.startswith("cifar"):
         root = Path(args.data_root)
         if args.data == "auto" and not (root / "cifar-100-python").is_dir():
@@ -185,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "encoder": encoder_influence(model),
         "classifier": classifier_influence(model),
     }
-    images = _variance_images(config, args)
+    images = _variance_images(config, args, model)
     if images is not None and images.shape[0] >= 2:
         try:
             variance = feature_variance_influence(
@@ -195,6 +212,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if args.layers is None:
                 raise
             parser.error(f"argument --layers: {err}")
+        except (RuntimeError, AssertionError, TypeError) as err:  # the model refuses images of this size
+            text = " ".join(str(err).split())[:300]
+            _fail(
+                f"the variance pass on {tuple(images.shape[1:])} images failed ({type(err).__name__}: {text}): give "
+                "the model's input size with --image-size, or skip it with --data none",
+                err,
+            )
         for layer, h in variance.items():
             tables[f"variance:{layer}"] = h.float()
     plain_config = {k: v for k, v in config.items() if isinstance(v, (str, int, float, bool, type(None)))}

@@ -1,13 +1,19 @@
-"""Rebuilding a wrapped CIFAR WRN from a training checkpoint (the example script's, or a plain dict).
+"""Rebuilding the wrapped model of a checkpoint: any backbone from its recipe, or a CIFAR WRN from its config.
 
 Accepted contents (a ``dict``):
 
-* ``{"model": state_dict, "config": {...}}``: ``config`` holds ``depth``, ``width``, ``method`` (a preset name;
-  ``preset`` is accepted too), ``num_classes`` and ``num_subnetworks`` (these two are read from the heads' weight
-  when absent), and optionally ``overrides`` (a dict of :class:`~mixshare_layers.MIMOConfig` fields) and
-  ``in_channels``. ``"model_state"`` / ``"state_dict"`` are accepted in place of ``"model"`` and ``"args"`` in
-  place of ``"config"``. examples/cifar100_wrn.py's ``checkpoint.pt`` is of this kind (its ``config`` is the run's
-  resolved settings: MIMOConfig fields with a value other than ``None`` are the preset overrides).
+* ``{"model": state_dict, "recipe": {...}, ...}``: the recipe (:class:`~mixshare_layers.checkpoint.ModelRecipe`)
+  names the backbone's builder from an allowlist (the library's WRN, ``torchvision:<name>``, ``timm:<name>``, or a
+  builder your code registered with :func:`~mixshare_layers.checkpoint.register_builder`), its plain arguments, the
+  wrapper's settings and, for a hand-made split, its description. :func:`~mixshare_layers.checkpoint.save_model`
+  writes such files, and so does examples/cifar100_wrn.py (with its run's ``config`` beside);
+* ``{"model": state_dict, "config": {...}}`` (no recipe: a wrapped CIFAR WRN): ``config`` holds ``depth``,
+  ``width``, ``method`` (a preset name; ``preset`` is accepted too), ``num_classes`` and ``num_subnetworks`` (these
+  two are read from the heads' weight when absent), and optionally ``overrides`` (a dict of
+  :class:`~mixshare_layers.MIMOConfig` fields) and ``in_channels``. ``"model_state"`` / ``"state_dict"`` are accepted
+  in place of ``"model"`` and ``"args"`` in place of ``"config"``. examples/cifar100_wrn.py's ``checkpoint.pt`` from
+  before checkpoints held a recipe is of this kind (its ``config`` is the run's resolved settings: MIMOConfig fields
+  with a value other than ``None`` are the preset overrides).
 * a ``checkpoint.pt`` of examples/cifar100_wrn.py from before checkpoints held their config: ``{"model":
   state_dict, "epoch": ..., ...}``; :func:`load_wrn_checkpoint` then reads the ``config.json`` of the same folder.
 
@@ -31,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint.model import NO_RECIPE_HINT, model_from_recipe, strip_state_prefixes
 from ..wrapper import MIMOWrapper
 
 __all__ = ["CHECKPOINT_CONFIG_KEYS", "load_wrn_checkpoint", "model_from_checkpoint"]
@@ -39,21 +46,20 @@ CHECKPOINT_CONFIG_KEYS = ("depth", "width", "num_classes", "method", "num_subnet
 _REQUIRED_KEYS = ("depth", "width", "method")
 _STATE_KEYS = ("model", "model_state", "state_dict", "model_state_dict")
 _CONFIG_KEYS = ("config", "args", "hparams")
-_PREFIXES = ("_orig_mod.", "module.")
+_strip_prefixes = strip_state_prefixes
 
 
-def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key = key[len(prefix) :]
-                    changed = True
-        out[key] = value
-    return out
+def _recipe_config(model: MIMOWrapper, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's config (if any) completed with what the recipe says."""
+    config_key = next((k for k in _CONFIG_KEYS if k in checkpoint), None)
+    cfg = _as_dict(checkpoint[config_key]) if config_key is not None else {}
+    recipe = checkpoint["recipe"]
+    cfg.setdefault("method", model.preset)
+    cfg.setdefault("num_subnetworks", model.num_subnetworks)
+    if model.num_classes is not None:
+        cfg.setdefault("num_classes", model.num_classes)
+    cfg.setdefault("builder", recipe.get("builder") if isinstance(recipe, Mapping) else None)
+    return cfg
 
 
 def _as_dict(config: object) -> dict[str, Any]:
@@ -78,7 +84,8 @@ def model_from_checkpoint(
 
     Returns:
         ``(model, config)``: the model in eval mode with the checkpoint's weights (strict loading), and the config
-        dict completed with ``num_classes`` and ``num_subnetworks``.
+        dict completed with ``num_classes`` and ``num_subnetworks`` (and, from a recipe, ``method`` and
+        ``builder``; a checkpoint with a recipe may hold no config).
 
     Example:
         >>> from mixshare_layers import MIMOWrapper
@@ -94,13 +101,16 @@ def model_from_checkpoint(
 
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"checkpoint must be a dict, but got {type(checkpoint).__name__}")
+    if "recipe" in checkpoint:
+        model = model_from_recipe(checkpoint)
+        return model, _recipe_config(model, checkpoint)
     state_key = next((k for k in _STATE_KEYS if k in checkpoint), None)
     config_key = next((k for k in _CONFIG_KEYS if k in checkpoint), None)
     if state_key is None or (config_key is None and config is None):
         raise ValueError(
-            "checkpoint must be a dict with the model's state_dict under 'model' and the settings to rebuild it "
-            f"under 'config' (keys {', '.join(CHECKPOINT_CONFIG_KEYS)}), or come with a config.json in its folder, "
-            f"but it has keys {sorted(checkpoint)}"
+            "checkpoint must be a dict with the model's state_dict under 'model' and a 'recipe' (see "
+            "mixshare_layers.checkpoint.save_model) or, for a wrapped CIFAR WRN, its settings under 'config' (keys "
+            f"{', '.join(CHECKPOINT_CONFIG_KEYS)}) or in a config.json next to it, but it has keys {sorted(checkpoint)}"
         )
     state = checkpoint[state_key]
     if not isinstance(state, Mapping):
@@ -112,8 +122,9 @@ def model_from_checkpoint(
     missing = [k for k in _REQUIRED_KEYS if k not in cfg]
     if missing:
         raise ValueError(
-            f"the checkpoint's config lacks {missing}; needed: {', '.join(CHECKPOINT_CONFIG_KEYS)} "
-            f"(got keys {sorted(cfg)})"
+            f"the checkpoint records no recipe (how to rebuild its model) and its config lacks {missing}, which a "
+            f"wrapped CIFAR WRN's has ({', '.join(CHECKPOINT_CONFIG_KEYS)}; got keys {sorted(cfg)}): "
+            + NO_RECIPE_HINT
         )
     heads = state.get("heads.weight")
     if isinstance(heads, torch.Tensor) and heads.dim() == 3:  # (M, K, D)
@@ -150,7 +161,7 @@ def model_from_checkpoint(
 def load_wrn_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> tuple[MIMOWrapper, dict[str, Any]]:
-    """Load a checkpoint file safely and rebuild its model (see :func:`model_from_checkpoint`).
+    """Load a checkpoint file safely and rebuild its model, any wrapped backbone (see :func:`model_from_checkpoint`).
 
     The file is read with :func:`mixshare_layers.checkpoint.load_checkpoint` (``weights_only=True``, never more;
     the digest of files written by :func:`~mixshare_layers.checkpoint.save_checkpoint` is verified). A checkpoint
@@ -166,8 +177,9 @@ def load_wrn_checkpoint(
 
     Raises:
         CheckpointNotFoundError: no such file (a ``FileNotFoundError``).
-        CheckpointError: (a ``ValueError``) the file cannot be loaded safely (damaged, stores Python objects, ...) or
-            does not describe a wrapped WRN; the message is one line naming the file.
+        CheckpointError: (a ``ValueError``) the file cannot be loaded safely (damaged, stores Python objects, ...),
+            its recipe does not rebuild its weights (or names a builder outside the allowlist), or it has no recipe
+            and is not a wrapped WRN's; the message is one line naming the file and what to do.
     """
     from ..checkpoint import CheckpointError, load_checkpoint
 
@@ -183,9 +195,22 @@ def load_wrn_checkpoint(
             raise CheckpointError(
                 p, f"holds no config and the config.json next to it cannot be read ({err})", "restore config.json"
             ) from None
+    has_recipe = "recipe" in checkpoint
+    if not has_recipe:
+        settings = next((checkpoint[k] for k in _CONFIG_KEYS if k in checkpoint), config)
+        keys = set(settings) if isinstance(settings, Mapping) else set()
+        if isinstance(settings, Mapping) and not {"depth", "width"} <= keys:
+            missing = sorted({"depth", "width"} - keys)
+            raise CheckpointError(
+                p,
+                f"records no recipe (how to rebuild its model) and is not a wrapped CIFAR WRN's (its config lacks "
+                f"{missing})",
+                NO_RECIPE_HINT,
+            )
     try:
         return model_from_checkpoint(checkpoint, config)
     except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: load_state_dict's mismatches
         text = " ".join(str(err).split())
         text = text if len(text) <= 400 else text[:400] + " ..."
-        raise CheckpointError(p, f"does not rebuild a wrapped WRN: {text}", "") from None
+        what = "cannot rebuild its model from its recipe" if has_recipe else "does not rebuild a wrapped WRN"
+        raise CheckpointError(p, f"{what}: {text}", "") from None

@@ -11,6 +11,8 @@ refused with a one-line :class:`CheckpointError` that says how to convert it onc
   ``torch.save`` zip archive with a SHA-256 digest of the whole file in its comment, a format version);
 * :func:`verify_checkpoint`: check a file's digest without loading it;
 * :func:`convert_checkpoint` / :func:`to_plain`: rewrite a file that stores Python objects;
+* :func:`save_model` / :func:`load_model`: a wrapped model with the :class:`ModelRecipe` that rebuilds it (builders
+  from an allowlist, :func:`register_builder` for your own, :func:`describe_split` for a hand-made split);
 * ``python -m mixshare_layers.checkpoint verify FILE...`` / ``convert [--trusted] SRC DST``.
 
 Example:
@@ -23,6 +25,19 @@ Example:
 """
 
 from .convert import convert_checkpoint, data_only_globals, to_plain
+from .model import check_recipe, load_model, model_from_recipe, save_model, strip_state_prefixes
+from .recipe import (
+    RECIPE_FORMAT,
+    RECIPE_VERSION,
+    WRN_BUILDER,
+    BuilderHandle,
+    ModelRecipe,
+    RecipeError,
+    builder_names,
+    describe_split,
+    register_builder,
+    resolve_builder,
+)
 from .store import (
     FORMAT,
     FORMAT_VERSION,
@@ -40,14 +55,29 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "MIN_TORCH_VERSION",
+    "RECIPE_FORMAT",
+    "RECIPE_VERSION",
+    "WRN_BUILDER",
+    "BuilderHandle",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "ModelRecipe",
+    "RecipeError",
+    "builder_names",
+    "check_recipe",
     "convert_checkpoint",
     "data_only_globals",
+    "describe_split",
     "load_checkpoint",
+    "load_model",
+    "model_from_recipe",
     "plain_value_problem",
     "previous_checkpoint_path",
+    "register_builder",
+    "resolve_builder",
     "save_checkpoint",
+    "save_model",
+    "strip_state_prefixes",
     "to_plain",
     "verify_checkpoint",
 ]
