@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_cases import code_running_checkpoint
 from torch import nn
 
 from mixshare_layers import BackboneSplit, MIMOWrapper
@@ -229,6 +230,50 @@ def test_checkpoint_without_recipe_says_how_to_load_it_from_python(tmp_path, cap
         load_model(path)
     with pytest.raises(ValueError, match=r"records no recipe .* config lacks \['depth', 'width'\]"):
         model_from_checkpoint(load_checkpoint(path))
+
+
+@pytest.mark.parametrize(
+    ("builder", "message"),
+    [
+        ("os.system", "'os.system' is not registered in this process"),
+        ("mixshare_layers.wrapper.MIMOWrapper", "is not one of the library's"),
+        ("torchvision:not_a_model", "is not a classification model of this torchvision"),
+    ],
+)
+def test_cli_refuses_a_builder_outside_the_allowlist_and_runs_nothing(tmp_path, capsys, builder, message):
+    if builder.startswith("torchvision:"):
+        pytest.importorskip("torchvision")
+    marker = tmp_path / "marker"
+    model = MIMOWrapper(wide_resnet(**WRN_KWARGS), 2, preset="mixshare")
+    recipe = {**ModelRecipe.of(model, WRN_BUILDER, WRN_KWARGS).to_dict(), "builder": builder}
+    recipe["builder_kwargs"] = {"command": f"touch {marker}"}  # what os.system would run, were it ever called
+    path = save_checkpoint(tmp_path / "refused.pt", {"model": model.state_dict(), "recipe": recipe})
+    code, err = _run_cli([str(path), "--out", str(tmp_path / "out"), "--no-plots"], capsys)
+    _one_line(code, err, str(path), "cannot rebuild its model from its recipe", message)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_cli_as_a_module_refuses_a_checkpoint_without_recipe_or_config(tmp_path):
+    model = MIMOWrapper(wide_resnet(**WRN_KWARGS), 2, preset="mixshare")
+    path = save_checkpoint(tmp_path / "weights.pt", {"model": model.state_dict(), "epoch": 3})
+    cmd = [sys.executable, "-m", "mixshare_layers.analysis", str(path), "--out", str(tmp_path / "out")]
+    proc = subprocess.run([*cmd, "--no-plots"], capture_output=True, text=True, timeout=300, check=False)
+    _one_line(proc.returncode, proc.stderr, str(path), "records no recipe", "no config", "save_model(")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_recipe_checkpoint_whose_pickle_runs_code_is_refused(tmp_path, capsys, monkeypatch):
+    marker = tmp_path / "marker"
+    recipe = ModelRecipe(WRN_BUILDER, WRN_KWARGS).to_dict()
+    evil = code_running_checkpoint(tmp_path / "evil.pt", marker, recipe=recipe)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    code, err = _run_cli([str(evil), "--out", str(tmp_path / "out"), "--no-plots"], capsys)
+    _one_line(code, err, str(evil), "refused", "builtins.exec")
+    with pytest.raises(CheckpointError, match="refused"):
+        load_model(evil)
+    assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -103,7 +103,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m mixshare_layers.analysis",
         description="Feature-sharing analysis of a MIMO / MixMo / MixShare checkpoint (paper Sec. 2 and App. D).",
     )
-    p.add_argument("checkpoint", help="checkpoint file (a dict with 'model' and 'config', see the module docs)")
+    p.add_argument(
+        "checkpoint",
+        help="checkpoint file with the model's weights and its recipe (mixshare_layers.checkpoint.save_model, "
+        "examples/cifar100_wrn.py), or a wrapped WRN's weights and config (see the module docs)",
+    )
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument(
         "--data",
@@ -147,9 +151,7 @@ def _variance_images(config: dict[str, Any], args: argparse.Namespace, model: MI
         classes = int(config.get("num_classes") or model.num_classes or 10)
         channels = getattr(model.encoder, "input_channels", None) or 3
         noise = float(config.get("synthetic_noise", 2.5))
-        images = SyntheticImageDataset(
-            n, max(2, classes), size, channels, train=False, seed=seed, noise=noise
-        ).data
+        images = SyntheticImageDataset(n, max(2, classes), size, channels, train=False, seed=seed, noise=noise).data
     elif source.startswith("cifar"):
         root = Path(args.data_root)
         if args.data == "auto" and not (root / "cifar-100-python").is_dir():

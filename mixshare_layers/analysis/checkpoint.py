@@ -49,6 +49,11 @@ _CONFIG_KEYS = ("config", "args", "hparams")
 _strip_prefixes = strip_state_prefixes
 
 
+def _shown(keys: Mapping[str, Any]) -> str:
+    names = sorted(map(str, keys))
+    return str(names[:8])[:-1] + (f", ... ({len(names)} keys)]" if len(names) > 8 else "]")
+
+
 def _recipe_config(model: MIMOWrapper, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     """The checkpoint's config (if any) completed with what the recipe says."""
     config_key = next((k for k in _CONFIG_KEYS if k in checkpoint), None)
@@ -110,7 +115,7 @@ def model_from_checkpoint(
         raise ValueError(
             "checkpoint must be a dict with the model's state_dict under 'model' and a 'recipe' (see "
             "mixshare_layers.checkpoint.save_model) or, for a wrapped CIFAR WRN, its settings under 'config' (keys "
-            f"{', '.join(CHECKPOINT_CONFIG_KEYS)}) or in a config.json next to it, but it has keys {sorted(checkpoint)}"
+            f"{', '.join(CHECKPOINT_CONFIG_KEYS)}) or in a config.json next to it, but it has keys {_shown(checkpoint)}"
         )
     state = checkpoint[state_key]
     if not isinstance(state, Mapping):
@@ -123,8 +128,7 @@ def model_from_checkpoint(
     if missing:
         raise ValueError(
             f"the checkpoint records no recipe (how to rebuild its model) and its config lacks {missing}, which a "
-            f"wrapped CIFAR WRN's has ({', '.join(CHECKPOINT_CONFIG_KEYS)}; got keys {sorted(cfg)}): "
-            + NO_RECIPE_HINT
+            f"wrapped CIFAR WRN's has ({', '.join(CHECKPOINT_CONFIG_KEYS)}; got keys {sorted(cfg)}): " + NO_RECIPE_HINT
         )
     heads = state.get("heads.weight")
     if isinstance(heads, torch.Tensor) and heads.dim() == 3:  # (M, K, D)
@@ -199,6 +203,12 @@ def load_wrn_checkpoint(
     if not has_recipe:
         settings = next((checkpoint[k] for k in _CONFIG_KEYS if k in checkpoint), config)
         keys = set(settings) if isinstance(settings, Mapping) else set()
+        if settings is None and any(k in checkpoint for k in _STATE_KEYS):
+            raise CheckpointError(
+                p,
+                "records no recipe (how to rebuild its model), no config, and has no config.json beside it",
+                NO_RECIPE_HINT,
+            )
         if isinstance(settings, Mapping) and not {"depth", "width"} <= keys:
             missing = sorted({"depth", "width"} - keys)
             raise CheckpointError(
