@@ -25,8 +25,9 @@ Every run writes to ``<out-dir>/<run-name>/``: ``config.json`` (every hyper-para
 ``summary.json`` (the final metrics), and ``tensorboard/`` when TensorBoard is installed. The last epoch is what
 gets reported (no model selection on the test set); ``--val-split`` holds out training images to select on instead.
 
-Checkpoints (``mixshare_layers.checkpoint``) hold tensors and plain values only, the run's config included, and a
-SHA-256 digest of the file: they load with ``weights_only=True`` and nothing else, a damaged file is refused (never
+Checkpoints (``mixshare_layers.checkpoint``) hold tensors and plain values only, the run's config and the model's
+recipe included (``mixshare_layers.checkpoint.load_model`` and ``python -m mixshare_layers.analysis`` rebuild the
+model from it), and a SHA-256 digest of the file: they load with ``weights_only=True`` and nothing else, a damaged file is refused (never
 trained from), and each new one is written to a temporary file, verified, and only then renamed over the last, whose
 verified predecessor stays as ``checkpoint.prev.pt``. ``--resume RUN`` continues from ``RUN/checkpoint.pt``;
 ``--resume FILE`` from exactly that file (e.g. ``RUN/checkpoint.prev.pt`` when the last one is damaged, as the error
@@ -77,7 +78,9 @@ from torch import Tensor, nn
 
 from mixshare_layers import PRESETS, MIMOBatcher, MIMOConfig, MIMOWrapper, get_preset
 from mixshare_layers.checkpoint import (
+    WRN_BUILDER,
     CheckpointError,
+    ModelRecipe,
     load_checkpoint,
     previous_checkpoint_path,
     save_checkpoint,
@@ -632,6 +635,14 @@ def build_model(cfg: dict[str, Any], num_classes: int, device: torch.device) -> 
     return model
 
 
+def model_recipe(cfg: dict[str, Any], model: nn.Module, num_classes: int) -> dict[str, Any] | None:
+    """The checkpoint's recipe of the wrapped WRN (plain values), or None for ``--method single`` (no wrapper)."""
+    if not isinstance(model, MIMOWrapper):
+        return None
+    kwargs = {"depth": cfg["depth"], "width": cfg["width"], "num_classes": num_classes}
+    return ModelRecipe.of(model, WRN_BUILDER, kwargs).to_dict()
+
+
 class LRSchedule:
     """Per-step lr factor: linear warmup to 1 over ``warmup_steps``, times ``gamma`` at each milestone step."""
 
@@ -1016,6 +1027,8 @@ def _run(
     cfg["steps_per_epoch"] = steps_per_epoch
     cfg["world_size"] = dist.world
     cfg["mimo_config"] = dataclasses.asdict(raw.config) if mimo else None  # the preset with its overrides
+    # how the checkpoint rebuilds its model (mixshare_layers.checkpoint.load_model, python -m mixshare_layers.analysis)
+    recipe = model_recipe(cfg, raw, data.num_classes)
 
     optimizer = torch.optim.SGD(
         model.parameters(),
@@ -1272,6 +1285,7 @@ def _run(
                 run_dir / CKPT_NAME,
                 {
                     "config": json.loads(json.dumps(cfg)),  # plain values, what rebuilds the model and the run
+                    **({"recipe": recipe} if recipe is not None else {}),
                     "epoch": epoch + 1,
                     "step": step,
                     "model": raw.state_dict(),

@@ -18,7 +18,14 @@ from checkpoint_cases import CASES, code_running_checkpoint, make_case
 from mixshare_layers import MIMOWrapper
 from mixshare_layers.analysis import classifier_influence, load_wrn_checkpoint, model_from_checkpoint, sharing_rate
 from mixshare_layers.analysis.__main__ import cli, main
-from mixshare_layers.checkpoint import CheckpointError, CheckpointNotFoundError, convert_checkpoint, save_checkpoint
+from mixshare_layers.checkpoint import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    convert_checkpoint,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 from mixshare_layers.models import wide_resnet
 
 CONFIG = {"depth": 10, "width": 1, "num_classes": 10, "method": "mixshare", "num_subnetworks": 2}
@@ -122,7 +129,7 @@ def test_checkpoint_errors(tmp_path):
 
 
 def test_cli_on_a_checkpoint_of_the_example_script(tmp_path):
-    """examples/cifar100_wrn.py --smoke writes checkpoint.pt (weights only) + config.json: the CLI reads both."""
+    """examples/cifar100_wrn.py --smoke writes checkpoint.pt with its recipe: load_model and the CLI rebuild it."""
     script = Path(__file__).resolve().parents[1] / "examples" / "cifar100_wrn.py"
     if not script.is_file():
         pytest.skip("examples/cifar100_wrn.py is not in this checkout")
@@ -144,6 +151,12 @@ def test_cli_on_a_checkpoint_of_the_example_script(tmp_path):
     assert result["rates"]["classifier"]["mean_ratio"] == pytest.approx(summary["classifier_sharing"], abs=1e-6)
     assert result["rates"]["encoder"]["mean_ratio"] == pytest.approx(summary["encoder_sharing"], abs=1e-6)
     assert "variance:core.2" in result["rates"]
+    assert result["config"]["builder"] == "mixshare_layers.models.wide_resnet"
+    loaded, checkpoint = load_model(run_dir / "checkpoint.pt")  # the recipe alone rebuilds the trained model
+    assert checkpoint["recipe"]["builder_kwargs"] == {"depth": 10, "width": 1, "num_classes": 10}
+    assert loaded.preset == "mixshare-partial" and checkpoint["epoch"] == summary["epochs"]
+    for key, value in load_checkpoint(run_dir / "checkpoint.pt")["model"].items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
 
 
 def test_checkpoint_with_the_older_5d_encoder_layout_loads():
