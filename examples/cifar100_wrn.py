@@ -25,14 +25,29 @@ Every run writes to ``<out-dir>/<run-name>/``: ``config.json`` (every hyper-para
 ``summary.json`` (the final metrics), and ``tensorboard/`` when TensorBoard is installed. The last epoch is what
 gets reported (no model selection on the test set); ``--val-split`` holds out training images to select on instead.
 
+Distribution shift (``--shift-eval``, on by default, off for ``--smoke``): at the end of the run the test set is
+evaluated again under corruptions (``--shift-corruptions`` x ``--shift-severities`` of ``mixshare_layers.shift``,
+applied on the fly on the device, deterministic from ``--data-seed``) and against an OOD set (``--ood``: for
+synthetic data, images of classes the model never saw; for CIFAR-100, SVHN's test split when ``--data-dir`` holds
+``test_32x32.mat`` or with ``--download``), through ``mixshare_layers.uncertainty.evaluate_uncertainty``: accuracy,
+NLL, ECE, adaptive ECE, Brier, AURC, mean confidence, disagreement and mutual information per corruption and
+severity, and OOD AUROC / AUPR / FPR95 from the max probability, the entropy and the mutual information between
+members; with ``--val-split``, again at the temperature fitted on the validation images. It writes
+``uncertainty.json`` (the whole report), ``shift.csv`` and ``ood.csv`` (one row per shift / per score) and, with
+matplotlib, ``uncertainty.png`` (reliability diagram, accuracy and ECE against severity, OOD AUROC).
+
+Units: in ``metrics.csv``, ``shift.csv``, ``ood.csv`` and TensorBoard, accuracies, ECE, disagreement, AUROC / AUPR /
+FPR95 and sharing rates are percentages (columns ending in ``_pct``), NLL, losses and entropies nats per image
+(``_nats``), Brier a score in [0, 2]; values are rounded to 4 significant digits.
+
 Checkpoints (``mixshare_layers.checkpoint``) hold tensors and plain values only, the run's config and the model's
 recipe included (``mixshare_layers.checkpoint.load_model`` and ``python -m mixshare_layers.analysis`` rebuild the
-model from it), and a SHA-256 digest of the file: they load with ``weights_only=True`` and nothing else, a damaged file is refused (never
-trained from), and each new one is written to a temporary file, verified, and only then renamed over the last, whose
-verified predecessor stays as ``checkpoint.prev.pt``. ``--resume RUN`` continues from ``RUN/checkpoint.pt``;
-``--resume FILE`` from exactly that file (e.g. ``RUN/checkpoint.prev.pt`` when the last one is damaged, as the error
-then says). A run that cannot start (a bad option, missing data, a folder that cannot be written) prints one line,
-exits with code 2 and leaves nothing on disk.
+model from it), and a SHA-256 digest of the file: they load with ``weights_only=True`` and nothing else, a damaged
+file is refused (never trained from), and each new one is written to a temporary file, verified, and only then
+renamed over the last, whose verified predecessor stays as ``checkpoint.prev.pt``. ``--resume RUN`` continues from
+``RUN/checkpoint.pt``; ``--resume FILE`` from exactly that file (e.g. ``RUN/checkpoint.prev.pt`` when the last one
+is damaged, as the error then says). A run that cannot start (a bad option, missing data, a folder that cannot be
+written) prints one line, exits with code 2 and leaves nothing on disk.
 
 ``main(argv)`` runs the script in-process and returns the summary (also saved as ``summary.json``). Its keys:
 
@@ -50,6 +65,9 @@ exits with code 2 and leaves nothing on disk.
     val                                 the same metrics on the held-out split (None without --val-split)
     stopped_early                       True when --stop-epoch ended the run before --epochs
     rank_max_abs_diff                   distributed runs: largest difference of any weight across ranks (0.0)
+    shift                               the shift evaluation (None without it): "clean" and "corruption_mean"
+                                        {ensemble_acc_pct, mean_individual_acc_pct, nll_nats, ece_pct}, "ood"
+                                        {set: {score: {auroc_pct, aupr_pct, fpr95_pct}}}, "temperature"
 """
 
 from __future__ import annotations
@@ -86,8 +104,10 @@ from mixshare_layers.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from mixshare_layers.functional.ensemble import ensemble_probs
 from mixshare_layers.metrics import EnsembleMetrics
 from mixshare_layers.models import wide_resnet
+from mixshare_layers.shift import CORRUPTIONS, SEVERITIES
 
 METHODS = ("single", *PRESETS)
 DATASETS, DATA_PATHS = ("cifar100", "synthetic"), ("device", "loader")
@@ -99,6 +119,11 @@ CKPT_KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "scaler", "rng"
 # options that describe how to run, not what to train: never restored from a resumed run's config
 RUNTIME_KEYS = ("resume", "stop_epoch", "benchmark", "quick", "smoke", "device")
 SEED_LIMIT = 2**32
+# the end-of-run evaluation under distribution shift: a few cheap families of mixshare_layers.shift, three severities
+SHIFT_CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "jpeg_compression", "contrast")
+SHIFT_SEVERITIES = (1, 3, 5)
+OOD_CHOICES = ("auto", "synthetic", "svhn", "none")
+SVHN_FILE = "test_32x32.mat"
 
 # --quick: the README's main job, a few minutes on a 2-core CPU; --smoke: seconds, for CI
 QUICK = dict(
@@ -126,6 +151,7 @@ SMOKE = dict(
     eval_batch_size=64,
     tensorboard=False,
     progress=False,
+    shift_eval=False,
 )
 
 
@@ -175,6 +201,24 @@ def _fractions(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected fractions like 0.25,0.5,0.75, got {text!r}") from err
     if any(not 0.0 < v < 1.0 for v in values) or values != sorted(values):
         raise argparse.ArgumentTypeError(f"milestones must be increasing fractions in (0, 1), got {text!r}")
+    return values
+
+
+def _corruptions(text: str) -> list[str]:
+    names = [v for v in text.replace(",", " ").split() if v]
+    unknown = [v for v in names if v not in CORRUPTIONS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected names among {', '.join(CORRUPTIONS)}, got {text!r}")
+    return names
+
+
+def _severities(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(",", " ").split()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected severities like 1,3,5, got {text!r}") from err
+    if not values or any(v not in SEVERITIES for v in values) or values != sorted(set(values)):
+        raise argparse.ArgumentTypeError(f"severities must be increasing integers in 1..5, got {text!r}")
     return values
 
 
@@ -242,6 +286,27 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--eval-every", type=int, default=10, help="evaluate every N epochs (0: only at the end)")
     add("--eval-batch-size", type=int, default=500)
     add("--log-every", type=int, default=25, help="steps between loss checks / bar updates (one host sync)")
+    add(
+        "--shift-eval",
+        type=_bool,
+        default=True,
+        help="at the end, evaluate on corrupted test images and an OOD set (uncertainty.json, shift.csv, ood.csv)",
+    )
+    add(
+        "--shift-corruptions",
+        type=_corruptions,
+        default=list(SHIFT_CORRUPTIONS),
+        help=f"corruption families (mixshare_layers.shift: {', '.join(CORRUPTIONS)})",
+    )
+    add("--shift-severities", type=_severities, default=list(SHIFT_SEVERITIES), help="severities among 1..5")
+    add(
+        "--ood",
+        choices=OOD_CHOICES,
+        default="auto",
+        help="OOD set: auto = synthetic images of unseen classes for --dataset synthetic, SVHN's test split for "
+        f"cifar100 when --data-dir holds {SVHN_FILE} (or with --download; needs scipy), else none",
+    )
+    add("--ood-samples", type=int, default=0, help="OOD images (0: as many as the test set / all of SVHN's test)")
     add("--out-dir", type=str, default="runs")
     add("--run-name", type=str, default=None, help="default: <method>-wrn<depth>-<width>-s<seed>-<time>")
     add("--tensorboard", type=_bool, default=True, help="write TensorBoard logs (skipped if not installed)")
@@ -288,12 +353,19 @@ def check_config(cfg: dict[str, Any]) -> None:
         interval = ("(" if open_low else "[") + f"{low:g}, {high:g}" + (")" if open_high or high == math.inf else "]")
         need(ok, f"{_opt(key)} must be a finite number in {interval}, got {v:g}")
 
-    choices = {"method": METHODS, "dataset": DATASETS, "data_path": DATA_PATHS, "ensemble_rule": RULES, "amp": AMPS}
+    choices = {
+        "method": METHODS,
+        "dataset": DATASETS,
+        "data_path": DATA_PATHS,
+        "ensemble_rule": RULES,
+        "amp": AMPS,
+        "ood": OOD_CHOICES,
+    }
     for key, allowed in choices.items():  # argparse checks them on the command line; a resumed config too
         need(cfg[key] in allowed, f"{_opt(key)} must be one of {', '.join(allowed)}, got {cfg[key]!r}")
     for key in ("epochs", "batch_repetition", "num_subnetworks", "log_every", "eval_batch_size", "width"):
         at_least(key, 1)
-    for key in ("stop_epoch", "benchmark", "eval_every", "workers"):
+    for key in ("stop_epoch", "benchmark", "eval_every", "workers", "ood_samples"):
         at_least(key, 0)
     for key in ("synthetic_train", "synthetic_test"):
         at_least(key, 1)
@@ -309,6 +381,20 @@ def check_config(cfg: dict[str, Any]) -> None:
     need(
         cfg["depth"] >= 10 and (cfg["depth"] - 4) % 6 == 0,
         f"--depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {cfg['depth']}",
+    )
+    corruptions, severities = cfg["shift_corruptions"], cfg["shift_severities"]  # a resumed config: check again
+    need(
+        isinstance(corruptions, list) and bool(corruptions) and all(c in CORRUPTIONS for c in corruptions),
+        f"--shift-corruptions must name families among {', '.join(CORRUPTIONS)}, got {corruptions!r}",
+    )
+    need(
+        isinstance(severities, list) and bool(severities) and all(v in SEVERITIES for v in severities),
+        f"--shift-severities must be integers in 1..5, got {severities!r}",
+    )
+    need(
+        cfg["ood"] != "synthetic" or cfg["dataset"] == "synthetic",
+        "--ood synthetic makes unseen classes of the synthetic data, so it needs --dataset synthetic; for "
+        "cifar100 use --ood svhn (or auto, or none)",
     )
     real("val_split", 0.0, 1.0, open_high=True)
     real("synthetic_noise", 0.0)
@@ -474,6 +560,7 @@ class Data:
     val_x: Tensor | None
     val_y: Tensor | None
     num_classes: int
+    ood: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # OOD sets for the shift evaluation, uint8
 
 
 def _cifar_missing_message(data_dir: str) -> str:
@@ -514,6 +601,7 @@ def load_cifar100(data_dir: str, download: bool, dist: Dist) -> tuple[Tensor, Te
 
 
 def load_data(cfg: dict[str, Any], dist: Dist) -> Data:
+    reference = None  # the synthetic test set: the OOD set is made of its kind
     if cfg["dataset"] == "cifar100":
         train_x, train_y, test_x, test_y, k = load_cifar100(cfg["data_dir"], cfg["download"], dist)
     else:
@@ -528,6 +616,7 @@ def load_data(cfg: dict[str, Any], dist: Dist) -> Data:
         train = SyntheticImageDataset(cfg["synthetic_train"], train=True, **kw)
         test = SyntheticImageDataset(cfg["synthetic_test"], train=False, **kw)
         train_x, train_y, test_x, test_y, k = train.data, train.targets, test.data, test.targets, train.num_classes
+        reference = test
     val_x = val_y = None
     if cfg["val_split"] > 0:
         n = train_x.shape[0]
@@ -536,7 +625,57 @@ def load_data(cfg: dict[str, Any], dist: Dist) -> Data:
         val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
         val_x, val_y = train_x[val_idx], train_y[val_idx]
         train_x, train_y = train_x[train_idx], train_y[train_idx]
-    return Data(train_x, train_y, test_x, test_y, val_x, val_y, k)
+    ood = load_ood(cfg, dist, reference if cfg["dataset"] == "synthetic" else None, test_x.shape[0])
+    return Data(train_x, train_y, test_x, test_y, val_x, val_y, k, ood)
+
+
+def load_ood(cfg: dict[str, Any], dist: Dist, reference: Any, num_test: int) -> dict[str, Tensor]:
+    """The OOD set of the end-of-run shift evaluation, ``{name: (N, C, H, W) uint8}`` (empty: none).
+
+    ``synthetic``: :func:`mixshare_layers.data.synthetic_ood_dataset`, images of the training data's kind whose
+    classes the model never saw; ``svhn``: SVHN's test split (:func:`mixshare_layers.data.load_svhn`, torchvision
+    and scipy). ``auto`` picks the first for synthetic data, the second for CIFAR-100 when it is at hand, and
+    otherwise says why there is no OOD evaluation. Sets ``cfg["ood_resolved"]``.
+    """
+    cfg["ood_resolved"] = None
+    choice = cfg["ood"]
+    if not cfg["shift_eval"] or choice == "none":
+        return {}
+    if choice == "auto":
+        choice = "synthetic" if cfg["dataset"] == "synthetic" else "svhn"
+    n = cfg["ood_samples"] or None
+    if choice == "synthetic":
+        from mixshare_layers.data import synthetic_ood_dataset
+
+        cfg["ood_resolved"] = "synthetic"
+        return {"synthetic": synthetic_ood_dataset(reference, n or num_test).data}
+    import importlib.util
+
+    explicit = cfg["ood"] == "svhn"
+    path = Path(cfg["data_dir"]) / SVHN_FILE
+    problem = None
+    if importlib.util.find_spec("torchvision") is None or importlib.util.find_spec("scipy") is None:
+        problem = "SVHN needs torchvision and scipy (pip install torchvision scipy)"
+    elif not path.is_file() and not cfg["download"]:
+        problem = f"no SVHN test split in --data-dir (expected {path}): add --download, or place the file there"
+    if problem is not None:
+        if explicit:
+            raise DataNotFoundError(f"--ood svhn: {problem}; or pick --ood none")
+        if dist.main:
+            print(f"note: no OOD evaluation: {problem} (or --ood none to silence this)", flush=True)
+        return {}
+    from mixshare_layers.data import load_svhn
+
+    try:
+        if cfg["download"] and not path.is_file():
+            if dist.main:
+                load_svhn(cfg["data_dir"], "test", download=True)
+            dist.barrier()
+        images, _ = load_svhn(cfg["data_dir"], "test")
+    except (FileNotFoundError, RuntimeError, OSError, ValueError) as err:
+        raise DataNotFoundError(f"--ood: SVHN in --data-dir {cfg['data_dir']!r} cannot be read ({err})") from err
+    cfg["ood_resolved"] = "svhn"
+    return {"svhn": images[:n] if n else images}
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -611,10 +750,15 @@ class Normalize:
         std = (squares / n - (total / n).square()).clamp_min(1e-12).sqrt() / 255
         self.scale = (1 / (255 * std)).float().view(1, -1, 1, 1).to(device)
         self.shift = (-mean / std).float().view(1, -1, 1, 1).to(device)
+        self.unit_scale = self.scale * 255
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, x: Tensor) -> Tensor:
         return torch.addcmul(self.shift, x.float(), self.scale).contiguous(memory_format=self.memory_format)
+
+    def unit(self, x: Tensor) -> Tensor:
+        """The same for float images in [0, 1] (what the corruptions of the shift evaluation return)."""
+        return torch.addcmul(self.shift, x, self.unit_scale).contiguous(memory_format=self.memory_format)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -668,20 +812,26 @@ def evaluate(
     was_training = model.training
     model.eval()
     acc = EnsembleMetrics(m, cfg["ensemble_rule"], device=device)
+    confidence = torch.zeros((), dtype=torch.float64, device=device)  # sum of the ensemble's top-1 probabilities
     idx = torch.arange(dist.rank, x.shape[0], dist.world)
     for chunk in idx.split(cfg["eval_batch_size"]):
         xb = normalize(x[chunk.to(x.device)].to(device, non_blocking=True))
         yb = y[chunk.to(y.device)].to(device, non_blocking=True)
         with ctx["autocast"]():
             logits = model(xb)
-        acc.update((logits.unsqueeze(1) if logits.dim() == 2 else logits).float(), yb)
+        logits = (logits.unsqueeze(1) if logits.dim() == 2 else logits).float()
+        acc.update(logits, yb)
+        confidence += ensemble_probs(logits, cfg["ensemble_rule"]).amax(dim=-1).double().sum()
     acc.all_reduce()
+    if dist.enabled:
+        dist.dist.all_reduce(confidence)
     model.train(was_training)
     out = acc.compute()
     pct = {k: 100.0 * out[k] for k in ("ensemble_acc", "mean_individual_acc", "disagreement")}
     return {
         **out,
         **pct,
+        "mean_confidence": 100.0 * float(confidence) / max(int(out["count"]), 1),  # percent
         "individual_acc": [100.0 * a for a in out["individual_acc"]],  # type: ignore[union-attr]
         **model_sharing_rates(model),
     }
@@ -702,6 +852,173 @@ def model_sharing_rates(model: nn.Module) -> dict[str, float | None]:
         )
         out.update({names[k]: v for k, v in rates.items() if k in names})
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distribution shift: corrupted test images and an OOD set, at the end of the run
+# ----------------------------------------------------------------------------------------------------------------
+# (report key, CSV column, factor): fractions in percent, NLL and entropies in nats per image, Brier as is
+SHIFT_COLUMNS = (
+    ("ensemble_acc", "ensemble_acc_pct", 100.0),
+    ("mean_individual_acc", "mean_individual_acc_pct", 100.0),
+    ("nll", "nll_nats", 1.0),
+    ("ece", "ece_pct", 100.0),
+    ("adaptive_ece", "adaptive_ece_pct", 100.0),
+    ("brier", "brier", 1.0),
+    ("aurc", "aurc_pct", 100.0),
+    ("mean_confidence", "mean_confidence_pct", 100.0),
+    ("disagreement", "disagreement_pct", 100.0),
+    ("mutual_information", "mutual_information_nats", 1.0),
+)
+OOD_SCORES = (("msp", "max probability"), ("entropy", "entropy"), ("mutual_information", "mutual information"))
+OOD_COLUMNS = (("auroc", "auroc_pct"), ("aupr", "aupr_pct"), ("fpr95", "fpr95_pct"))
+
+
+class _Autocast(nn.Module):
+    """``model`` run under the run's autocast (the corruptions outside it stay in float32)."""
+
+    def __init__(self, model: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+        super().__init__()
+        self.model, self.autocast = model, autocast
+
+    def forward(self, x: Tensor) -> Tensor:
+        with self.autocast():
+            return self.model(x)
+
+
+def shift_evaluation(model: nn.Module, data: Data, cfg: dict[str, Any], ctx: dict[str, Any], dist: Dist) -> Any:
+    """:func:`mixshare_layers.uncertainty.evaluate_uncertainty` of the test set, clean and corrupted on the fly on
+    the device (deterministic from ``--data-seed``), and of the OOD set; with ``--val-split``, also at the
+    temperature fitted on the validation images. Every rank evaluates its share; the results gather them all."""
+    from mixshare_layers.uncertainty import evaluate_uncertainty
+
+    shard = slice(dist.rank, None, dist.world)
+    val = None
+    if data.val_x is not None and data.val_y is not None:
+        val = (data.val_x[shard], data.val_y[shard])
+    return evaluate_uncertainty(
+        _Autocast(model, ctx["autocast"]),
+        (data.test_x[shard], data.test_y[shard]),
+        ood={name: x[shard] for name, x in data.ood.items()} or None,
+        val=val,
+        corruptions=cfg["shift_corruptions"],
+        severities=cfg["shift_severities"],
+        rule=cfg["ensemble_rule"],
+        preprocess=ctx["normalize"].unit,
+        batch_size=cfg["eval_batch_size"],
+        device=ctx["device"],
+        seed=cfg["data_seed"],
+    )
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with non-finite floats as None, at any depth (strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def shift_rows(report: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of shift.csv (clean, each corruption and severity, the means) and ood.csv (set x score), at
+    temperature 1 and, when one was fitted, at the fitted temperature; units in the column names."""
+    shift: list[dict[str, Any]] = []
+    ood: list[dict[str, Any]] = []
+    parts = [(1.0, report)]
+    if report.get("calibrated") is not None:
+        parts.append((report["temperature"], report["calibrated"]))
+    for temperature, rep in parts:
+        cells: list[tuple[str, Any, dict[str, Any]]] = [("clean", 0, rep["clean"])]
+        for corruption, by_severity in rep["shift"].items():
+            cells += [(corruption, severity, m) for severity, m in by_severity.items()]
+        cells += [("mean", severity, m) for severity, m in rep["shift_by_severity"].items()]
+        if rep["shift_mean"]:
+            cells.append(("mean", "all", rep["shift_mean"]))
+        for name, severity, metrics in cells:
+            row = {"shift": name, "severity": severity, "temperature": temperature}
+            row.update({col: factor * metrics[key] for key, col, factor in SHIFT_COLUMNS if key in metrics})
+            shift.append(row)
+        for name, scores in rep["ood"].items():
+            for score, _ in OOD_SCORES:
+                row = {"ood_set": name, "score": score, "temperature": temperature}
+                row.update({col: 100.0 * scores[score][key] for key, col in OOD_COLUMNS})
+                ood.append(row)
+    return shift, ood
+
+
+def shift_table(report: dict[str, Any], ood_name: str | None) -> str:
+    """The end-of-run print of the shift evaluation (temperature 1)."""
+    lines = [f"distribution shift (test set, corrupted on the fly; rule {report['rule']}):"]
+    lines.append(f"  {'shift':<22} {'acc (%)':>8} {'NLL':>7} {'ECE (%)':>8} {'conf (%)':>9}")
+
+    def line(name: str, m: dict[str, Any]) -> str:
+        return (
+            f"  {name:<22} {100 * m['ensemble_acc']:8.2f} {m['nll']:7.3f} {100 * m['ece']:8.2f} "
+            f"{100 * m['mean_confidence']:9.2f}"
+        )
+
+    lines.append(line("clean", report["clean"]))
+    for corruption, by_severity in report["shift"].items():
+        lines += [line(f"{corruption} {severity}", m) for severity, m in by_severity.items()]
+    if report["shift_mean"]:
+        lines.append(line("mean over corruptions", report["shift_mean"]))
+    for name, scores in report["ood"].items():
+        lines.append(f"OOD detection: {ood_name or name} images (positives) against the test set:")
+        lines.append(f"  {'score':<22} {'AUROC (%)':>10} {'AUPR (%)':>9} {'FPR95 (%)':>10}")
+        for score, label in OOD_SCORES:
+            r = scores[score]
+            lines.append(f"  {label:<22} {100 * r['auroc']:10.2f} {100 * r['aupr']:9.2f} {100 * r['fpr95']:10.2f}")
+    if report.get("temperature") is not None:
+        cal = report["calibrated"]["clean"]
+        lines.append(
+            f"temperature {report['temperature']:.3f} (fitted on the validation split): clean NLL "
+            f"{cal['nll']:.3f}, ECE {100 * cal['ece']:.2f} %"
+        )
+    return "\n".join(lines)
+
+
+SHIFT_CSV = ["shift", "severity", "temperature", *(col for _, col, _ in SHIFT_COLUMNS)]
+OOD_CSV = ["ood_set", "score", "temperature", *(col for _, col in OOD_COLUMNS)]
+
+
+def write_shift_files(run_dir: Path, report: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """uncertainty.json (the whole report: fractions and nats, its "units" say which), shift.csv and ood.csv
+    (percent and nats, in the column names), and uncertainty.png when matplotlib is installed; all atomic."""
+    full = {**report, "ood_set": cfg["ood_resolved"], "corruption_seed": cfg["data_seed"]}
+    atomic_text(run_dir / "uncertainty.json", json.dumps(_finite(full), indent=2) + "\n")
+    rows, ood_rows = shift_rows(report)
+    write_csv(run_dir / "shift.csv", SHIFT_CSV, rows)
+    if ood_rows:
+        write_csv(run_dir / "ood.csv", OOD_CSV, ood_rows)
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        from mixshare_layers.uncertainty import plot_uncertainty_report
+
+        title = f"{cfg['method']}: clean, corrupted and OOD test images"
+        plot_uncertainty_report(report, run_dir / "uncertainty", title=title)  # written atomically
+
+
+def shift_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The summary's digest of the shift evaluation (percent and nats, as the key names say)."""
+
+    def digest(m: dict[str, Any]) -> dict[str, Any]:
+        return {col: factor * m[key] for key, col, factor in SHIFT_COLUMNS[:4] if key in m}
+
+    return _finite(
+        {
+            "clean": digest(report["clean"]),
+            "corruption_mean": digest(report["shift_mean"]) if report["shift_mean"] else None,
+            "ood": {
+                name: {score: {col: 100.0 * scores[score][key] for key, col in OOD_COLUMNS} for score, _ in OOD_SCORES}
+                for name, scores in report["ood"].items()
+            },
+            "temperature": report.get("temperature"),
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -868,12 +1185,21 @@ def csv_columns(cfg: dict[str, Any], m: int, splits: list[str]) -> list[str]:
     return [*cols, "classifier_sharing", "encoder_sharing"]
 
 
+def csv_value(value: Any) -> Any:
+    """A CSV cell: floats to 4 significant digits (``64.63``, ``0.0125``, ``12350.0``), None empty, else as is."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return float(f"{value:.4g}") if math.isfinite(value) else value
+    return value
+
+
 def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+        writer.writerow({k: csv_value(row.get(k)) for k in columns})
     atomic_text(path, buf.getvalue())
 
 
@@ -1309,6 +1635,14 @@ def _run(
             x, y = (data.val_x, data.val_y) if s == "val" else (data.test_x, data.test_y)
             last_eval[s] = evaluate(raw, x, y, cfg, ctx, dist)  # type: ignore[arg-type]
 
+    shift_report = None
+    if cfg["shift_eval"] and not stopped_early:
+        t_shift = time.perf_counter()
+        shift_report = shift_evaluation(raw, data, cfg, ctx, dist)
+        if dist.main:
+            write_shift_files(run_dir, shift_report, cfg)
+            say(f"shift evaluation: {time.perf_counter() - t_shift:.1f} s")
+
     test = last_eval["test"]
     summary: dict[str, Any] = {
         **{k: test[k] for k in (*SUMMARY_METRICS, "individual_acc", *SHARING_KEYS)},
@@ -1327,6 +1661,7 @@ def _run(
         "images_per_s": images_seen / train_time if train_time > 0 else 0.0,
         "val": {k: last_eval["val"][k] for k in (*SUMMARY_METRICS, "individual_acc")} if "val" in last_eval else None,
         "stopped_early": stopped_early,
+        "shift": None if shift_report is None else shift_summary(shift_report),
     }
     if dist.enabled:
         flat = torch.cat([t.detach().double().flatten() for t in raw.state_dict().values() if t.is_floating_point()])
@@ -1335,6 +1670,8 @@ def _run(
     if dist.main:
         atomic_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         say(results_table(summary))
+        if shift_report is not None:
+            say(shift_table(shift_report, cfg["ood_resolved"]))
     dist.barrier()
     return summary
 

@@ -82,7 +82,7 @@ def test_smoke_writes_complete_run_directory(script, tmp_path: Path) -> None:
     assert cfg["mimo_config"]["input_repetition"] == 0.1 and cfg["mimo_config"]["unmix_mode"] == "fadeout"
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert float(rows[-1]["test_ensemble_acc"]) == pytest.approx(summary["ensemble_acc"])
+    assert float(rows[-1]["test_ensemble_acc"]) == pytest.approx(summary["ensemble_acc"], rel=1e-3)  # 4 digits
     assert json.loads((run / "summary.json").read_text())["ensemble_acc"] == pytest.approx(summary["ensemble_acc"])
     ckpt = _ckpt(run)
     assert ckpt["epoch"] == 2 and ckpt["step"] == summary["steps"]
@@ -94,7 +94,22 @@ def test_smoke_writes_complete_run_directory(script, tmp_path: Path) -> None:
 
 def test_single_method_with_val_split_and_logit_rule(script, tmp_path: Path) -> None:
     args = ["--method", "single", "--val-split", "0.25", "--ensemble-rule", "logit", "--tensorboard", "true"]
+    args += ["--shift-eval", "true", "--shift-corruptions", "pixelate", "--shift-severities", "3"]
     summary = script.main(_args(tmp_path, "s", *args))
+    # the shift evaluation, also at the temperature fitted on the validation split
+    report = json.loads((tmp_path / "s" / "uncertainty.json").read_text())
+    assert report["num_subnetworks"] == 1 and report["rule"] == "logit" and report["temperature"] > 0
+    assert summary["shift"]["temperature"] == pytest.approx(report["temperature"])
+    rows = list(csv.DictReader((tmp_path / "s" / "shift.csv").open()))
+    assert len(rows) == 2 * 4  # clean, pixelate 3, mean of severity 3, mean of all: at T = 1 and at the fitted T
+    by_temperature: dict[str, list] = {}
+    for r in rows:
+        by_temperature.setdefault(r["temperature"], []).append(r)
+    assert len(by_temperature) == 2 and "1.0" in by_temperature
+    raw, scaled = by_temperature.pop("1.0"), next(iter(by_temperature.values()))
+    for a, b in zip(raw, scaled, strict=True):  # one network: a temperature never changes its predictions
+        assert (a["shift"], a["severity"], a["ensemble_acc_pct"]) == (b["shift"], b["severity"], b["ensemble_acc_pct"])
+        assert float(a["mutual_information_nats"]) == 0.0  # no members to disagree
     assert summary["classifier_sharing"] is None and summary["encoder_sharing"] is None
     assert len(summary["individual_acc"]) == 1 and summary["disagreement"] == 0.0
     assert summary["individual_acc"][0] == pytest.approx(summary["ensemble_acc"])
@@ -180,6 +195,70 @@ def test_lr_schedule(script) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def test_shift_evaluation_matches_a_recomputation_by_hand(script, tmp_path: Path) -> None:
+    from mixshare_layers.checkpoint import load_model
+    from mixshare_layers.data import SyntheticImageDataset, synthetic_ood_dataset
+    from mixshare_layers.shift import corrupt
+
+    args = ["--shift-eval", "true", "--shift-corruptions", "contrast,gaussian_noise", "--shift-severities", "2,5"]
+    summary = script.main(_args(tmp_path, "shift", *args, "--data-seed", "3"))
+    run = tmp_path / "shift"
+    assert {"uncertainty.json", "shift.csv", "ood.csv"} <= {p.name for p in run.iterdir()}
+    assert not list(run.glob(".*tmp*"))
+    rows = list(csv.DictReader((run / "shift.csv").open()))
+    cells = [(r["shift"], r["severity"]) for r in rows]
+    corrupted = [(c, s) for c in ("contrast", "gaussian_noise") for s in ("2", "5")]
+    assert cells == [("clean", "0"), *corrupted, ("mean", "2"), ("mean", "5"), ("mean", "all")]
+    # the clean row: the numbers of the run's own evaluation (another code path), to the CSV's 4 digits
+    assert float(rows[0]["ensemble_acc_pct"]) == pytest.approx(summary["ensemble_acc"], rel=1e-3)
+    assert float(rows[0]["nll_nats"]) == pytest.approx(summary["nll"], rel=1e-3)
+    assert float(rows[0]["ece_pct"]) == pytest.approx(100 * summary["ece"], rel=1e-3)
+    assert summary["shift"]["clean"]["ensemble_acc_pct"] == pytest.approx(summary["ensemble_acc"], rel=1e-9)
+
+    # by hand: the saved model, the same test images corrupted with the same seed and positions, normalised with
+    # the training images' statistics, the ensemble's mean probability in float64
+    model, checkpoint = load_model(run / "checkpoint.pt")
+    cfg = checkpoint["config"]
+    kw = dict(num_classes=cfg["synthetic_classes"], image_size=cfg["synthetic_size"], seed=3)
+    train = SyntheticImageDataset(cfg["synthetic_train"], train=True, noise=cfg["synthetic_noise"], **kw)
+    test = SyntheticImageDataset(cfg["synthetic_test"], train=False, noise=cfg["synthetic_noise"], **kw)
+    mean = train.data.double().mean(dim=(0, 2, 3)).view(1, -1, 1, 1) / 255
+    std = train.data.double().var(dim=(0, 2, 3), unbiased=False).sqrt().view(1, -1, 1, 1) / 255
+
+    def probs(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(((images.double() - mean) / std).float()).double().softmax(-1).mean(1)
+
+    clean = test.data.float() / 255
+    for name, severity in (("contrast", 5), ("gaussian_noise", 2)):
+        p = probs(corrupt(clean, name, severity, seed=3, index=torch.arange(len(test))))
+        row = rows[cells.index((name, str(severity)))]
+        acc = 100 * float((p.argmax(-1) == test.targets).double().mean())
+        assert float(row["ensemble_acc_pct"]) == pytest.approx(acc, abs=0.01)
+        nll = -p[torch.arange(len(test)), test.targets].log().mean()
+        assert float(row["nll_nats"]) == pytest.approx(float(nll), rel=1e-3)
+    # OOD: unseen classes are the positives; the AUROC of the max probability is P(score_ood > score_id), ties half
+    ood_rows = {r["score"]: r for r in csv.DictReader((run / "ood.csv").open())}
+    assert set(ood_rows) == {"msp", "entropy", "mutual_information"}
+    s_id = -probs(clean).amax(-1)
+    s_ood = -probs(synthetic_ood_dataset(test, len(test)).data.float() / 255).amax(-1)
+    gt = (s_ood[:, None] > s_id[None, :]).double().mean() + 0.5 * (s_ood[:, None] == s_id[None, :]).double().mean()
+    assert float(ood_rows["msp"]["auroc_pct"]) == pytest.approx(100 * float(gt), abs=0.01)
+    assert summary["shift"]["ood"]["synthetic"]["msp"]["auroc_pct"] == pytest.approx(100 * float(gt), abs=1e-6)
+
+
+def test_ood_auto_without_svhn_says_why_and_goes_on(script, capsys) -> None:
+    cfg = {"shift_eval": True, "ood": "auto", "dataset": "cifar100", "ood_samples": 0, "download": False}
+    cfg["data_dir"] = "/nonexistent/data"
+    assert script.load_ood(cfg, script.Dist(), None, 100) == {} and cfg["ood_resolved"] is None
+    out = capsys.readouterr().out
+    assert "note: no OOD evaluation" in out and "--download" in out and "--ood none" in out
+    cfg["ood"] = "svhn"
+    with pytest.raises(script.DataNotFoundError, match=r"--ood svhn: .*test_32x32\.mat"):
+        script.load_ood(cfg, script.Dist(), None, 100)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 def _fake_cifar100(root: Path, n_train: int, n_test: int) -> dict[str, str]:
     """A tiny CIFAR-100 in torchvision's on-disk format; returns the md5 of each file."""
     folder = root / "cifar-100-python"
@@ -215,8 +294,25 @@ def test_real_cifar100_loader_on_fabricated_files(script, tmp_path: Path, monkey
     monkeypatch.setattr(cls, "test_list", [["test", md5["test"]]])
     monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5["meta"]})
     args = _args(tmp_path, "c", "--dataset", "cifar100", "--data-dir", str(tmp_path / "data"))
-    summary = script.main(args)
+    shift = ["--shift-eval", "true", "--shift-corruptions", "contrast", "--shift-severities", "5", "--ood", "svhn"]
+    with pytest.raises(script.DataNotFoundError, match=r"--ood svhn: no SVHN test split in --data-dir"):
+        script.main([*args, *shift])  # asked for, missing: refused before anything is written
+    assert not (tmp_path / "c").exists()
+    # SVHN's test split, fabricated in its .mat layout (X: 32 x 32 x 3 x N, y: N x 1, digits 1..10)
+    scipy_io = pytest.importorskip("scipy.io")
+    g = torch.Generator().manual_seed(1)
+    svhn = {"X": torch.randint(0, 256, (32, 32, 3, 40), dtype=torch.uint8, generator=g).numpy()}
+    svhn["y"] = (torch.arange(40) % 10 + 1).view(40, 1).numpy()
+    scipy_io.savemat(tmp_path / "data" / "test_32x32.mat", svhn)
+    svhn_md5 = hashlib.md5((tmp_path / "data" / "test_32x32.mat").read_bytes()).hexdigest()
+    split_list = {**torchvision.datasets.SVHN.split_list}
+    split_list["test"] = [*split_list["test"][:2], svhn_md5]
+    monkeypatch.setattr(torchvision.datasets.SVHN, "split_list", split_list)
+    summary = script.main([*args, *shift, "--ood-samples", "30"])
     assert summary["dataset"] == "cifar100"
+    assert set(summary["shift"]["ood"]) == {"svhn"} and 0 <= summary["shift"]["ood"]["svhn"]["msp"]["auroc_pct"] <= 100
+    assert {r["ood_set"] for r in csv.DictReader((tmp_path / "c" / "ood.csv").open())} == {"svhn"}
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["ood_resolved"] == "svhn"
     ckpt = _ckpt(Path(summary["run_dir"]))
     assert ckpt["model"]["heads.weight"].shape[:2] == (2, 100)  # 100 classes from the meta file
     assert ckpt["step"] == 128 // 16  # 128 training images, 16 unique per step
@@ -279,6 +375,7 @@ def test_two_process_ddp_gloo(tmp_path: Path) -> None:
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
             "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
             str(SCRIPT), *_args(tmp_path, f"ddp{attempt}", "--epochs", "2", "--device", "cpu"),
+            "--shift-eval", "true", "--shift-corruptions", "gaussian_blur", "--shift-severities", "4",
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240)
         # retried once, and only for two failures outside the script: a port taken between _free_port() and
@@ -292,6 +389,11 @@ def test_two_process_ddp_gloo(tmp_path: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["rank_max_abs_diff"] == 0.0  # identical weights and BN statistics on both ranks
+    # the shift evaluation gathers both ranks' halves of the test set: the run's own numbers, on every image
+    report = json.loads((run / "uncertainty.json").read_text())
+    assert report["clean"]["count"] == report["shift"]["gaussian_blur"]["4"]["count"] == 64
+    assert 100 * report["clean"]["ensemble_acc"] == pytest.approx(summary["ensemble_acc"], rel=1e-9)
+    assert report["clean"]["nll"] == pytest.approx(summary["nll"], rel=1e-6)
     assert {"config.json", "metrics.csv", "checkpoint.pt", "summary.json"} <= {p.name for p in run.iterdir()}
     ckpt = _ckpt(run)
     assert len(ckpt["rng"]) == 2  # one RNG state per rank
@@ -488,6 +590,12 @@ BAD_OPTIONS = [
     (["--amp", "fp8"], "--amp"),
     (["--nesterov", "maybe"], "--nesterov"),
     (["--quick"], "--quick"),  # with --smoke
+    (["--shift-corruptions", "fog"], "--shift-corruptions"),
+    (["--shift-severities", "0"], "--shift-severities"),
+    (["--shift-severities", "3,1"], "--shift-severities"),
+    (["--ood", "bogus"], "--ood"),
+    (["--ood", "synthetic", "--dataset", "cifar100"], "--ood synthetic"),
+    (["--ood-samples", "-1"], "--ood-samples"),
     (["--bogus-option"], "--bogus-option"),
     (["--dataset", "cifar100", "--data-dir", "{tmp}/no-data"], "--data-dir"),
     (["--resume", "{tmp}/missing-run"], "--resume"),
