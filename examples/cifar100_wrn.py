@@ -55,6 +55,7 @@ written) prints one line, exits with code 2 and leaves nothing on disk.
     individual_acc                      list of M member accuracies, percent
     nll                                 negative log-likelihood of the ensemble, nats per image
     ece                                 expected calibration error, 15 bins, fraction in [0, 1]
+    mean_confidence                     mean top-1 probability of the ensemble, percent (compare: ensemble_acc)
     brier                               Brier score summed over classes, per image, in [0, 2]
     disagreement                        mean pairwise top-1 disagreement of the members, percent
     classifier_sharing, encoder_sharing sharing rates of paper Sec. 2, percent, per-feature min/max averaged over
@@ -112,6 +113,7 @@ from mixshare_layers.shift import CORRUPTIONS, SEVERITIES
 METHODS = ("single", *PRESETS)
 DATASETS, DATA_PATHS = ("cifar100", "synthetic"), ("device", "loader")
 RULES, AMPS = ("prob", "logit"), ("off", "bf16", "fp16")
+LR_SCHEDULES = ("step", "cosine")
 SUMMARY_METRICS = ("ensemble_acc", "mean_individual_acc", "nll", "ece", "brier", "disagreement")
 CKPT_NAME = "checkpoint.pt"
 PREV_NAME = previous_checkpoint_path(CKPT_NAME).name  # checkpoint.prev.pt: the verified one before
@@ -136,6 +138,7 @@ QUICK = dict(
     width=1,
     epochs=5,
     eval_every=1,
+    lr_schedule="cosine",  # 5 epochs: the paper's steps would leave the last 1.25 at 1/1000 of the peak lr
 )
 SMOKE = dict(
     dataset="synthetic",
@@ -277,6 +280,13 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--nesterov", type=_bool, default=True)
     add("--weight-decay", type=float, default=6e-4, help="SGD weight decay on every parameter (= 2 x MixMo's l2)")
     add("--warmup-epochs", type=float, default=1.0)
+    add(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default="step",
+        help="after the warmup: step = x --lr-gamma at each of --milestones (the paper's); cosine = half a cosine "
+        "from the peak to 0 at the end of training (--quick's)",
+    )
     add("--milestones", type=_fractions, default=[0.25, 0.5, 0.75], help="lr decay points, fractions of training")
     add("--lr-gamma", type=float, default=0.1)
     add("--label-smoothing", type=float, default=0.0)
@@ -360,6 +370,7 @@ def check_config(cfg: dict[str, Any]) -> None:
         "ensemble_rule": RULES,
         "amp": AMPS,
         "ood": OOD_CHOICES,
+        "lr_schedule": LR_SCHEDULES,
     }
     for key, allowed in choices.items():  # argparse checks them on the command line; a resumed config too
         need(cfg[key] in allowed, f"{_opt(key)} must be one of {', '.join(allowed)}, got {cfg[key]!r}")
@@ -788,16 +799,36 @@ def model_recipe(cfg: dict[str, Any], model: nn.Module, num_classes: int) -> dic
 
 
 class LRSchedule:
-    """Per-step lr factor: linear warmup to 1 over ``warmup_steps``, times ``gamma`` at each milestone step."""
+    """Per-step lr factor: linear warmup to 1 over ``warmup_steps``, then either ``gamma`` at each milestone step
+    (``kind="step"``) or half a cosine from 1 at the end of the warmup to 0 at ``total_steps`` (``kind="cosine"``)."""
 
-    def __init__(self, warmup_steps: int, milestone_steps: list[int], gamma: float) -> None:
+    def __init__(
+        self,
+        warmup_steps: int,
+        milestone_steps: list[int],
+        gamma: float,
+        *,
+        kind: str = "step",
+        total_steps: int | None = None,
+    ) -> None:
+        if kind not in LR_SCHEDULES:
+            raise ValueError(f"kind must be one of {', '.join(LR_SCHEDULES)}, but got {kind!r}")
+        if kind == "cosine" and (total_steps is None or total_steps < 1):
+            raise ValueError(f"the cosine schedule needs total_steps >= 1, but got {total_steps!r}")
         self.warmup_steps = warmup_steps
         self.milestone_steps = milestone_steps
         self.gamma = gamma
+        self.kind = kind
+        self.total_steps = total_steps
 
     def __call__(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
-        return warm * self.gamma ** sum(step >= m for m in self.milestone_steps)
+        if self.kind == "step":
+            return warm * self.gamma ** sum(step >= m for m in self.milestone_steps)
+        assert self.total_steps is not None
+        span = max(self.total_steps - self.warmup_steps, 1)
+        t = min(max(step - self.warmup_steps, 0) / span, 1.0)
+        return warm * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1177,12 +1208,51 @@ def open_tensorboard(run_dir: Path, purge_step: int | None) -> Any:
     return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
-def csv_columns(cfg: dict[str, Any], m: int, splits: list[str]) -> list[str]:
-    cols = ["epoch", "step", "lr", "train_loss", "images_per_s", "time_s"]
+# the evaluation metrics in metrics.csv and TensorBoard: (key of evaluate(), name with its unit, factor)
+EVAL_COLUMNS = (
+    ("ensemble_acc", "ensemble_acc_pct", 1.0),  # evaluate() gives accuracies and disagreement in percent already
+    ("mean_individual_acc", "mean_individual_acc_pct", 1.0),
+    ("nll", "nll_nats", 1.0),
+    ("ece", "ece_pct", 100.0),  # a fraction in evaluate() and the summary (mixshare_layers.metrics' unit)
+    ("brier", "brier", 1.0),
+    ("disagreement", "disagreement_pct", 1.0),
+    ("mean_confidence", "mean_confidence_pct", 1.0),
+)
+SHARING_COLUMNS = (
+    ("classifier_sharing", "classifier_sharing_pct"),
+    ("encoder_sharing", "encoder_sharing_pct"),
+    ("classifier_sharing_sum_ratio", "classifier_sharing_sum_ratio_pct"),
+    ("encoder_sharing_sum_ratio", "encoder_sharing_sum_ratio_pct"),
+)
+
+
+def csv_columns(cfg: dict[str, Any], m: int, splits: list[str]) -> list[tuple[str, str, float]]:
+    """metrics.csv's columns as ``(column, key of the history rows, factor)``: one unit per kind of quantity, in
+    the names (``_pct``: percent, ``_nats``: nats per image; Brier in [0, 2]; lr, images/s and seconds as named)."""
+    cols = [("epoch", "epoch", 1.0), ("step", "step", 1.0), ("lr", "lr", 1.0), ("train_loss_nats", "train_loss", 1.0)]
+    cols += [("images_per_s", "images_per_s", 1.0), ("time_s", "time_s", 1.0)]
     for s in splits:
-        cols += [f"{s}_{k}" for k in SUMMARY_METRICS]
-        cols += [f"{s}_acc_{i}" for i in range(m)]
-    return [*cols, "classifier_sharing", "encoder_sharing"]
+        cols += [(f"{s}_{name}", f"{s}_{key}", factor) for key, name, factor in EVAL_COLUMNS]
+        cols += [(f"{s}_acc_{i}_pct", f"{s}_acc_{i}", 1.0) for i in range(m)]
+    return cols + [(name, key, 1.0) for key, name in SHARING_COLUMNS]
+
+
+def write_metrics_csv(path: Path, columns: list[tuple[str, str, float]], history: list[dict[str, Any]]) -> None:
+    """metrics.csv from the history rows (their keys and units are the checkpoint's, whatever the CSV shows)."""
+    rows = [
+        {col: (None if row.get(key) is None else row[key] * factor if factor != 1.0 else row[key])
+         for col, key, factor in columns}
+        for row in history
+    ]  # fmt: skip
+    write_csv(path, [col for col, _, _ in columns], rows)
+
+
+def eval_scalars(split: str, res: dict[str, Any]) -> dict[str, Any]:
+    """TensorBoard scalars of one evaluation: the metrics, every member's accuracy, the sharing rates (percent)."""
+    out = {f"{split}/{name}": res[key] * factor for key, name, factor in EVAL_COLUMNS}
+    out.update({f"{split}/acc_member_{j}_pct": a for j, a in enumerate(res["individual_acc"])})
+    out.update({f"sharing/{name}": res[key] for key, name in SHARING_COLUMNS if res.get(key) is not None})
+    return out
 
 
 def csv_value(value: Any) -> Any:
@@ -1212,8 +1282,9 @@ def results_table(summary: dict[str, Any]) -> str:
         ("ensemble accuracy (%)", f"{summary['ensemble_acc']:.2f}"),
         ("mean individual accuracy (%)", f"{summary['mean_individual_acc']:.2f}"),
         ("individual accuracies (%)", " / ".join(f"{a:.2f}" for a in summary["individual_acc"])),
-        (f"NLL (rule {summary['ensemble_rule']})", f"{summary['nll']:.4f}"),
-        ("ECE (15 bins)", f"{summary['ece']:.4f}"),
+        ("mean confidence (%)", f"{summary['mean_confidence']:.2f}"),
+        (f"NLL (nats, rule {summary['ensemble_rule']})", f"{summary['nll']:.4f}"),
+        ("ECE (%, 15 bins)", f"{100 * summary['ece']:.2f}"),
         ("Brier (sum over classes)", f"{summary['brier']:.4f}"),
         ("disagreement (%)", f"{summary['disagreement']:.2f}"),
         ("classifier sharing (%)", rate("classifier_sharing")),
@@ -1367,6 +1438,8 @@ def _run(
         round(cfg["warmup_epochs"] * steps_per_epoch),
         [round(f * total_steps) for f in cfg["milestones"]],
         cfg["lr_gamma"],
+        kind=cfg["lr_schedule"],
+        total_steps=total_steps,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
@@ -1564,7 +1637,8 @@ def _run(
                 current_lr = scheduler.get_last_lr()[0]
                 bar.update_to(i + 1, loss=f"{last_loss:.3f}", lr=f"{current_lr:.4g}", img_s=f"{speed:.0f}")
                 if dist.main:
-                    log_scalars({"train/loss": last_loss, "train/lr": current_lr, "train/images_per_s": speed}, step)
+                    scalars = {"train/loss_nats": last_loss, "train/lr": current_lr, "train/images_per_s": speed}
+                    log_scalars(scalars, step)
         bar.close()
         epoch_time = time.perf_counter() - t0
         train_time += epoch_time
@@ -1590,14 +1664,16 @@ def _run(
             for s in splits:
                 x, y = (data.val_x, data.val_y) if s == "val" else (data.test_x, data.test_y)
                 last_eval[s] = res = evaluate(raw, x, y, cfg, ctx, dist)  # type: ignore[arg-type]
-                row.update({f"{s}_{k}": res[k] for k in SUMMARY_METRICS})
+                row.update({f"{s}_{k}": res[k] for k, _, _ in EVAL_COLUMNS})
                 row.update({f"{s}_acc_{j}": a for j, a in enumerate(res["individual_acc"])})
-                row["classifier_sharing"], row["encoder_sharing"] = res["classifier_sharing"], res["encoder_sharing"]
-                log_scalars({f"{s}/{k}": res[k] for k in SUMMARY_METRICS}, step)
+                row.update({key: res[key] for key, _ in SHARING_COLUMNS})
+                log_scalars(eval_scalars(s, res), step)
             ev = last_eval[splits[0]]
             say(
-                f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, {splits[0]} ensemble acc {ev['ensemble_acc']:.2f} %,"
-                f" members {' / '.join(f'{a:.2f}' for a in ev['individual_acc'])} %, {row['images_per_s']:.0f} img/s"
+                f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, {splits[0]} ensemble acc {ev['ensemble_acc']:.2f} %"
+                f" (members {' / '.join(f'{a:.2f}' for a in ev['individual_acc'])} %), NLL {ev['nll']:.3f}, ECE "
+                f"{100 * ev['ece']:.2f} %, confidence {ev['mean_confidence']:.2f} %, lr {row['lr']:.3g}, "
+                f"{row['images_per_s']:.0f} img/s"
             )
         else:
             say(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, {row['images_per_s']:.0f} img/s, {epoch_time:.1f} s")
@@ -1606,7 +1682,7 @@ def _run(
         # -- checkpoint (every rank contributes its RNG state; rank 0 writes)
         rngs = dist.gather_objects(rng_state(gens))
         if dist.main:
-            write_csv(run_dir / "metrics.csv", columns, history)
+            write_metrics_csv(run_dir / "metrics.csv", columns, history)
             write_checkpoint(
                 run_dir / CKPT_NAME,
                 {
@@ -1645,7 +1721,7 @@ def _run(
 
     test = last_eval["test"]
     summary: dict[str, Any] = {
-        **{k: test[k] for k in (*SUMMARY_METRICS, "individual_acc", *SHARING_KEYS)},
+        **{k: test[k] for k in (*SUMMARY_METRICS, "individual_acc", "mean_confidence", *SHARING_KEYS)},
         "ensemble_rule": cfg["ensemble_rule"],
         "epochs": history[-1]["epoch"] if history else 0,
         "steps": step,

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import pickle
 import re
@@ -64,9 +65,66 @@ def _env() -> dict:
     return env
 
 
+def _check_metrics_csv(run: Path, summary: dict) -> None:
+    """metrics.csv: one unit per kind of quantity, in the column names; values rounded to 4 significant digits."""
+    with (run / "metrics.csv").open() as fh:
+        header = next(csv.reader(fh))
+    evaluation = ["ensemble_acc_pct", "mean_individual_acc_pct", "nll_nats", "ece_pct", "brier", "disagreement_pct"]
+    evaluation += ["mean_confidence_pct", "acc_0_pct", "acc_1_pct"]
+    assert header == [
+        "epoch", "step", "lr", "train_loss_nats", "images_per_s", "time_s", *(f"test_{c}" for c in evaluation),
+        "classifier_sharing_pct", "encoder_sharing_pct", "classifier_sharing_sum_ratio_pct",
+        "encoder_sharing_sum_ratio_pct",
+    ]  # fmt: skip
+    last = list(csv.DictReader((run / "metrics.csv").open()))[-1]
+    same_unit = {  # the summary's value, in the CSV's unit
+        "test_ensemble_acc_pct": summary["ensemble_acc"],
+        "test_ece_pct": 100 * summary["ece"],  # a fraction in the summary, percent like every accuracy here
+        "test_disagreement_pct": summary["disagreement"],
+        "test_nll_nats": summary["nll"],
+        "test_mean_confidence_pct": summary["mean_confidence"],
+        "test_acc_1_pct": summary["individual_acc"][1],
+        "encoder_sharing_pct": summary["encoder_sharing"],
+    }
+    for column, value in same_unit.items():
+        assert float(last[column]) == pytest.approx(value, rel=6e-4), column
+    assert 0 < summary["mean_confidence"] <= 100
+    for column, text in last.items():
+        if text and column not in ("epoch", "step"):
+            digits = text.lower().split("e")[0].replace("-", "").replace(".", "").lstrip("0").rstrip("0")
+            assert len(digits) <= 4, (column, text)
+
+
+def _check_tensorboard(run: Path, rows: list[dict]) -> None:
+    """Per evaluation: every member's accuracy, the disagreement and the sharing rates, as in metrics.csv."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        pytest.skip("tensorboard is not installed")
+    (events,) = (run / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    columns = {
+        "test/acc_member_0_pct": "test_acc_0_pct",
+        "test/acc_member_1_pct": "test_acc_1_pct",
+        "test/disagreement_pct": "test_disagreement_pct",
+        "test/ece_pct": "test_ece_pct",
+        "test/nll_nats": "test_nll_nats",
+        "sharing/classifier_sharing_pct": "classifier_sharing_pct",
+        "sharing/encoder_sharing_pct": "encoder_sharing_pct",
+    }
+    assert set(columns) | {"train/loss_nats", "train/lr"} <= tags, tags
+    for tag, column in columns.items():
+        events_of_tag = acc.Scalars(tag)
+        assert [e.step for e in events_of_tag] == [int(r["step"]) for r in rows]  # one per evaluation
+        for event, row in zip(events_of_tag, rows, strict=True):
+            assert event.value == pytest.approx(float(row[column]), rel=6e-4, abs=1e-6), tag
+
+
 # ---------------------------------------------------------------------------------------------------------------
 def test_smoke_writes_complete_run_directory(script, tmp_path: Path) -> None:
-    summary = script.main(_args(tmp_path, "a", "--epochs", "2", "--eval-every", "1"))
+    summary = script.main(_args(tmp_path, "a", "--epochs", "2", "--eval-every", "1", "--tensorboard", "true"))
     assert SUMMARY_KEYS <= summary.keys()
     assert summary["epochs"] == 2 and summary["method"] == "mixshare" and len(summary["individual_acc"]) == 2
     assert 0.0 <= summary["ensemble_acc"] <= 100.0 and summary["nll"] > 0 and 0.0 <= summary["brier"] <= 2.0
@@ -82,7 +140,8 @@ def test_smoke_writes_complete_run_directory(script, tmp_path: Path) -> None:
     assert cfg["mimo_config"]["input_repetition"] == 0.1 and cfg["mimo_config"]["unmix_mode"] == "fadeout"
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert float(rows[-1]["test_ensemble_acc"]) == pytest.approx(summary["ensemble_acc"], rel=1e-3)  # 4 digits
+    _check_metrics_csv(run, summary)
+    _check_tensorboard(run, rows)
     assert json.loads((run / "summary.json").read_text())["ensemble_acc"] == pytest.approx(summary["ensemble_acc"])
     ckpt = _ckpt(run)
     assert ckpt["epoch"] == 2 and ckpt["step"] == summary["steps"]
@@ -92,6 +151,7 @@ def test_smoke_writes_complete_run_directory(script, tmp_path: Path) -> None:
         script.main(_args(tmp_path, "a"))
 
 
+@pytest.mark.filterwarnings("ignore:the fitted temperature .* lies on the edge")  # a 6-step network: flat optimum
 def test_single_method_with_val_split_and_logit_rule(script, tmp_path: Path) -> None:
     args = ["--method", "single", "--val-split", "0.25", "--ensemble-rule", "logit", "--tensorboard", "true"]
     args += ["--shift-eval", "true", "--shift-corruptions", "pixelate", "--shift-severities", "3"]
@@ -192,6 +252,25 @@ def test_lr_schedule(script) -> None:
     sched = script.LRSchedule(4, [10, 20], 0.1)
     assert [sched(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert sched(9) == 1.0 and sched(10) == pytest.approx(0.1) and sched(25) == pytest.approx(0.01)
+    cosine = script.LRSchedule(4, [10, 20], 0.1, kind="cosine", total_steps=104)
+    assert [cosine(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    for step in (4, 30, 54, 80, 103, 104, 200):  # half a cosine over the 100 steps after the warmup, then 0
+        assert cosine(step) == pytest.approx(0.5 * (1 + math.cos(math.pi * min(step - 4, 100) / 100)), abs=1e-12)
+    assert cosine(54) == pytest.approx(0.5) and cosine(104) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="total_steps"):
+        script.LRSchedule(4, [], 0.1, kind="cosine")
+
+
+def test_quick_schedule_keeps_learning_after_four_of_five_epochs(script) -> None:
+    """--quick: 5 epochs with the cosine schedule; the paper's steps (for full runs) would be at 1/1000 by then."""
+    cfg, _ = script.parse_config(["--quick"])
+    assert cfg["lr_schedule"] == "cosine" and cfg["epochs"] == 5
+    assert script.parse_config([])[0]["lr_schedule"] == "step"  # the paper's recipe stays for full runs
+    per_epoch = 100
+    total = cfg["epochs"] * per_epoch
+    quick = script.LRSchedule(per_epoch, [], 0.1, kind="cosine", total_steps=total)
+    paper = script.LRSchedule(per_epoch, [round(f * total) for f in cfg["milestones"]], cfg["lr_gamma"])
+    assert quick(4 * per_epoch) > 0.05 and paper(4 * per_epoch) == pytest.approx(1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
