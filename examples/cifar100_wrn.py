@@ -650,7 +650,7 @@ def load_ood(cfg: dict[str, Any], dist: Dist, reference: Any, num_test: int) -> 
     """
     cfg["ood_resolved"] = None
     choice = cfg["ood"]
-    if not cfg["shift_eval"] or choice == "none":
+    if not cfg["shift_eval"] or choice == "none" or cfg["benchmark"]:
         return {}
     if choice == "auto":
         choice = "synthetic" if cfg["dataset"] == "synthetic" else "svhn"

@@ -328,6 +328,7 @@ def test_shift_evaluation_matches_a_recomputation_by_hand(script, tmp_path: Path
 
 def test_ood_auto_without_svhn_says_why_and_goes_on(script, capsys) -> None:
     cfg = {"shift_eval": True, "ood": "auto", "dataset": "cifar100", "ood_samples": 0, "download": False}
+    cfg["benchmark"] = 0
     cfg["data_dir"] = "/nonexistent/data"
     assert script.load_ood(cfg, script.Dist(), None, 100) == {} and cfg["ood_resolved"] is None
     out = capsys.readouterr().out

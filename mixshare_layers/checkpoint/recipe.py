@@ -120,11 +120,11 @@ def _plain_argument(value: object, where: str, budget: list[int], depth: int = 0
         if not math.isfinite(value):
             raise RecipeError(f"{where} must be finite, but got {value!r}")
         return value
-    if type(value) in (list, tuple) and depth < 4:
-        budget[0] -= len(value)  # type: ignore[arg-type]
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple) and depth < 4:  # not subclasses
+        budget[0] -= len(value)
         if budget[0] < 0:
             raise RecipeError(f"{where}: lists of more than {_MAX_LIST} values are not builder arguments")
-        return [_plain_argument(v, f"{where}[{i}]", budget, depth + 1) for i, v in enumerate(value)]  # type: ignore[arg-type]
+        return [_plain_argument(v, f"{where}[{i}]", budget, depth + 1) for i, v in enumerate(value)]
     cls = type(value)
     kind = cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     raise RecipeError(
