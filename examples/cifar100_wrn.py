@@ -68,7 +68,8 @@ written) prints one line, exits with code 2 and leaves nothing on disk.
     rank_max_abs_diff                   distributed runs: largest difference of any weight across ranks (0.0)
     shift                               the shift evaluation (None without it): "clean" and "corruption_mean"
                                         {ensemble_acc_pct, mean_individual_acc_pct, nll_nats, ece_pct}, "ood"
-                                        {set: {score: {auroc_pct, aupr_pct, fpr95_pct}}}, "temperature"
+                                        {set: {score: {auroc_pct, aupr_pct, fpr95_pct}}}, "temperature" and
+                                        "calibrated_clean" (the clean test set at it; None without --val-split)
 """
 
 from __future__ import annotations
@@ -1049,6 +1050,7 @@ def shift_summary(report: dict[str, Any]) -> dict[str, Any]:
                 for name, scores in report["ood"].items()
             },
             "temperature": report.get("temperature"),
+            "calibrated_clean": digest(report["calibrated"]["clean"]) if report.get("calibrated") else None,
         }
     )
 

@@ -160,6 +160,8 @@ def test_single_method_with_val_split_and_logit_rule(script, tmp_path: Path) -> 
     report = json.loads((tmp_path / "s" / "uncertainty.json").read_text())
     assert report["num_subnetworks"] == 1 and report["rule"] == "logit" and report["temperature"] > 0
     assert summary["shift"]["temperature"] == pytest.approx(report["temperature"])
+    cal = report["calibrated"]["clean"]
+    assert summary["shift"]["calibrated_clean"]["nll_nats"] == pytest.approx(cal["nll"], rel=1e-12)
     rows = list(csv.DictReader((tmp_path / "s" / "shift.csv").open()))
     assert len(rows) == 2 * 4  # clean, pixelate 3, mean of severity 3, mean of all: at T = 1 and at the fitted T
     by_temperature: dict[str, list] = {}
