@@ -44,12 +44,12 @@ import argparse
 import importlib.util
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,8 @@ def example_script() -> Any:
     """examples/cifar100_wrn.py as a module (its random_crop_flip and Normalize are the library user's pipeline)."""
     global _EXAMPLE
     if _EXAMPLE is None:
-        spec = importlib.util.spec_from_file_location("_differential_cifar100_wrn", ROOT / "examples" / "cifar100_wrn.py")
+        path = ROOT / "examples" / "cifar100_wrn.py"
+        spec = importlib.util.spec_from_file_location("_differential_cifar100_wrn", path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
@@ -398,7 +399,7 @@ def lockstep(cfg: TrainConfig, data: dict[str, Any], seed: int, *, dtype: torch.
         logits = other.forward_train(x, mix.masks.to(dtype), unmix=method["unmix"], strength=strength,
                                      fraction=method["fraction"])  # fmt: skip
         loss_ref = reference_loss(cfg)(logits, y, mix.ratios.to(dtype))
-        loss_diff = max(loss_diff, abs(float(loss_lib) - float(loss_ref)))
+        loss_diff = max(loss_diff, abs(float(loss_lib.detach()) - float(loss_ref.detach())))
         for opt, loss in zip(opts, (loss_lib, loss_ref), strict=True):
             opt.zero_grad()
             loss.backward()
@@ -408,9 +409,8 @@ def lockstep(cfg: TrainConfig, data: dict[str, Any], seed: int, *, dtype: torch.
     ref_p = [*(e.weight for e in other.encoders), *other.core.parameters(), *(h.weight for h in other.heads),
              *(h.bias for h in other.heads)]  # fmt: skip
     param_diff = max(float((a - b).abs().max()) for a, b in zip(lib_p, ref_p, strict=True))
-    buffer_diff = max(
-        float((a.double() - b.double()).abs().max()) for a, b in zip(lib.core.buffers(), other.core.buffers(), strict=True)
-    )
+    buffers = zip(lib.core.buffers(), other.core.buffers(), strict=True)
+    buffer_diff = max(float((a.double() - b.double()).abs().max()) for a, b in buffers)
     return {"max_param_diff": param_diff, "max_buffer_diff": buffer_diff, "max_loss_diff": loss_diff,
             "steps": cfg.steps}  # fmt: skip
 
@@ -552,18 +552,28 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     done = {key(r) for r in results}
     todo = [] if args.table_only else [j for j in jobs if key(j) not in done]
+    def finished(r: dict[str, Any]) -> None:
+        results.append(r)
+        atomic_json(path, results)
+        members = " / ".join(f"{a:.1f}" for a in r["individual_acc"])
+        print(f"[differential] {_label(r['impl'], r['swaps'])} {r['method']} s{r['seed']}: ens "
+              f"{r['ensemble_acc']:.1f}, members {members}, nll {r['nll']:.3f}, sharing "
+              f"{r['classifier_sharing']:.1f} / {r['encoder_sharing']:.1f}, {r['train_time_s']:.0f} s", flush=True)
+
     if todo:
         print(f"[differential] {len(todo)} runs to do, {args.jobs} at a time", flush=True)
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=__import__("multiprocessing").get_context("spawn")) as pool:
-            futures = {pool.submit(run_one, j): j for j in todo}
-            for fut in as_completed(futures):
-                r = fut.result()
-                results.append(r)
-                atomic_json(path, results)
-                print(f"[differential] {_label(r['impl'], r['swaps'])} {r['method']} s{r['seed']}: ens "
-                      f"{r['ensemble_acc']:.1f}, members {' / '.join(f'{a:.1f}' for a in r['individual_acc'])}, nll "
-                      f"{r['nll']:.3f}, sharing {r['classifier_sharing']:.1f} / {r['encoder_sharing']:.1f}, "
-                      f"{r['train_time_s']:.0f} s", flush=True)  # fmt: skip
+    if todo and args.jobs <= 1:
+        threads = torch.get_num_threads()
+        try:
+            for j in todo:
+                finished(run_one(j))
+        finally:
+            torch.set_num_threads(threads)
+    elif todo:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+            for fut in as_completed([pool.submit(run_one, j) for j in todo]):
+                finished(fut.result())
     mine = [r for r in results if r["task"] == args.task and r["recipe"] == args.recipe]
     header = (f"task {args.task} {TASKS[args.task]}, recipe {args.recipe} {RECIPES[args.recipe]}")
     text = header + "\n\n"

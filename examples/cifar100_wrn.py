@@ -29,6 +29,9 @@ Every run writes to ``<out-dir>/<run-name>/``: ``config.json`` (every hyper-para
 
     ensemble_acc, mean_individual_acc   ensemble / mean member top-1 accuracy on the test set, percent
     individual_acc                      list of M member accuracies, percent
+    collapsed_members                   members whose accuracy stayed near chance while another learned
+                                        (mixshare_layers.metrics.collapsed_members; also printed as a warning
+                                        at every evaluation)
     nll                                 negative log-likelihood of the ensemble, nats per image
     ece                                 expected calibration error, 15 bins, fraction in [0, 1]
     brier                               Brier score summed over classes, per image, in [0, 2]
@@ -66,7 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixshare_layers import PRESETS, MIMOBatcher, MIMOConfig, MIMOWrapper
-from mixshare_layers.metrics import EnsembleMetrics
+from mixshare_layers.metrics import EnsembleMetrics, collapsed_members
 from mixshare_layers.models import wide_resnet
 
 METHODS = ("single", *PRESETS)
@@ -568,8 +571,25 @@ def evaluate(
         **out,
         **pct,
         "individual_acc": [100.0 * a for a in out["individual_acc"]],  # type: ignore[union-attr]
+        "collapsed_members": collapsed_members(out["individual_acc"], ctx["num_classes"]),  # type: ignore[arg-type]
+        "num_classes": ctx["num_classes"],
         **model_sharing_rates(model),
     }
+
+
+def collapse_warning(res: dict[str, Any], split: str) -> str | None:
+    """The evaluation-time warning for collapsed members (None when every member is healthy)."""
+    bad = res["collapsed_members"]
+    if not bad:
+        return None
+    accs = res["individual_acc"]
+    healthy = [i for i in range(len(accs)) if i not in bad]
+    return (
+        f"WARNING: {split}: member(s) {', '.join(str(i) for i in bad)} collapsed: accuracy "
+        f"{' / '.join(f'{accs[i]:.2f}' for i in bad)} % near chance ({100 / res['num_classes']:.2f} %) while member(s) "
+        f"{', '.join(str(i) for i in healthy)} reached {' / '.join(f'{accs[i]:.2f}' for i in healthy)} %; the ensemble "
+        "is carried by the healthy ones"
+    )
 
 
 SHARING_KEYS = ("classifier_sharing", "encoder_sharing", "classifier_sharing_sum_ratio", "encoder_sharing_sum_ratio")
@@ -706,6 +726,7 @@ def results_table(summary: dict[str, Any]) -> str:
         ("ensemble accuracy (%)", f"{summary['ensemble_acc']:.2f}"),
         ("mean individual accuracy (%)", f"{summary['mean_individual_acc']:.2f}"),
         ("individual accuracies (%)", " / ".join(f"{a:.2f}" for a in summary["individual_acc"])),
+        ("collapsed members", ", ".join(map(str, summary.get("collapsed_members") or [])) or "none"),
         (f"NLL (rule {summary['ensemble_rule']})", f"{summary['nll']:.4f}"),
         ("ECE (15 bins)", f"{summary['ece']:.4f}"),
         ("Brier (sum over classes)", f"{summary['brier']:.4f}"),
@@ -929,7 +950,7 @@ def _run(
             bad = torch.where((bad < 0) & ~loss.isfinite(), torch.full_like(bad, step), bad)
         return loss, bad
 
-    ctx = {"device": device, "normalize": normalize, "m": m, "autocast": autocast}
+    ctx = {"device": device, "normalize": normalize, "m": m, "autocast": autocast, "num_classes": data.num_classes}
 
     if cfg["benchmark"]:
         result = benchmark(cfg, batches, train_step, forward_loss, optimise, batcher, device, say)
@@ -1025,6 +1046,9 @@ def _run(
                 row.update({f"{s}_acc_{j}": a for j, a in enumerate(res["individual_acc"])})
                 row["classifier_sharing"], row["encoder_sharing"] = res["classifier_sharing"], res["encoder_sharing"]
                 log_scalars({f"{s}/{k}": res[k] for k in SUMMARY_METRICS}, step)
+                warning = collapse_warning(res, s)
+                if warning:
+                    say(warning)
             ev = last_eval[splits[0]]
             say(
                 f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, {splits[0]} ensemble acc {ev['ensemble_acc']:.2f} %,"
@@ -1062,10 +1086,13 @@ def _run(
         for s in splits:
             x, y = (data.val_x, data.val_y) if s == "val" else (data.test_x, data.test_y)
             last_eval[s] = evaluate(raw, x, y, cfg, ctx, dist)  # type: ignore[arg-type]
+            warning = collapse_warning(last_eval[s], s)
+            if warning:
+                say(warning)
 
     test = last_eval["test"]
     summary: dict[str, Any] = {
-        **{k: test[k] for k in (*SUMMARY_METRICS, "individual_acc", *SHARING_KEYS)},
+        **{k: test[k] for k in (*SUMMARY_METRICS, "individual_acc", "collapsed_members", *SHARING_KEYS)},
         "ensemble_rule": cfg["ensemble_rule"],
         "epochs": history[-1]["epoch"] if history else 0,
         "steps": step,

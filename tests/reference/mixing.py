@@ -84,7 +84,7 @@ def draw_mix(rng: np.random.Generator, batch: int, members: int, height: int, wi
         others = np.delete(np.arange(members), owner)
         share = lam[b, others]
         share = share / share.sum() if share.sum() > 0 else np.full(len(others), 1 / len(others))
-        for j, s in zip(others, share):
+        for j, s in zip(others, share, strict=True):
             masks[b, j] = (1.0 - box) * s
         masks[b, owner] = box
         boxes[b] = (y0, y1, x0, x1)

@@ -75,7 +75,8 @@ class ReferenceMIMO(nn.Module):
         self.encoders = nn.ModuleList(nn.Conv2d(3, 16, 3, 1, 1, bias=False) for _ in range(num_members))
         stages, cin = [], 16
         for cout, stride in ((16 * width, 1), (32 * width, 2), (64 * width, 2)):
-            stages.append(nn.Sequential(*(Block(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n))))
+            blocks = [Block(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)]
+            stages.append(nn.Sequential(*blocks))
             cin = cout
         self.core = nn.Sequential(*stages, nn.BatchNorm2d(cin), nn.ReLU())
         self.heads = nn.ModuleList(nn.Linear(cin, num_classes) for _ in range(num_members))

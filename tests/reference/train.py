@@ -60,8 +60,16 @@ def epoch_batches(rng: np.random.Generator, n: int, batch: int) -> Iterator[np.n
             yield perm[k * batch : (k + 1) * batch]
 
 
-def train(cfg: TrainConfig, images: Tensor, labels: Tensor, seed: int, *, dtype: torch.dtype = torch.float32,
-          order: Iterator[np.ndarray] | None = None, hooks: dict[str, Callable] | None = None) -> ReferenceMIMO:  # fmt: skip
+def train(
+    cfg: TrainConfig,
+    images: Tensor,
+    labels: Tensor,
+    seed: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    order: Iterator[np.ndarray] | None = None,
+    hooks: dict[str, Callable] | None = None,
+) -> ReferenceMIMO:
     """Train a :class:`ReferenceMIMO` on uint8 ``images`` ``(N, 3, H, W)`` and ``labels`` ``(N,)``.
 
     Args:
