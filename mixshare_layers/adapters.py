@@ -34,7 +34,10 @@ class BackboneSplit(NamedTuple):
         encoder: first layer, ``(B, C, H, W) -> (B, C', H', W')``; an ``nn.Conv2d`` gets the fused MultiEncoder.
         core: ``(B, C', H', W') -> (B, D, h, w)``, the final spatial feature maps (no global pooling).
         classifier: ``nn.Linear(D, K)``.
-        reinit: optional initialiser for independent encoder copies (default: ``reset_parameters()``).
+        reinit: optional initialiser, called on copies of the encoder (``encoder_init="independent"``) and of the
+            classifier (the M heads, unless ``pretrained``), one independent draw per copy; ``None``: their
+            ``reset_parameters()`` (PyTorch's default initialisation). Give the backbone's own scheme here: how the
+            heads start matters for MixMo (issue 12).
 
     Example:
         >>> from torch import nn

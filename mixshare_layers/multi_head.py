@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -86,6 +88,43 @@ class MultiHead(nn.Module):
             heads.weight.copy_(linear.weight.detach().expand_as(heads.weight))
             if linear.bias is not None and heads.bias is not None:
                 heads.bias.copy_(linear.bias.detach().expand_as(heads.bias))
+        return heads
+
+    @classmethod
+    def from_initializer(
+        cls, linear: nn.Linear, num_subnetworks: int, reinit: Callable[[nn.Module], None]
+    ) -> MultiHead:
+        """M heads shaped like ``linear``, each drawn independently by ``reinit`` (called on a fresh copy of it).
+
+        ``linear`` itself is left untouched; only its shape, bias, device and dtype are used.
+
+        Example:
+            >>> def he(m):
+            ...     nn.init.kaiming_normal_(m.weight)
+            ...     nn.init.zeros_(m.bias)
+            >>> heads = MultiHead.from_initializer(nn.Linear(64, 10), 3, he)
+            >>> bool(heads.bias.eq(0).all()), bool((heads.weight[0] != heads.weight[1]).any())
+            (True, True)
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, but got {type(linear).__name__}")
+        if not callable(reinit):
+            raise TypeError(f"reinit must be callable, but got {type(reinit).__name__}")
+        heads = cls(
+            linear.in_features,
+            linear.out_features,
+            num_subnetworks,
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        with torch.no_grad():
+            for i in range(heads.num_subnetworks):
+                draw = copy.deepcopy(linear)
+                reinit(draw)
+                heads.weight[i].copy_(draw.weight)
+                if heads.bias is not None and draw.bias is not None:
+                    heads.bias[i].copy_(draw.bias)
         return heads
 
     def as_linear(self) -> nn.Linear:

@@ -59,8 +59,10 @@ class MIMOWrapper(nn.Module):
         split: a :class:`~mixshare_layers.BackboneSplit`, or a function of the backbone returning one.
         pretrained: keep the backbone's weights as the starting point: aligned/colinear encoder copies are scaled
             to sum to the original conv and every head is a copy of the classifier, so that in eval mode every head
-            gives exactly the backbone's logits at initialisation. Otherwise heads are initialised independently and
-            encoders follow ``encoder_init``.
+            gives exactly the backbone's logits at initialisation. Otherwise the M heads are initialised
+            independently with the split's ``reinit`` (the backbone's own initialiser: MixMo's truncated He-normal
+            with zero bias for the library's WRN; ``nn.Linear``'s default when the split has none), and encoders
+            follow ``encoder_init``.
         backend: implementation of the masked ops (mixing, unmixing): ``"auto"`` (fused Triton kernels for CUDA
             tensors when triton imports, else torch), ``"torch"`` or ``"triton"``; ``None`` reads
             ``MIXSHARE_BACKEND`` (see :mod:`mixshare_layers.functional.backend`).
@@ -149,6 +151,10 @@ class MIMOWrapper(nn.Module):
         clf = parts.classifier
         if self.pretrained:
             self.heads = MultiHead.from_linear(clf, m)
+        elif parts.reinit is not None:
+            # the heads start like the backbone's own classifier (for MixMo's WRN: truncated He-normal, zero bias);
+            # PyTorch's default uniform init left MixMo's members 15-20 points weaker (issue 12)
+            self.heads = MultiHead.from_initializer(clf, m, parts.reinit)
         else:
             self.heads = MultiHead(
                 clf.in_features,

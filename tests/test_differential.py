@@ -134,6 +134,31 @@ def test_samplers_agree_in_distribution():
     assert torch.allclose(a.quantile(qs), c.quantile(qs), atol=0.03)
 
 
+@pytest.mark.parametrize("preset", ["mixmo", "mixshare"])
+def test_initialisations_agree_in_distribution(diff, preset):
+    """Every weight tensor of the library's network has the reference's spread, over seeds (the statistical slice
+    that found issue 12: the library's heads started 2.45 times smaller, with random biases)."""
+    cfg = _cfg(diff, preset, depth=10, width=2)
+    stats: dict[str, list[tuple[float, float]]] = {}
+    for seed in range(6):
+        lib = diff.library_model(cfg, 40, seed)
+        mine = diff.reference_model(cfg, 40, seed)  # a copy of the library's weights in the reference's layout
+        other = diff.reference_model(cfg, 40, seed + 100)
+        diff.copy_weights(lib, mine)
+        with torch.no_grad():
+            for (name, a), (_, b) in zip(mine.named_parameters(), other.named_parameters(), strict=True):
+                stats.setdefault(name, []).append((float(a.std()) if a.numel() > 1 else float(a.abs().sum()),
+                                                   float(b.std()) if b.numel() > 1 else float(b.abs().sum())))
+    for name, values in stats.items():
+        lib_s, ref_s = torch.tensor(values, dtype=torch.float64).unbind(1)
+        if name.endswith("bias") or "bn" in name or name.startswith("core.3"):
+            assert torch.equal(lib_s, ref_s), name  # constants: zero biases, BatchNorm 1 / 0
+            continue
+        assert abs(float(lib_s.mean() / ref_s.mean()) - 1) < 0.05, (name, lib_s.mean(), ref_s.mean())
+    if preset == "mixshare":  # aligned encoders in both
+        assert stats["encoders.0.weight"] == stats["encoders.1.weight"]
+
+
 def test_mean_se_and_compare(diff):
     mean, se, n = diff.mean_se([1.0, 2.0, 3.0, 4.0])
     assert (mean, n) == (2.5, 4) and se == pytest.approx(math.sqrt(5 / 3 / 4))
