@@ -35,7 +35,12 @@ Usage:
     python benchmarks/differential.py --table-only --out runs/differential      # tabulate what is there
 
 Runs are cached in ``<out>/results.json`` (rewritten atomically after every run); a run already there is skipped.
-Each run uses one intra-op thread; ``--jobs`` runs go in parallel (separate processes).
+Each run uses one intra-op thread; ``--jobs`` runs go in parallel (separate processes). To measure another version
+of the library (the "before" tables of docs/reproducing.md), export it and point ``MIXSHARE_DIFF_LIBRARY`` at it,
+with a ``--label`` to keep its runs apart:
+
+    git archive <commit> | tar -x -C /tmp/old
+    MIXSHARE_DIFF_LIBRARY=/tmp/old python benchmarks/differential.py --label before-fix --methods mixmo ...
 """
 
 from __future__ import annotations
@@ -61,6 +66,10 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+# another copy of the library to measure (e.g. an older commit, exported with `git archive`), ahead of this one
+LIBRARY_SRC = os.environ.get("MIXSHARE_DIFF_LIBRARY")
+if LIBRARY_SRC:
+    sys.path.insert(0, LIBRARY_SRC)
 
 import reference as ref  # noqa: E402  (tests/reference: shares no code with the library)
 from reference.train import TrainConfig, channel_stats, epoch_batches, lr_factor  # noqa: E402
@@ -78,11 +87,14 @@ METHODS = ("mimo", "mixmo", "unmix", "unmix-aligned", "mixshare", "mixshare-part
 SWAPS = ("init", "batch", "mix", "schedule", "loss")
 TASKS: dict[str, dict[str, Any]] = {
     "hard": dict(num_classes=40, image_size=32, train=5000, test=2000, noise=1.0, object_size=0.5, clutter=0.7),
+    "hard24": dict(num_classes=40, image_size=24, train=5000, test=2000, noise=1.0, object_size=7 / 12, clutter=0.7),
     "tiny": dict(num_classes=10, image_size=32, train=256, test=256, noise=1.0, object_size=1.0, clutter=0.0),
 }
 RECIPES: dict[str, dict[str, Any]] = {
     "default": dict(depth=10, width=1, members=2, steps=2000, batch=32, repetition=2, lr=0.05, weight_decay=6e-4,
                     warmup=0.05),
+    "fast": dict(depth=10, width=1, members=2, steps=1500, batch=32, repetition=2, lr=0.05, weight_decay=6e-4,
+                 warmup=0.05),
     "tiny": dict(depth=10, width=1, members=2, steps=30, batch=16, repetition=2, lr=0.05, weight_decay=6e-4,
                  warmup=0.1),
 }  # fmt: skip
@@ -408,7 +420,7 @@ def lockstep(cfg: TrainConfig, data: dict[str, Any], seed: int, *, dtype: torch.
              *lib.heads.bias.unbind(0)]  # fmt: skip
     ref_p = [*(e.weight for e in other.encoders), *other.core.parameters(), *(h.weight for h in other.heads),
              *(h.bias for h in other.heads)]  # fmt: skip
-    param_diff = max(float((a - b).abs().max()) for a, b in zip(lib_p, ref_p, strict=True))
+    param_diff = max(float((a - b).detach().abs().max()) for a, b in zip(lib_p, ref_p, strict=True))
     buffers = zip(lib.core.buffers(), other.core.buffers(), strict=True)
     buffer_diff = max(float((a.double() - b.double()).abs().max()) for a, b in buffers)
     return {"max_param_diff": param_diff, "max_buffer_diff": buffer_diff, "max_loss_diff": loss_diff,
@@ -448,7 +460,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         metrics = ref.evaluate(model, data["test_x"], data["test_y"], mean, std)
     metrics["worst_member_acc"] = min(metrics["individual_acc"])
     metrics["collapsed"] = collapsed_members([a / 100 for a in metrics["individual_acc"]], data["num_classes"])
-    return {**job, **metrics, "train_time_s": time.perf_counter() - t0}
+    import mixshare_layers
+
+    return {**job, **metrics, "train_time_s": time.perf_counter() - t0, "library_path": mixshare_layers.__file__}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -536,6 +550,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--task", choices=sorted(TASKS), default="hard")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="default")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
+    p.add_argument("--label", default="current", help="name of the library version measured (kept in each run)")
     p.add_argument("--out", default="runs/differential")
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args(argv)
@@ -544,11 +559,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
     swaps = tuple(s for s in SWAPS if s in args.swap)
     impls = ("library", "reference") if args.impl == "both" else (args.impl,)
-    jobs = [dict(impl=impl, method=m, seed=s, swaps=list(swaps), task=args.task, recipe=args.recipe)
+    jobs = [dict(impl=impl, method=m, seed=s, swaps=list(swaps), task=args.task, recipe=args.recipe, label=args.label)
             for m in args.methods for s in args.seeds for impl in impls]  # fmt: skip
 
     def key(r: dict[str, Any]) -> tuple:
-        return (r["impl"], r["method"], r["seed"], tuple(r["swaps"]), r["task"], r["recipe"])
+        # the reference does not depend on the library version: its runs serve every label
+        label = r.get("label", "current") if r["impl"] == "library" or r["swaps"] else "-"
+        return (r["impl"], r["method"], r["seed"], tuple(r["swaps"]), r["task"], r["recipe"], label)
 
     done = {key(r) for r in results}
     todo = [] if args.table_only else [j for j in jobs if key(j) not in done]
@@ -574,8 +591,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
             for fut in as_completed([pool.submit(run_one, j) for j in todo]):
                 finished(fut.result())
-    mine = [r for r in results if r["task"] == args.task and r["recipe"] == args.recipe]
-    header = (f"task {args.task} {TASKS[args.task]}, recipe {args.recipe} {RECIPES[args.recipe]}")
+    mine = [r for r in results if r["task"] == args.task and r["recipe"] == args.recipe
+            and key(r)[-1] in (args.label, "-")]  # fmt: skip
+    header = f"library {args.label!r}; task {args.task} {TASKS[args.task]}, recipe {args.recipe} {RECIPES[args.recipe]}"
     text = header + "\n\n"
     if args.impl == "both":
         text += table(mine, args.methods, ("library", swaps), ("reference", swaps))

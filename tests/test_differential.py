@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import reference as ref
 import torch
+from reference.train import channel_stats
 
 from mixshare_layers.functional import sample_mix_params
 
@@ -87,10 +88,12 @@ def test_same_weights_same_evaluation(diff, tiny, preset):
     x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
     assert torch.allclose(lib(x), other.forward_eval(x), rtol=1e-10, atol=1e-10)
     mine = diff.evaluate_library(lib, tiny)
-    mean, std = ref.train.channel_stats(tiny["train_x"])
+    mean, std = channel_stats(tiny["train_x"])
     theirs = ref.evaluate(other, tiny["test_x"], tiny["test_y"], mean, std)
-    for key in ("ensemble_acc", "mean_individual_acc", "classifier_sharing", "encoder_sharing"):
-        assert mine[key] == pytest.approx(theirs[key], abs=1e-6), key
+    for key in ("ensemble_acc", "mean_individual_acc"):
+        assert mine[key] == pytest.approx(theirs[key], abs=1e-9), key
+    for key in ("classifier_sharing", "encoder_sharing"):  # the library sums the influences in float32
+        assert mine[key] == pytest.approx(theirs[key], rel=1e-6), key
     assert mine["individual_acc"] == pytest.approx(theirs["individual_acc"], abs=1e-6)
     # normalisation: the library example uses the population std, the reference the sample std (n - 1)
     assert mine["nll"] == pytest.approx(theirs["nll"], rel=1e-4)
@@ -181,5 +184,6 @@ def test_harness_two_seeds_both_implementations_with_swaps(diff, tmp_path, capsy
     assert all(0 <= r["ensemble_acc"] <= 100 and len(r["individual_acc"]) == 2 for r in swapped)
     saved = json.loads((out / "results.json").read_text())
     assert len(saved) == 8
+    capsys.readouterr()
     diff.main([*args, "--out", str(out)])  # everything cached: nothing trained again
     assert "runs to do" not in capsys.readouterr().out
