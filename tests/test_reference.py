@@ -80,7 +80,7 @@ def test_three_members_cutmix_shares_the_outside_by_lambda():
 
 
 def test_owner_realised_area_and_per_batch_roles():
-    """REFERENCE.md: at 32x32 with Beta(2, 2) the box owner's realised share averages about 0.306."""
+    """MixMo's sampler: at 32x32 with Beta(2, 2) the box owner's realised share averages about 0.306."""
     rng = np.random.default_rng(3)
     areas, owners = [], []
     for _ in range(200):

@@ -1,9 +1,10 @@
 """An independent, plain-PyTorch reference of MIMO, MixMo and the MixShare variants (for differential testing).
 
-Written from the MixShare paper and ``/work/shared/REFERENCE.md`` (the facts gathered from MixMo's and MIMO's public
-code), not from ``mixshare_layers``: nothing here imports the library, and nothing is shared with it but PyTorch
-and NumPy. It is deliberately plain (Python loops over members and samples, NumPy random draws, masks materialised
-at full resolution) so that it can be read in one sitting and checked against the paper line by line.
+Written from the MixShare paper and the documented behaviour of MixMo's and MIMO's public code (mixing, loss
+rebalancing, batch and input repetition, initialisation), not from ``mixshare_layers``: nothing here imports the
+library, and nothing is shared with it but PyTorch and NumPy. It is deliberately plain (Python loops over members
+and samples, NumPy random draws, masks materialised at full resolution) so that it can be read in one sitting and
+checked against the paper line by line.
 
 Modules:
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# The methods of the paper's Table 1 (plus MIMO), from the paper (Sec. 3, App. B) and REFERENCE.md sections 2-3.
+# The methods of the paper's Table 1 (plus MIMO), from the paper (Sec. 3, App. B) and MixMo's defaults.
 #   alpha: Dirichlet concentration of the ratios (<= 0: exactly 1/M each, MIMO's plain sum)
 #   cutmix_prob / ramp: CutMix-or-linear coin per batch; the probability falls linearly to 0 over the last `ramp`
 #   root: MixMo's loss rebalancing root r (None: weight 1 for every member; 1: the plain ratios M * lambda)
@@ -63,7 +63,7 @@ def cutmix_probability(p: float, ramp: float, progress: float) -> float:
 
 def draw_mix(rng: np.random.Generator, batch: int, members: int, height: int, width: int, alpha: float,
              cutmix_prob: float) -> Mix:  # fmt: skip
-    """Draw the mixes of one batch (REFERENCE.md section 2), with NumPy, sample by sample."""
+    """Draw the mixes of one batch (MixMo's sampler), with NumPy, sample by sample."""
     lam = rng.dirichlet([alpha] * members, size=batch) if alpha > 0 else np.full((batch, members), 1 / members)
     use_cut = bool(rng.random() < cutmix_prob)  # one coin per batch
     owner = int(rng.integers(members))  # one box owner per batch

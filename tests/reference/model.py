@@ -1,6 +1,6 @@
 """MixMo's CIFAR Wide ResNet as an M-input M-output network, in plain PyTorch (reference; see the package docstring).
 
-Architecture (REFERENCE.md section 4): the first 3x3 convolution (3 -> 16) is the encoder, one per member; the core
+Architecture (MixMo's CIFAR WRN): the first 3x3 convolution (3 -> 16) is the encoder, one per member; the core
 is three stages of pre-activation basic blocks (widths 16w / 32w / 64w, strides 1 / 2 / 2, (depth - 4) / 6 blocks
 each, a 1x1 shortcut convolution on the pre-activated input when the shape changes, no biases, no dropout) and a
 final BN-ReLU; each member has its own linear head on the pooled features.
