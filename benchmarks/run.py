@@ -243,7 +243,7 @@ class StepPair:
         self.mimo = MIMOWrapper(wide_resnet(28, 2, num_classes=100), m, "mixshare").to(device).train()
         self.plain = wide_resnet(28, 2, num_classes=100).to(device).train()
         self.mimo.set_progress(0.05)
-        self.loss_fn = MIMOLoss(self.mimo.config.rebalance_root)
+        self.loss_fn = MIMOLoss()  # the preset's weights, from the output
         sgd = {"lr": 0.025, "momentum": 0.9, "nesterov": True, "weight_decay": 6e-4}
         self.opt_m = torch.optim.SGD(self.mimo.parameters(), **sgd)
         self.opt_p = torch.optim.SGD(self.plain.parameters(), **sgd)

@@ -21,9 +21,17 @@ Usage:
 ``mixshare-partial`` (the library's presets; any preset field can be overridden, e.g. ``--fadeout-end 0.5``).
 
 Every run writes to ``<out-dir>/<run-name>/``: ``config.json`` (every hyper-parameter, as resolved),
-``metrics.csv`` (one row per epoch), ``checkpoint.pt`` (after every epoch, written atomically), ``summary.json``
-(the final metrics), and ``tensorboard/`` when TensorBoard is installed. The last epoch is what gets reported
-(no model selection on the test set); ``--val-split`` holds out training images to select on instead.
+``metrics.csv`` (one row per epoch), ``checkpoint.pt`` (after every epoch), ``checkpoint.prev.pt`` (the one before),
+``summary.json`` (the final metrics), and ``tensorboard/`` when TensorBoard is installed. The last epoch is what
+gets reported (no model selection on the test set); ``--val-split`` holds out training images to select on instead.
+
+Checkpoints (``mixshare_layers.checkpoint``) hold tensors and plain values only, the run's config included, and a
+SHA-256 digest of the file: they load with ``weights_only=True`` and nothing else, a damaged file is refused (never
+trained from), and each new one is written to a temporary file, verified, and only then renamed over the last, whose
+verified predecessor stays as ``checkpoint.prev.pt``. ``--resume RUN`` continues from ``RUN/checkpoint.pt``;
+``--resume FILE`` from exactly that file (e.g. ``RUN/checkpoint.prev.pt`` when the last one is damaged, as the error
+then says). A run that cannot start (a bad option, missing data, a folder that cannot be written) prints one line,
+exits with code 2 and leaves nothing on disk.
 
 ``main(argv)`` runs the script in-process and returns the summary (also saved as ``summary.json``). Its keys:
 
@@ -59,7 +67,9 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,16 +78,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixshare_layers import PRESETS, MIMOBatcher, MIMOConfig, MIMOWrapper
+from mixshare_layers import PRESETS, MIMOBatcher, MIMOConfig, MIMOWrapper, get_preset
+from mixshare_layers.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    previous_checkpoint_path,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from mixshare_layers.metrics import EnsembleMetrics, collapsed_members
 from mixshare_layers.models import wide_resnet
 
 METHODS = ("single", *PRESETS)
+DATASETS, DATA_PATHS = ("cifar100", "synthetic"), ("device", "loader")
+RULES, AMPS = ("prob", "logit"), ("off", "bf16", "fp16")
 SUMMARY_METRICS = ("ensemble_acc", "mean_individual_acc", "nll", "ece", "brier", "disagreement")
 CKPT_NAME = "checkpoint.pt"
-CKPT_FORMAT = 1
-# options that describe how to run, not what to train: never restored from a resumed run's config.json
-RUNTIME_KEYS = ("resume", "stop_epoch", "benchmark", "quick", "smoke")
+PREV_NAME = previous_checkpoint_path(CKPT_NAME).name  # checkpoint.prev.pt: the verified one before
+CKPT_KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "scaler", "rng", "history")
+# options that describe how to run, not what to train: never restored from a resumed run's config
+RUNTIME_KEYS = ("resume", "stop_epoch", "benchmark", "quick", "smoke", "device")
+SEED_LIMIT = 2**32
 
 # --quick: the README's main job, a few minutes on a 2-core CPU; --smoke: seconds, for CI
 QUICK = dict(
@@ -120,6 +141,13 @@ class NonFiniteLossError(UserError, FloatingPointError):
     """The training loss became NaN or infinite (the last complete checkpoint is left untouched)."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block) with exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,7 +180,7 @@ def _fractions(text: str) -> list[float]:
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     """The command line. With ``suppress``, options not given are absent (to tell what the user set)."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS if suppress else None,
@@ -166,11 +194,11 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     # -- mode
     add("--quick", action="store_true", default=False, help="small WRN, few epochs, synthetic data (a few minutes)")
     add("--smoke", action="store_true", default=False, help="seconds-long run for CI")
-    add("--resume", type=str, default=None, help="run directory (or its checkpoint.pt) to continue")
+    add("--resume", type=str, default=None, help="run directory, or the checkpoint file, to continue from")
     add("--stop-epoch", type=int, default=0, help="stop after this epoch as if interrupted (0: train to the end)")
     add("--benchmark", type=int, default=0, help="time N steps of the pipeline vs the bare model step, then exit")
     # -- data
-    add("--dataset", choices=("cifar100", "synthetic"), default="cifar100")
+    add("--dataset", choices=DATASETS, default="cifar100")
     add("--data-dir", type=str, default="./data", help="folder holding cifar-100-python/")
     add("--download", action="store_true", default=False, help="download CIFAR-100 into --data-dir if missing")
     add("--synthetic-train", type=int, default=50000, help="synthetic training images")
@@ -182,7 +210,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--val-split", type=float, default=0.0, help="fraction of training images held out for validation")
     add(
         "--data-path",
-        choices=("device", "loader"),
+        choices=DATA_PATHS,
         default="device",
         help="device: whole dataset as uint8 on the training device; loader: DataLoader with workers",
     )
@@ -210,7 +238,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--label-smoothing", type=float, default=0.0)
     add("--seed", type=int, default=0)
     # -- evaluation and logging
-    add("--ensemble-rule", choices=("prob", "logit"), default="prob")
+    add("--ensemble-rule", choices=RULES, default="prob")
     add("--eval-every", type=int, default=10, help="evaluate every N epochs (0: only at the end)")
     add("--eval-batch-size", type=int, default=500)
     add("--log-every", type=int, default=25, help="steps between loss checks / bar updates (one host sync)")
@@ -220,7 +248,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--progress", type=_bool, default=True, help="show a tqdm progress bar")
     # -- speed
     add("--device", type=str, default="auto", help="auto (cuda, then mps, then cpu) or a torch device")
-    add("--amp", choices=("off", "bf16", "fp16"), default="off")
+    add("--amp", choices=AMPS, default="off")
     add("--channels-last", type=_bool, default=False)
     add("--compile", type=_bool, default=False)
     return p
@@ -240,28 +268,117 @@ def parse_config(argv: Sequence[str] | None) -> tuple[dict[str, Any], set[str]]:
     return cfg, given
 
 
+def _opt(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def check_config(cfg: dict[str, Any]) -> None:
+    """Every option checked before anything is loaded, built or written (a ``UserError`` naming the option)."""
+
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise UserError(message)
 
-    need(cfg["epochs"] >= 1, f"--epochs must be >= 1, got {cfg['epochs']}")
-    need(cfg["batch_repetition"] >= 1, f"--batch-repetition must be >= 1, got {cfg['batch_repetition']}")
+    def at_least(key: str, low: int) -> None:
+        need(cfg[key] >= low, f"{_opt(key)} must be >= {low}, got {cfg[key]}")
+
+    def real(key: str, low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False) -> None:
+        v = cfg[key]
+        ok = math.isfinite(v) and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+        interval = ("(" if open_low else "[") + f"{low:g}, {high:g}" + (")" if open_high or high == math.inf else "]")
+        need(ok, f"{_opt(key)} must be a finite number in {interval}, got {v:g}")
+
+    choices = {"method": METHODS, "dataset": DATASETS, "data_path": DATA_PATHS, "ensemble_rule": RULES, "amp": AMPS}
+    for key, allowed in choices.items():  # argparse checks them on the command line; a resumed config too
+        need(cfg[key] in allowed, f"{_opt(key)} must be one of {', '.join(allowed)}, got {cfg[key]!r}")
+    for key in ("epochs", "batch_repetition", "num_subnetworks", "log_every", "eval_batch_size", "width"):
+        at_least(key, 1)
+    for key in ("stop_epoch", "benchmark", "eval_every", "workers"):
+        at_least(key, 0)
+    for key in ("synthetic_train", "synthetic_test"):
+        at_least(key, 1)
+    at_least("synthetic_classes", 2)
+    at_least("synthetic_size", 4)
+    for key in ("seed", "data_seed"):
+        need(0 <= cfg[key] < SEED_LIMIT, f"{_opt(key)} must be in [0, 2**32), got {cfg[key]}")
     need(
         cfg["batch_size"] >= cfg["batch_repetition"] and cfg["batch_size"] % cfg["batch_repetition"] == 0,
         f"--batch-size ({cfg['batch_size']}) must be a positive multiple of --batch-repetition "
         f"({cfg['batch_repetition']}): it counts the repeated rows",
     )
-    need(0.0 <= cfg["val_split"] < 1.0, f"--val-split must be in [0, 1), got {cfg['val_split']}")
-    need(cfg["num_subnetworks"] >= 1, f"--num-subnetworks must be >= 1, got {cfg['num_subnetworks']}")
-    need(cfg["stop_epoch"] >= 0, f"--stop-epoch must be >= 0, got {cfg['stop_epoch']}")
-    need(cfg["log_every"] >= 1, f"--log-every must be >= 1, got {cfg['log_every']}")
-    need(cfg["eval_batch_size"] >= 1, f"--eval-batch-size must be >= 1, got {cfg['eval_batch_size']}")
-    need(cfg["workers"] >= 0, f"--workers must be >= 0, got {cfg['workers']}")
+    need(
+        cfg["depth"] >= 10 and (cfg["depth"] - 4) % 6 == 0,
+        f"--depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {cfg['depth']}",
+    )
+    real("val_split", 0.0, 1.0, open_high=True)
+    real("synthetic_noise", 0.0)
+    real("base_lr", 0.0, open_low=True)
+    if cfg["lr"] is not None:
+        real("lr", 0.0, open_low=True)
+    real("momentum", 0.0, 1.0, open_high=True)
+    need(not cfg["nesterov"] or cfg["momentum"] > 0, "--nesterov true needs a --momentum above 0 (or --nesterov false)")
+    real("weight_decay", 0.0)
+    real("warmup_epochs", 0.0)
+    real("lr_gamma", 0.0, open_low=True)
+    real("label_smoothing", 0.0, 1.0)
+    name = cfg["run_name"]
+    if name is not None:
+        need(
+            name not in ("", ".", "..") and "/" not in name and os.sep not in name and (os.altsep or "/") not in name,
+            f"--run-name must be a plain folder name (no path separator, not '.' or '..'), got {name!r}",
+        )
     if cfg["method"] == "single":
         need(cfg["num_subnetworks"] in (1, 2), "--method single is the plain backbone: leave --num-subnetworks out")
         overridden = [f.name for f in dataclasses.fields(MIMOConfig) if cfg[f.name] is not None]
         need(not overridden, f"--method single has no MIMO options, but got {', '.join(overridden)}")
+        return
+    preset = get_preset(cfg["method"])
+    for key, value in preset_overrides(cfg).items():  # each override alone, so that the message names its option
+        try:
+            preset.replace(**{key: value})
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{_opt(key)} {value}: {err}") from err
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    """The training device for ``--device name`` (``UserError`` if it is not a device that exists here)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "meta":
+        raise UserError("--device meta holds no values: use auto, cpu, cuda, cuda:N or mps")
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise UserError(f"--device {name}: no {device.type} device is available here: use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise UserError(f"--device {name}: device index {device.index}, but there are {count} {device.type} devices")
+    return device
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why the folder ``path`` cannot be created or written to, or None; tries it without leaving anything behind."""
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder" if probe == path else f"it is under {probe}, which is a file"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=probe))
+    except OSError as err:
+        return f"nothing can be created in {probe} ({err.strerror or err})"
+    return None
 
 
 def preset_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -343,19 +460,6 @@ class Dist:
         if self.enabled:
             self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
         return t
-
-
-def pick_device(name: str, local_rank: int) -> torch.device:
-    if name != "auto":
-        device = torch.device(name)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -645,22 +749,87 @@ def _state_tensors(obj: Any) -> Iterator[Tensor]:
             yield from _state_tensors(v)
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def kept_message(last_saved: tuple[Path, int] | None) -> str:
+    """What a run that stops now leaves to resume from."""
+    if last_saved is None:
+        return "no checkpoint was written yet (the run stopped in its first epoch), there is nothing to resume"
+    path, epoch = last_saved
+    return f"the last complete checkpoint ({path}, epoch {epoch}) is intact"
+
+
+def write_checkpoint(path: Path, state: dict[str, Any], kept: str) -> None:
+    """Save ``state`` (digest, verified, the previous file kept as checkpoint.prev.pt) if every weight is finite."""
     if not all_finite(_state_tensors({k: state[k] for k in ("model", "optimizer")})):
         raise NonFiniteLossError(
-            f"the weights are not finite after epoch {state['epoch']}: not writing the checkpoint (the previous one "
-            "is kept)"
+            f"the weights are not finite after epoch {state['epoch']}: not writing the checkpoint; {kept}. Try a "
+            "lower --lr, or --amp off / bf16"
         )
-
-    def write(fh: io.BufferedWriter) -> None:
-        torch.save(state, fh)
-
-    atomic_write(path, write)
+    save_checkpoint(path, state, keep_previous=True)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    # weights_only=True: only tensors and plain containers are unpickled (the file holds nothing else)
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _intact(path: Path) -> bool:
+    try:
+        return verify_checkpoint(path)
+    except CheckpointError:
+        return False
+
+
+def resume_source(text: str) -> tuple[Path, Path]:
+    """``(checkpoint file, run folder)`` for ``--resume text``: a run folder's checkpoint.pt, or exactly the file."""
+    path = Path(text)
+    if path.is_dir():
+        ckpt = path / CKPT_NAME
+        if ckpt.exists() or ckpt.is_symlink():
+            return ckpt, path
+        if (path / PREV_NAME).is_file():
+            raise UserError(
+                f"--resume {text}: the folder has no {CKPT_NAME}, only {PREV_NAME} (the one before): resume from "
+                f"it explicitly with --resume {path / PREV_NAME}"
+            )
+        if (path / "config.json").is_file():
+            raise UserError(
+                f"--resume {text}: the run has a config.json but no {CKPT_NAME}: it stopped before finishing its "
+                f"first epoch, so there is nothing to resume; start it again (its options with --run-name "
+                f"{path.name}) or delete the folder"
+            )
+        raise UserError(f"--resume {text}: not a run folder (no {CKPT_NAME}, no config.json)")
+    if path.exists() or path.is_symlink():
+        return path, path.parent
+    raise UserError(f"--resume {text} does not exist: give a run folder or a checkpoint file")
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], bool]:
+    """A checkpoint to resume from and whether its digest was verified (``UserError`` saying what to do if not)."""
+    try:
+        verified = verify_checkpoint(path)
+        ckpt = load_checkpoint(path)
+    except CheckpointError as err:
+        hint = err.hint
+        prev = previous_checkpoint_path(path)
+        if err.damaged and prev.is_file() and _intact(prev):
+            hint = f"the previous checkpoint is intact: resume from it with --resume {prev}"
+        raise UserError(f"--resume: checkpoint {err.path}: {err.reason}" + (f"; {hint}" if hint else "")) from None
+    missing = [k for k in CKPT_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(
+            f"--resume: checkpoint {path} is not a training checkpoint of this script: it lacks {', '.join(missing)}"
+        )
+    return ckpt, verified
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(
+            f"--resume: the checkpoint holds no config (written by an older version) and {path} is missing"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"--resume: {path} cannot be read ({' '.join(str(err).split())})") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume: {path} does not hold a config (a JSON object)")
+    return saved
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -745,21 +914,36 @@ def results_table(summary: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------------------------
-def resolve_run(cfg: dict[str, Any], given: set[str], dist: Dist) -> tuple[dict[str, Any], Path, dict | None]:
-    """Pick the run directory; on --resume restore its config (options given now win) and its checkpoint."""
-    ckpt = None
+@dataclasses.dataclass
+class Resume:
+    """What ``--resume`` continues from."""
+
+    path: Path  # the checkpoint file, exactly as named (or RUN/checkpoint.pt)
+    checkpoint: dict[str, Any]
+    verified: bool  # its digest was checked (False: written before checkpoints carried one)
+
+
+def resolve_run(cfg: dict[str, Any], given: set[str], dist: Dist) -> tuple[dict[str, Any], Path, Resume | None]:
+    """Pick the run directory (nothing is created); on --resume load the checkpoint and restore the run's config.
+
+    The config comes from the checkpoint (or, for checkpoints written before they held one, from the run folder's
+    config.json); options given now win, except the ones that say where the run lives.
+    """
     if cfg["resume"]:
-        path = Path(cfg["resume"])
-        run_dir = path.parent if path.is_file() else path
-        if not (run_dir / "config.json").is_file():
-            raise UserError(f"--resume {cfg['resume']!r}: no config.json there (expected a run directory)")
-        saved = json.loads((run_dir / "config.json").read_text())
+        clash = sorted(given & {"out_dir", "run_name"})
+        if clash:
+            raise UserError(
+                f"--resume continues the run in its own folder: leave out {' and '.join(map(_opt, clash))}"
+            )
+        path, run_dir = resume_source(cfg["resume"])
+        ckpt, verified = read_checkpoint(path)
+        saved = ckpt.get("config")
+        if not isinstance(saved, dict):
+            saved = read_run_config(run_dir)
         for key, value in saved.items():
             if key in cfg and key not in given and key not in RUNTIME_KEYS:
                 cfg[key] = value
-        if (run_dir / CKPT_NAME).is_file():
-            ckpt = load_checkpoint(run_dir / CKPT_NAME)
-        return cfg, run_dir, ckpt
+        return cfg, run_dir, Resume(path, ckpt, verified)
     name = cfg["run_name"]
     if name is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -767,16 +951,37 @@ def resolve_run(cfg: dict[str, Any], given: set[str], dist: Dist) -> tuple[dict[
         name = dist.broadcast_object(name)
     cfg["run_name"] = name
     run_dir = Path(cfg["out_dir"]) / name
-    if dist.main:
-        if (run_dir / CKPT_NAME).exists():
-            raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick --run-name")
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if any((run_dir / f).exists() for f in (CKPT_NAME, PREV_NAME)):
+        raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick --run-name")
     return cfg, run_dir, None
+
+
+def check_run_folder(cfg: dict[str, Any], run_dir: Path, resume: Resume | None) -> None:
+    """The run folder can be written, and a resumed run will not overwrite a good checkpoint it was not told about."""
+    problem = folder_problem(run_dir)
+    if problem is not None:
+        where = f"--resume {cfg['resume']}" if resume else f"--out-dir {cfg['out_dir']}"
+        raise UserError(f"{where}: cannot write the run folder {run_dir}: {problem}")
+    if resume is None:
+        return
+    target = run_dir / CKPT_NAME
+    if target.exists() and not os.path.samefile(target, resume.path):
+        try:
+            verify_checkpoint(target)
+        except CheckpointError:
+            return  # damaged: the resumed run replaces it
+        raise UserError(
+            f"--resume {resume.path}: the run folder already holds {target}, which continuing from "
+            f"{resume.path.name} would overwrite: resume from the folder, or move {resume.path.name} into a folder "
+            "of its own (with a copy of config.json)"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the script with command-line arguments ``argv`` and return the final summary (see module docstring)."""
     cfg, given = parse_config(argv)
+    if not cfg["resume"]:  # a resumed run's options are checked once its config is restored
+        check_config(cfg)
     dist = Dist()
     device = pick_device(cfg["device"], dist.local_rank)
     if device.type == "cuda":
@@ -792,9 +997,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def _run(
     cfg: dict[str, Any], given: set[str], dist: Dist, device: torch.device, cleanup: contextlib.ExitStack
 ) -> dict[str, Any]:
-    cfg, run_dir, ckpt = resolve_run(cfg, given, dist)
+    cfg, run_dir, resume = resolve_run(cfg, given, dist)
     check_config(cfg)
+    check_run_folder(cfg, run_dir, resume)
     say = print if dist.main else (lambda *a, **k: None)
+    if resume is not None and resume.checkpoint["epoch"] > cfg["epochs"]:
+        raise UserError(
+            f"--epochs {cfg['epochs']} is below the epoch of the checkpoint to resume ({resume.checkpoint['epoch']}, "
+            f"{resume.path})"
+        )
 
     # -- seeds: global RNG for initialisation (same on every rank), dedicated generators per rank for the data
     #    augmentation / batcher and for the mixing masks (independent mask sampling per rank)
@@ -860,15 +1071,25 @@ def _run(
 
     # -- resume
     start_epoch, history = 0, []
-    if ckpt is not None:
-        if ckpt.get("format") != CKPT_FORMAT:
-            raise UserError(f"{run_dir / CKPT_NAME} has format {ckpt.get('format')}, expected {CKPT_FORMAT}")
-        raw.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["scaler"]:  # empty when the run was saved without fp16 AMP
-            scaler.load_state_dict(ckpt["scaler"])
+    last_saved: tuple[Path, int] | None = None  # the latest complete checkpoint: (file, epoch)
+    if resume is not None:
+        ckpt = resume.checkpoint
+        try:
+            raw.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt["scaler"]:  # empty when the run was saved without fp16 AMP
+                scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            text = " ".join(str(err).split())
+            raise UserError(
+                f"--resume: checkpoint {resume.path} does not fit the model and optimiser built from the run's config "
+                f"({text[:300]}{' ...' if len(text) > 300 else ''})"
+            ) from None
         start_epoch, history = ckpt["epoch"], list(ckpt["history"])
+        last_saved = (resume.path, start_epoch)
+        if not resume.verified:
+            say(f"note: {resume.path} carries no digest (written by an older version): its integrity is not checked")
         if given & {"lr", "base_lr"}:  # a new peak lr given with --resume replaces the saved one from here on
             scheduler.base_lrs = [lr for _ in optimizer.param_groups]
             for group in optimizer.param_groups:
@@ -880,8 +1101,9 @@ def _run(
             set_rng_state(states[dist.rank], gens)
         else:
             say(f"note: checkpoint saved by {len(states)} processes, resuming with {dist.world}: RNG re-seeded")
-        say(f"resumed {run_dir} at epoch {start_epoch} (step {ckpt['step']})")
+        say(f"resumed {run_dir} from {resume.path.name} at epoch {start_epoch} (step {ckpt['step']})")
         del ckpt
+        resume.checkpoint = {}  # free the loaded tensors
 
     train_model: nn.Module = model
     if dist.enabled:
@@ -952,9 +1174,16 @@ def _run(
 
     ctx = {"device": device, "normalize": normalize, "m": m, "autocast": autocast, "num_classes": data.num_classes}
 
+    def make_run_dir() -> None:  # the first thing written: a run that could not start leaves nothing behind
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the run folder {run_dir} ({err.strerror or err})") from None
+
     if cfg["benchmark"]:
         result = benchmark(cfg, batches, train_step, forward_loss, optimise, batcher, device, say)
         if dist.main:
+            make_run_dir()
             atomic_text(run_dir / "benchmark.json", json.dumps(result, indent=2) + "\n")
         return result
 
@@ -968,12 +1197,13 @@ def _run(
             say(f"  {key:<20} {cfg[key]}")
         say(f"  {'model':<20} {type(raw).__name__}, {sum(p.numel() for p in raw.parameters()):,} parameters")
         say(f"run directory: {run_dir}")
+        make_run_dir()
         atomic_text(run_dir / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if cfg["tensorboard"]:
             writer = open_tensorboard(run_dir, start_epoch * steps_per_epoch if start_epoch else None)
             if writer is not None:
                 cleanup.callback(writer.close)
-        for stale in run_dir.glob(f".{CKPT_NAME}.tmp*"):  # a temp file left by a run killed while saving
+        for stale in run_dir.glob(".checkpoint*.tmp*"):  # a temp file left by a run killed while saving
             stale.unlink()
 
     def log_scalars(values: dict[str, Any], step: int) -> None:
@@ -1006,8 +1236,8 @@ def _run(
                     raise NonFiniteLossError(
                         f"non-finite training loss at epoch {first_bad // steps_per_epoch + 1}, step "
                         f"{first_bad % steps_per_epoch + 1} of {steps_per_epoch} (global step {first_bad + 1}); "
-                        f"stopping without writing a checkpoint: the last complete one ({run_dir / CKPT_NAME}, "
-                        f"epoch {epoch}) is intact. Try a lower --lr, or --amp off / bf16"
+                        f"stopping without writing a checkpoint: {kept_message(last_saved)}. Try a lower --lr, or "
+                        "--amp off / bf16"
                     )
                 now = time.perf_counter()
                 last_loss = float(loss)
@@ -1062,10 +1292,10 @@ def _run(
         rngs = dist.gather_objects(rng_state(gens))
         if dist.main:
             write_csv(run_dir / "metrics.csv", columns, history)
-            save_checkpoint(
+            write_checkpoint(
                 run_dir / CKPT_NAME,
                 {
-                    "format": CKPT_FORMAT,
+                    "config": json.loads(json.dumps(cfg)),  # plain values, what rebuilds the model and the run
                     "epoch": epoch + 1,
                     "step": step,
                     "model": raw.state_dict(),
@@ -1075,7 +1305,9 @@ def _run(
                     "rng": rngs,
                     "history": history,
                 },
+                kept_message(last_saved),
             )
+        last_saved = (run_dir / CKPT_NAME, epoch + 1)
         dist.barrier()
         if stop_now:
             stopped_early = True
@@ -1186,8 +1418,15 @@ def benchmark(
     return result
 
 
-if __name__ == "__main__":
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: :func:`main`, with a ``UserError`` printed as one line; returns the exit code (0 or 2)."""
     try:
-        main()
+        main(argv)
     except UserError as exc:
-        sys.exit(f"error: {exc}")
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -18,6 +18,9 @@ built-in synthetic data sized for a 2-core CPU (see ``QUICK``). Arguments after 
 Resuming: a run whose ``summary.json`` exists is not trained again; a run with a ``checkpoint.pt`` but no summary
 is continued with ``--resume``. Re-running the same command after an interruption finishes the table.
 
+Errors: every option (the arguments after ``--`` included) is checked before the first run starts; a bad one, or a run
+that cannot go on (e.g. a damaged checkpoint), ends the script with one line on stderr and exit code 2.
+
 Output (written atomically) under ``--out-dir``:
 
     table1.md    the table in the paper's format (ensemble acc., mean individual acc., classifier share rate,
@@ -42,6 +45,8 @@ import math
 import os
 import sys
 import time
+import types
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,6 +98,20 @@ METRICS = (
 )
 
 
+SEED_LIMIT = 2**32
+
+
+class TableError(Exception):
+    """A problem the user can fix (printed as one line by the script)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block) with exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 def atomic_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder (never half-written)."""
@@ -109,16 +128,24 @@ def atomic_text(path: Path, text: str) -> None:
             tmp.unlink()
 
 
-def load_train_main(script: Path = TRAIN_SCRIPT) -> Callable[[Sequence[str]], dict[str, Any]]:
-    """``main`` of examples/cifar100_wrn.py, imported by file path."""
+def load_train_module(script: Path = TRAIN_SCRIPT) -> types.ModuleType:
+    """examples/cifar100_wrn.py, imported by file path."""
     if not script.is_file():
-        raise FileNotFoundError(f"the training script {script} is missing")
-    spec = importlib.util.spec_from_file_location("_mixshare_cifar100_wrn", script)
+        raise TableError(f"the training script {script} is missing")
+    name = "_mixshare_cifar100_wrn"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses defined in the script look their module up here
     spec.loader.exec_module(module)
-    return module.main
+    return module
+
+
+def load_train_main(script: Path = TRAIN_SCRIPT) -> Callable[[Sequence[str]], dict[str, Any]]:
+    """``main`` of examples/cifar100_wrn.py, imported by file path."""
+    return load_train_module(script).main
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -139,17 +166,23 @@ def fmt(mean: float, std: float, digits: int = 1) -> str:
 
 
 def sum_ratio_sharing(run_dir: Path) -> float | None:
-    """Classifier sharing with the sum-of-min / sum-of-max reduction, from the run's checkpoint (None if unreadable)."""
+    """Classifier sharing with the sum-of-min / sum-of-max reduction, from the run's checkpoint (None if unreadable).
+
+    The checkpoint is loaded safely (``mixshare_layers.checkpoint.load_checkpoint``: ``weights_only=True`` only,
+    digest checked); one that cannot be used leaves the column empty, with a note saying why.
+    """
+    from mixshare_layers.analysis import classifier_influence, load_wrn_checkpoint, sharing_rate
+    from mixshare_layers.checkpoint import CheckpointError
+
     ckpt = run_dir / "checkpoint.pt"
     if not ckpt.is_file():
         return None
     try:
-        from mixshare_layers.analysis import classifier_influence, load_wrn_checkpoint, sharing_rate
-
         model, _ = load_wrn_checkpoint(ckpt)
-        return float(sharing_rate(classifier_influence(model), "sum-ratio"))
-    except Exception:  # a missing extra, a foreign or truncated checkpoint: leave the column empty
+    except CheckpointError as err:
+        print(f"[table1] note: sum-ratio column left empty: {err}", flush=True)
         return None
+    return float(sharing_rate(classifier_influence(model), "sum-ratio"))
 
 
 def collapsed_in(summary: dict[str, Any]) -> list[int] | None:
@@ -311,7 +344,7 @@ def describe(runs: list[dict[str, Any]], quick: bool, seeds: Sequence[int]) -> s
 
 # ----------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="small CPU schedule on the synthetic data (QUICK)")
@@ -332,15 +365,36 @@ def main(
     if "--" in argv:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1 :]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
-        raise SystemExit(f"--seeds must not repeat a seed, got {args.seeds}")
+        parser.error(f"argument --seeds: must not repeat a seed, got {args.seeds}")
+    bad = [s for s in args.seeds if not 0 <= s < SEED_LIMIT]
+    if bad:
+        parser.error(f"argument --seeds: seeds must be in [0, 2**32), got {bad}")
+    if args.width is not None and args.width < 1:
+        parser.error(f"argument --width: must be >= 1, got {args.width}")
     out_dir = Path(args.out_dir)
+    problem = folder_problem(out_dir)
+    if problem is not None:
+        parser.error(f"argument --out-dir: cannot write to {out_dir}: {problem}")
     runs_dir = out_dir / "runs"
     schedule = list(QUICK) if args.quick else []
     width = args.width if args.width is not None else (1 if args.quick else 2)
     if args.width is not None:
         schedule += ["--width", str(args.width)]
+    user_error: tuple[type[BaseException], ...] = ()
+    if train is None and not args.table_only:  # the training script checks every run's options before any starts
+        module = load_train_module()
+        train, user_error = module.main, (module.UserError,)
+        for method in args.methods:
+            run_argv = [*schedule, "--method", method, "--seed", str(args.seeds[0]), *passthrough]
+            try:
+                cfg, _ = module.parse_config([*run_argv, "--out-dir", str(runs_dir), "--run-name", "x"])
+                module.check_config(cfg)
+                module.pick_device(cfg["device"], 0)
+            except module.UserError as err:
+                raise TableError(f"{err} (in the options given to every run)") from None
 
     runs: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -349,7 +403,7 @@ def main(
             name = f"{method}-s{seed}"
             run_dir = runs_dir / name
             summary_path = run_dir / "summary.json"
-            summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+            summary = read_summary(summary_path) if summary_path.is_file() else None
             if summary is not None and not summary.get("stopped_early", False):
                 print(f"[table1] {name}: done before, skipped ({summary_path})", flush=True)
             elif args.table_only:
@@ -368,7 +422,10 @@ def main(
                     ]  # fmt: skip
                     print(f"[table1] {name}: training ({' '.join(run_argv)})", flush=True)
                 t0 = time.perf_counter()
-                summary = dict(train(run_argv))
+                try:
+                    summary = dict(train(run_argv))
+                except user_error as err:
+                    raise TableError(f"{name}: {err}") from None
                 print(f"[table1] {name}: finished in {time.perf_counter() - t0:.0f} s", flush=True)
             summary["method"], summary["seed"] = method, seed
             summary.setdefault("run_dir", str(run_dir))
@@ -388,5 +445,42 @@ def main(
     return {"runs": runs, "paths": paths, "markdown": text}
 
 
+def read_summary(path: Path) -> dict[str, Any]:
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        text = " ".join(str(err).split())
+        raise TableError(f"{path} cannot be read ({text}): delete it to run that cell again") from None
+    if not isinstance(summary, dict):
+        raise TableError(f"{path} does not hold a run summary (a JSON object): delete it to run that cell again")
+    return summary
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why the folder ``path`` cannot be created or written to, or None; tries it without leaving anything behind."""
+    import tempfile
+
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder" if probe == path else f"it is under {probe}, which is a file"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=probe))
+    except OSError as err:
+        return f"nothing can be created in {probe} ({err.strerror or err})"
+    return None
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: :func:`main`, with a ``TableError`` printed as one line; returns the exit code."""
+    try:
+        main(argv)
+    except TableError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -4,6 +4,7 @@ Layout convention: the subnetwork axis M is dim 1, after the batch: training inp
 ``(B, M)``, logits ``(B, M, K)``. See :class:`MixInfo` for what λ and the masks mean.
 """
 
+from ._checks import get_value_checks, set_value_checks
 from ._version import __version__
 from .adapters import BackboneSplit, UnsupportedBackboneError, split_backbone
 from .batcher import MIMOBatcher
@@ -15,7 +16,7 @@ from .multi_encoder import MultiEncoder
 from .multi_head import MultiHead
 from .presets import PRESETS, MIMOConfig, get_preset
 from .unmixer import Unmixer
-from .wrapper import MIMOOutput, MIMOWrapper
+from .wrapper import MIMOOutput, MIMOWrapper, ProgressWarning
 
 __all__ = [
     "PRESETS",
@@ -29,10 +30,13 @@ __all__ = [
     "MixInfo",
     "MultiEncoder",
     "MultiHead",
+    "ProgressWarning",
     "SyntheticImageDataset",
     "Unmixer",
     "UnsupportedBackboneError",
     "__version__",
     "get_preset",
+    "get_value_checks",
+    "set_value_checks",
     "split_backbone",
 ]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import check_int, check_ndim, check_num_subnetworks, check_real
+from ._checks import check_device, check_int, check_ndim, check_num_subnetworks, check_real, check_tensor
 from .functional.random import generator_kwargs
 
 __all__ = ["MIMOBatcher"]
@@ -31,7 +31,8 @@ class MIMOBatcher:
         generator: optional ``torch.Generator`` on the data's device.
 
     Shape:
-        - Input: ``x (B, C, H, W)``, ``y (B,)``.
+        - Input: ``x (B, C, H, W)`` of any dtype (e.g. uint8 pixels that ``transform`` converts), ``y (B,)`` integer
+          class indices on ``x``'s device (float labels are refused).
         - Output: ``(B * b, M, C, H, W)`` and ``(B * b, M)``.
 
     Example:
@@ -69,6 +70,12 @@ class MIMOBatcher:
         batch_size = check_int("batch_size", batch_size, minimum=0)
         n = batch_size * self.batch_repetition
         m = self.num_subnetworks
+        data_device = torch.device("cpu" if device is None else device)
+        if self.generator is not None and self.generator.device.type != data_device.type:
+            raise ValueError(
+                f"the batcher's generator is on {self.generator.device} but the data is on {data_device}; give a "
+                f"torch.Generator(device={str(data_device)!r})"
+            )
         rng = generator_kwargs(self.generator)
         main = torch.rand(n, device=device, **rng).argsort()  # one permutation of the repeated batch
         num_rep = round(self.input_repetition * n) if m > 1 else 0
@@ -82,8 +89,15 @@ class MIMOBatcher:
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         check_ndim("x", x, 4, "(B, C, H, W)")
+        check_tensor("y", y, "(B,)", stack_dim={0: 0})
         if y.shape != (x.shape[0],):
             raise ValueError(f"y must have shape (B,) = ({x.shape[0]},) to match x, but got {tuple(y.shape)}")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise TypeError(
+                f"y must hold integer class indices, but got dtype {y.dtype}; the rows pair every image with its "
+                "label, so soft or one-hot labels are not supported (one-hot: y.argmax(-1))"
+            )
+        check_device("y", y, x.device, "x")
         b = x.shape[0]
         base = torch.arange(b, device=x.device).repeat(self.batch_repetition)  # (B * b,)
         repeated = x[base]

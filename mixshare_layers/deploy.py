@@ -1,16 +1,18 @@
 """Inference folding: a trained MIMO network as one plain feed-forward module, ready for export.
 
 At test time a MIMO network feeds the same image to its M encoders and sums the encodings, runs the core once, pools
-globally (unmixing is the identity) and applies M heads to the same pooled vector. Both ends are linear, so they fold
-exactly:
+globally (unmixing is the identity) and applies M heads to the same pooled vector. Both ends fold:
 
-* the M convolutional encoders become one convolution whose kernel (and bias) is the sum of theirs
-  (:meth:`MultiEncoder.folded_conv <mixshare_layers.MultiEncoder.folded_conv>`);
-* the M heads become one ``nn.Linear(D, M * K)`` (:meth:`MultiHead.as_linear <mixshare_layers.MultiHead.as_linear>`),
-  whose output is viewed as ``(B, M, K)``.
+* M convolutional (linear) encoders become one layer whose kernel (and bias) is the sum of theirs
+  (:meth:`MultiEncoder.folded <mixshare_layers.MultiEncoder.folded>`, exact: the layer is linear in its weights);
+  a non-linear first layer (a multi-branch stem block, a weight-standardised convolution) keeps its M copies, run on
+  the image and summed;
+* M linear heads become one ``nn.Linear(D, M * K)`` (:meth:`MultiHead.as_linear <mixshare_layers.MultiHead.as_linear>`),
+  whose output is viewed as ``(B, M, K)``; other heads (an MLP, a norm + linear, a timm head) stay M modules applied
+  to the same pooled vector.
 
-The folded module costs one backbone pass plus a classifier with ``M * K`` outputs, has no data-dependent control
-flow, and exports with ``torch.export`` and to ONNX (see ``examples/export_onnx.py``).
+The folded module runs one backbone pass, has no data-dependent control flow, and exports with ``torch.export``
+and to ONNX (see ``examples/export_onnx.py``), whatever the layout of the features (maps or tokens).
 """
 
 from __future__ import annotations
@@ -21,18 +23,25 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_ndim
+from .adapters import BackboneSplit
+from .multi_head import MultiHead
 
 __all__ = ["FoldedMIMO", "fold"]
 
 
 class FoldedMIMO(nn.Module):
-    """The eval-mode ensemble of a MIMO network in one pass: ``conv -> core -> global average pool -> linear``.
+    """The eval-mode ensemble of a MIMO network in one pass: ``encoder -> core -> pooling -> heads``.
 
     Args:
-        encoder: the folded encoder (a single convolution).
-        core: the shared core, returning spatial feature maps ``(B, D, h, w)``.
-        head: ``nn.Linear(D, M * K)`` with the heads stacked member-major (row ``i * K + k``).
+        encoder: the folded encoder (a single layer, or the M copies summed).
+        core: the shared core.
+        head: ``nn.Linear(D, M * K)`` with the heads stacked member-major (row ``i * K + k``), or a
+            :class:`~mixshare_layers.MultiHead` of generic heads (output ``(B, M, K)``).
         num_subnetworks: M.
+        layout: the core's output layout (``"channels_first"``, ``"channels_last"``, ``"tokens"``).
+        num_prefix_tokens: prefix tokens in front of the patch grid (tokens).
+        pooling: ``"avg"`` (grid average), ``"token"`` (first token) or ``"head"`` (the heads read the features).
+        preprocess: the split's parameter-free image transform, if any.
 
     Shape:
         - Input: ``(B, C, H, W)``.
@@ -48,26 +57,59 @@ class FoldedMIMO(nn.Module):
         True
     """
 
-    def __init__(self, encoder: nn.Module, core: nn.Module, head: nn.Linear, num_subnetworks: int) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        core: nn.Module,
+        head: nn.Module,
+        num_subnetworks: int,
+        *,
+        layout: str = "channels_first",
+        num_prefix_tokens: int = 0,
+        pooling: str = "avg",
+        preprocess: nn.Module | None = None,
+    ) -> None:
         super().__init__()
-        if head.out_features % num_subnetworks:
-            raise ValueError(
-                f"head.out_features={head.out_features} is not a multiple of num_subnetworks={num_subnetworks}"
-            )
+        if isinstance(head, nn.Linear):
+            if head.out_features % num_subnetworks:
+                raise ValueError(
+                    f"head.out_features={head.out_features} is not a multiple of num_subnetworks={num_subnetworks}"
+                )
+            self.num_classes: int | None = head.out_features // num_subnetworks
+        elif isinstance(head, MultiHead):
+            self.num_classes = head.num_classes
+        else:
+            raise TypeError(f"head must be an nn.Linear or a MultiHead, but got {type(head).__name__}")
         self.encoder = encoder
         self.core = core
         self.head = head
         self.num_subnetworks = num_subnetworks
-        self.num_classes = head.out_features // num_subnetworks
+        self.preprocess = preprocess
+        # validated like a split (the encoder and head fields are only placeholders here)
+        self._split = BackboneSplit(
+            nn.Identity(), nn.Identity(), nn.Identity(), layout=layout, num_prefix_tokens=num_prefix_tokens,
+            pooling=pooling,
+        ).validate()  # fmt: skip
+        self.layout, self.num_prefix_tokens, self.pooling = layout, num_prefix_tokens, pooling
 
     def extra_repr(self) -> str:
-        return f"num_subnetworks={self.num_subnetworks}, num_classes={self.num_classes}"
+        extra = "" if self.layout == "channels_first" else f", layout={self.layout!r}"
+        extra += "" if self.pooling == "avg" else f", pooling={self.pooling!r}"
+        return f"num_subnetworks={self.num_subnetworks}, num_classes={self.num_classes}{extra}"
 
     def forward(self, x: Tensor) -> Tensor:
         check_ndim("x", x, 4, "(B, C, H, W)")
-        features = self.core(self.encoder(x))  # (B, D, h, w)
-        logits = self.head(features.mean(dim=(2, 3)))  # (B, M * K)
-        return logits.unflatten(-1, (self.num_subnetworks, self.num_classes))  # (B, M, K)
+        if self.preprocess is not None:
+            x = self.preprocess(x)
+        features = self.core(self.encoder(x))
+        if self.layout == "channels_first" and self.pooling == "avg":
+            pooled = features.mean(dim=(2, 3))
+        else:
+            pooled = self._split.pool(features)
+        if isinstance(self.head, nn.Linear):
+            logits = self.head(pooled)  # (B, M * K)
+            return logits.unflatten(-1, (self.num_subnetworks, -1))  # (B, M, K)
+        return self.head(pooled)
 
 
 @torch.no_grad()
@@ -78,18 +120,25 @@ def fold(model: nn.Module) -> FoldedMIMO:
     Its output equals ``model.eval()(x)`` up to float rounding (the summed kernel is summed once instead of per call).
 
     Args:
-        model: a ``MIMOWrapper`` whose encoders are zero-padded ``nn.Conv2d`` layers.
+        model: a ``MIMOWrapper``.
 
     Raises:
-        TypeError: ``model`` is not a ``MIMOWrapper``, or its encoders are not linear (a generic encoder, e.g. a
-            conv followed by a norm or an activation: the sum of M non-linear encoders is not one layer).
+        TypeError: ``model`` is not a ``MIMOWrapper``.
     """
     from .wrapper import MIMOWrapper
 
     if not isinstance(model, MIMOWrapper):
         raise TypeError(f"model must be a MIMOWrapper, but got {type(model).__name__}")
-    encoder = model.encoder.folded_conv()  # raises TypeError for non-linear encoders
-    head = model.heads.as_linear()
-    core = copy.deepcopy(model.core)
-    folded = FoldedMIMO(encoder, core, head, model.num_subnetworks)
+    encoder = model.encoder.folded()
+    head: nn.Module = model.heads.as_linear() if model.heads.is_linear else copy.deepcopy(model.heads)
+    folded = FoldedMIMO(
+        encoder,
+        copy.deepcopy(model.core),
+        head,
+        model.num_subnetworks,
+        layout=model.layout,
+        num_prefix_tokens=model.num_prefix_tokens,
+        pooling=model.pooling,
+        preprocess=copy.deepcopy(model.preprocess),
+    )
     return folded.eval()

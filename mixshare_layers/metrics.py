@@ -16,7 +16,10 @@ Member health: :func:`collapsed_members` names the subnetworks whose accuracy st
 learned (a failure of MIMO training that the ensemble accuracy hides: the ensemble is carried by the others).
 
 Sharing rates (paper Sec. 2) are properties of the weights, not of the data: see
-:func:`mixshare_layers.analysis.sharing_rates`.
+:func:`mixshare_layers.analysis.sharing_rates`. Uncertainty metrics that need every sample (OOD detection, AURC,
+adaptive and classwise ECE), temperature scaling and evaluation under corruptions are in
+:mod:`mixshare_layers.uncertainty` (:class:`~mixshare_layers.uncertainty.UncertaintyMetrics` extends
+:class:`EnsembleMetrics` with them, in the same units).
 """
 
 from __future__ import annotations
@@ -210,8 +213,13 @@ class EnsembleMetrics:
         self.state.zero_()
 
     @torch.no_grad()
-    def update(self, logits: Tensor, targets: Tensor) -> None:
-        """Add a batch: ``logits`` ``(B, M, K)`` of the M subnetworks and ``targets`` ``(B,)``."""
+    def update(self, logits: Tensor, targets: Tensor, *, log_probs: Tensor | None = None) -> None:
+        """Add a batch: ``logits`` ``(B, M, K)`` of the M subnetworks and ``targets`` ``(B,)``.
+
+        ``log_probs``: the ensemble's log-probabilities ``(B, K)``, when they are not the ones ``rule`` makes from
+        ``logits`` (e.g. after temperature scaling); the member accuracies and the disagreement still come from
+        ``logits``.
+        """
         _check_logits_targets(logits, targets)
         if logits.shape[1] != self.num_subnetworks:
             raise ValueError(
@@ -219,7 +227,15 @@ class EnsembleMetrics:
                 f"accumulator was built for num_subnetworks={self.num_subnetworks}"
             )
         targets = targets.to(logits.device)
-        log_p = ensemble_log_probs(logits, self.rule)  # (B, K), float32 at least
+        if log_probs is None:
+            log_p = ensemble_log_probs(logits, self.rule)  # (B, K), float32 at least
+        else:
+            if log_probs.shape != (logits.shape[0], logits.shape[2]):
+                raise ValueError(
+                    f"log_probs must have shape (B, K) = ({logits.shape[0]}, {logits.shape[2]}) to match logits of "
+                    f"shape {tuple(logits.shape)}, but got {tuple(log_probs.shape)}"
+                )
+            log_p = log_probs.float() if log_probs.dtype in (torch.float16, torch.bfloat16) else log_probs
         probs = log_p.exp()
         member_pred = logits.argmax(dim=2)  # (B, M)
         parts = [

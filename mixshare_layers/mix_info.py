@@ -80,6 +80,11 @@ class MixInfo(NamedTuple):
         cutmix: 0-dim bool tensor, whether CutMix was used for this batch (else linear mixing).
         height: height of the grid the boxes are expressed in (the encoding's H).
         width: width of that grid.
+        loss_weights: ``(B, M)`` loss weights of the recipe of the model that drew the mix, or ``None``.
+            :class:`~mixshare_layers.MIMOWrapper` sets them in training from its preset's ``rebalance_root``
+            (:func:`~mixshare_layers.functional.rebalanced_weights` of ``ratios``), so that
+            :class:`~mixshare_layers.MIMOLoss` weights the loss as the preset says; a bare
+            :class:`~mixshare_layers.CutMixMixer` leaves them ``None``.
 
     Shape:
         - :meth:`masks_at` renders ``(B, M, h, w)`` masks at any grid; :meth:`coverage_at` gives the separable
@@ -107,6 +112,7 @@ class MixInfo(NamedTuple):
     cutmix: Tensor
     height: int
     width: int
+    loss_weights: Tensor | None = None
 
     # -- constructors ------------------------------------------------------------------------------------------
     @classmethod
@@ -197,10 +203,15 @@ class MixInfo(NamedTuple):
             outside=self.outside.to(device=device, dtype=dtype),
             ratios=self.ratios.to(device=device, dtype=dtype),
             cutmix=self.cutmix.to(device),
+            loss_weights=None if self.loss_weights is None else self.loss_weights.to(device=device, dtype=dtype),
         )
 
     def index_select(self, index: Tensor) -> MixInfo:
         """Keep the samples at ``index`` (e.g. to split a batch)."""
         return self._replace(
-            boxes=self.boxes[index], inside=self.inside[index], outside=self.outside[index], ratios=self.ratios[index]
+            boxes=self.boxes[index],
+            inside=self.inside[index],
+            outside=self.outside[index],
+            ratios=self.ratios[index],
+            loss_weights=None if self.loss_weights is None else self.loss_weights[index],
         )

@@ -5,12 +5,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_ndim, check_num_subnetworks, check_real
+from ._checks import (
+    check_bool,
+    check_choice,
+    check_floating,
+    check_mix_info,
+    check_ndim,
+    check_num_subnetworks,
+    check_real,
+)
 from .functional.backend import resolve_backend
 from .functional.mixing import cutmix_probability, mix, sample_mix_params
 from .mix_info import MixInfo
 
-__all__ = ["CutMixMixer"]
+__all__ = ["ENCODING_LAYOUTS", "CutMixMixer"]
+
+ENCODING_LAYOUTS = ("channels_first", "channels_last")
 
 
 class CutMixMixer(nn.Module):
@@ -29,12 +39,16 @@ class CutMixMixer(nn.Module):
             0 keeps it constant. Driven by the ``progress`` passed to :meth:`forward`.
         shuffle_roles: draw the box owner once per batch (else member 0 always owns the box).
         scale: factor of the mix, default M (so training mixes and the test-time sum share a scale).
+        layout: layout of the encodings: ``"channels_first"`` ``(B, M, C, H, W)`` or ``"channels_last"``
+            ``(B, M, H, W, C)`` (an encoder whose output keeps the channels last); the masks live on the ``H x W``
+            grid either way, and the mix is computed on a permuted view (no copy).
         backend: implementation of the mixing, chosen once here: ``"auto"`` (fused Triton kernel for CUDA tensors
             when triton imports, else torch), ``"torch"`` or ``"triton"``; ``None`` reads ``MIXSHARE_BACKEND``.
 
     Shape:
-        - Input: ``(B, M, C, H, W)`` encodings.
-        - Output: ``(B, C, H, W)`` mixed encoding and a :class:`MixInfo` with boxes on the ``H x W`` grid.
+        - Input: ``(B, M, C, H, W)`` encodings (``(B, M, H, W, C)`` for ``layout="channels_last"``).
+        - Output: ``(B, C, H, W)`` mixed encoding (``(B, H, W, C)``) and a :class:`MixInfo` with boxes on the
+          ``H x W`` grid.
 
     Note:
         λ is each member's realised share: with CutMix it is recomputed from the clipped box area, so the box
@@ -57,24 +71,25 @@ class CutMixMixer(nn.Module):
         cutmix_ramp: float = 1.0 / 12.0,
         shuffle_roles: bool = True,
         scale: float | None = None,
+        layout: str = "channels_first",
         backend: str | None = None,
     ) -> None:
         super().__init__()
         self.backend = resolve_backend(backend)
+        self.layout = check_choice("layout", layout, ENCODING_LAYOUTS)
         self.num_subnetworks = check_num_subnetworks(num_subnetworks)
         self.alpha = check_real("alpha", alpha)
         self.cutmix_prob = check_real("cutmix_prob", cutmix_prob, low=0.0, high=1.0)
         self.cutmix_ramp = check_real("cutmix_ramp", cutmix_ramp, low=0.0, high=1.0)
-        if not isinstance(shuffle_roles, bool):
-            raise TypeError(f"shuffle_roles must be a bool, but got {shuffle_roles!r}")
-        self.shuffle_roles = shuffle_roles
+        self.shuffle_roles = check_bool("shuffle_roles", shuffle_roles)
         self.scale = float(self.num_subnetworks) if scale is None else check_real("scale", scale)
 
     def extra_repr(self) -> str:
         return (
             f"num_subnetworks={self.num_subnetworks}, alpha={self.alpha:g}, cutmix_prob={self.cutmix_prob:g}, "
             f"cutmix_ramp={self.cutmix_ramp:.4g}, shuffle_roles={self.shuffle_roles}, scale={self.scale:g}, "
-            f"backend={self.backend!r}"
+            + ("" if self.layout == "channels_first" else f"layout={self.layout!r}, ")
+            + f"backend={self.backend!r}"
         )
 
     def current_cutmix_prob(self, progress: Tensor | float = 0.0) -> Tensor:
@@ -89,7 +104,7 @@ class CutMixMixer(nn.Module):
     ) -> MixInfo:
         """Draw a mix for ``encodings`` ``(B, M, C, H, W)`` (only its shape, device and dtype are used)."""
         self._check(encodings)
-        b, _, _, h, w = encodings.shape
+        b, _, _, h, w = self._channels_first(encodings).shape
         # a constant probability stays a Python float (no ops); a ramped one is a tensor on the progress's device
         prob: Tensor | float = (
             self.cutmix_prob if self.cutmix_ramp <= 0 else self.current_cutmix_prob(progress).to(encodings.device)
@@ -112,7 +127,9 @@ class CutMixMixer(nn.Module):
     def apply(self, encodings: Tensor, info: MixInfo) -> Tensor:  # type: ignore[override]
         """Apply a given mix (deterministic)."""
         self._check(encodings)
-        return mix(encodings, info, self.scale, backend=self.backend)
+        check_mix_info("info", info)
+        mixed = mix(self._channels_first(encodings), info, self.scale, backend=self.backend)
+        return mixed if self.layout == "channels_first" else mixed.permute(0, 2, 3, 1)
 
     def forward(
         self,
@@ -122,14 +139,20 @@ class CutMixMixer(nn.Module):
     ) -> tuple[Tensor, MixInfo]:
         self._check(encodings)
         if not self.training:
-            b, m, _, h, w = encodings.shape
+            b, m, _, h, w = self._channels_first(encodings).shape
             info = MixInfo.identity(b, m, h, w, device=encodings.device)
             return encodings.sum(dim=1), info
         info = self.make_params(encodings, progress, generator)
         return self.apply(encodings, info), info
 
+    def _channels_first(self, encodings: Tensor) -> Tensor:
+        """``(B, M, C, H, W)`` view of the encodings (a permutation of a channels-last tensor's strides)."""
+        return encodings if self.layout == "channels_first" else encodings.permute(0, 1, 4, 2, 3)
+
     def _check(self, encodings: Tensor) -> None:
-        check_ndim("encodings", encodings, 5, "(B, M, C, H, W)")
+        layout = "(B, M, C, H, W)" if self.layout == "channels_first" else "(B, M, H, W, C)"
+        check_ndim("encodings", encodings, 5, layout, stack_dim={4: 1})
+        check_floating("encodings", encodings)
         if encodings.shape[1] != self.num_subnetworks:
             raise ValueError(
                 f"encodings of shape {tuple(encodings.shape)} have {encodings.shape[1]} members on dim 1, but the "

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_ndim, check_num_subnetworks, check_real
+from ._checks import check_bool, check_choice, check_images, check_num_subnetworks, check_real
 
 __all__ = ["ENCODER_INITS", "MultiEncoder", "reset_all_parameters"]
 
@@ -46,6 +47,48 @@ def _runs_as(module: nn.Module, base: type, methods: tuple[str, ...]) -> bool:
     return all(getattr(type(module), name) is getattr(base, name) for name in methods)
 
 
+def _input_channels(template: nn.Module) -> int | None:
+    """The image channels a template takes: a convolution's, or that of the first layer of a ``Sequential`` stem."""
+    while isinstance(template, nn.Sequential) and len(template) > 0:
+        template = template[0]
+    return template.in_channels if isinstance(template, nn.Conv2d) else None
+
+
+def _linear_in_parameters(module: nn.Module) -> bool:
+    """Whether the output of ``module`` is linear in its parameters: the sum of the outputs of copies with weights
+    ``w_i`` is the output of one copy with weight ``sum w_i``.
+
+    True for a plain ``nn.Conv2d`` (any padding mode) or ``nn.Linear``, and for timm's ``Conv2dSame`` (TensorFlow
+    "same" padding computed from the input size, then a plain convolution). A subclass with its own computation
+    (timm's ``StdConv2d`` standardises its weight) is not.
+    """
+    if isinstance(module, nn.Conv2d) and _runs_as(module, nn.Conv2d, ("forward", "_conv_forward")):
+        return True
+    if isinstance(module, nn.Linear) and _runs_as(module, nn.Linear, ("forward",)):
+        return True
+    timm_layers = sys.modules.get("timm.layers")  # timm's class only matters if timm is already imported
+    same = getattr(timm_layers, "Conv2dSame", None)
+    return same is not None and type(module) is same
+
+
+class _EncoderSum(nn.Module):
+    """The test-time sum of M encoder copies that no single copy can compute (non-linear encoders), scaled."""
+
+    def __init__(self, encoders: nn.ModuleList, scale: float) -> None:
+        super().__init__()
+        self.encoders = encoders
+        self.scale = scale
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:g}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.encoders[0](x)
+        for enc in self.encoders[1:]:
+            out = out + enc(x)
+        return out if self.scale == 1.0 else out * self.scale
+
+
 class MultiEncoder(nn.Module):
     """M encoders with the same architecture, one per subnetwork.
 
@@ -53,8 +96,9 @@ class MultiEncoder(nn.Module):
     parameter (:meth:`kernels` views it as ``(M, C_out, C_in / g, k, k)``): training runs them as one grouped
     convolution over the M inputs (on CUDA; on the CPU as M plain convolutions, which oneDNN runs faster), and test
     time runs a single convolution with the summed kernel (the sum of the M encodings of one image, computed once).
-    Any other template (including an ``nn.Conv2d`` subclass with its own ``forward``, such as timm's ``Conv2dSame``
-    or ``StdConv2d``) is deep-copied M times and run member by member.
+    Any other template (an ``nn.Conv2d`` subclass with its own ``forward``, such as timm's ``Conv2dSame`` or
+    ``StdConv2d``, a reflect-padded convolution, a multi-branch stem block) is deep-copied M times and run member by
+    member.
 
     Args:
         template: the module to replicate (a backbone's first convolution, typically).
@@ -64,6 +108,9 @@ class MultiEncoder(nn.Module):
             copy ``i`` the template's weights times a scalar ``s_i ~ Uniform(colinear_range)`` (linear templates only).
         preserve_sum: scale aligned/colinear copies so that their scalars sum to 1 (aligned: ``1 / M`` each): the
             test-time sum of the encoders then equals the template, which keeps a pretrained backbone's function.
+            Templates linear in their parameters (:attr:`is_linear`) get their parameters scaled; any other
+            template (aligned only) keeps its parameters and has each copy's output scaled by ``1 / M``
+            (:attr:`output_scale`), which is exact whatever the module computes.
         reinit: initialiser called on each copy for ``init="independent"``.
         colinear_range: ``(low, high)`` of the uniform distribution of the colinear scalars.
         generator: optional ``torch.Generator`` for the colinear scalars.
@@ -97,7 +144,7 @@ class MultiEncoder(nn.Module):
             raise TypeError(f"template must be an nn.Module, but got {type(template).__name__}")
         self.num_subnetworks = check_num_subnetworks(num_subnetworks)
         self.init = check_choice("init", init, ENCODER_INITS)
-        self.preserve_sum = bool(preserve_sum)
+        self.preserve_sum = check_bool("preserve_sum", preserve_sum)
         low, high = colinear_range
         check_real("colinear_range[0]", low, low=0.0, low_inclusive=False)
         check_real("colinear_range[1]", high, low=low)
@@ -107,17 +154,16 @@ class MultiEncoder(nn.Module):
         # weight) is neither fused nor treated as linear: it is replicated and run as the module it is
         plain_conv = isinstance(template, nn.Conv2d) and _runs_as(template, nn.Conv2d, ("forward", "_conv_forward"))
         self.fused = plain_conv and template.padding_mode == "zeros"
-        linear = plain_conv or (isinstance(template, nn.Linear) and _runs_as(template, nn.Linear, ("forward",)))
+        self.input_channels = _input_channels(template)  # for the input check (None: unknown)
+        linear = _linear_in_parameters(template)
+        self.linear = linear
         if init == "colinear" and not linear:
             raise TypeError(
                 "init='colinear' needs a linear template (a plain nn.Conv2d or nn.Linear, not a subclass with its own "
                 f"forward), but got {type(template).__name__}"
             )
-        if preserve_sum and not linear:
-            raise TypeError(
-                "preserve_sum=True needs a linear template (a plain nn.Conv2d or nn.Linear): the test-time sum of M "
-                f"copies of a non-linear {type(template).__name__} cannot reproduce it"
-            )
+        # a template that is not linear in its parameters keeps them: its copies' outputs are scaled instead
+        self.output_scale = 1.0 / m if preserve_sum and not linear and init == "aligned" else 1.0
 
         copies = [copy.deepcopy(template) for _ in range(m)]
         if init == "independent":
@@ -130,7 +176,7 @@ class MultiEncoder(nn.Module):
                 scales = torch.empty(m, dtype=torch.float64).uniform_(low, high, generator=generator)
             if preserve_sum:
                 scales = scales / scales.sum()
-            if init == "colinear" or preserve_sum:
+            if init == "colinear" or (preserve_sum and linear):
                 with torch.no_grad():
                     for c, s in zip(copies, scales.tolist(), strict=True):
                         for p in c.parameters():
@@ -170,8 +216,28 @@ class MultiEncoder(nn.Module):
 
     @property
     def is_linear(self) -> bool:
-        """Whether the test-time sum can be folded into a single convolution."""
-        return self.fused
+        """Whether the encoders are linear in their parameters, so that their test-time sum is one copy of the
+        template with the summed parameters (:meth:`folded`)."""
+        return self.linear
+
+    def folded(self) -> nn.Module:
+        """One module computing the test-time sum of the M encoders (a copy, in eval mode).
+
+        A linear template folds exactly into one copy of itself with the summed parameters: one ``nn.Conv2d``
+        (:meth:`folded_conv`) for the fused encoders, one copy of the template otherwise (a reflect-padded
+        convolution, timm's ``Conv2dSame``, an ``nn.Linear``). Any other template keeps its M copies, run on the same
+        input and summed (and scaled by :attr:`output_scale`): exact, at M times the first layer's cost.
+        """
+        if self.fused:
+            return self.folded_conv().eval()
+        assert self.encoders is not None
+        if self.linear:
+            single = copy.deepcopy(self.encoders[0])
+            with torch.no_grad():
+                for name, param in single.named_parameters():
+                    param.copy_(torch.stack([c.get_parameter(name) for c in self.encoders]).sum(dim=0))
+            return single.eval()
+        return _EncoderSum(copy.deepcopy(self.encoders), self.output_scale).eval()
 
     def kernels(self) -> Tensor:
         """The kernels as an ``(M, C', C / g, k, k)`` view of :attr:`weight` (fused encoders only).
@@ -186,9 +252,11 @@ class MultiEncoder(nn.Module):
     def folded_conv(self) -> nn.Conv2d:
         """A single ``nn.Conv2d`` computing the test-time sum of the M encoders (exact: convolution is linear)."""
         if not self.fused:
+            if self.linear and self.encoders is not None and isinstance(self.encoders[0], nn.Conv2d):
+                return self.folded()  # type: ignore[return-value]
             raise TypeError(
-                "the encoders cannot be folded into one convolution: they are not plain zero-padded nn.Conv2d "
-                "layers, so the sum of their outputs is not a single linear map"
+                "the encoders cannot be folded into one convolution: they are not convolutions linear in their "
+                "weights, so the sum of their outputs is not a single convolution (folded() keeps the M copies)"
             )
         conv = nn.Conv2d(
             self.in_channels,
@@ -214,8 +282,27 @@ class MultiEncoder(nn.Module):
         """Which of :data:`CUDA_TRAIN_PATHS` runs the fused training convolution on ``device``."""
         return CUDA_TRAIN_PATH if device.type == "cuda" else "split"
 
+    def check_input(self, x: object, name: str = "x") -> Tensor:
+        """Check images for these encoders: a floating tensor ``(B, C, H, W)`` or ``(B, M, C, H, W)`` with the
+        template's channel count, on the encoders' device and in their dtype (any floating dtype under autocast).
+
+        Raises ``TypeError`` / ``ValueError`` naming ``name``; reads only metadata (no device synchronisation).
+        """
+        param = self.weight if self.fused else next(self.encoders.parameters(), None)  # type: ignore[union-attr]
+        return check_images(
+            name,
+            x,
+            layout="(B, C, H, W) or (B, M, C, H, W)",
+            ndims=(4, 5),
+            channels=self.input_channels,
+            dtype=param.dtype if param is not None and param.is_floating_point() else None,
+            device=None if param is None else param.device,
+            owner="the encoder",
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         m = self.num_subnetworks
+        self.check_input(x)
         if x.dim() == 5:
             if x.shape[1] != m:
                 raise ValueError(
@@ -267,8 +354,8 @@ class MultiEncoder(nn.Module):
                 )
                 return out.view(b, m, self.out_channels, out.shape[-2], out.shape[-1])
             assert self.encoders is not None
-            return torch.stack([enc(x[:, i]) for i, enc in enumerate(self.encoders)], dim=1)
-        check_ndim("x", x, 4, "(B, C, H, W) or (B, M, C, H, W)")
+            out = torch.stack([enc(x[:, i]) for i, enc in enumerate(self.encoders)], dim=1)
+            return out if self.output_scale == 1.0 else out * self.output_scale
         if self.fused:
             bias = None if self.bias is None else self.bias.sum(dim=0)
             return F.conv2d(x, self.kernels().sum(dim=0), bias, self.stride, self.padding, self.dilation, self.groups)
@@ -276,4 +363,4 @@ class MultiEncoder(nn.Module):
         out = self.encoders[0](x)
         for enc in self.encoders[1:]:
             out = out + enc(x)
-        return out
+        return out if self.output_scale == 1.0 else out * self.output_scale

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, fields
 
-from ._checks import check_choice, check_fraction, check_real
+from ._checks import check_bool, check_choice, check_fraction, check_real
 from .multi_encoder import ENCODER_INITS
 from .unmixer import POOLINGS, UNMIX_MODES
 
@@ -66,19 +66,24 @@ class MIMOConfig:
     input_repetition: float = 0.0
 
     def __post_init__(self) -> None:
+        # numbers are stored as Python floats (NumPy scalars and 0-dim tensors are accepted and converted)
+        real = {
+            "alpha": check_real("alpha", self.alpha),
+            "cutmix_prob": check_real("cutmix_prob", self.cutmix_prob, low=0.0, high=1.0),
+            "cutmix_ramp": check_real("cutmix_ramp", self.cutmix_ramp, low=0.0, high=1.0),
+            "unmix_fraction": check_fraction("unmix_fraction", self.unmix_fraction),
+            "fadeout_end": check_fraction("fadeout_end", self.fadeout_end),
+            "input_repetition": check_real("input_repetition", self.input_repetition, low=0.0, high=1.0),
+            "rebalance_root": None
+            if self.rebalance_root is None
+            else check_real("rebalance_root", self.rebalance_root, low=0.0, low_inclusive=False),
+            "shuffle_roles": check_bool("shuffle_roles", self.shuffle_roles),
+        }
         check_choice("encoder_init", self.encoder_init, ENCODER_INITS)
-        check_real("alpha", self.alpha)
-        check_real("cutmix_prob", self.cutmix_prob, low=0.0, high=1.0)
-        check_real("cutmix_ramp", self.cutmix_ramp, low=0.0, high=1.0)
-        if not isinstance(self.shuffle_roles, bool):
-            raise TypeError(f"shuffle_roles must be a bool, but got {self.shuffle_roles!r}")
         check_choice("unmix_mode", self.unmix_mode, UNMIX_MODES)
-        check_fraction("unmix_fraction", self.unmix_fraction)
-        check_fraction("fadeout_end", self.fadeout_end)
         check_choice("unmix_pooling", self.unmix_pooling, POOLINGS)
-        if self.rebalance_root is not None:
-            check_real("rebalance_root", self.rebalance_root, low=0.0, low_inclusive=False)
-        check_real("input_repetition", self.input_repetition, low=0.0, high=1.0)
+        for name, value in real.items():
+            object.__setattr__(self, name, value)  # frozen dataclass: the documented way to normalise a field
 
     def replace(self, **overrides: object) -> MIMOConfig:
         """A copy with some fields changed; unknown names raise a ``TypeError`` listing the valid ones."""

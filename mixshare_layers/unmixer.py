@@ -8,8 +8,9 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_fraction, check_ndim
+from ._checks import check_choice, check_device, check_floating, check_fraction, check_int, check_mix_info
 from .functional.backend import resolve_backend
+from .functional.layout import FEATURE_LAYOUTS, as_maps, check_features, grid_mean, token_grid
 from .functional.unmixing import global_pool, unmix_pool
 from .mix_info import MixInfo
 
@@ -32,14 +33,19 @@ class Unmixer(nn.Module):
         pooling: ``"mean"`` divides each member's masked sum by its mask mass (a masked *average*; a member covering
             the whole map gets the global average, so training and test scales agree; default). ``"sum"`` divides by
             ``h * w`` (the mask-filtered map followed by a plain global average pool).
+        layout: layout of the features (:mod:`mixshare_layers.functional.layout`): ``"channels_first"``
+            ``(B, C, h, w)``, ``"channels_last"`` ``(B, h, w, C)`` or ``"tokens"`` ``(B, P + h w, C)``. The grid is
+            pooled through a strided ``(B, C, h, w)`` view (no copy); prefix tokens take no part in the pooling.
+        num_prefix_tokens: ``P``, the class / register / distillation tokens before the patch grid (tokens only).
         backend: implementation of the masked pooling, chosen once here: ``"auto"`` (fused Triton kernel for CUDA
             tensors when triton imports, else torch), ``"torch"`` or ``"triton"``; ``None`` reads
             ``MIXSHARE_BACKEND``.
 
     Shape:
-        - Input: features ``(B, C, h, w)`` and the :class:`MixInfo` of the batch (masks are brought to ``h x w`` by
-          exact area coverage).
-        - Output: ``(B, M, C)``. In eval mode every subnetwork gets the plain global average.
+        - Input: features ``(B, C, h, w)`` (or the ``layout``'s shape) and the :class:`MixInfo` of the batch (masks
+          are brought to ``h x w`` by exact area coverage; a token grid's ``h x w`` has the aspect ratio of the mix
+          grid, see :func:`~mixshare_layers.functional.layout.token_grid`).
+        - Output: ``(B, M, C)``. In eval mode every subnetwork gets the plain global average of the grid.
 
     Example:
         >>> from mixshare_layers import CutMixMixer
@@ -55,10 +61,16 @@ class Unmixer(nn.Module):
         fraction: float = 0.25,
         fadeout_end: float = 1.0 / 3.0,
         pooling: str = "mean",
+        layout: str = "channels_first",
+        num_prefix_tokens: int = 0,
         backend: str | None = None,
     ) -> None:
         super().__init__()
         self.backend = resolve_backend(backend)
+        self.layout = check_choice("layout", layout, FEATURE_LAYOUTS)
+        self.num_prefix_tokens = check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
+        if self.num_prefix_tokens and self.layout != "tokens":
+            raise ValueError(f"num_prefix_tokens={self.num_prefix_tokens} is for layout='tokens', not {layout!r}")
         self.mode = check_choice("mode", mode, UNMIX_MODES)
         self.fraction = check_fraction("fraction", fraction)
         self.fadeout_end = check_fraction("fadeout_end", fadeout_end)
@@ -72,6 +84,10 @@ class Unmixer(nn.Module):
         if self.mode == "fadeout":
             parts.append(f"fadeout_end={self.fadeout_end:.4g}")
         parts.append(f"pooling={self.pooling!r}")
+        if self.layout != "channels_first":
+            parts.append(f"layout={self.layout!r}")
+        if self.num_prefix_tokens:
+            parts.append(f"num_prefix_tokens={self.num_prefix_tokens}")
         parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
 
@@ -89,16 +105,27 @@ class Unmixer(nn.Module):
         return (p / self.fadeout_end).clamp(0.0, 1.0)
 
     def forward(self, features: Tensor, info: MixInfo, progress: Tensor | float = 0.0) -> Tensor:
-        check_ndim("features", features, 4, "(B, C, h, w)")
+        p = self.num_prefix_tokens
+        check_features("features", features, self.layout)
+        check_floating("features", features)
+        check_mix_info("info", info)
+        check_device("features", features, info.inside.device, "the MixInfo")
         m = info.inside.shape[1]
         if features.shape[0] != info.inside.shape[0]:
             raise ValueError(
                 f"features have batch size {features.shape[0]} (shape {tuple(features.shape)}) but the MixInfo "
                 f"describes {info.inside.shape[0]} samples"
             )
+        if self.layout == "channels_first":
+            maps = features  # (today's path, untouched)
+        elif not self.training or self.mode == "none":  # no grid needed: the global average of the grid
+            return grid_mean(features, self.layout, num_prefix_tokens=p).unsqueeze(1).expand(-1, m, -1)
+        else:
+            grid = token_grid(features.shape[1] - p, info.height, info.width) if self.layout == "tokens" else None
+            maps = as_maps(features, self.layout, num_prefix_tokens=p, grid=grid)  # (B, C, h, w) view, no copy
         if not self.training or self.mode == "none":
-            return global_pool(features, m)
-        h, w = features.shape[-2:]
+            return global_pool(maps, m)
+        h, w = maps.shape[-2:]
         if h == 1 and w == 1 and not self._warned_1x1 and not torch.compiler.is_compiling():
             warnings.warn(
                 "Unmixer got 1x1 feature maps: every mask is a constant there, so unmixing has no effect. Unmix "
@@ -107,10 +134,10 @@ class Unmixer(nn.Module):
             )
             self._warned_1x1 = True
         return unmix_pool(
-            features,
+            maps,
             info,
             strength=self.strength(progress).to(features.device) if self.mode == "fadeout" else 0.0,
-            num_unmixed=self.num_unmixed(features.shape[1]) if self.mode == "partial" else None,
+            num_unmixed=self.num_unmixed(maps.shape[1]) if self.mode == "partial" else None,
             normalize=self.pooling == "mean",
             backend=self.backend,
         )

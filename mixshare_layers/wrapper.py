@@ -1,17 +1,29 @@
-"""``MIMOWrapper``: any CNN backbone as a MIMO / MixMo / MixShare network."""
+"""``MIMOWrapper``: any backbone (CNN or vision transformer) as a MIMO / MixMo / MixShare network."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_num_subnetworks, check_real
+from ._checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_num_subnetworks,
+    check_real,
+    check_tensor,
+    values_checked,
+)
 from .adapters import BackboneSplit, split_backbone
+from .adapters.split import no_unmixing_reason
 from .batcher import MIMOBatcher
 from .functional.ensemble import ENSEMBLE_RULES, ensemble_probs, to_estimator_major
+from .functional.layout import check_features
+from .functional.loss import rebalanced_weights
 from .loss import MIMOLoss
 from .mix_info import MixInfo
 from .mixer import CutMixMixer
@@ -20,7 +32,16 @@ from .multi_head import MultiHead
 from .presets import PRESETS, MIMOConfig, get_preset
 from .unmixer import Unmixer
 
-__all__ = ["MIMOOutput", "MIMOWrapper"]
+__all__ = ["MIMOOutput", "MIMOWrapper", "ProgressWarning"]
+
+_STACK = {3: 0, 4: 1}  # how a list of images (C, H, W) or of member batches (B, C, H, W) stacks into the input
+
+
+class ProgressWarning(UserWarning):
+    """A schedule that reads training progress (fadeout unmixing, the CutMix ramp) has seen it unchanged for long.
+
+    Raised once per stale stretch by :class:`MIMOWrapper` (see :meth:`MIMOWrapper.set_total_steps`).
+    """
 
 
 class MIMOOutput(NamedTuple):
@@ -28,7 +49,8 @@ class MIMOOutput(NamedTuple):
 
     Attributes:
         logits: ``(B, M, K)``; row ``i`` of sample ``b`` is subnetwork ``i``'s prediction for input ``i``.
-        mix_info: the :class:`~mixshare_layers.MixInfo` of the batch (λ for the loss, masks for analysis).
+        mix_info: the :class:`~mixshare_layers.MixInfo` of the batch (λ and the preset's loss weights for the loss,
+            masks for analysis).
 
     Example:
         >>> from mixshare_layers.models import wide_resnet
@@ -45,33 +67,55 @@ class MIMOOutput(NamedTuple):
 class MIMOWrapper(nn.Module):
     """Turn a classification backbone into an M-subnetwork MIMO network.
 
-    The backbone is split into encoder / core / classifier (:mod:`mixshare_layers.adapters`). The encoder becomes a
-    :class:`~mixshare_layers.MultiEncoder`, a :class:`~mixshare_layers.CutMixMixer` mixes the M encodings, the core
-    is shared, an :class:`~mixshare_layers.Unmixer` pools the final maps per subnetwork and a
-    :class:`~mixshare_layers.MultiHead` classifies.
+    The backbone is split into encoder / core / head (:mod:`mixshare_layers.adapters`: every torchvision and timm
+    classifier, or your own split). The encoder becomes a :class:`~mixshare_layers.MultiEncoder`, a
+    :class:`~mixshare_layers.CutMixMixer` mixes the M encodings in the encoder's layout, the core is shared, an
+    :class:`~mixshare_layers.Unmixer` pools the final features (maps or the patch grid of tokens) per subnetwork and
+    a :class:`~mixshare_layers.MultiHead` (M copies of the backbone's head) classifies.
 
     Args:
-        backbone: the network to wrap (ignored parts: its global pooling). May be ``None`` when ``split`` is a
+        backbone: the network to wrap. May be ``None`` when ``split`` is a
             :class:`~mixshare_layers.BackboneSplit`.
         num_subnetworks: M.
         preset: one of ``"mimo"``, ``"mixmo"``, ``"unmix"``, ``"unmix-aligned"``, ``"mixshare"``,
             ``"mixshare-partial"`` (table in :mod:`mixshare_layers.presets`).
         split: a :class:`~mixshare_layers.BackboneSplit`, or a function of the backbone returning one.
-        pretrained: keep the backbone's weights as the starting point: aligned/colinear encoder copies are scaled
-            to sum to the original conv and every head is a copy of the classifier, so that in eval mode every head
-            gives exactly the backbone's logits at initialisation. Otherwise the M heads are initialised
-            independently with the split's ``reinit`` (the backbone's own initialiser: MixMo's truncated He-normal
-            with zero bias for the library's WRN; ``nn.Linear``'s default when the split has none), and encoders
-            follow ``encoder_init``.
+        pretrained: (a bool) start as the backbone: aligned/colinear encoder copies are scaled to sum to the
+            original first layer and every head is a copy of the backbone's head, so that in eval mode every member
+            gives exactly the backbone's logits at initialisation. Presets with independent encoders (``"mimo"``,
+            ``"mixmo"``, ``"unmix"``) re-initialise the first layer, which breaks that promise: they are refused
+            unless ``encoder_init="aligned"`` (or ``"colinear"``) is given. With ``pretrained=False`` the M heads are
+            initialised independently with the split's ``reinit`` (the backbone's own initialiser: MixMo's truncated
+            He-normal with zero bias for the library's WRN; ``nn.Linear``'s default when the split has none) and
+            encoders follow ``encoder_init``; the core keeps the backbone's weights either way.
         backend: implementation of the masked ops (mixing, unmixing): ``"auto"`` (fused Triton kernels for CUDA
             tensors when triton imports, else torch), ``"torch"`` or ``"triton"``; ``None`` reads
             ``MIXSHARE_BACKEND`` (see :mod:`mixshare_layers.functional.backend`).
+        total_steps: drive ``progress`` by itself: each training forward counts one step, and progress is
+            ``steps / total_steps`` (see :meth:`set_total_steps`). ``None`` (default): set it with
+            :meth:`set_progress`.
         **overrides: any field of :class:`~mixshare_layers.MIMOConfig` (e.g. ``alpha=1.0``, ``unmix_mode="full"``).
+
+    Note:
+        The wrapper *uses* the backbone's modules, it does not copy them: its ``core`` is the backbone's own layers,
+        so training the wrapper changes the backbone object you passed in (as ``DistributedDataParallel`` or
+        ``torch.compile`` would). Its first layer and classifier are copied (M encoders, M heads), so after training
+        the backbone holds a trained core between an untrained stem and classifier: treat it as consumed, and pass
+        ``copy.deepcopy(backbone)`` to keep the original. Build the optimizer from ``model.parameters()``.
+
+    Raises:
+        UnsupportedBackboneError: the backbone cannot be split automatically (the message says why and how).
+        ValueError: an unmixing preset on a backbone whose head does not average its features (a class token,
+            attention pooling, a flattening head): unmixing has nothing to filter there; the message gives the
+            options (``unmix_mode="none"`` keeps the rest of the preset).
 
     Shape:
         - Training: ``(B, M, C, H, W)`` -> :class:`MIMOOutput` with logits ``(B, M, K)``.
         - Eval: ``(B, C, H, W)`` -> logits ``(B, M, K)``, from one pass of the core (the same image fed to every
           encoder, encodings summed); ``(B, M, C, H, W)`` is accepted too (M different images, summed encodings).
+        - The core's features may be ``(B, D, h, w)``, ``(B, h, w, D)`` or tokens ``(B, P + h w, D)`` (the split's
+          ``layout``); the mixing happens on the encoder's output, before the core adds positional embeddings and
+          prefix tokens.
 
     Example:
         >>> from mixshare_layers.models import wide_resnet
@@ -85,6 +129,12 @@ class MIMOWrapper(nn.Module):
     """
 
     progress: Tensor
+    num_steps: Tensor
+    total_steps: Tensor
+
+    #: A preset whose schedule reads progress (fadeout, CutMix ramp) warns (:class:`ProgressWarning`) after this many
+    #: training forwards with an unchanged progress and no ``total_steps``; ``None`` disables the warning.
+    stale_progress_warning: int | None = 10_000
 
     def __init__(
         self,
@@ -95,6 +145,7 @@ class MIMOWrapper(nn.Module):
         split: BackboneSplit | Callable[[nn.Module], BackboneSplit] | None = None,
         pretrained: bool = False,
         backend: str | None = None,
+        total_steps: int | None = None,
         **overrides: object,
     ) -> None:
         super().__init__()
@@ -103,28 +154,30 @@ class MIMOWrapper(nn.Module):
         check_choice("preset", preset, PRESETS)
         self.preset = preset
         self.config: MIMOConfig = get_preset(preset, **overrides)
-        self.pretrained = bool(pretrained)
-        if split is None:
-            if backbone is None:
-                raise TypeError(
-                    "backbone is None: give a backbone to wrap, or split=BackboneSplit(encoder=..., core=..., "
-                    "classifier=...)"
-                )
-            parts = split_backbone(backbone)
-        elif isinstance(split, BackboneSplit):
-            parts = split
-        elif callable(split):
-            if backbone is None:
-                raise TypeError("split is a function of the backbone, but backbone is None")
-            parts = split(backbone)
-            if not isinstance(parts, BackboneSplit):
-                raise TypeError(f"split(backbone) must return a BackboneSplit, but got {type(parts).__name__}")
-        else:
-            raise TypeError(f"split must be a BackboneSplit or a callable, but got {type(split).__name__}")
-        if not isinstance(parts.classifier, nn.Linear):
-            raise TypeError(f"split.classifier must be an nn.Linear, but got {type(parts.classifier).__name__}")
-
+        self.pretrained = check_bool("pretrained", pretrained)
+        if self.pretrained and self.config.encoder_init == "independent":
+            raise ValueError(
+                f"pretrained=True starts the network as the backbone, but preset {preset!r} has independent encoders "
+                "(encoder_init='independent'), which re-initialises the backbone's first layer. Pass "
+                "encoder_init='aligned' (or 'colinear') to keep it, or pretrained=False (the core keeps the "
+                "backbone's weights; encoders and heads start afresh)"
+            )
+        parts = _resolve_split(backbone, split)
+        name = type(backbone).__name__ if backbone is not None else "the split's backbone"
         cfg = self.config
+        reason = no_unmixing_reason(parts, name)
+        if reason is not None and cfg.unmix_mode != "none":
+            raise ValueError(
+                f"preset {preset!r} unmixes the final features (unmix_mode={cfg.unmix_mode!r}), but {reason}. "
+                f"Keep the rest of the preset without unmixing: MIMOWrapper(net, {m}, {preset!r}, "
+                "unmix_mode='none'), or use preset='mixmo' / 'mimo'; to unmix, give the backbone a head that "
+                "averages its features (timm: timm.create_model(name, global_pool='avg', class_token=False) for a "
+                "ViT)."
+            )
+        self.layout = parts.layout
+        self.num_prefix_tokens = parts.num_prefix_tokens
+        self.pooling = parts.pooling
+        self.preprocess = parts.preprocess
         self.encoder = MultiEncoder(
             parts.encoder,
             m,
@@ -138,6 +191,7 @@ class MIMOWrapper(nn.Module):
             cutmix_prob=cfg.cutmix_prob,
             cutmix_ramp=cfg.cutmix_ramp,
             shuffle_roles=cfg.shuffle_roles,
+            layout=parts.encoding_layout,
             backend=backend,
         )
         self.core = parts.core
@@ -146,45 +200,165 @@ class MIMOWrapper(nn.Module):
             fraction=cfg.unmix_fraction,
             fadeout_end=cfg.fadeout_end,
             pooling=cfg.unmix_pooling,
+            layout=parts.layout,
+            num_prefix_tokens=parts.num_prefix_tokens,
             backend=backend,
         )
-        clf = parts.classifier
-        if self.pretrained:
-            self.heads = MultiHead.from_linear(clf, m)
-        elif parts.reinit is not None:
-            # the heads start like the backbone's own classifier (for MixMo's WRN: truncated He-normal, zero bias);
-            # PyTorch's default uniform init left MixMo's members 15-20 points weaker (issue 12)
-            self.heads = MultiHead.from_initializer(clf, m, parts.reinit)
-        else:
-            self.heads = MultiHead(
-                clf.in_features,
-                clf.out_features,
-                m,
-                bias=clf.bias is not None,
-                device=clf.weight.device,
-                dtype=clf.weight.dtype,
-            )
-        self.register_buffer("progress", torch.zeros((), device=clf.weight.device))
+        # without pretrained weights the heads start like the backbone's own head: one draw of the split's reinit
+        # each (MixMo's truncated He-normal with zero bias for the library's WRN); nn.Linear's default left MixMo's
+        # members 15-20 points weaker (issue 12)
+        self.heads = MultiHead.from_module(
+            parts.classifier,
+            m,
+            copy_weights=self.pretrained,
+            reinit=parts.reinit,
+            input_ndim=parts.head_input_ndim,
+        )
+        device = next((p.device for p in self.heads.parameters()), None)
+        self.register_buffer("progress", torch.zeros((), device=device))
+        # the total-steps mode (set_total_steps): training forwards done, and the total (0: progress set by hand)
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("total_steps", torch.zeros((), dtype=torch.long, device=device))
+        self._steps_drive_progress = False  # mirrors total_steps > 0 on the host, so forward never reads the buffer
+        self._stale_forwards = 0  # training forwards since progress last changed (eager mode, progress set by hand)
+        self._last_progress: float | None = 0.0
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
 
     # ---------------------------------------------------------------------------------------------------------
     def extra_repr(self) -> str:
         return f"num_subnetworks={self.num_subnetworks}, preset={self.preset!r}, pretrained={self.pretrained}"
 
     @property
-    def num_classes(self) -> int:
+    def num_classes(self) -> int | None:
+        """K (``None`` when a generic head has no ``nn.Linear`` / ``nn.Conv2d`` to read it from)."""
         return self.heads.num_classes
 
-    def set_progress(self, progress: float) -> None:
+    def split(self) -> BackboneSplit:
+        """This network's layout and pooling as a :class:`~mixshare_layers.BackboneSplit` of its own parts (the
+        encoder and head fields hold the :class:`~mixshare_layers.MultiEncoder` and
+        :class:`~mixshare_layers.MultiHead`)."""
+        return BackboneSplit(
+            encoder=self.encoder,
+            core=self.core,
+            classifier=self.heads,
+            layout=self.layout,
+            num_prefix_tokens=self.num_prefix_tokens,
+            pooling=self.pooling,
+            encoding_layout=self.mixer.layout,
+            preprocess=self.preprocess,
+        )
+
+    def set_progress(self, progress: float | Tensor) -> None:
         """Set training progress in [0, 1] (e.g. ``epoch / num_epochs``); it drives fadeout and the CutMix ramp.
 
-        Stored in the ``progress`` buffer, so it is saved in the state dict.
-        """
-        p = check_real("progress", progress, low=0.0, high=1.0)
-        self.progress.fill_(p)
+        Stored in place in the ``progress`` buffer (saved in the state dict; a captured CUDA graph sees the new
+        value). ``progress`` may be a Python or NumPy number or a 0-dim tensor. A tensor on an accelerator is copied
+        on the device without being read (no synchronisation), so its range is checked only under
+        ``set_value_checks("always")``; the schedules clamp it to [0, 1] anyway.
 
-    def make_loss(self, label_smoothing: float = 0.0) -> MIMOLoss:
-        """The :class:`~mixshare_layers.MIMOLoss` of this configuration (its ``rebalance_root``)."""
-        return MIMOLoss(self.config.rebalance_root, label_smoothing=label_smoothing)
+        For per-step progress without calling this, see :meth:`set_total_steps`.
+        """
+        if self._steps_drive_progress:
+            raise ValueError(
+                f"progress is driven by the step counter (total_steps={int(self.total_steps)}); call "
+                "model.set_total_steps(None) first to set it by hand"
+            )
+        if isinstance(progress, Tensor) and not values_checked(progress):
+            if progress.dim() != 0 or progress.dtype == torch.bool or progress.is_complex():
+                raise ValueError(
+                    f"progress must be a number or a 0-dim real tensor, but got a tensor of shape "
+                    f"{tuple(progress.shape)} and dtype {progress.dtype}"
+                )
+            self.progress.copy_(progress.detach())
+            value = None
+        else:
+            value = check_real("progress", progress, low=0.0, high=1.0)
+            self.progress.fill_(value)
+        if value is None or value != self._last_progress:
+            self._stale_forwards = 0
+        self._last_progress = value
+
+    def set_total_steps(self, total_steps: int | None, *, step: int = 0) -> None:
+        """Drive progress by a step counter: each training forward counts one step, progress = steps / total.
+
+        The counter (``num_steps``) and the total (``total_steps``) are buffers: the division and the count run on
+        the model's device inside the forward (no host synchronisation, nothing to call per step), work under
+        ``torch.compile(fullgraph=True)`` and in a captured CUDA graph (each replay counts), are saved in the state
+        dict (a resumed run continues its schedules; loading also restores the mode), and are identical on every
+        DDP rank. Progress stays at 1 past ``total_steps``.
+
+        Args:
+            total_steps: the number of *training forwards* of the whole run (``num_epochs * len(loader)``; with
+                gradient accumulation, count every micro-batch). ``None`` returns to setting progress by hand with
+                :meth:`set_progress` (the current progress is kept).
+            step: the counter's new value (0 at the start of a run; e.g. to reset it after CUDA-graph warm-up
+                steps, which count).
+
+        Example:
+            >>> from mixshare_layers.models import wide_resnet
+            >>> model = MIMOWrapper(wide_resnet(10, 1, num_classes=10), 2, "mixshare", total_steps=4)
+            >>> for _ in range(3):
+            ...     _ = model(torch.randn(2, 2, 3, 32, 32))
+            >>> float(model.progress), int(model.num_steps)  # the last forward ran at progress 2 / 4
+            (0.5, 3)
+        """
+        if total_steps is None:
+            self.total_steps.zero_()
+            self._steps_drive_progress = False
+            self._stale_forwards = 0
+            self._last_progress = None
+            return
+        total = check_int("total_steps", total_steps, minimum=1)
+        count = check_int("step", step, minimum=0)
+        self.total_steps.fill_(total)
+        self.num_steps.fill_(count)
+        self.progress.fill_(min(1.0, count / total))
+        self._steps_drive_progress = True
+
+    def _training_progress(self) -> Tensor:
+        """The progress this training forward runs at (counting the step in the total-steps mode)."""
+        if self._steps_drive_progress:
+            self.progress.copy_((self.num_steps / self.total_steps).clamp(max=1.0))  # on device, no sync
+            self.num_steps.add_(1)
+        elif self._schedule_reads_progress() and not torch.compiler.is_compiling():
+            self._stale_forwards += 1
+            if self._stale_forwards == self.stale_progress_warning:
+                cfg = self.config
+                what = "fadeout unmixing" if cfg.unmix_mode == "fadeout" else "the CutMix ramp"
+                shown = "unchanged" if self._last_progress is None else f"still {self._last_progress:g}"
+                warnings.warn(
+                    f"{self._stale_forwards} training forwards have run with progress {shown}, but {what} of preset "
+                    f"{self.preset!r} reads progress, so the schedule is not moving. Call "
+                    "model.set_total_steps(num_epochs * steps_per_epoch) once (progress then advances on its own, "
+                    "on device), or model.set_progress(epoch / num_epochs) every epoch. (If your epochs are longer "
+                    "than this, set model.stale_progress_warning = None or a larger count.)",
+                    ProgressWarning,
+                    stacklevel=5,  # the caller of the module (past forward, _call_impl, _wrapped_call_impl)
+                )
+        return self.progress
+
+    def _schedule_reads_progress(self) -> bool:
+        cfg = self.config
+        return cfg.unmix_mode == "fadeout" or (cfg.cutmix_ramp > 0 and cfg.cutmix_prob > 0)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name in ("num_steps", "total_steps"):  # a state dict written before these buffers: progress by hand
+            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        total = state_dict[prefix + "total_steps"]
+        if isinstance(total, Tensor) and total.device.type != "meta":
+            self._steps_drive_progress = int(total) > 0  # the mode travels with the checkpoint
+        self._stale_forwards = 0
+        self._last_progress = None
+
+    def make_loss(self, label_smoothing: float = 0.0, *, ignore_index: int | None = None) -> MIMOLoss:
+        """The :class:`~mixshare_layers.MIMOLoss` of this configuration.
+
+        Its weights come from the outputs of this model (``mix_info.loss_weights``, set from the preset's
+        ``rebalance_root``), so it is the same loss as ``MIMOLoss(label_smoothing=..., ignore_index=...)``.
+        """
+        return MIMOLoss("auto", label_smoothing=label_smoothing, ignore_index=ignore_index)
 
     def make_batcher(self, batch_repetition: int = 1, **kwargs: object) -> MIMOBatcher:
         """A :class:`~mixshare_layers.MIMOBatcher` with this configuration's input repetition."""
@@ -193,42 +367,65 @@ class MIMOWrapper(nn.Module):
     # ---------------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> MIMOOutput | Tensor:
         m = self.num_subnetworks
+        check_tensor(
+            "x", x, "(B, M, C, H, W)" if self.training else "(B, C, H, W) or (B, M, C, H, W)", stack_dim=_STACK
+        )
+        if self.preprocess is not None:  # the split's parameter-free input transform, on (B, C, H, W) images
+            x = self.preprocess(x.flatten(0, 1)).unflatten(0, x.shape[:2]) if x.dim() == 5 else self.preprocess(x)
         if self.training:
             if x.dim() != 5 or x.shape[1] != m:
                 raise ValueError(
-                    f"in training mode the input must have shape (B, M={m}, C, H, W) (M different images per row; "
+                    f"x must have shape (B, M={m}, C, H, W) in training mode (M different images per row; "
                     f"see MIMOBatcher), but got a tensor of shape {tuple(x.shape)}"
                 )
             encodings = self.encoder(x)  # (B, M, C', H', W')
-            mixed, info = self.mixer(encodings, self.progress, generator)
-            features = self._core(mixed)  # (B, D, h, w)
-            pooled = self.unmixer(features, info, self.progress)  # (B, M, D)
+            progress = self._training_progress()  # the progress buffer (advanced on device with total_steps)
+            mixed, info = self.mixer(encodings, progress, generator)
+            features = self._core(mixed)  # (B, D, h, w), (B, h, w, D) or (B, P + h w, D)
+            if self.pooling == "avg":
+                pooled = self.unmixer(features, info, progress)  # (B, M, D)
+            else:
+                pooled = self._pool(features)  # one input shared by every head
+            info = info._replace(loss_weights=rebalanced_weights(info.ratios, self.config.rebalance_root))
             return MIMOOutput(self.heads(pooled), info)
         if x.dim() == 5:
             if x.shape[1] != m:
-                raise ValueError(f"input must have shape (B, C, H, W) or (B, M={m}, C, H, W), but got {tuple(x.shape)}")
+                raise ValueError(f"x must have shape (B, C, H, W) or (B, M={m}, C, H, W), but got {tuple(x.shape)}")
             mixed = self.encoder(x).sum(dim=1)
         elif x.dim() == 4:
             mixed = self.encoder(x)  # the summed encoders, one convolution
         else:
-            raise ValueError(f"input must have shape (B, C, H, W) or (B, M={m}, C, H, W), but got {tuple(x.shape)}")
+            raise ValueError(f"x must have shape (B, C, H, W) or (B, M={m}, C, H, W), but got {tuple(x.shape)}")
         features = self._core(mixed)
-        return self.heads(features.mean(dim=(2, 3)))  # one pooled vector shared by every head
+        return self.heads(self._pool(features))  # one pooled vector shared by every head
+
+    def _pool(self, features: Tensor) -> Tensor:
+        """The heads' shared input: the grid average, the class token, or the features themselves."""
+        if self.layout == "channels_first" and self.pooling == "avg":
+            return features.mean(dim=(2, 3))
+        return self.split().pool(features)
 
     def _core(self, mixed: Tensor) -> Tensor:
         features = self.core(mixed)
-        if not isinstance(features, Tensor) or features.dim() != 4:
+        if self.pooling == "head":  # the heads read the features as they are (even several maps, in a list)
+            return features
+        try:
+            return check_features("features", features, self.layout)
+        except (TypeError, ValueError):
             shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-            raise ValueError(
-                f"the core must return spatial feature maps (B, D, h, w) (before global pooling), but returned {shape}"
-            )
-        return features
+            expected = {
+                "channels_first": "spatial feature maps (B, D, h, w)",
+                "channels_last": "channels-last feature maps (B, h, w, D)",
+                "tokens": "tokens (B, P + h w, D)",
+            }[self.layout]
+            raise ValueError(f"the core must return {expected} (before global pooling), but returned {shape}") from None
 
     def fold(self) -> nn.Module:
         """A module computing this network's eval-mode logits in one pass (:func:`mixshare_layers.deploy.fold`).
 
-        The M encoders become one convolution (their test-time sum) and the M heads one ``nn.Linear`` with ``M * K``
-        outputs; the result is a copy in eval mode, ready for ``torch.export`` / ONNX.
+        The M encoders become one layer (their test-time sum; M copies summed for a non-linear first layer) and M
+        linear heads one ``nn.Linear`` with ``M * K`` outputs; the result is a copy in eval mode, ready for
+        ``torch.export`` / ONNX.
 
         Shape:
             - Input: ``(B, C, H, W)``; output: logits ``(B, M, K)``, equal to ``self.eval()(x)``.
@@ -263,3 +460,25 @@ class MIMOWrapper(nn.Module):
     def estimator_major(logits: Tensor) -> Tensor:
         """torch-uncertainty's layout: ``(B, M, K) -> (M * B, K)``, members in contiguous blocks."""
         return to_estimator_major(logits)
+
+
+def _resolve_split(
+    backbone: nn.Module | None, split: BackboneSplit | Callable[[nn.Module], BackboneSplit] | None
+) -> BackboneSplit:
+    if split is None:
+        if backbone is None:
+            raise TypeError(
+                "backbone is None: give a backbone to wrap, or split=BackboneSplit(encoder=..., core=..., "
+                "classifier=...)"
+            )
+        return split_backbone(backbone)
+    if isinstance(split, BackboneSplit):
+        return split.validate()
+    if callable(split):
+        if backbone is None:
+            raise TypeError("split is a function of the backbone, but backbone is None")
+        parts = split(backbone)
+        if not isinstance(parts, BackboneSplit):
+            raise TypeError(f"split(backbone) must return a BackboneSplit, but got {type(parts).__name__}")
+        return parts.validate()
+    raise TypeError(f"split must be a BackboneSplit or a callable, but got {type(split).__name__}")

@@ -154,8 +154,8 @@ def test_encoder_influence_of_generic_conv_encoders():
 
 
 def test_influence_bad_models():
-    enc = MultiEncoder(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()), 2)
-    with pytest.raises(TypeError, match=r"needs nn\.Conv2d encoders"):
+    enc = MultiEncoder(nn.Sequential(nn.Identity(), nn.ReLU()), 2)
+    with pytest.raises(TypeError, match=r"needs encoders with an nn\.Conv2d or nn\.Linear.*Sequential"):
         encoder_influence(enc)
     with pytest.raises(TypeError, match=r"must be a MIMOWrapper \(or have a .heads MultiHead\), but got Linear"):
         classifier_influence(nn.Linear(3, 4))

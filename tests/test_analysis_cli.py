@@ -1,20 +1,24 @@
-"""``python -m mixshare_layers.analysis CHECKPOINT --out DIR`` on tiny checkpoints."""
+"""``python -m mixshare_layers.analysis CHECKPOINT --out DIR`` on tiny checkpoints, and its one-line errors."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_cases import CASES, code_running_checkpoint, make_case
 
 from mixshare_layers import MIMOWrapper
 from mixshare_layers.analysis import classifier_influence, load_wrn_checkpoint, model_from_checkpoint, sharing_rate
-from mixshare_layers.analysis.__main__ import main
+from mixshare_layers.analysis.__main__ import cli, main
+from mixshare_layers.checkpoint import CheckpointError, CheckpointNotFoundError, convert_checkpoint, save_checkpoint
 from mixshare_layers.models import wide_resnet
 
 CONFIG = {"depth": 10, "width": 1, "num_classes": 10, "method": "mixshare", "num_subnetworks": 2}
@@ -28,7 +32,7 @@ def checkpoint(tmp_path):
         model.heads.weight[1].mul_(torch.rand_like(model.heads.weight[1]))  # some difference between the heads
     model.set_progress(0.5)
     path = tmp_path / "checkpoint.pt"
-    torch.save({"model": model.state_dict(), "config": dict(CONFIG, dataset="synthetic"), "epoch": 3}, path)
+    save_checkpoint(path, {"model": model.state_dict(), "config": dict(CONFIG, dataset="synthetic"), "epoch": 3})
     return path, model
 
 
@@ -83,8 +87,10 @@ def test_checkpoint_variants_load(tmp_path):
     state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}  # as saved from a torch.compile'd model
     args = argparse.Namespace(**dict(CONFIG, method="mixmo", num_subnetworks=3, overrides={"unmix_mode": "full"}))
     path = tmp_path / "ck.pt"
-    torch.save({"model_state": state, "args": args}, path)
-    loaded, config = load_wrn_checkpoint(path)
+    torch.save({"model_state": state, "args": args}, path)  # another program's checkpoint: a pickled Namespace
+    with pytest.raises(CheckpointError, match=r"argparse\.Namespace.*mixshare_layers\.checkpoint convert"):
+        load_wrn_checkpoint(path)  # refused: loading it would mean unpickling an object
+    loaded, config = load_wrn_checkpoint(convert_checkpoint(path, tmp_path / "converted.pt"))  # once, no code runs
     assert loaded.num_subnetworks == 3 and loaded.config.unmix_mode == "full" and not loaded.training
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
@@ -105,8 +111,12 @@ def test_checkpoint_errors(tmp_path):
         model_from_checkpoint({"model": plain.state_dict(), "config": dict(CONFIG, method="single")})
     with pytest.raises(TypeError, match="checkpoint must be a dict, but got list"):
         model_from_checkpoint([1])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist") as info:
         load_wrn_checkpoint(tmp_path / "missing.pt")
+    assert isinstance(info.value, CheckpointNotFoundError)
+    save_checkpoint(tmp_path / "wide.pt", {"model": model.state_dict(), "config": dict(CONFIG, width=2)})
+    with pytest.raises(CheckpointError, match=r"wide\.pt: does not rebuild a wrapped WRN: .*size mismatch"):
+        load_wrn_checkpoint(tmp_path / "wide.pt")
 
 
 def test_cli_on_a_checkpoint_of_the_example_script(tmp_path):
@@ -140,3 +150,112 @@ def test_checkpoint_with_the_older_5d_encoder_layout_loads():
     state["encoder.weight"] = model.encoder.kernels().detach().clone()  # (M, C', C, k, k), as saved before
     loaded, _ = model_from_checkpoint({"model": state, "config": dict(CONFIG, method="mixmo")})
     torch.testing.assert_close(loaded.encoder.kernels(), model.encoder.kernels())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors: one line on stderr, exit code 2, no output folder
+# ---------------------------------------------------------------------------------------------------------------
+def _run_cli(argv, capsys):
+    capsys.readouterr()
+    try:
+        code = cli(argv)
+    except SystemExit as exc:  # argparse and option errors
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def _one_line_error(code, err, *needles):
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_checkpoint_one_line_exit_2(checkpoint, tmp_path, case, capsys):
+    good, _ = checkpoint
+    bad = tmp_path / f"{case}.pt"
+    make_case(case, good, bad, tmp_path / "marker")
+    out = tmp_path / "out"
+    code, err = _run_cli([str(bad), "--out", str(out), "--no-plots", "--data", "none"], capsys)
+    line = _one_line_error(code, err, str(bad))
+    assert re.search(CASES[case], line), line
+    assert not out.exists() and not (tmp_path / "marker").exists()
+
+
+def _unwritable_folder(tmp_path):
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o500)
+        return folder / "out"
+    if sys.platform.startswith("linux") and Path("/proc").is_dir():
+        return Path("/proc/mixshare-test-out")
+    pytest.skip("no folder is read-only for root here")
+
+
+BAD_OPTIONS = [
+    (["--variance-images", "-1"], "--variance-images"),
+    (["--variance-images", "x"], "--variance-images"),
+    (["--device", "bogus"], "--device"),
+    (["--device", "cuda:99"], "--device"),
+    (["--layers"], "--layers"),
+    (["--layers", "core.9"], "--layers"),
+    (["--data", "bogus"], "--data"),
+    (["--data", "cifar100", "--data-root", "{tmp}/no-data"], "--data-root"),
+    (["--sort", "bogus"], "--sort"),
+    (["--formats", "gif"], "--formats"),
+    (["--out", "{tmp}/a-file"], "--out"),
+    (["--out", "{tmp}/a-file/out"], "--out"),
+    (["--out", "{unwritable}"], "--out"),
+    (["--checkpoint-missing"], "does not exist"),
+    (["--no-out"], "--out"),
+]
+
+
+@pytest.mark.parametrize(("argv", "needle"), BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_option_one_line_exit_2(checkpoint, tmp_path, capsys, argv, needle):
+    path, _ = checkpoint
+    (tmp_path / "a-file").write_text("not a folder")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    if argv == ["--checkpoint-missing"]:
+        path, argv = tmp_path / "missing.pt", []
+    out = [] if "--out" in argv or argv == ["--no-out"] else ["--out", str(tmp_path / "out")]
+    argv = [] if argv == ["--no-out"] else argv
+    subs = {"{tmp}": str(tmp_path), "{unwritable}": ""}
+    if "{unwritable}" in argv:
+        subs["{unwritable}"] = str(_unwritable_folder(tmp_path))
+    argv = [subs["{unwritable}"] if a == "{unwritable}" else a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, err = _run_cli([str(path), *out, "--no-plots", "--variance-images", "4", *argv], capsys)
+    _one_line_error(code, err, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_code_running_checkpoint_never_runs(tmp_path, capsys, monkeypatch):
+    marker = tmp_path / "marker"
+    evil = code_running_checkpoint(tmp_path / "evil.pt", marker, config=CONFIG)
+    for env in (None, "1"):
+        if env is not None:
+            monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", env)
+        code, err = _run_cli([str(evil), "--out", str(tmp_path / "out"), "--no-plots"], capsys)
+        _one_line_error(code, err, str(evil), "refused", "builtins.exec")
+        with pytest.raises(CheckpointError, match="refused"):
+            load_wrn_checkpoint(evil)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_checkpoint_without_config_reads_the_config_json_next_to_it(tmp_path):
+    """examples/cifar100_wrn.py's checkpoints from before they held their config: settings from config.json."""
+    model = MIMOWrapper(wide_resnet(10, 1, 10), 2, preset="mixshare", fadeout_end=0.5)
+    torch.save({"format": 1, "model": model.state_dict(), "epoch": 1}, tmp_path / "checkpoint.pt")  # no digest
+    run_config = dict(CONFIG, fadeout_end=0.5, alpha=None, dataset="synthetic")  # null fields: the preset's value
+    (tmp_path / "config.json").write_text(json.dumps(run_config))
+    loaded, config = load_wrn_checkpoint(tmp_path / "checkpoint.pt")
+    assert loaded.config.fadeout_end == 0.5 and config["method"] == "mixshare"
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"holds no config and the config\.json next to it cannot be read"):
+        load_wrn_checkpoint(tmp_path / "checkpoint.pt")

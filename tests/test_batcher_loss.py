@@ -197,7 +197,7 @@ def test_loss_errors_and_round_trips():
         MIMOLoss(0.0)
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], but got 2"):
         MIMOLoss(None, label_smoothing=2.0)
-    with pytest.raises(ValueError, match=r"targets must have shape \(B, M\) = \(4, 2\) to match logits"):
+    with pytest.raises(ValueError, match=r"targets must have shape \(B, M\) = \(4, 2\), but got \(4,\)"):
         MIMOLoss()(torch.randn(4, 2, 3), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"logits must have shape \(B, M, K\)"):
         MIMOLoss()(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.long))

@@ -21,7 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 # pages written by other parts of the project, with commands rather than library code
 NOT_EXECUTED = {"README.md", "benchmarks.md", "reproducing.md"}
-OPTIONAL = {"torchvision", "timm", "onnx", "onnxruntime", "onnxscript", "matplotlib", "triton", "tqdm", "tensorboard"}
+OPTIONAL = {
+    "torchvision", "timm", "onnx", "onnxruntime", "onnxscript", "matplotlib", "triton", "tqdm", "tensorboard",
+    "lightning", "torch_uncertainty", "torchmetrics", "sklearn", "scipy",
+}  # fmt: skip
 _FENCE = re.compile(
     r"^(?P<indent>[ \t]*)```python[ \t]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.MULTILINE | re.DOTALL
 )

@@ -21,7 +21,10 @@ import torch
 
 import mixshare_layers
 
-OPTIONAL = {"torchvision", "timm", "onnx", "onnxruntime", "onnxscript", "matplotlib", "triton", "tqdm", "tensorboard"}
+OPTIONAL = {
+    "torchvision", "timm", "onnx", "onnxruntime", "onnxscript", "matplotlib", "triton", "tqdm", "tensorboard",
+    "lightning", "torch_uncertainty", "torchmetrics", "sklearn", "scipy",
+}  # fmt: skip
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 

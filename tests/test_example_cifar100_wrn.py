@@ -1,4 +1,8 @@
-"""Tests of examples/cifar100_wrn.py: smoke runs, exact resume, SIGKILL recovery, the real CIFAR-100 loader, DDP."""
+"""Tests of examples/cifar100_wrn.py: smoke runs, exact resume, SIGKILL recovery, the real CIFAR-100 loader, DDP.
+
+Also: resuming from exactly the file named, the fallback to checkpoint.prev.pt, refusing damaged or refused
+checkpoints, and every bad option answered by one line, exit code 2 and nothing on disk.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +22,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_cases import CASES, code_running_checkpoint, copy_run, make_case
+
+from mixshare_layers.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "cifar100_wrn.py"
@@ -153,10 +161,16 @@ def test_device_and_dataloader_paths_agree(script, tmp_path: Path) -> None:
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(script, tmp_path: Path) -> None:
     script.main(_args(tmp_path, "nan", "--epochs", "3", "--stop-epoch", "1"))
     before = (tmp_path / "nan" / "checkpoint.pt").read_bytes()
-    with pytest.raises(script.NonFiniteLossError, match=r"epoch 2, step \d+ of \d+"):
+    ckpt = tmp_path / "nan" / "checkpoint.pt"
+    with pytest.raises(script.NonFiniteLossError, match=rf"epoch 2, step \d+ of \d+.*\({ckpt}, epoch 1\) is intact"):
         script.main(["--resume", str(tmp_path / "nan"), "--lr", "1e30", "--log-every", "1"])
     assert (tmp_path / "nan" / "checkpoint.pt").read_bytes() == before
     assert _ckpt(tmp_path / "nan")["epoch"] == 1
+    # diverging in the first epoch: there is no checkpoint to point at
+    with pytest.raises(script.NonFiniteLossError, match="no checkpoint was written yet") as info:
+        script.main(_args(tmp_path, "first", "--lr", "1e30", "--log-every", "1"))
+    assert "is intact" not in str(info.value)
+    assert not (tmp_path / "first" / "checkpoint.pt").exists()
 
 
 def test_bad_options(script, tmp_path: Path) -> None:
@@ -166,8 +180,9 @@ def test_bad_options(script, tmp_path: Path) -> None:
         script.main(_args(tmp_path, "y", "--method", "single", "--alpha", "1"))
     with pytest.raises(script.UserError, match="unmix_mode must be one of"):
         script.main(_args(tmp_path, "z", "--unmix-mode", "sideways"))
-    with pytest.raises(script.UserError, match=r"no config\.json"):
+    with pytest.raises(script.UserError, match=r"--resume .*nowhere does not exist"):
         script.main(["--resume", str(tmp_path / "nowhere")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written by runs that never started
 
 
 def test_random_crop_flip_is_a_crop_of_the_padded_image(script) -> None:
@@ -311,3 +326,239 @@ def test_two_process_ddp_gloo(tmp_path: Path) -> None:
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["lr_resolved"] == pytest.approx(0.1 * 16 * 2 / 128)  # unique images of both ranks
     assert summary["steps"] == 2 * (96 // 2 // 16)  # each rank sees its half of the data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resume from exactly the file named; damaged files; the previous checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(script, tmp_path_factory) -> dict[str, Path]:
+    """A straight 3-epoch run and the same run stopped after epoch 1 (kept pristine: tests copy it)."""
+    root = tmp_path_factory.mktemp("runs")
+    script.main(_args(root, "straight", "--epochs", "3"))
+    script.main(_args(root, "stopped", "--epochs", "3", "--stop-epoch", "1"))
+    return {"straight": root / "straight", "stopped": root / "stopped"}
+
+
+def _run_cli(entry, argv: list[str], capsys) -> tuple[int, str]:
+    """Exit code and stderr of a command line run in-process (argparse errors raise SystemExit)."""
+    capsys.readouterr()
+    try:
+        code = entry(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def _assert_one_line_error(code: int, err: str, *needles: str) -> str:
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_resume_from_the_file_named(script, runs, tmp_path: Path, capsys) -> None:
+    run = copy_run(runs["stopped"], tmp_path / "run")
+    (run / "checkpoint.pt").rename(run / "epoch1.pt")  # a kept copy; no checkpoint.pt in the folder
+    code, err = _run_cli(script.cli, ["--resume", str(run)], capsys)  # the folder alone: nothing to resume
+    _assert_one_line_error(code, err, "config.json but no checkpoint.pt", "nothing to resume")
+    summary = script.main(["--resume", str(run / "epoch1.pt")])
+    assert summary["epochs"] == 3 and (run / "epoch1.pt").is_file()
+    _assert_same_state(_ckpt(run)["model"], _ckpt(runs["straight"])["model"])  # bitwise, as if never stopped
+    assert load_checkpoint(run / "checkpoint.prev.pt")["epoch"] == 2
+    # a file that would overwrite a good checkpoint.pt of the folder is refused, never silently used
+    before = (run / "checkpoint.pt").read_bytes()
+    code, err = _run_cli(script.cli, ["--resume", str(run / "epoch1.pt")], capsys)
+    _assert_one_line_error(code, err, "would overwrite", str(run / "checkpoint.pt"))
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(script, runs, tmp_path: Path, capsys) -> None:
+    run = copy_run(runs["stopped"], tmp_path / "run")
+    script.main(["--resume", str(run), "--stop-epoch", "2"])  # checkpoint.pt = epoch 2, checkpoint.prev.pt = epoch 1
+    assert verify_checkpoint(run / "checkpoint.prev.pt") and _ckpt(run)["epoch"] == 2
+    make_case("flipped_tensor_byte", run / "checkpoint.pt", run / "checkpoint.pt", tmp_path / "marker")
+    damaged = (run / "checkpoint.pt").read_bytes()
+    code, err = _run_cli(script.cli, ["--resume", str(run)], capsys)
+    line = _assert_one_line_error(code, err, str(run / "checkpoint.pt"), "do not match the SHA-256 digest")
+    assert line.endswith(f"resume from it with --resume {run / 'checkpoint.prev.pt'}")
+    assert (run / "checkpoint.pt").read_bytes() == damaged  # never trained from, never touched
+    summary = script.main(["--resume", str(run / "checkpoint.prev.pt")])  # the fallback, named explicitly
+    assert summary["epochs"] == 3
+    _assert_same_state(_ckpt(run)["model"], _ckpt(runs["straight"])["model"])
+    assert load_checkpoint(run / "checkpoint.prev.pt")["epoch"] == 2  # the damaged file was never kept
+
+
+def test_checkpoint_without_digest_from_an_older_version_resumes(script, runs, tmp_path: Path, capsys) -> None:
+    run = copy_run(runs["stopped"], tmp_path / "run")
+    old = load_checkpoint(run / "checkpoint.pt")
+    del old["config"]  # before checkpoints held their config: it comes from config.json
+    torch.save({"format": 1, **old}, run / "checkpoint.pt")  # that version's format: no digest
+    summary = script.main(["--resume", str(run)])
+    assert "carries no digest" in capsys.readouterr().out
+    assert summary["epochs"] == 3
+    _assert_same_state(_ckpt(run)["model"], _ckpt(runs["straight"])["model"])
+
+
+def test_checkpoint_holds_its_config(script, runs, tmp_path: Path) -> None:
+    ckpt = load_checkpoint(runs["stopped"] / "checkpoint.pt", require_digest=True)
+    saved = json.loads((runs["stopped"] / "config.json").read_text())
+    assert ckpt["config"] == saved and ckpt["epoch"] == 1
+    run = copy_run(runs["stopped"], tmp_path / "run")
+    (run / "config.json").unlink()  # the checkpoint alone is enough to continue
+    assert script.main(["--resume", str(run / "checkpoint.pt"), "--stop-epoch", "2"])["epochs"] == 2
+
+
+RESUME_CASES = [*CASES, "unreadable", "missing_file", "mismatched_model"]
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_resume_refuses_a_bad_checkpoint_in_one_line(
+    script, runs, tmp_path: Path, case: str, capsys, monkeypatch
+) -> None:
+    run = copy_run(runs["stopped"], tmp_path / "run")
+    target = run / "checkpoint.pt"
+    marker = tmp_path / "marker"
+    if case in CASES:
+        make_case(case, runs["stopped"] / "checkpoint.pt", target, marker)
+    elif case == "unreadable":
+        if os.geteuid() != 0:
+            target.chmod(0)
+        else:  # root reads any file: make opening it fail as it would for a user
+            from mixshare_layers.checkpoint import store
+
+            def denied(*args, **kwargs):
+                raise PermissionError(13, "Permission denied")
+
+            monkeypatch.setattr(store, "open", denied, raising=False)
+    elif case == "mismatched_model":
+        ckpt = load_checkpoint(target)
+        ckpt["model"]["heads.weight"] = torch.zeros(2, 10, 7)
+        save_checkpoint(target, ckpt)
+    listing = {p.name: (p.read_bytes() if p.is_file() and case != "unreadable" else None) for p in run.iterdir()}
+    argv = ["--resume", str(run / "nothing.pt") if case == "missing_file" else str(run)]
+    code, err = _run_cli(script.cli, argv, capsys)
+    expected = {
+        "unreadable": r"cannot be read \(Permission denied\)",
+        "missing_file": "does not exist",
+        "mismatched_model": "does not fit the model",
+        "missing_model": "lacks model",
+        "a_folder": "is a folder, not a file",
+    }.get(case, CASES.get(case))
+    line = _assert_one_line_error(code, err, "--resume")
+    assert re.search(expected, line), line
+    assert str(run) in line
+    assert not marker.exists()
+    monkeypatch.undo()
+    after = {p.name: (p.read_bytes() if p.is_file() and case != "unreadable" else None) for p in run.iterdir()}
+    assert after == listing  # nothing trained, nothing written
+
+
+def test_code_running_checkpoint_never_runs(script, tmp_path: Path, capsys, monkeypatch) -> None:
+    marker = tmp_path / "marker"
+    evil = code_running_checkpoint(tmp_path / "evil.pt", marker, epoch=1, config={"depth": 10})
+    for env in (None, "1"):
+        if env is not None:
+            monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", env)
+        code, err = _run_cli(script.cli, ["--resume", str(evil)], capsys)
+        _assert_one_line_error(code, err, str(evil), "refused", "builtins.exec")
+        assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every bad option: one line, exit code 2, nothing on disk
+# ---------------------------------------------------------------------------------------------------------------
+BAD_OPTIONS = [
+    (["--lr", "-1"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--base-lr", "0"], "--base-lr"),
+    (["--weight-decay", "-0.0001"], "--weight-decay"),
+    (["--label-smoothing", "2"], "--label-smoothing"),
+    (["--synthetic-classes", "0"], "--synthetic-classes"),
+    (["--synthetic-size", "0"], "--synthetic-size"),
+    (["--synthetic-train", "0"], "--synthetic-train"),
+    (["--synthetic-test", "0"], "--synthetic-test"),
+    (["--synthetic-noise", "-1"], "--synthetic-noise"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs"),
+    (["--device", "bogus"], "--device"),
+    (["--device", "meta"], "--device"),
+    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "x"], "--epochs"),
+    (["--batch-size", "33"], "--batch-size"),
+    (["--batch-repetition", "0"], "--batch-repetition"),
+    (["--num-subnetworks", "0"], "--num-subnetworks"),
+    (["--depth", "11"], "--depth"),
+    (["--width", "0"], "--width"),
+    (["--momentum", "1.5"], "--momentum"),
+    (["--momentum", "0"], "--nesterov"),
+    (["--lr-gamma", "0"], "--lr-gamma"),
+    (["--milestones", "0.5,0.2"], "--milestones"),
+    (["--val-split", "1"], "--val-split"),
+    (["--eval-every", "-1"], "--eval-every"),
+    (["--eval-batch-size", "0"], "--eval-batch-size"),
+    (["--log-every", "0"], "--log-every"),
+    (["--workers", "-1"], "--workers"),
+    (["--stop-epoch", "-1"], "--stop-epoch"),
+    (["--benchmark", "-1"], "--benchmark"),
+    (["--seed", "-1"], "--seed"),
+    (["--data-seed", "-3"], "--data-seed"),
+    (["--run-name", "a/b"], "--run-name"),
+    (["--run-name", ".."], "--run-name"),
+    (["--method", "bogus"], "--method"),
+    (["--method", "single", "--alpha", "1"], "--method single"),
+    (["--alpha", "nan"], "--alpha"),
+    (["--unmix-mode", "sideways"], "--unmix-mode"),
+    (["--cutmix-prob", "2"], "--cutmix-prob"),
+    (["--fadeout-end", "0"], "--fadeout-end"),
+    (["--amp", "fp8"], "--amp"),
+    (["--nesterov", "maybe"], "--nesterov"),
+    (["--quick"], "--quick"),  # with --smoke
+    (["--bogus-option"], "--bogus-option"),
+    (["--dataset", "cifar100", "--data-dir", "{tmp}/no-data"], "--data-dir"),
+    (["--resume", "{tmp}/missing-run"], "--resume"),
+    (["--out-dir", "{tmp}/a-file/runs"], "--out-dir"),
+    (["--out-dir", "{unwritable}"], "--out-dir"),
+    (["--device", "cuda"], "--device"),
+    (["--device", "cuda:99"], "--device"),
+]
+
+
+def _unwritable_folder(tmp_path: Path) -> Path:
+    """A folder in which nothing can be created, even by root (a read-only folder, or /proc)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o500)
+        return folder / "runs"
+    if sys.platform.startswith("linux") and Path("/proc").is_dir():
+        return Path("/proc/mixshare-test-runs")
+    pytest.skip("no folder is read-only for root here")
+
+
+@pytest.mark.parametrize(("argv", "option"), BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_option_one_line_exit_2_nothing_written(script, tmp_path: Path, capsys, argv, option) -> None:
+    if argv[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("a GPU is available here")
+    if argv == ["--device", "cuda:99"] and not torch.cuda.is_available():
+        argv = ["--device", "cuda"]  # without a GPU: the same one-line refusal
+    (tmp_path / "a-file").write_text("not a folder")
+    subs = {"{tmp}": str(tmp_path)}
+    if "{unwritable}" in argv:
+        subs["{unwritable}"] = str(_unwritable_folder(tmp_path))
+    argv = [subs.get(a, a).replace("{tmp}", str(tmp_path)) for a in argv]
+    out_dir = [] if "--out-dir" in argv else ["--out-dir", str(tmp_path / "runs")]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, err = _run_cli(script.cli, ["--smoke", "--run-name", "r", *out_dir, *argv], capsys)
+    _assert_one_line_error(code, err, option)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder, nothing else
+
+
+def test_command_line_exit_code_and_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--lr", "-1", "--out-dir", str(tmp_path / "runs")],
+        capture_output=True, text=True, env=_env(), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr == "error: --lr must be a finite number in (0, inf), got -1\n"
+    assert not (tmp_path / "runs").exists()

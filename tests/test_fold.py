@@ -48,16 +48,20 @@ def test_fold_is_an_independent_copy():
         torch.testing.assert_close(folded(x), before)
 
 
-def test_fold_refuses_nonlinear_encoders_and_other_models():
+def test_fold_keeps_nonlinear_encoders_and_refuses_other_models():
+    torch.manual_seed(0)
     backbone = wide_resnet(10, 1, num_classes=5)
     split = BackboneSplit(
         encoder=nn.Sequential(backbone.conv1, nn.ReLU()),
         core=nn.Sequential(backbone.layer1, backbone.layer2, backbone.layer3, backbone.bn, backbone.relu),
         classifier=backbone.fc,
     )
-    model = MIMOWrapper(None, 2, "mixmo", split=split)
-    with pytest.raises(TypeError, match="cannot be folded into one convolution"):
-        model.fold()
+    model = MIMOWrapper(None, 2, "mixmo", split=split).eval()
+    folded = model.fold()  # the sum of M non-linear encoders is no single layer: the M copies are kept, summed
+    assert not isinstance(folded.encoder, nn.Conv2d) and len(folded.encoder.encoders) == 2
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x))
     with pytest.raises(TypeError, match="model must be a MIMOWrapper, but got Linear"):
         fold(nn.Linear(3, 4))
     with pytest.raises(ValueError, match=r"x must have shape \(B, C, H, W\)"):

@@ -176,6 +176,27 @@ def test_public_ops_match_reference_with_autograd(ops, layout, m):
     )
 
 
+@pytest.mark.parametrize(("layout", "prefix"), [("tokens", 0), ("tokens", 2), ("channels_last", 0)])
+def test_modules_on_token_and_channels_last_features(ops, layout, prefix):
+    """The kernels read a token grid / channels-last map through its strides (no copy): same pooling and gradient
+    as the torch path on the same layout."""
+    b, c, h, w = 2, 5, 3, 4
+    info = make_info(b, 2, 6, 8, "random", seed=3)
+    shape = (b, prefix + h * w, c) if layout == "tokens" else (b, h, w, c)
+    f = torch.randn(*shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    fused = Unmixer("fadeout", layout=layout, num_prefix_tokens=prefix, backend="triton").train()
+    plain = Unmixer("fadeout", layout=layout, num_prefix_tokens=prefix, backend="torch").train()
+    out, ref = fused(f, info, 0.1), plain(f, info, 0.1)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(ref)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, f, grad)[0], torch.autograd.grad(ref, f, grad)[0], rtol=1e-12, atol=1e-12
+    )
+    enc = torch.randn(b, 2, 6, 8, c, dtype=torch.float64, device=DEVICE)  # channels-last encodings
+    mixed = CutMixMixer(2, layout="channels_last", backend="triton").apply(enc, info)
+    torch.testing.assert_close(mixed.permute(0, 3, 1, 2), mix_reference(enc.permute(0, 1, 4, 2, 3), info))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_outputs_and_fp32_accumulation(ops, dtype):
     b, m, c, h, w = 2, 3, 4, 8, 8

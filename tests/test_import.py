@@ -11,24 +11,40 @@ import pytest
 
 import mixshare_layers
 
-BLOCKED = ("torchvision", "timm", "triton", "matplotlib", "tqdm", "tensorboard", "onnx", "onnxruntime", "onnxscript")
+BLOCKED = (
+    "torchvision", "timm", "triton", "matplotlib", "tqdm", "tensorboard", "onnx", "onnxruntime", "onnxscript",
+    "lightning", "pytorch_lightning", "torch_uncertainty", "torchmetrics", "sklearn", "scipy", "PIL", "seaborn",
+    "pandas", "rich",
+)  # fmt: skip
 
 CORE_MODULES = (
     "mixshare_layers",
     "mixshare_layers._checks",
     "mixshare_layers._version",
     "mixshare_layers.adapters",
+    "mixshare_layers.adapters.check",
+    "mixshare_layers.adapters.registry",
+    "mixshare_layers.adapters.split",
+    "mixshare_layers.adapters.surgery",
+    "mixshare_layers.adapters.timm",
+    "mixshare_layers.adapters.torchvision",
     "mixshare_layers.analysis",
     "mixshare_layers.batcher",
+    "mixshare_layers.checkpoint",
+    "mixshare_layers.checkpoint.convert",
+    "mixshare_layers.checkpoint.store",
     "mixshare_layers.data",
+    "mixshare_layers.data.ood",
     "mixshare_layers.data.synthetic",
     "mixshare_layers.functional",
     "mixshare_layers.functional.backend",
     "mixshare_layers.functional.ensemble",
+    "mixshare_layers.functional.layout",
     "mixshare_layers.functional.loss",
     "mixshare_layers.functional.mixing",
     "mixshare_layers.functional.random",
     "mixshare_layers.functional.unmixing",
+    "mixshare_layers.integrations",
     "mixshare_layers.loss",
     "mixshare_layers.mix_info",
     "mixshare_layers.mixer",
@@ -37,6 +53,16 @@ CORE_MODULES = (
     "mixshare_layers.multi_encoder",
     "mixshare_layers.multi_head",
     "mixshare_layers.presets",
+    "mixshare_layers.shift",
+    "mixshare_layers.uncertainty",
+    "mixshare_layers.uncertainty.accumulator",
+    "mixshare_layers.uncertainty.calibration",
+    "mixshare_layers.uncertainty.evaluate",
+    "mixshare_layers.uncertainty.ood",
+    "mixshare_layers.uncertainty.plots",
+    "mixshare_layers.uncertainty.scores",
+    "mixshare_layers.uncertainty.selective",
+    "mixshare_layers.uncertainty.temperature",
     "mixshare_layers.unmixer",
     "mixshare_layers.wrapper",
 )
@@ -75,6 +101,19 @@ model = ml.MIMOWrapper(wide_resnet(10, 1, num_classes=3), 2, "mixshare")
 out = model(torch.randn(2, 2, 3, 8, 8))
 loss = model.make_loss()(out, torch.zeros(2, 2, dtype=torch.long))
 loss.backward()
+from mixshare_layers.shift import corrupt
+from mixshare_layers.uncertainty import evaluate_uncertainty
+labelled = (torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
+report = evaluate_uncertainty(model, labelled, ood=torch.rand(3, 3, 8, 8), val=labelled, severities=[2])
+assert set(report["shift"]) == set(ml.shift.CORRUPTIONS), report["shift"]
+# the integrations name their extra
+for module, extra in (("lightning", "lightning"), ("torch_uncertainty", "torch-uncertainty")):
+    try:
+        importlib.import_module("mixshare_layers.integrations." + module)
+    except ModuleNotFoundError as exc:
+        assert f'pip install "mixshare-layers[{{extra}}]"' in str(exc), str(exc)
+    else:
+        raise SystemExit(f"mixshare_layers.integrations.{{module}} imported without its framework")
 leaked = sorted({{n.split(".")[0] for n, m in sys.modules.items() if m is not None}} & BLOCKED)
 if leaked:
     raise SystemExit(f"optional packages imported: {{leaked}}")
@@ -92,7 +131,15 @@ def test_import_with_only_torch_and_einops():
 
 
 @pytest.mark.parametrize(
-    "module", ["mixshare_layers", "mixshare_layers.functional", "mixshare_layers.models", "mixshare_layers.data"]
+    "module",
+    [
+        "mixshare_layers",
+        "mixshare_layers.functional",
+        "mixshare_layers.models",
+        "mixshare_layers.data",
+        "mixshare_layers.uncertainty",
+        "mixshare_layers.shift",
+    ],
 )
 def test_all_names_exist(module):
     mod = importlib.import_module(module)

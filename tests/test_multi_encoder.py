@@ -125,10 +125,27 @@ def test_generic_template_runs_member_by_member():
         enc.folded_conv()
     with pytest.raises(TypeError, match=r"kernels\(\) is only defined for nn.Conv2d encoders"):
         enc.kernels()
-    # reflect padding is not a plain zero-padded conv: not fused
-    reflect = MultiEncoder(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), 2)
-    with pytest.raises(TypeError, match="cannot be folded"):
-        reflect.folded_conv()
+    # the M copies of a non-linear encoder fold into their sum, run on the same input
+    torch.testing.assert_close(enc.folded()(x4), enc(x4))
+    # reflect padding is not a plain zero-padded conv: not fused, but linear in its weights, so it folds into one
+    reflect = MultiEncoder(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect").double(), 2, init="colinear")
+    assert not reflect.fused and reflect.is_linear
+    single = reflect.folded_conv()
+    assert isinstance(single, nn.Conv2d) and single.padding_mode == "reflect"
+    torch.testing.assert_close(single(x4), reflect(x4))
+
+
+def test_preserve_sum_of_a_non_linear_template_scales_its_outputs():
+    """Aligned copies of a module that is not linear in its weights keep them; their outputs are scaled by 1 / M."""
+    torch.manual_seed(0)
+    template = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.GELU()).double().eval()
+    for m in (1, 2, 3):
+        enc = MultiEncoder(template, m, init="aligned", preserve_sum=True).eval()
+        assert enc.output_scale == 1 / m
+        x4, x5 = _x(2, 3, 6, 6), _x(2, m, 3, 6, 6)
+        torch.testing.assert_close(enc(x4), template(x4))  # the test-time sum is the template
+        torch.testing.assert_close(enc.folded()(x4), template(x4))
+        torch.testing.assert_close(enc(x5), torch.stack([template(x5[:, i]) / m for i in range(m)], 1))
 
 
 class _StandardisedConv(nn.Conv2d):
@@ -147,9 +164,10 @@ def test_conv_subclass_with_its_own_forward_is_run_as_itself():
     assert not enc.fused and not enc.is_linear
     x = _x(2, 2, 3, 5, 5)
     torch.testing.assert_close(enc(x), torch.stack([template(x[:, 0]), template(x[:, 1])], 1))
-    # scaling its weight does not scale its output: it cannot be colinear nor preserve a sum
-    with pytest.raises(TypeError, match=r"preserve_sum=True needs a linear template.*_StandardisedConv"):
-        MultiEncoder(template, 2, init="aligned", preserve_sum=True)
+    # scaling its weight does not scale its output: it cannot be colinear, and preserves a sum by output scaling
+    preserved = MultiEncoder(template, 2, init="aligned", preserve_sum=True)
+    assert preserved.output_scale == 0.5 and not preserved.is_linear
+    torch.testing.assert_close(preserved(x[:, 0]), template(x[:, 0]))
     with pytest.raises(TypeError, match=r"init='colinear' needs a linear template.*_StandardisedConv"):
         MultiEncoder(template, 2, init="colinear")
 
@@ -180,8 +198,6 @@ def test_errors():
         MultiEncoder(torch.zeros(3), 2)
     with pytest.raises(TypeError, match="init='colinear' needs a linear template"):
         MultiEncoder(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()), 2, init="colinear")
-    with pytest.raises(TypeError, match="preserve_sum=True needs a linear template"):
-        MultiEncoder(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()), 2, init="aligned", preserve_sum=True)
     with pytest.raises(ValueError, match=r"colinear_range\[0\] must be in \(0, inf\]"):
         MultiEncoder(_conv(), 2, init="colinear", colinear_range=(0.0, 1.0))
     enc = MultiEncoder(_conv(), 2)

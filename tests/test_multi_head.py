@@ -46,7 +46,7 @@ def test_heads_are_initialised_independently_like_linear():
     assert float(heads.weight.detach().abs().max()) <= bound and float(heads.bias.detach().abs().max()) <= bound
 
 
-def test_from_initializer_draws_each_head_independently():
+def test_from_module_reinit_draws_each_linear_head_independently():
     torch.manual_seed(0)
     lin = nn.Linear(64, 10).double()
     before = lin.weight.detach().clone()
@@ -55,18 +55,19 @@ def test_from_initializer_draws_each_head_independently():
         nn.init.kaiming_normal_(module.weight)
         nn.init.zeros_(module.bias)
 
-    heads = MultiHead.from_initializer(lin, 3, he)
+    heads = MultiHead.from_module(lin, 3, copy_weights=False, reinit=he)
     assert torch.equal(lin.weight, before)  # the template is not touched
     assert heads.weight.dtype == torch.float64 and heads.weight.shape == (3, 10, 64)
     assert not heads.bias.detach().any()
     assert not torch.equal(heads.weight[0], heads.weight[1]) and not torch.equal(heads.weight[1], heads.weight[2])
     assert abs(float(heads.weight.detach().std()) / (2 / 64) ** 0.5 - 1) < 0.05
-    no_bias = MultiHead.from_initializer(nn.Linear(8, 2, bias=False), 2, lambda m: nn.init.ones_(m.weight))
+    no_bias = MultiHead.from_module(
+        nn.Linear(8, 2, bias=False), 2, copy_weights=False, reinit=lambda m: nn.init.ones_(m.weight)
+    )
     assert no_bias.bias is None and bool(no_bias.weight.eq(1).all())
-    with pytest.raises(TypeError, match=r"linear must be an nn\.Linear, but got Conv2d"):
-        MultiHead.from_initializer(nn.Conv2d(3, 3, 1), 2, he)
-    with pytest.raises(TypeError, match="reinit must be callable, but got str"):
-        MultiHead.from_initializer(lin, 2, "he")
+    assert heads.members is None  # still the linear storage: one batched matmul
+    with pytest.raises(TypeError, match="reinit must be callable or None, but got str"):
+        MultiHead.from_module(lin, 2, copy_weights=False, reinit="he")
 
 
 def test_from_linear_copies_the_classifier():
@@ -103,9 +104,85 @@ def test_errors():
     with pytest.raises(TypeError, match=r"linear must be an nn.Linear, but got Conv2d"):
         MultiHead.from_linear(nn.Conv2d(3, 3, 1), 2)
     heads = MultiHead(4, 3, 2)
-    with pytest.raises(ValueError, match=r"input must have shape \(B, D=4\), but got \(2, 5\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, D=4\), but got \(2, 5\)"):
         heads(torch.randn(2, 5))
-    with pytest.raises(ValueError, match=r"input must have shape \(B, M=2, D=4\), but got \(2, 3, 4\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, M=2, D=4\), but got \(2, 3, 4\)"):
         heads(torch.randn(2, 3, 4))
-    with pytest.raises(ValueError, match=r"input must have shape \(B, D\) or \(B, M, D\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, D\) or \(B, M, D\)"):
         heads(torch.randn(2))
+
+
+# -- generic heads: M copies of any module ---------------------------------------------------------------------------
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 5), nn.GELU(), nn.Dropout(0.5), nn.Linear(5, 3)).double()
+
+
+def test_generic_heads_copy_the_module_and_apply_head_i_to_row_i():
+    torch.manual_seed(0)
+    head = _mlp().eval()
+    heads = MultiHead.from_module(head, 3).eval()
+    assert not heads.is_linear and heads.num_classes == 3 and heads.in_features == 6
+    shared, per_member = _x(4, 6), _x(4, 3, 6)
+    torch.testing.assert_close(heads(shared), head(shared)[:, None].expand(-1, 3, -1))
+    torch.testing.assert_close(heads(per_member), torch.stack([head(per_member[:, i]) for i in range(3)], 1))
+    # copies, not shared modules: training one head leaves the others
+    with torch.no_grad():
+        heads.members[1][4].bias.add_(1.0)
+    torch.testing.assert_close(heads(shared)[:, 0], head(shared))
+    assert not torch.allclose(heads(shared)[:, 1], head(shared))
+    # each member keeps the module's own train-time behaviour (here: its own dropout masks)
+    heads.train()
+    out = heads(shared)
+    assert out.shape == (4, 3, 3) and not torch.equal(out[:, 0], out[:, 2])
+
+
+def test_generic_heads_initialised_independently_and_first_layer_weights():
+    torch.manual_seed(0)
+    heads = MultiHead.from_module(_mlp(), 2, copy_weights=False)
+    w = heads.first_layer_weights()  # the LayerNorm has no columns: the first Linear is read
+    assert w.shape == (2, 5, 6) and not torch.equal(w[0], w[1])
+    marker = []
+    MultiHead.from_module(_mlp(), 2, copy_weights=False, reinit=lambda m: marker.append(type(m).__name__))
+    assert marker == ["Sequential", "Sequential"]
+    # a plain nn.Linear on vectors keeps the batched storage (copied, or initialised like nn.Linear)
+    lin = nn.Linear(6, 3)
+    assert MultiHead.from_module(lin, 2).is_linear and torch.equal(MultiHead.from_module(lin, 2).weight[1], lin.weight)
+    conv = MultiHead.from_module(nn.Sequential(nn.Conv2d(4, 3, 1), nn.Flatten(1)), 2, input_ndim=3)
+    assert conv.first_layer_weights().shape == (2, 3, 4) and conv(torch.randn(5, 4, 1, 1)).shape == (5, 2, 3)
+    with pytest.raises(TypeError, match="as_linear\\(\\) needs linear heads"):
+        heads.as_linear()
+    with pytest.raises(TypeError, match=r"no nn\.Linear or nn\.Conv2d layer"):
+        MultiHead.from_module(nn.Flatten(1), 2).first_layer_weights()
+
+
+def test_generic_heads_state_dict_deepcopy_pickle_and_errors():
+    heads = MultiHead.from_module(_mlp(), 2).eval()
+    fresh = MultiHead.from_module(_mlp(), 2, copy_weights=False).eval()
+    fresh.load_state_dict(heads.state_dict())
+    x = _x(4, 2, 6)
+    for other in (fresh, copy.deepcopy(heads), pickle.loads(pickle.dumps(heads))):
+        torch.testing.assert_close(other(x), heads(x), rtol=0, atol=0)
+    assert "generic" in repr(heads)
+    with pytest.raises(ValueError, match=r"x must have 2 dims \(B, \*S\), shared by the heads, or 3"):
+        heads(_x(4, 3, 2, 6))
+    with pytest.raises(TypeError, match=r"head must be an nn\.Module, but got int"):
+        MultiHead.from_module(3, 2)
+
+
+def test_generic_heads_with_an_in_place_first_layer_get_their_own_inputs():
+    """torchvision's EfficientNet / MNASNet heads start with Dropout(inplace=True): run on a shared input (or a view of
+    the pooled features), one head would write into the others' input."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Dropout(0.5, inplace=True), nn.Linear(6, 3)).double()
+    heads = MultiHead.from_module(head, 3).train()
+    assert heads.copy_inputs
+    x = _x(8, 6).requires_grad_()
+    x_before = x.detach().clone()
+    out = heads(x)
+    out.sum().backward()  # no in-place error
+    torch.testing.assert_close(x.detach(), x_before)  # the shared input is untouched
+    per_member = _x(8, 3, 6).requires_grad_()
+    heads(per_member.expand(-1, -1, -1)).sum().backward()
+    assert per_member.grad is not None and bool(torch.isfinite(per_member.grad).all())
+    heads.eval()
+    torch.testing.assert_close(heads(x_before), head.eval()(x_before)[:, None].expand(-1, 3, -1))

@@ -86,7 +86,8 @@ def test_wheel_metadata(wheel: Path) -> None:
     hard = sorted(re.split(r"[<>=!~; \[]", r, maxsplit=1)[0] for r in requires if "extra ==" not in r)
     assert hard == ["einops", "torch"], f"hard dependencies must be torch and einops only, got {hard}"
     extras = set(meta.get_all("Provides-Extra") or [])
-    assert {"examples", "timm", "triton", "analysis", "export", "docs", "dev"} <= extras
+    expected = {"examples", "timm", "triton", "analysis", "export", "docs", "dev", "lightning", "torch-uncertainty"}
+    assert expected <= extras
 
 
 def test_ruff_is_clean():

@@ -160,6 +160,49 @@ def test_runs_are_skipped_or_resumed(table1, tmp_path):
     assert calls == [] and again["markdown"] == result["markdown"]
 
 
-def test_bad_arguments(table1, tmp_path):
-    with pytest.raises(SystemExit, match="must not repeat a seed"):
-        table1.main(["--seeds", "1", "1", "--out-dir", str(tmp_path)], train=lambda argv: {})
+def _run_cli(table1, argv, capsys):
+    capsys.readouterr()
+    try:
+        code = table1.cli(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+BAD_OPTIONS = [
+    (["--seeds", "1", "1"], "--seeds"),
+    (["--seeds", "-1"], "--seeds"),
+    (["--seeds", "x"], "--seeds"),
+    (["--width", "0"], "--width"),
+    (["--methods", "bogus"], "--methods"),
+    (["--out-dir", "{tmp}/a-file/table"], "--out-dir"),
+    (["--", "--lr", "-1"], "--lr"),
+    (["--", "--device", "bogus"], "--device"),
+    (["--", "--bogus-option"], "--bogus-option"),
+    (["--", "--synthetic-size", "0"], "--synthetic-size"),
+]
+
+
+@pytest.mark.parametrize(("argv", "option"), BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_option_one_line_exit_2_nothing_written(table1, tmp_path, capsys, argv, option):
+    (tmp_path / "a-file").write_text("not a folder")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = [] if "--out-dir" in argv else ["--out-dir", str(tmp_path / "table")]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    code, err = _run_cli(table1, ["--quick", "--seeds", "0", *out, *argv[:cut], *argv[cut:]], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and option in lines[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no run started, nothing written
+
+
+def test_a_run_that_cannot_resume_stops_the_table_in_one_line(table1, tmp_path, capsys):
+    run = tmp_path / "table" / "runs" / "mixmo-s0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a whole archive")
+    argv = ["--quick", "--seeds", "0", "--methods", "mixmo", "--out-dir", str(tmp_path / "table")]
+    code, err = _run_cli(table1, argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: mixmo-s0: --resume: checkpoint ") and "truncated or damaged" in lines[0]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json"]

@@ -7,22 +7,28 @@ Writes, under ``DIR`` (every file atomically):
 * ``encoder_influence.png/.svg`` and ``classifier_influence.png/.svg`` (Fig. 3 / Fig. 5 of the paper);
 * ``variance_<layer>.png/.svg`` for each probed core layer (Fig. 6), unless ``--variance-images 0``.
 
-The checkpoint is a dict saved with ``torch.save`` (format in :mod:`mixshare_layers.analysis.checkpoint`), e.g. the
-``checkpoint.pt`` written by ``examples/cifar100_wrn.py``.
+The checkpoint is a dict of plain values (format in :mod:`mixshare_layers.analysis.checkpoint`), e.g. the
+``checkpoint.pt`` written by ``examples/cifar100_wrn.py``; it is loaded with
+:func:`mixshare_layers.checkpoint.load_checkpoint` (``weights_only=True`` only, digest checked). Every error (a bad
+option, a damaged or refused checkpoint, an output folder that cannot be written) is one line on stderr and exit
+code 2, and nothing is written unless the analysis runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
 
+from .._files import folder_problem
+from ..checkpoint import CheckpointError
 from ._io import write_json
 from .checkpoint import load_wrn_checkpoint
 from .sharing import classifier_influence, encoder_influence, sharing_rate
@@ -31,8 +37,63 @@ from .variance import feature_variance_influence
 DATA_CHOICES = ("auto", "synthetic", "cifar100", "none")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _fail(message: str, cause: BaseException | None = None) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2) from cause
+
+
+def _device_problem(name: str) -> str | None:
+    """Why ``name`` is not a usable torch device here, or None."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"{name!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)"
+    if device.type == "cpu":
+        return None
+    if device.type == "meta":
+        return "'meta' tensors hold no values: pick a real device"
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        return f"{name!r}: no {device.type} device is available here (use cpu)"
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        return f"{name!r}: there are only {count} {device.type} devices"
+    return None
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every option checked before anything is loaded or written (``p.error``: one line, exit code 2)."""
+    if args.variance_images < 0:
+        p.error(f"argument --variance-images: must be >= 0, but got {args.variance_images}")
+    if args.layers is not None and not args.layers:
+        p.error("argument --layers: give at least one module name (or leave the option out)")
+    problem = _device_problem(args.device)
+    if problem is not None:
+        p.error(f"argument --device: {problem}")
+    problem = folder_problem(args.out)
+    if problem is not None:
+        p.error(f"argument --out: cannot write to {args.out}: {problem}")
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        p.error('figures need matplotlib: pip install "mixshare-layers[analysis]", or add --no-plots')
+    if args.data == "cifar100" and args.variance_images > 0:
+        if not (Path(args.data_root) / "cifar-100-python").is_dir():
+            p.error(
+                f"argument --data-root: no CIFAR-100 in {args.data_root!r} (expected a cifar-100-python folder "
+                "there; never downloaded): give --data-root, or --data synthetic / none"
+            )
+        if importlib.util.find_spec("torchvision") is None:
+            p.error('--data cifar100 needs torchvision: pip install "mixshare-layers[examples]"')
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m mixshare_layers.analysis",
         description="Feature-sharing analysis of a MIMO / MixMo / MixShare checkpoint (paper Sec. 2 and App. D).",
     )
@@ -80,8 +141,11 @@ def _variance_images(config: dict[str, Any], args: argparse.Namespace) -> Tensor
         try:
             import torchvision
         except ImportError as exc:
-            raise SystemExit('--data cifar100 needs torchvision: pip install "mixshare-layers[examples]"') from exc
-        test = torchvision.datasets.CIFAR100(str(root), train=False, download=False)
+            _fail('--data cifar100 needs torchvision: pip install "mixshare-layers[examples]"', exc)
+        try:
+            test = torchvision.datasets.CIFAR100(str(root), train=False, download=False)
+        except RuntimeError as err:  # torchvision's "not found or corrupted"
+            _fail(f"CIFAR-100 in {root} cannot be read ({err}): check --data-root", err)
         images = torch.from_numpy(test.data[:n]).permute(0, 3, 1, 2).contiguous()
     else:
         print(f"variance influence skipped: unknown dataset {dataset!r} in the checkpoint", file=sys.stderr)
@@ -101,14 +165,21 @@ def _safe(name: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the analysis; returns what ``sharing.json`` holds."""
-    args = _parser().parse_args(argv)
-    if args.variance_images < 0:
-        raise SystemExit(f"--variance-images must be >= 0, but got {args.variance_images}")
+    """Run the analysis; returns what ``sharing.json`` holds.
+
+    Raises:
+        SystemExit: (code 2, one line on stderr) a bad option.
+        CheckpointError: the checkpoint cannot be loaded safely or rebuilt (one-line message naming the file).
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     out = Path(args.out)
     model, config = load_wrn_checkpoint(args.checkpoint)
     if model.num_subnetworks < 2:
-        raise SystemExit(f"the checkpoint's model has num_subnetworks={model.num_subnetworks}: nothing to compare")
+        raise CheckpointError(
+            args.checkpoint, f"its model has num_subnetworks={model.num_subnetworks}: no subnetworks to compare"
+        )
 
     tables: dict[str, Tensor] = {
         "encoder": encoder_influence(model),
@@ -116,9 +187,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     images = _variance_images(config, args)
     if images is not None and images.shape[0] >= 2:
-        variance = feature_variance_influence(
-            model.to(args.device), images, layers=args.layers, fixed_input=images[0], device=args.device
-        )
+        try:
+            variance = feature_variance_influence(
+                model.to(args.device), images, layers=args.layers, fixed_input=images[0], device=args.device
+            )
+        except ValueError as err:  # a --layers name that is not a module of the model, or not a feature map
+            if args.layers is None:
+                raise
+            parser.error(f"argument --layers: {err}")
         for layer, h in variance.items():
             tables[f"variance:{layer}"] = h.float()
     plain_config = {k: v for k, v in config.items() if isinstance(v, (str, int, float, bool, type(None)))}
@@ -166,5 +242,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: :func:`main`, with a checkpoint error printed as one line; returns the exit code."""
+    try:
+        main(argv)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

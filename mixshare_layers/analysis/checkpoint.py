@@ -1,15 +1,20 @@
 """Rebuilding a wrapped CIFAR WRN from a training checkpoint (the example script's, or a plain dict).
 
-Accepted formats (a ``dict`` saved with ``torch.save``):
+Accepted contents (a ``dict``):
 
 * ``{"model": state_dict, "config": {...}}``: ``config`` holds ``depth``, ``width``, ``method`` (a preset name;
   ``preset`` is accepted too), ``num_classes`` and ``num_subnetworks`` (these two are read from the heads' weight
   when absent), and optionally ``overrides`` (a dict of :class:`~mixshare_layers.MIMOConfig` fields) and
   ``in_channels``. ``"model_state"`` / ``"state_dict"`` are accepted in place of ``"model"`` and ``"args"`` in
-  place of ``"config"``.
-* examples/cifar100_wrn.py's ``checkpoint.pt``: ``{"model": state_dict, "epoch": ..., ...}`` without a config;
-  :func:`load_wrn_checkpoint` then reads the ``config.json`` of the same run directory (its MIMOConfig fields with a
-  value other than ``null`` are the preset overrides).
+  place of ``"config"``. examples/cifar100_wrn.py's ``checkpoint.pt`` is of this kind (its ``config`` is the run's
+  resolved settings: MIMOConfig fields with a value other than ``None`` are the preset overrides).
+* a ``checkpoint.pt`` of examples/cifar100_wrn.py from before checkpoints held their config: ``{"model":
+  state_dict, "epoch": ..., ...}``; :func:`load_wrn_checkpoint` then reads the ``config.json`` of the same folder.
+
+Files are read with :func:`mixshare_layers.checkpoint.load_checkpoint`: ``weights_only=True`` only, digest checked.
+A file whose config is stored as an ``argparse.Namespace`` (or anything but plain values) is refused; convert it
+once with ``python -m mixshare_layers.checkpoint convert OLD.pt NEW.pt`` (no code runs). In memory,
+:func:`model_from_checkpoint` still accepts a Namespace config.
 
 State dict keys may carry the prefixes that ``torch.compile`` (``_orig_mod.``) or ``DataParallel`` (``module.``)
 add; they are removed. Fused encoder kernels saved in the older ``(M, C', C, k, k)`` layout are reshaped to the
@@ -145,28 +150,42 @@ def model_from_checkpoint(
 def load_wrn_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> tuple[MIMOWrapper, dict[str, Any]]:
-    """``torch.load`` a checkpoint file and rebuild its model (see :func:`model_from_checkpoint`).
+    """Load a checkpoint file safely and rebuild its model (see :func:`model_from_checkpoint`).
 
-    A checkpoint without settings (examples/cifar100_wrn.py's ``checkpoint.pt``) takes them from the
-    ``config.json`` next to it.
+    The file is read with :func:`mixshare_layers.checkpoint.load_checkpoint` (``weights_only=True``, never more;
+    the digest of files written by :func:`~mixshare_layers.checkpoint.save_checkpoint` is verified). A checkpoint
+    without settings (examples/cifar100_wrn.py's ``checkpoint.pt`` from before checkpoints held their config) takes
+    them from the ``config.json`` next to it.
 
-    The file is loaded with ``weights_only=True`` first (tensors, dicts, numbers and strings only) and, when that
-    fails because the file stores other Python objects (an ``argparse.Namespace``), with ``weights_only=False``:
-    only load checkpoints you trust.
+    Args:
+        path: the checkpoint file.
+        map_location: where the tensors are loaded.
+
+    Returns:
+        ``(model, config)`` as :func:`model_from_checkpoint`.
+
+    Raises:
+        CheckpointNotFoundError: no such file (a ``FileNotFoundError``).
+        CheckpointError: (a ``ValueError``) the file cannot be loaded safely (damaged, stores Python objects, ...) or
+            does not describe a wrapped WRN; the message is one line naming the file.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception:  # pickle errors come in many types
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    from ..checkpoint import CheckpointError, load_checkpoint
+
+    p = os.fspath(path)
+    checkpoint = load_checkpoint(p, map_location=map_location)
     config = None
-    config_file = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-    if (
-        isinstance(checkpoint, Mapping)
-        and not any(k in checkpoint for k in _CONFIG_KEYS)
-        and os.path.isfile(config_file)
-    ):
-        with open(config_file, encoding="utf-8") as fh:
-            config = json.load(fh)
-    return model_from_checkpoint(checkpoint, config)
+    config_file = os.path.join(os.path.dirname(os.path.abspath(p)), "config.json")
+    if not any(k in checkpoint for k in _CONFIG_KEYS) and os.path.isfile(config_file):
+        try:
+            with open(config_file, encoding="utf-8") as fh:
+                config = json.load(fh)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(
+                p, f"holds no config and the config.json next to it cannot be read ({err})", "restore config.json"
+            ) from None
+    try:
+        return model_from_checkpoint(checkpoint, config)
+    except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: load_state_dict's mismatches
+        text = " ".join(str(err).split())
+        text = text if len(text) <= 400 else text[:400] + " ..."
+        raise CheckpointError(p, f"does not rebuild a wrapped WRN: {text}", "") from None

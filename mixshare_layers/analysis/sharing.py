@@ -4,8 +4,10 @@ The paper measures how much the M subnetworks of a MIMO network use the same fea
 histograms*: for every feature f (a channel of the mixing space, or an input of the classifiers) and every
 subnetwork i a non-negative number ``h_i(f)``:
 
-* input block (:func:`encoder_influence`): ``h_i(c)`` = L1 norm of encoder i's kernel producing channel c;
-* output block (:func:`classifier_influence`): ``h_i(d)`` = L1 norm of column d of head i's weight matrix.
+* input block (:func:`encoder_influence`): ``h_i(c)`` = L1 norm of encoder i's kernel producing channel c (a conv
+  stem's first convolution, a vision transformer's patch-embedding projection);
+* output block (:func:`classifier_influence`): ``h_i(d)`` = L1 norm of column d of the weight matrix of head i's
+  first layer (the classifier itself for a linear head; the first linear layer of an MLP head).
 
 :func:`sharing_rate` turns an ``(M, F)`` influence table into one number in percent, and :func:`sharing_rates`
 computes both quantities of a model at once.
@@ -48,10 +50,11 @@ def encoder_influence(model: nn.Module) -> Tensor:
 
     Args:
         model: a :class:`~mixshare_layers.MIMOWrapper` or a :class:`~mixshare_layers.MultiEncoder` whose encoders are
-            ``nn.Conv2d`` layers (fused, or generic copies such as reflect-padded convolutions).
+            convolutions (fused, or generic copies such as reflect-padded or weight-standardised convolutions) or
+            hold one (a multi-branch stem block: its first ``nn.Conv2d`` / ``nn.Linear`` is read).
 
     Returns:
-        ``(M, C')`` float32 tensor: entry ``(i, c)`` is ``sum |w_i[c, :, :, :]|`` over encoder i's kernel of output
+        ``(M, C')`` float32 tensor: entry ``(i, c)`` is ``sum |w_i[c, ...]|`` over encoder i's kernel of output
         channel c (biases are not counted).
 
     Example:
@@ -62,19 +65,21 @@ def encoder_influence(model: nn.Module) -> Tensor:
         (torch.Size([2, 16]), True)
     """
     from ..multi_encoder import MultiEncoder
+    from ..multi_head import first_layer
 
     encoder = model if isinstance(model, MultiEncoder) else _find(model, "encoder", MultiEncoder)
     if encoder.fused:
         kernels = encoder.kernels()  # (M, C', C/g, k, k)
     else:
         copies = list(encoder.encoders or ())
-        if not all(isinstance(c, nn.Conv2d) for c in copies):
+        layers = [first_layer(c) for c in copies]
+        if not all(isinstance(layer, (nn.Conv2d, nn.Linear)) for layer in layers):
             kinds = sorted({type(c).__name__ for c in copies})
             raise TypeError(
-                "encoder_influence needs nn.Conv2d encoders (a kernel per output channel), but the encoders are "
-                f"{', '.join(kinds)}"
+                "encoder_influence needs encoders with an nn.Conv2d or nn.Linear (a kernel per output channel), but "
+                f"the encoders are {', '.join(kinds)}"
             )
-        kernels = torch.stack([c.weight for c in copies if isinstance(c, nn.Conv2d)])
+        kernels = torch.stack([layer.weight for layer in layers if layer is not None])
     return kernels.detach().abs().flatten(2).sum(dim=2).float()
 
 
@@ -83,7 +88,10 @@ def classifier_influence(model: nn.Module) -> Tensor:
     """L1 norm of each head's weight column for each feature (the output block of Fig. 2 and 3b).
 
     Args:
-        model: a :class:`~mixshare_layers.MIMOWrapper` or a :class:`~mixshare_layers.MultiHead`.
+        model: a :class:`~mixshare_layers.MIMOWrapper` or a :class:`~mixshare_layers.MultiHead`. For a head that is
+            more than a linear layer (a norm + linear, an MLP) the first ``nn.Linear`` / ``nn.Conv2d`` of each head is
+            read: the layer whose columns take the pooled features
+            (:meth:`~mixshare_layers.MultiHead.first_layer_weights`).
 
     Returns:
         ``(M, D)`` float32 tensor: entry ``(i, d)`` is ``sum_k |W_i[k, d]|`` (biases are not counted).
@@ -96,7 +104,7 @@ def classifier_influence(model: nn.Module) -> Tensor:
     from ..multi_head import MultiHead
 
     heads = model if isinstance(model, MultiHead) else _find(model, "heads", MultiHead)
-    return heads.weight.detach().abs().sum(dim=1).float()
+    return heads.first_layer_weights().detach().abs().sum(dim=1).float()
 
 
 def _check_influence(influence: object) -> Tensor:

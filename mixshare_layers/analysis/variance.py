@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_int
+from .._checks import check_choice, check_int
 
 __all__ = ["default_variance_layers", "feature_variance_influence"]
 
@@ -28,8 +28,8 @@ def default_variance_layers(model: nn.Module) -> list[str]:
 
     A *stage* is a direct child of the wrapper's ``core`` that is a non-empty ``nn.Sequential`` (the
     library's CIFAR WRN: ``core.0 .. core.2`` = ``layer1 .. layer3``; a torchvision ResNet: ``core.3 .. core.6`` =
-    ``layer1 .. layer4``). When the core has no such child (a timm graph module, a user's custom core), the core
-    itself (its final feature maps) is probed.
+    ``layer1 .. layer4``), or, for a timm model, each module of its ``feature_info`` (its stages or blocks). When
+    the core has neither (a user's custom core), the core itself (its final features) is probed.
 
     Args:
         model: a :class:`~mixshare_layers.MIMOWrapper` (anything with a ``.core`` module).
@@ -43,6 +43,13 @@ def default_variance_layers(model: nn.Module) -> list[str]:
     core = getattr(model, "core", None)
     if not isinstance(core, nn.Module):
         raise TypeError(f"model must be a MIMOWrapper (with a .core module), but got {type(model).__name__}")
+    backbone = getattr(core, "backbone", None)  # a timm model's spliced core: the stages timm itself reports
+    info = getattr(backbone, "feature_info", None)
+    if isinstance(backbone, nn.Module) and isinstance(info, list):
+        modules = dict(backbone.named_modules())
+        stages = [f"core.backbone.{i['module']}" for i in info if isinstance(i, dict) and i.get("module") in modules]
+        if stages:
+            return stages
     names = [
         f"core.{name}" for name, child in core.named_children() if isinstance(child, nn.Sequential) and len(child) > 0
     ]
@@ -108,12 +115,14 @@ def feature_variance_influence(
     *,
     batch_size: int = 128,
     device: torch.device | str | None = None,
+    layout: str | None = None,
 ) -> dict[str, Tensor]:
     """App. D's influence of the channels of intermediate layers on each subnetwork.
 
     For each subnetwork i, input slot i runs over ``data`` while every other slot holds ``fixed_input``; forward
     hooks record the output of each named layer, and the importance of channel c for subnetwork i is the variance
-    over the data (unbiased, float64, streamed over batches) averaged over the spatial positions. The model runs in
+    over the data (unbiased, float64, streamed over batches) averaged over the spatial positions (or tokens). The
+    model runs in
     eval mode (BatchNorm with running statistics, encodings summed, no masks) with ``(B, M, C, H, W)`` inputs;
     its training/eval mode is restored afterwards.
 
@@ -123,11 +132,16 @@ def feature_variance_influence(
         data: images ``(N, C, H, W)`` as the model expects them (normalised like its training inputs), or an
             iterable of such batches or of ``(images, labels)`` pairs (a ``DataLoader``); at least 2 images. An
             iterable is traversed once per subnetwork, so it must be re-iterable.
-        layers: names of modules in ``model.named_modules()`` whose output (a ``(B, C, h, w)`` tensor) is probed;
-            default :func:`default_variance_layers` (after each stage of the core).
+        layers: names of modules in ``model.named_modules()`` whose output is probed: maps ``(B, C, h, w)`` (or
+            ``(B, h, w, C)``, see ``layout``), or tokens ``(B, N, C)`` for a token model; default
+            :func:`default_variance_layers` (after each stage of the core).
         fixed_input: ``(C, H, W)`` image held by the other inputs; default the first image of ``data``.
         batch_size: images per forward pass when ``data`` is a tensor.
         device: where to run (default: the device of the model's parameters).
+        layout: how the probed 4-D maps hold their channels: ``"channels_first"`` or ``"channels_last"`` (timm and
+            torchvision Swin stages); default the model's feature layout (``model.layout``). With ``"tokens"``, 3-D
+            outputs are tokens ``(B, N, C)`` (every token, prefix ones included, is a position) and 4-D ones maps
+            (a hybrid's convolutional stages).
 
     Returns:
         ``{layer name: (M, C_layer) float64 tensor}`` on the CPU, in the order of ``layers``.
@@ -180,11 +194,18 @@ def feature_variance_influence(
 
     captured: dict[str, Tensor] = {}
 
+    layout = getattr(model, "layout", "channels_first") if layout is None else layout
+    check_choice("layout", layout, ("channels_first", "channels_last", "tokens"))
+    channels_last = layout == "channels_last"
+
     def make_hook(name: str):
         def hook(module: nn.Module, args: object, output: object) -> None:
-            if not isinstance(output, Tensor) or output.dim() != 4:
+            if not isinstance(output, Tensor) or output.dim() not in ((3, 4) if layout == "tokens" else (4,)):
                 got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-                raise ValueError(f"layer {name!r} must output feature maps (B, C, h, w) to be probed, but gave {got}")
+                what = "feature maps (B, C, h, w)" + (" or tokens (B, N, C)" if layout == "tokens" else "")
+                raise ValueError(f"layer {name!r} must output {what} to be probed, but gave {got}")
+            if output.dim() == 3 or channels_last:  # channels last: (B, h, w, C) or tokens (B, N, C)
+                output = output.movedim(-1, 1)
             captured[name] = output
 
         return hook
@@ -215,7 +236,8 @@ def feature_variance_influence(
             for n in names:
                 if moments[n].count < 2:
                     raise ValueError(f"data must hold at least 2 images to measure a variance, got {moments[n].count}")
-                results[n].append(moments[n].variance().mean(dim=(1, 2)).cpu())  # (C,)
+                variance = moments[n].variance()  # (C, h, w) or (C, N)
+                results[n].append(variance.flatten(1).mean(dim=1).cpu())  # (C,)
     finally:
         for h in handles:
             h.remove()

@@ -7,6 +7,7 @@ from .ensemble import (
     from_estimator_major,
     to_estimator_major,
 )
+from .layout import FEATURE_LAYOUTS, as_maps, check_features, from_maps, grid_mean, token_grid
 from .loss import mimo_cross_entropy, rebalanced_weights
 from .mixing import cutmix_probability, mix, mix_reference, sample_mix_params
 from .random import sample_dirichlet, sample_gamma
@@ -14,11 +15,16 @@ from .unmixing import global_pool, unmix_pool, unmix_pool_reference
 
 __all__ = [
     "ENSEMBLE_RULES",
+    "FEATURE_LAYOUTS",
+    "as_maps",
+    "check_features",
     "cutmix_probability",
     "ensemble_log_probs",
     "ensemble_probs",
     "from_estimator_major",
+    "from_maps",
     "global_pool",
+    "grid_mean",
     "mimo_cross_entropy",
     "mix",
     "mix_reference",
@@ -27,6 +33,7 @@ __all__ = [
     "sample_gamma",
     "sample_mix_params",
     "to_estimator_major",
+    "token_grid",
     "unmix_pool",
     "unmix_pool_reference",
 ]

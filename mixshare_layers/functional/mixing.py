@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._checks import check_int, check_ndim, check_real
+from .._checks import check_int, check_mix_info, check_ndim, check_real
 from ..mix_info import MixInfo
 from .backend import resolve_backend, triton_ops, use_triton
 from .random import generator_kwargs, sample_dirichlet
@@ -222,6 +222,7 @@ def _role_table(m: int, device: torch.device, dtype: torch.dtype) -> Tensor:
 
 def _check_mix_inputs(encodings: Tensor, info: MixInfo) -> None:
     check_ndim("encodings", encodings, 5, "(B, M, C, H, W)")
+    check_mix_info("info", info)
     b, m = encodings.shape[:2]
     if info.inside.shape != (b, m):
         raise ValueError(

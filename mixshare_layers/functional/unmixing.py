@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_ndim
+from .._checks import check_mix_info, check_ndim
 from ..mix_info import MixInfo
 from .backend import resolve_backend, triton_ops, use_triton
 
@@ -44,6 +44,7 @@ def global_pool(features: Tensor, num_subnetworks: int) -> Tensor:
 
 def _check_unmix_inputs(features: Tensor, info: MixInfo, num_unmixed: int | None) -> None:
     check_ndim("features", features, 4, "(B, C, h, w)")
+    check_mix_info("info", info)
     if features.shape[0] != info.inside.shape[0]:
         raise ValueError(
             f"features have batch size {features.shape[0]} (shape {tuple(features.shape)}) but the MixInfo "
@@ -53,11 +54,23 @@ def _check_unmix_inputs(features: Tensor, info: MixInfo, num_unmixed: int | None
         raise ValueError(f"num_unmixed must be in [0, C={features.shape[1]}], but got {num_unmixed}")
 
 
+def _channels_last_rows(features: Tensor) -> Tensor | None:
+    """``(B, h w, C)`` view of a ``(B, C, h, w)`` map whose channels are innermost (a permuted channels-last map or
+    the patch grid of a token sequence), or ``None`` when the strides do not allow one without a copy."""
+    b, c, h, w = features.shape
+    sb, sc, sh, sw = features.stride()
+    if (c == 1 or sc == 1) and (w == 1 or sw == c) and (h == 1 or sh == w * c):
+        return features.as_strided((b, h * w, c), (sb, c, 1))
+    return None
+
+
 class _UnmixSumsTorch(torch.autograd.Function):
     """``S_all = sum_p f`` and ``S_box = sum_{y,x} cov_y(y) cov_x(x) f`` per ``(b, c)``, in the coverage dtype.
 
-    Forward: one plain sum and one batched matrix-vector product against the ``(B, h w)`` coverage (no copy of a
-    contiguous map). Backward: ``grad_f = g_all + g_box * cov`` written once, in the features' dtype.
+    Forward: one plain sum and one batched matrix-vector product against the ``(B, h w)`` coverage, on the map as it
+    is laid out (``(B, C, h w)`` rows for a channels-first map, ``(B, h w, C)`` for channels-innermost strides: a
+    channels-last map or a token grid), so neither layout is copied. Backward: ``grad_f = g_all + g_box * cov``
+    written once, in the features' dtype and in the same layout.
     """
 
     @staticmethod
@@ -69,15 +82,23 @@ class _UnmixSumsTorch(torch.autograd.Function):
         f = features if features.dtype == acc else features.to(acc)
         s_all = f.sum(dim=(2, 3))
         cov = (cov_y[:, :, None] * cov_x[:, None, :]).reshape(b, 1, h * w)  # (B, 1, hw): small
-        # one matrix-vector product per sample (a (B, 1, hw) -> (B, hw, 1) view: BLAS takes its fast path for it)
-        s_box = torch.bmm(f.reshape(b, c, h * w), cov.transpose(1, 2)).view(b, c)
+        rows = _channels_last_rows(f) if f.stride(1) == 1 and c > 1 else None
+        ctx.channels_last = rows is not None
+        if rows is not None:  # (B, 1, hw) @ (B, hw, C)
+            s_box = torch.bmm(cov, rows).view(b, c)
+        else:
+            # one matrix-vector product per sample (a (B, 1, hw) -> (B, hw, 1) view: BLAS takes its fast path)
+            s_box = torch.bmm(f.reshape(b, c, h * w), cov.transpose(1, 2)).view(b, c)
         return s_all, s_box
 
     @staticmethod
     def backward(ctx, grad_all: Tensor, grad_box: Tensor) -> tuple[Tensor, None, None]:
         cov_y, cov_x = ctx.saved_tensors
-        cov = (cov_y[:, :, None] * cov_x[:, None, :])[:, None]  # (B, 1, h, w)
-        grad_f = torch.addcmul(grad_all[:, :, None, None], grad_box[:, :, None, None], cov)
+        cov = cov_y[:, :, None] * cov_x[:, None, :]  # (B, h, w)
+        if ctx.channels_last:  # written as (B, h, w, C), returned as its (B, C, h, w) view
+            grad_f = torch.addcmul(grad_all[:, None, None, :], grad_box[:, None, None, :], cov[..., None])
+            return grad_f.to(ctx.feat_dtype).permute(0, 3, 1, 2), None, None
+        grad_f = torch.addcmul(grad_all[:, :, None, None], grad_box[:, :, None, None], cov[:, None])
         return grad_f.to(ctx.feat_dtype), None, None
 
 

@@ -44,10 +44,26 @@ def _tile_coverage(box_ptr, b, ys, xs, H, W, NH, NW, ACC: tl.constexpr):
 
 @triton.jit
 def mix_fwd_kernel(
-    e_ptr, box_ptr, in_ptr, out_ptr, o_ptr,
-    C, H, W, NH, NW, scale,
-    s_b, s_m, s_c, s_y, s_x,
-    M: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, ACC: tl.constexpr,
+    e_ptr,
+    box_ptr,
+    in_ptr,
+    out_ptr,
+    o_ptr,
+    C,
+    H,
+    W,
+    NH,
+    NW,
+    scale,
+    s_b,
+    s_m,
+    s_c,
+    s_y,
+    s_x,
+    M: tl.constexpr,
+    BLOCK_Y: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """o[b, c, y, x] = scale * sum_i (out_i + cov (in_i - out_i)) e[b, i, c, y, x]; a program per (b, c, row block)."""
     pid_bc = tl.program_id(0)
@@ -71,10 +87,25 @@ def mix_fwd_kernel(
 
 @triton.jit
 def mix_bwd_kernel(
-    g_ptr, box_ptr, in_ptr, out_ptr, ge_ptr,
-    C, H, W, NH, NW, scale,
-    s_b, s_c, s_y, s_x,
-    M: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, ACC: tl.constexpr,
+    g_ptr,
+    box_ptr,
+    in_ptr,
+    out_ptr,
+    ge_ptr,
+    C,
+    H,
+    W,
+    NH,
+    NW,
+    scale,
+    s_b,
+    s_c,
+    s_y,
+    s_x,
+    M: tl.constexpr,
+    BLOCK_Y: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """ge[b, i, c, y, x] = scale * m_i(y, x) * g[b, c, y, x]: the gradient read once, the M outputs written once."""
     pid_bc = tl.program_id(0)
@@ -115,10 +146,24 @@ def _div(a, b, WORK: tl.constexpr):
 
 @triton.jit
 def finish_mix_kernel(
-    lam_ptr, owner_ptr, pixel_ptr, coin_ptr, prob_ptr, prob_value,
-    boxes_ptr, inside_ptr, outside_ptr, ratios_ptr, cut_ptr,
-    B, H, W,
-    M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, PROB_IN_MEMORY: tl.constexpr,
+    lam_ptr,
+    owner_ptr,
+    pixel_ptr,
+    coin_ptr,
+    prob_ptr,
+    prob_value,
+    boxes_ptr,
+    inside_ptr,
+    outside_ptr,
+    ratios_ptr,
+    cut_ptr,
+    B,
+    H,
+    W,
+    M: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PROB_IN_MEMORY: tl.constexpr,
     WORK: tl.constexpr,
 ):
     """A MixInfo from the random draws (see ``functional.mixing.finish_mix_reference``); a program per block of rows.
@@ -205,11 +250,29 @@ def _box_area(box_ptr, b, H, W, NH, NW, ACC: tl.constexpr):
 
 @triton.jit
 def unmix_pool_fwd_kernel(
-    f_ptr, box_ptr, in_ptr, out_ptr, r_ptr, pooled_ptr,
-    C, H, W, NH, NW, num_unmixed,
-    s_b, s_c, s_y, s_x,
-    M: tl.constexpr, HAS_R: tl.constexpr, NORMALIZE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, ACC: tl.constexpr,
+    f_ptr,
+    box_ptr,
+    in_ptr,
+    out_ptr,
+    r_ptr,
+    pooled_ptr,
+    C,
+    H,
+    W,
+    NH,
+    NW,
+    num_unmixed,
+    s_b,
+    s_c,
+    s_y,
+    s_x,
+    M: tl.constexpr,
+    HAS_R: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_Y: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """pooled[b, i, c]: member i's masked average (or sum / hw) of f[b, c]; a program per (b, channel block).
 
@@ -260,10 +323,25 @@ def unmix_pool_fwd_kernel(
 
 @triton.jit
 def unmix_pool_bwd_kernel(
-    gp_ptr, box_ptr, in_ptr, out_ptr, r_ptr, gf_ptr,
-    C, H, W, NH, NW, num_unmixed,
-    M: tl.constexpr, HAS_R: tl.constexpr, NORMALIZE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, ACC: tl.constexpr,
+    gp_ptr,
+    box_ptr,
+    in_ptr,
+    out_ptr,
+    r_ptr,
+    gf_ptr,
+    C,
+    H,
+    W,
+    NH,
+    NW,
+    num_unmixed,
+    M: tl.constexpr,
+    HAS_R: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_Y: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """gf[b, c, y, x] = g_all[b, c] + g_box[b, c] cov(y, x), with g_all / g_box gathered from the M pooled
     gradients in the prologue; written once (contiguous ``(B, C, h, w)``)."""

@@ -1,0 +1,420 @@
+"""The timm adapter: any model with timm's uniform classification API.
+
+It relies on the API every timm classifier implements (``forward_features``, ``forward_head``,
+``get_classifier``, ``num_features``, ``num_prefix_tokens``, ``patch_embed``, ``pretrained_cfg``), not on
+per-family attribute names, and on no tracing:
+
+1. **probe**: ``forward_features`` and ``forward_head`` run once on a probe batch (eval mode) with forward pre-hooks
+   on every submodule, which record which modules receive the image itself and which ones the head calls;
+2. **encoder**: the module that receives the image (the deepest one holding every leaf module that does: a stem's
+   first convolution, a patch embedding's projection, a multi-branch stem block);
+3. **core**: :class:`~mixshare_layers.adapters.surgery.SplicedCore`: ``forward_features`` itself, on a copy of the
+   model whose encoder is a slot returning the (mixed) encoding, so norms, positional embeddings, class / register
+   tokens and stages run exactly as in timm;
+4. **layout and pooling**: the features' layout (``(B, D, h, w)``, ``(B, h, w, D)`` or tokens) and the head's
+   pooling are found by trying, in order, the global average of the grid (prefix tokens excluded), the class token,
+   and otherwise letting the head read the features (attention pooling, ``avgmax``...): the first one whose result
+   through the head equals ``forward_head`` is kept;
+5. **head**: :class:`TimmHead`, the model's own ``forward_head`` run on a shell holding only the modules it uses,
+   fed with a one-cell map (or one-patch sequence) whose pooling is the pooled vector, which is exact (a mean of one
+   value is that value). A head that is just its ``nn.Linear`` classifier (no dropout, no norm) becomes that
+   ``nn.Linear`` (the batched fast path of :class:`~mixshare_layers.MultiHead`);
+6. **check**: the split's logits are compared with the model's on the probe batch; any difference refuses the model
+   with the figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .check import check_split, default_tolerance, eval_mode, first_tensor
+from .split import BackboneSplit, UnsupportedBackboneError
+from .surgery import Slot, SplicedCore, head_shell, module_name, same_values, spliced
+
+__all__ = ["TimmHead", "is_timm_like", "split_timm"]
+
+HOW_TO = (
+    "Give the split yourself: MIMOWrapper(split=BackboneSplit(encoder=..., core=..., classifier=..., layout=..., "
+    "pooling=...), num_subnetworks=...) (docs: how-to/custom-backbone), or register an adapter for this class with "
+    "mixshare_layers.adapters.register_adapter(cls, fn)."
+)
+
+
+def is_timm_like(model: nn.Module) -> bool:
+    """Whether ``model`` has timm's classification API (``forward_features``, ``forward_head``,
+    ``get_classifier``)."""
+    return all(callable(getattr(model, name, None)) for name in ("forward_features", "forward_head", "get_classifier"))
+
+
+class TimmHead(nn.Module):
+    """A timm model's head as a module of the pooled vector (or of the features, for ``pooling="head"``).
+
+    Args:
+        shell: an instance of the model's class holding only the modules ``forward_head`` uses.
+        pooling: ``"avg"``, ``"token"`` or ``"head"`` (see :class:`~mixshare_layers.BackboneSplit`).
+        layout: the features' layout.
+        num_prefix_tokens: ``P`` (tokens).
+
+    Shape:
+        - Input: ``(B, D)`` pooled vectors (the features for ``pooling="head"``); output: logits ``(B, K)``.
+    """
+
+    def __init__(self, shell: nn.Module, pooling: str, layout: str, num_prefix_tokens: int = 0) -> None:
+        super().__init__()
+        self.model = shell
+        self.pooling = pooling
+        self.layout = layout
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def extra_repr(self) -> str:
+        return f"pooling={self.pooling!r}, layout={self.layout!r}, num_prefix_tokens={self.num_prefix_tokens}"
+
+    def features_of(self, pooled: Tensor) -> Tensor:
+        """Features whose pooling (by the model's own head) is ``pooled``: one cell, or one patch after the prefix."""
+        if self.pooling == "head":
+            return pooled
+        if self.layout == "channels_first":
+            return pooled[:, :, None, None]
+        if self.layout == "channels_last":
+            return pooled[:, None, None, :]
+        tokens = pooled[:, None, :]
+        if self.pooling == "token":  # the class token first, then the other prefix tokens and one patch
+            return torch.cat([tokens, tokens.new_zeros(tokens.shape[0], self.num_prefix_tokens, tokens.shape[2])], 1)
+        prefix = tokens.new_zeros(tokens.shape[0], self.num_prefix_tokens, tokens.shape[2])
+        return torch.cat([prefix, tokens], dim=1) if self.num_prefix_tokens else tokens
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_head(self.features_of(x))  # type: ignore[operator]
+
+
+class _Recorder:
+    """Forward pre-hooks on every submodule: which modules receive which tensor (the image first), what they return,
+    and which modules run in each phase (features, head)."""
+
+    def __init__(self, model: nn.Module, image: Tensor) -> None:
+        self.names = {id(m): n for n, m in model.named_modules(remove_duplicate=False) if n}
+        self.image = image
+        self.phase = "features"
+        self.inputs: list[tuple[str, int]] = []  # (module, id of its first input) in call order (features phase)
+        self.called: dict[str, list[str]] = {"features": [], "head": []}
+        self.outputs: dict[str, Any] = {}
+        self.handles = [
+            m.register_forward_pre_hook(self._pre, with_kwargs=True)
+            for n, m in model.named_modules()
+            if n  # the root is called by us
+        ]
+        self.handles += [m.register_forward_hook(self._post) for n, m in model.named_modules() if n]
+
+    def _pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        name = self.names[id(module)]
+        self.called[self.phase].append(name)
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        if self.phase == "features" and isinstance(first, Tensor):
+            self.inputs.append((name, id(first)))
+
+    def _post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        name = self.names[id(module)]
+        if self.phase == "features" and name not in self.outputs:
+            self.outputs[name] = output
+
+    def receivers(self, tensor: Tensor) -> list[str]:
+        """The modules whose first input was ``tensor`` itself (features phase)."""
+        return [name for name, ident in self.inputs if ident == id(tensor)]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _find_encoder(model: nn.Module, receivers: list[str]) -> str:
+    """The deepest module receiving the image that holds every leaf receiving it."""
+    receivers = list(dict.fromkeys(receivers))
+    if not receivers:
+        raise UnsupportedBackboneError(
+            f"no module of {type(model).__name__} receives the image itself in forward_features (it is transformed "
+            "by tensor operations first, e.g. padded or unfolded), so there is no first layer to replicate. " + HOW_TO
+        )
+    receiving = set(receivers)
+    leaves = [n for n in receiving if not any(o != n and o.startswith(n + ".") for o in receiving)]
+    # a parameter-free leaf that passes the image on unchanged (an identity, a dropout) is not a layer
+    learnable = [n for n in leaves if any(True for _ in model.get_submodule(n).parameters())]
+    leaves = learnable or leaves
+    common = leaves[0].split(".")
+    for leaf in leaves[1:]:
+        parts = leaf.split(".")
+        k = 0
+        while k < min(len(common), len(parts)) and common[k] == parts[k]:
+            k += 1
+        common = common[:k]
+    while common and ".".join(common) not in receiving:
+        common = common[:-1]
+    if not common:
+        raise UnsupportedBackboneError(
+            f"the image feeds several layers of {type(model).__name__} ({', '.join(sorted(leaves))}) with no common "
+            "module taking it, so there is no single first layer to replicate. " + HOW_TO
+        )
+    return ".".join(common)
+
+
+def _image_channels(model: nn.Module) -> int:
+    chans = getattr(model, "in_chans", None)
+    if isinstance(chans, int) and chans > 0:
+        return chans
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None:
+        return conv.in_channels
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return int(size[0]) if size else 3
+
+
+def _probe_sizes(model: nn.Module) -> list[tuple[int, int]]:
+    """Candidate probe sizes: the patch embedding's fixed size, else a small one, then the pretrained config's."""
+    sizes: list[tuple[int, int]] = []
+    for module in [getattr(model, "patch_embed", None), *model.modules()]:  # a patch embedding's fixed size first
+        img = getattr(module, "img_size", None)
+        if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(v, int) for v in img):
+            sizes.append((int(img[0]), int(img[1])))
+            break
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    cfg = cfg if isinstance(cfg, dict) else {}
+    size = cfg.get("input_size")
+    default = [(int(size[1]), int(size[2]))] if size and len(size) == 3 else []
+    small = [(64, 64), (96, 96), (128, 128), (160, 160)]
+    if cfg.get("fixed_input_size", False):
+        sizes += default + small
+    else:
+        sizes += small + default
+    sizes += [(224, 224), (256, 256), (384, 384)]
+    return list(dict.fromkeys(sizes))
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for tensor in model.parameters():
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def _complete_shell(model: nn.Module, shell: nn.Module, features: Any) -> list[str]:
+    """Give the head shell the parameters / buffers of the model itself that ``forward_head`` reads (EfficientViM's
+    weights of its per-scale heads): found by running it on the features and reading the ``AttributeError``."""
+    added: list[str] = []
+    for _ in range(16):
+        try:
+            with eval_mode(shell), torch.no_grad():
+                shell.forward_head(features)  # type: ignore[operator]
+            return added
+        except AttributeError as exc:
+            match = re.search(r"has no attribute '(\w+)'", str(exc))
+            missing = match.group(1) if match else None
+            if missing in model._parameters:
+                shell._parameters[missing] = model._parameters[missing]
+            elif missing in model._buffers:
+                shell._buffers[missing] = model._buffers[missing]
+            elif missing is not None and missing in vars(model):
+                shell.__dict__[missing] = vars(model)[missing]
+                continue
+            else:
+                return added  # not a missing tensor: the layout trials below will tell
+            added.append(missing)
+        except Exception:  # the head may not run on these features as they are: nothing to add
+            return added
+    return added
+
+
+def _train_eval_agree(head: nn.Module, pooled: Tensor) -> bool:
+    """Whether a head computes the same in training mode (no dropout, no batch statistics) on ``pooled``."""
+    trial = copy.deepcopy(head)
+    devices = [pooled.device] if pooled.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        trial.eval()
+        expected = trial(pooled)
+        trial.train()
+        return same_values(trial(pooled), expected, tolerance=0.0) and same_values(trial(pooled), expected, 0.0)
+
+
+@torch.no_grad()
+def split_timm(model: nn.Module, *, image_size: int | tuple[int, int] | None = None) -> BackboneSplit:
+    """Split a model with timm's classification API (see the module docstring for how).
+
+    Args:
+        model: a timm model (or any model with ``forward_features`` / ``forward_head`` / ``get_classifier``).
+        image_size: the probe's image size; by default the patch embedding's fixed size, else the smallest of
+            64, 96, 128 and the pretrained config's size that the model runs on.
+
+    Returns:
+        A :class:`BackboneSplit` whose logits equal the model's on the probe batch (checked).
+
+    Raises:
+        UnsupportedBackboneError: the reason (no classifier, an image used by several layers, a split that does
+            not reproduce the model...) and the way out.
+
+    Example:
+        >>> import timm
+        >>> split = split_timm(timm.create_model("resnet18d", num_classes=10))  # a deep stem: its first conv
+        >>> split.encoder, split.layout, split.pooling
+        (Conv2d(3, 32, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), bias=False), 'channels_first', 'avg')
+        >>> vit = split_timm(timm.create_model("test_vit", num_classes=10))
+        >>> vit.encoder, vit.layout, vit.num_prefix_tokens, vit.pooling
+        (Conv2d(3, 64, kernel_size=(16, 16), stride=(16, 16)), 'tokens', 1, 'token')
+    """
+    name = type(model).__name__
+    if not is_timm_like(model):
+        raise UnsupportedBackboneError(
+            f"{name} does not have timm's forward_features / forward_head / get_classifier API. " + HOW_TO
+        )
+    classifier = model.get_classifier()  # type: ignore[operator]
+    classifiers = classifier if isinstance(classifier, (tuple, list)) else (classifier,)  # distilled: two heads
+    if not all(isinstance(c, nn.Module) for c in classifiers) or not any(
+        True for c in classifiers for _ in c.parameters()
+    ):
+        raise UnsupportedBackboneError(
+            f"{name} has no classifier (get_classifier() returns {type(classifier).__name__}: a model created with "
+            "num_classes=0 returns features): each member needs its own classifier. Create the model with "
+            "num_classes=K, e.g. timm.create_model(name, num_classes=10), or model.reset_classifier(10)."
+        )
+    device, dtype = _device_dtype(model)
+    channels = _image_channels(model)
+    sizes = [image_size if isinstance(image_size, tuple) else (image_size, image_size)] if image_size else None
+    errors = []
+    recorder: _Recorder | None = None
+    for size in sizes or _probe_sizes(model):
+        images = torch.randn(2, channels, *size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        attempt = _Recorder(model, images)
+        try:
+            with eval_mode(model):
+                features = model.forward_features(images)  # type: ignore[operator]
+                attempt.phase = "head"
+                expected = first_tensor(model.forward_head(features))  # type: ignore[operator]
+        except Exception as exc:  # a size a model refuses fails in many ways
+            errors.append(f"{size[0]}x{size[1]}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
+        finally:
+            attempt.remove()
+        recorder = attempt
+        break
+    if recorder is None:
+        raise UnsupportedBackboneError(
+            f"{name}.forward_features runs on none of the probe sizes ({'; '.join(errors)}); pass the size it "
+            "takes: split=lambda m: split_timm(m, image_size=...). " + HOW_TO
+        )
+    several = isinstance(features, (list, tuple)) and len(features) > 0
+    if not (isinstance(features, Tensor) or (several and all(isinstance(f, Tensor) for f in features))):
+        raise UnsupportedBackboneError(
+            f"{name}.forward_features returns a {type(features).__name__}, not tensors of features. " + HOW_TO
+        )
+
+    # -- the encoder and its output --------------------------------------------------------------------------
+    # the first layer that sees the image; parameter-free ones (TResNet's space-to-depth) are part of the input:
+    # they become the split's shared preprocess, and the next layer is the encoder
+    preprocess: list[nn.Module] = []
+    seen = recorder.image
+    while True:
+        encoder_name = _find_encoder(model, recorder.receivers(seen))
+        encoder = model.get_submodule(encoder_name)
+        encoding = recorder.outputs.get(encoder_name)
+        if any(True for _ in encoder.parameters()) or not isinstance(encoding, Tensor) or len(preprocess) >= 8:
+            break
+        preprocess.append(encoder)
+        seen = encoding
+    if not isinstance(encoding, Tensor) or encoding.dim() != 4:
+        got = tuple(encoding.shape) if isinstance(encoding, Tensor) else type(encoding).__name__
+        raise UnsupportedBackboneError(
+            f"{name}'s first layer ({encoder_name}: {type(encoder).__name__}) returns {got}, not a (B, C, H, W) map "
+            "to mix. " + HOW_TO
+        )
+    stride = (
+        max(1, round(images.shape[-2] / encoding.shape[-2])),
+        max(1, round(images.shape[-1] / encoding.shape[-1])),
+    )
+
+    # -- the head's modules, and the core --------------------------------------------------------------------
+    head_children = list(dict.fromkeys(n.split(".")[0] for n in recorder.called["head"]))
+    if not head_children:
+        raise UnsupportedBackboneError(f"{name}.forward_head calls no module of the model. " + HOW_TO)
+    feature_children = {n.split(".")[0] for n in recorder.called["features"]}
+    replacements: dict[str, nn.Module] = {encoder_name: Slot()}
+    for module in preprocess:  # run on the images before the encoders: nothing left to compute in the core
+        replacements[module_name(model, module)] = nn.Identity()
+    for child in head_children:
+        if child not in feature_children and child != encoder_name.split(".")[0]:
+            replacements[child] = nn.Identity()  # the head's modules live in the heads, not in the core
+    shell = head_shell(model, head_children)
+    head_tensors = _complete_shell(model, shell, features)  # parameters / buffers the head reads directly
+    core = SplicedCore(spliced(model, replacements, drop=head_tensors), encoder_name, "forward_features", channels,
+                       stride)  # fmt: skip
+
+    # -- the layout of the features and the head's pooling ----------------------------------------------------
+    num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    candidates: list[tuple[str, str, int]] = []
+    if several:  # several feature maps (one per scale, CoaT): the head reads them
+        fallback_layout = "tokens" if features[0].dim() == 3 else "channels_first"
+    elif features.dim() == 4:
+        d = getattr(model, "num_features", None)
+        last_first = features.shape[-1] == d and features.shape[1] != d
+        orders = ["channels_last", "channels_first"] if last_first else ["channels_first", "channels_last"]
+        candidates = [(layout, "avg", 0) for layout in orders]
+        fallback_layout = orders[0]
+    elif features.dim() == 3:
+        candidates = [("tokens", "avg", num_prefix)] + ([("tokens", "token", num_prefix)] if num_prefix else [])
+        fallback_layout = "tokens"
+    else:
+        raise UnsupportedBackboneError(
+            f"{name}.forward_features returns features of shape {tuple(features.shape)}; the library reads maps "
+            "(B, D, h, w) / (B, h, w, D) or tokens (B, N, D). " + HOW_TO
+        )
+    chosen = None
+    with eval_mode(shell):
+        for layout, pooling, p in candidates:
+            trial = BackboneSplit(encoder, core, nn.Identity(), layout=layout, num_prefix_tokens=p, pooling=pooling)
+            try:
+                trial.validate()
+                got = TimmHead(shell, pooling, layout, p)(trial.pool(features))
+            except Exception:  # a hypothesis the head cannot run on is simply not the right one
+                continue
+            if same_values(got, expected, default_tolerance(dtype)):
+                chosen = (layout, pooling, p)
+                break
+    if chosen is None:
+        chosen = (fallback_layout, "head", num_prefix if fallback_layout == "tokens" else 0)
+    layout, pooling, p = chosen
+    head: nn.Module = TimmHead(shell, pooling, layout, p)
+    if pooling != "head":
+        pooled = BackboneSplit(encoder, core, head, layout=layout, num_prefix_tokens=p, pooling=pooling).pool(features)
+        with eval_mode(*classifiers, shell):
+            plain = (
+                isinstance(classifier, nn.Linear)
+                and type(classifier).forward is nn.Linear.forward
+                and classifier.in_features == pooled.shape[-1]
+                and same_values(classifier(pooled), expected, tolerance=default_tolerance(dtype) / 10)
+            )
+        if plain and _train_eval_agree(head, pooled):
+            head = classifier
+    split = BackboneSplit(
+        encoder=encoder,
+        core=core,
+        classifier=head,
+        layout=layout,
+        num_prefix_tokens=p,
+        pooling=pooling,
+        preprocess=nn.Sequential(*preprocess) if preprocess else None,
+    )
+    try:
+        try:
+            check_split(model, split, images)
+        except AttributeError:  # the features read a tensor the head reads too: the core keeps it
+            core = SplicedCore(spliced(model, replacements), encoder_name, "forward_features", channels, stride)
+            split = split._replace(core=core)
+            check_split(model, split, images)
+    except Exception as exc:  # a mismatch (ValueError), or a core that cannot run without the image itself
+        raise UnsupportedBackboneError(
+            f"{name}: {exc} (its forward_features uses the image elsewhere than through {encoder_name}, e.g. resized "
+            "for a second branch, or its forward is not forward_head(forward_features(x))). " + HOW_TO
+        ) from exc
+    return split

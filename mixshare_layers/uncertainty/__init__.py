@@ -1,0 +1,56 @@
+"""Uncertainty evaluation of an M-member ensemble: OOD detection, selective prediction, calibration, shift.
+
+* :func:`uncertainty_scores`: per-sample ``msp``, ``entropy``, ``mutual_information``, ``expected_entropy``;
+* :func:`ood_detection_metrics`: AUROC, AUPR, FPR95 (OOD = positive, tie-aware);
+* :func:`aurc` / :func:`risk_coverage_curve`: selective prediction;
+* :func:`adaptive_calibration_error`, :func:`classwise_calibration_error` (the equal-width ECE is in
+  :mod:`mixshare_layers.metrics`);
+* :func:`fit_temperature` / :func:`tempered_log_probs`: temperature scaling of the ensemble on a validation split;
+* :class:`UncertaintyMetrics`: all of it, streamed over batches, on device;
+* :func:`evaluate_uncertainty`: clean, OOD and corrupted test sets (:mod:`mixshare_layers.shift`) in one call,
+  :func:`flatten_report` for CSV rows;
+* :func:`plot_reliability_diagram`, :func:`plot_uncertainty_report`: figures (``analysis`` extra: matplotlib).
+
+Units everywhere (:data:`METRIC_UNITS`): accuracies, calibration errors, AURC, AUROC, AUPR, FPR95 and disagreement
+are fractions in ``[0, 1]``; NLL, entropies and mutual information are nats per sample. Every function takes the
+ensemble rule: ``"prob"`` (mean of member probabilities; MIMO, torch-uncertainty) or ``"logit"`` (mean of logits;
+MixMo's code).
+"""
+
+from .accumulator import UncertaintyMetrics
+from .calibration import (
+    adaptive_calibration_error,
+    adaptive_calibration_error_from_confidences,
+    classwise_calibration_bins,
+    classwise_calibration_error,
+    classwise_calibration_error_from_bins,
+)
+from .evaluate import METRIC_UNITS, evaluate_uncertainty, flatten_report
+from .ood import ood_detection_metrics
+from .plots import plot_reliability_diagram, plot_uncertainty_report  # matplotlib itself is imported on first use
+from .scores import UNCERTAINTY_SCORES, entropy, uncertainty_scores
+from .selective import aurc, risk_coverage_curve
+from .temperature import TEMPERATURE_MODES, fit_temperature, tempered_log_probs
+
+__all__ = [
+    "METRIC_UNITS",
+    "TEMPERATURE_MODES",
+    "UNCERTAINTY_SCORES",
+    "UncertaintyMetrics",
+    "adaptive_calibration_error",
+    "adaptive_calibration_error_from_confidences",
+    "aurc",
+    "classwise_calibration_bins",
+    "classwise_calibration_error",
+    "classwise_calibration_error_from_bins",
+    "entropy",
+    "evaluate_uncertainty",
+    "fit_temperature",
+    "flatten_report",
+    "ood_detection_metrics",
+    "plot_reliability_diagram",
+    "plot_uncertainty_report",
+    "risk_coverage_curve",
+    "tempered_log_probs",
+    "uncertainty_scores",
+]
