@@ -212,13 +212,15 @@ class MultiHead(nn.Module):
                 dtype=head.weight.dtype,
             )
             if reinit is not None:  # one independent draw of the backbone's initialiser per head
+                weight, bias = heads.weight, heads.bias
+                assert weight is not None  # the linear storage
                 with torch.no_grad():
                     for i in range(m):
                         draw = copy.deepcopy(head)
                         reinit(draw)
-                        heads.weight[i].copy_(draw.weight)
-                        if heads.bias is not None:
-                            heads.bias[i].copy_(draw.bias)
+                        weight[i].copy_(draw.weight)
+                        if bias is not None:
+                            bias[i].copy_(draw.bias)
             return heads  # without reinit: initialised like nn.Linear
         obj = cls.__new__(cls)
         nn.Module.__init__(obj)
