@@ -53,6 +53,9 @@ written) prints one line, exits with code 2 and leaves nothing on disk.
 
     ensemble_acc, mean_individual_acc   ensemble / mean member top-1 accuracy on the test set, percent
     individual_acc                      list of M member accuracies, percent
+    collapsed_members                   members whose accuracy stayed near chance while another learned
+                                        (mixshare_layers.metrics.collapsed_members; also printed as a warning
+                                        at every evaluation)
     nll                                 negative log-likelihood of the ensemble, nats per image
     ece                                 expected calibration error, 15 bins, fraction in [0, 1]
     mean_confidence                     mean top-1 probability of the ensemble, percent (compare: ensemble_acc)
@@ -107,7 +110,7 @@ from mixshare_layers.checkpoint import (
     verify_checkpoint,
 )
 from mixshare_layers.functional.ensemble import ensemble_probs
-from mixshare_layers.metrics import EnsembleMetrics
+from mixshare_layers.metrics import EnsembleMetrics, collapsed_members
 from mixshare_layers.models import wide_resnet
 from mixshare_layers.shift import CORRUPTIONS, SEVERITIES
 
@@ -866,8 +869,25 @@ def evaluate(
         **pct,
         "mean_confidence": 100.0 * float(confidence) / max(int(out["count"]), 1),  # percent
         "individual_acc": [100.0 * a for a in out["individual_acc"]],  # type: ignore[union-attr]
+        "collapsed_members": collapsed_members(out["individual_acc"], ctx["num_classes"]),  # type: ignore[arg-type]
+        "num_classes": ctx["num_classes"],
         **model_sharing_rates(model),
     }
+
+
+def collapse_warning(res: dict[str, Any], split: str) -> str | None:
+    """The evaluation-time warning for collapsed members (None when every member is healthy)."""
+    bad = res["collapsed_members"]
+    if not bad:
+        return None
+    accs = res["individual_acc"]
+    healthy = [i for i in range(len(accs)) if i not in bad]
+    return (
+        f"WARNING: {split}: member(s) {', '.join(str(i) for i in bad)} collapsed: accuracy "
+        f"{' / '.join(f'{accs[i]:.2f}' for i in bad)} % near chance ({100 / res['num_classes']:.2f} %) while member(s) "
+        f"{', '.join(str(i) for i in healthy)} reached {' / '.join(f'{accs[i]:.2f}' for i in healthy)} %; the ensemble "
+        "is carried by the healthy ones"
+    )
 
 
 SHARING_KEYS = ("classifier_sharing", "encoder_sharing", "classifier_sharing_sum_ratio", "encoder_sharing_sum_ratio")
@@ -1285,6 +1305,7 @@ def results_table(summary: dict[str, Any]) -> str:
         ("ensemble accuracy (%)", f"{summary['ensemble_acc']:.2f}"),
         ("mean individual accuracy (%)", f"{summary['mean_individual_acc']:.2f}"),
         ("individual accuracies (%)", " / ".join(f"{a:.2f}" for a in summary["individual_acc"])),
+        ("collapsed members", ", ".join(map(str, summary.get("collapsed_members") or [])) or "none"),
         ("mean confidence (%)", f"{summary['mean_confidence']:.2f}"),
         (f"NLL (nats, rule {summary['ensemble_rule']})", f"{summary['nll']:.4f}"),
         ("ECE (%, 15 bins)", f"{100 * summary['ece']:.2f}"),
@@ -1566,7 +1587,7 @@ def _run(
             bad = torch.where((bad < 0) & ~loss.isfinite(), torch.full_like(bad, step), bad)
         return loss, bad
 
-    ctx = {"device": device, "normalize": normalize, "m": m, "autocast": autocast}
+    ctx = {"device": device, "normalize": normalize, "m": m, "autocast": autocast, "num_classes": data.num_classes}
 
     def make_run_dir() -> None:  # the first thing written: a run that could not start leaves nothing behind
         try:
@@ -1671,6 +1692,9 @@ def _run(
                 row.update({f"{s}_acc_{j}": a for j, a in enumerate(res["individual_acc"])})
                 row.update({key: res[key] for key, _ in SHARING_COLUMNS})
                 log_scalars(eval_scalars(s, res), step)
+                warning = collapse_warning(res, s)
+                if warning:
+                    say(warning)
             ev = last_eval[splits[0]]
             say(
                 f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, {splits[0]} ensemble acc {ev['ensemble_acc']:.2f} %"
@@ -1713,6 +1737,9 @@ def _run(
         for s in splits:
             x, y = (data.val_x, data.val_y) if s == "val" else (data.test_x, data.test_y)
             last_eval[s] = evaluate(raw, x, y, cfg, ctx, dist)  # type: ignore[arg-type]
+            warning = collapse_warning(last_eval[s], s)
+            if warning:
+                say(warning)
 
     shift_report = None
     if cfg["shift_eval"] and not stopped_early:
@@ -1724,7 +1751,8 @@ def _run(
 
     test = last_eval["test"]
     summary: dict[str, Any] = {
-        **{k: test[k] for k in (*SUMMARY_METRICS, "individual_acc", "mean_confidence", *SHARING_KEYS)},
+        **{k: test[k] for k in (*SUMMARY_METRICS, "individual_acc", "mean_confidence", "collapsed_members")},
+        **{k: test[k] for k in SHARING_KEYS},
         "ensemble_rule": cfg["ensemble_rule"],
         "epochs": history[-1]["epoch"] if history else 0,
         "steps": step,

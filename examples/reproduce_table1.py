@@ -185,6 +185,40 @@ def sum_ratio_sharing(run_dir: Path) -> float | None:
     return float(sharing_rate(classifier_influence(model), "sum-ratio"))
 
 
+def collapsed_in(summary: dict[str, Any]) -> list[int] | None:
+    """The run's collapsed members (``mixshare_layers.metrics.collapsed_members``; None if it cannot be told).
+
+    Read from the summary, or computed from its member accuracies and the number of classes in the run's
+    ``config.json`` (summaries written before the check existed).
+    """
+    if summary.get("collapsed_members") is not None:
+        return [int(i) for i in summary["collapsed_members"]]
+    accs = summary.get("individual_acc")
+    cfg_path = Path(summary.get("run_dir", "")) / "config.json"
+    if not accs or not cfg_path.is_file():
+        return None
+    cfg = json.loads(cfg_path.read_text())
+    num_classes = cfg.get("synthetic_classes") if cfg.get("dataset") == "synthetic" else 100
+    if not isinstance(num_classes, int) or num_classes < 2:
+        return None
+    from mixshare_layers.metrics import collapsed_members
+
+    return collapsed_members([a / 100 for a in accs], num_classes)
+
+
+def collapse_note(runs: list[dict[str, Any]]) -> str:
+    """One sentence naming the runs that had a collapsed member (and their member accuracies)."""
+    bad = [r for r in runs if r.get("collapsed_members")]
+    if not bad:
+        return "No run had a collapsed member (accuracy near chance while another member learned)."
+    items = []
+    for r in bad:
+        accs = " / ".join(f"{a:.1f}" for a in r.get("individual_acc") or [])
+        members = ", ".join(str(i) for i in r["collapsed_members"])
+        items.append(f"`{r['method']}` seed {r['seed']} (member {members}; member accuracies {accs} %)")
+    return "Runs with a collapsed member (accuracy near chance while another member learned): " + "; ".join(items) + "."
+
+
 # ----------------------------------------------------------------------------------------------------------------
 def aggregate(runs: list[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
     """One row per method: mean and std of every metric over its runs."""
@@ -192,6 +226,7 @@ def aggregate(runs: list[dict[str, Any]], methods: Sequence[str]) -> list[dict[s
     for method in methods:
         mine = [r for r in runs if r["method"] == method]
         row: dict[str, Any] = {"method": method, "runs": len(mine), "seeds": " ".join(str(r["seed"]) for r in mine)}
+        row["collapsed_seeds"] = " ".join(str(r["seed"]) for r in mine if r.get("collapsed_members"))
         for key, _ in (*METRICS, ("classifier_sharing_sum_ratio", ""), ("encoder_sharing", "")):
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r.get(key) for r in mine])
         rows.append(row)
@@ -204,16 +239,19 @@ def render_markdown(rows: list[dict[str, Any]], width: int, description: str) ->
     paper_name = f"WRN-28-{width if width in PAPER else 2}"
     head = (
         "| method | ens. acc. (%) | ind. acc. (%) | classifier share rate (%) | share, sum ratio (%) | runs "
-        f"| paper {paper_name}: ens. / ind. / share |"
+        f"| collapsed member (seeds) | paper {paper_name}: ens. / ind. / share |"
     )
-    lines = [description, "", head, "|---|---|---|---|---|---|---|"]
+    lines = [description, "", head, "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         m = row["method"]
         cells = [fmt(row[f"{k}_mean"], row[f"{k}_std"]) for k, _ in METRICS]
         cells.append(fmt(row["classifier_sharing_sum_ratio_mean"], row["classifier_sharing_sum_ratio_std"]))
         ref = paper.get(m)
         ref_text = " / ".join(fmt(*v) for v in ref) if ref else "–"
-        lines.append(f"| {labels.get(m, m)} (`{m}`) | " + " | ".join(cells) + f" | {row['runs']} | {ref_text} |")
+        collapsed = row.get("collapsed_seeds") or "none"
+        lines.append(
+            f"| {labels.get(m, m)} (`{m}`) | " + " | ".join(cells) + f" | {row['runs']} | {collapsed} | {ref_text} |"
+        )
     lines += [
         "",
         "mean ± sample standard deviation (n - 1) over the runs; classifier share rate = mean over features of "
@@ -224,7 +262,7 @@ def render_markdown(rows: list[dict[str, Any]], width: int, description: str) ->
 
 def render_csv(rows: list[dict[str, Any]], width: int) -> str:
     paper = PAPER.get(width, PAPER[2])
-    cols = ["method", "runs", "seeds"]
+    cols = ["method", "runs", "seeds", "collapsed_seeds"]
     for key, _ in (*METRICS, ("classifier_sharing_sum_ratio", ""), ("encoder_sharing", "")):
         cols += [f"{key}_mean", f"{key}_std"]
     cols += ["paper_ensemble_acc", "paper_ensemble_acc_std", "paper_mean_individual_acc"]
@@ -251,12 +289,17 @@ def render_csv(rows: list[dict[str, Any]], width: int) -> str:
 
 def render_runs_csv(runs: list[dict[str, Any]]) -> str:
     cols = ["method", "seed", "ensemble_acc", "mean_individual_acc", "classifier_sharing"]
-    cols += ["classifier_sharing_sum_ratio", "encoder_sharing", "epochs", "steps", "train_time_s", "run_dir"]
+    cols += ["classifier_sharing_sum_ratio", "encoder_sharing", "individual_acc", "collapsed_members"]
+    cols += ["epochs", "steps", "train_time_s", "run_dir"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for run in runs:
-        writer.writerow({k: ("" if run.get(k) is None else run.get(k)) for k in cols})
+        cells = {k: ("" if run.get(k) is None else run.get(k)) for k in cols}
+        for k in ("individual_acc", "collapsed_members"):  # lists as space-separated values
+            if isinstance(cells[k], list):
+                cells[k] = " ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in cells[k])
+        writer.writerow(cells)
     return buf.getvalue()
 
 
@@ -266,7 +309,7 @@ def write_table(
     """Write table1.md, table1.csv and runs.csv under ``out_dir`` from the runs' summaries; returns the paths."""
     rows = aggregate(runs, methods)
     paths = {"markdown": out_dir / "table1.md", "csv": out_dir / "table1.csv", "runs": out_dir / "runs.csv"}
-    atomic_text(paths["markdown"], render_markdown(rows, width, description))
+    atomic_text(paths["markdown"], render_markdown(rows, width, description) + "\n" + collapse_note(runs) + "\n")
     atomic_text(paths["csv"], render_csv(rows, width))
     atomic_text(paths["runs"], render_runs_csv(runs))
     return paths
@@ -387,6 +430,11 @@ def main(
             summary["method"], summary["seed"] = method, seed
             summary.setdefault("run_dir", str(run_dir))
             summary["classifier_sharing_sum_ratio"] = sum_ratio_sharing(Path(summary["run_dir"]))
+            summary["collapsed_members"] = collapsed_in(summary)
+            if summary["collapsed_members"]:
+                bad = ", ".join(map(str, summary["collapsed_members"]))
+                accs = " / ".join(f"{a:.2f}" for a in summary.get("individual_acc") or [])
+                print(f"[table1] {name}: WARNING: member(s) {bad} collapsed (member accuracies {accs} %)", flush=True)
             runs.append(summary)
 
     description = describe(runs, args.quick, args.seeds)

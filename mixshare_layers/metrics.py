@@ -12,6 +12,9 @@ Conventions (the same in every function and in :class:`EnsembleMetrics`):
 - Disagreement = the mean over pairs ``i < j`` of subnetworks of the share of samples where their top-1 classes
   differ (0 for M = 1).
 
+Member health: :func:`collapsed_members` names the subnetworks whose accuracy stayed near chance while another one
+learned (a failure of MIMO training that the ensemble accuracy hides: the ensemble is carried by the others).
+
 Sharing rates (paper Sec. 2) are properties of the weights, not of the data: see
 :func:`mixshare_layers.analysis.sharing_rates`. Uncertainty metrics that need every sample (OOD detection, AURC,
 adaptive and classwise ECE), temperature scaling and evaluation under corruptions are in
@@ -21,12 +24,13 @@ adaptive and classwise ECE), temperature scaling and evaluation under corruption
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_int, check_ndim
+from ._checks import check_choice, check_int, check_ndim, check_real
 from .functional.ensemble import ENSEMBLE_RULES, ensemble_log_probs
 
 __all__ = [
@@ -34,6 +38,7 @@ __all__ = [
     "EnsembleMetrics",
     "brier_score",
     "calibration_bins",
+    "collapsed_members",
     "disagreement",
     "expected_calibration_error",
 ]
@@ -115,6 +120,52 @@ def disagreement(logits: Tensor) -> Tensor:
     """Mean pairwise top-1 disagreement between the M subnetworks of ``logits`` ``(B, M, K)`` (0-dim tensor)."""
     check_ndim("logits", logits, 3, "(B, M, K)")
     return _disagreement_sum(logits.argmax(dim=2)) / max(logits.shape[0], 1)
+
+
+def collapsed_members(
+    member_acc: Sequence[float] | Tensor,
+    num_classes: int,
+    *,
+    tolerance: float = 0.1,
+    min_gain: float = 0.1,
+) -> list[int]:
+    """The subnetworks that collapsed: accuracy near chance while another subnetwork learned.
+
+    Each member's *gain* over chance is ``g_i = (a_i - 1/K) / (1 - 1/K)`` (0 at chance, 1 when perfect, negative
+    below chance). Member ``i`` has collapsed when the best member learned (``max_j g_j >= min_gain``) and member
+    ``i`` kept at most a ``tolerance`` share of that gain (``g_i <= tolerance * max_j g_j``). A network where every
+    member is near chance has not learned yet: nothing is flagged.
+
+    Args:
+        member_acc: the M members' top-1 accuracies as fractions in [0, 1] (``EnsembleMetrics.compute()``'s
+            ``individual_acc``; divide percentages by 100).
+        num_classes: K, for the chance level ``1 / K``.
+        tolerance: the largest share of the best member's gain that still counts as collapsed, in [0, 1).
+        min_gain: the gain the best member must reach for the others to be judged, in (0, 1].
+
+    Returns:
+        The indices of the collapsed members, in increasing order (empty when all are healthy).
+
+    Example:
+        >>> collapsed_members([0.988, 0.004], num_classes=20)  # a member below the 5 % of chance
+        [1]
+        >>> collapsed_members([0.80, 0.71], num_classes=20), collapsed_members([0.06, 0.05], num_classes=20)
+        ([], [])
+    """
+    k = check_int("num_classes", num_classes, minimum=2)
+    tolerance = check_real("tolerance", tolerance, low=0.0, high=1.0, high_inclusive=False)
+    min_gain = check_real("min_gain", min_gain, low=0.0, high=1.0, low_inclusive=False)
+    accs = member_acc.tolist() if isinstance(member_acc, Tensor) else list(member_acc)
+    if len(accs) == 0 or any(isinstance(a, (list, tuple)) for a in accs):
+        raise ValueError(f"member_acc must be a flat sequence of M >= 1 accuracies, but got {member_acc!r}")
+    for a in accs:
+        check_real("member_acc", a, low=0.0, high=1.0)
+    chance = 1.0 / k
+    gains = [(float(a) - chance) / (1.0 - chance) for a in accs]
+    best = max(gains)
+    if best < min_gain:
+        return []
+    return [i for i, g in enumerate(gains) if g <= tolerance * best]
 
 
 class EnsembleMetrics:

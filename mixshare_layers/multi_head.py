@@ -184,7 +184,9 @@ class MultiHead(nn.Module):
             copy_weights: every head starts as a copy of ``head`` (a pretrained backbone keeps its function);
                 otherwise each is re-initialised independently (``reinit``, default each submodule's
                 ``reset_parameters()``).
-            reinit: initialiser of an independent generic copy (a linear head is initialised like ``nn.Linear``).
+            reinit: initialiser called on each independent copy (``copy_weights=False``), one draw per head: give
+                the backbone's own scheme (how the heads start matters for MixMo, see docs/reproducing.md); default
+                ``nn.Linear``'s initialisation for a linear head, each submodule's ``reset_parameters()`` otherwise.
             input_ndim: dims of one head's input after the batch (1 for ``(B, D)`` vectors, 3 for ``(B, C, h, w)``
                 maps, 2 for ``(B, N, C)`` tokens); it tells a shared input ``(B, *S)`` from per-member ones.
             num_classes: K; by default the output size of the head's last ``nn.Linear`` / ``nn.Conv2d``.
@@ -195,6 +197,8 @@ class MultiHead(nn.Module):
             raise TypeError(f"head must be an nn.Module, but got {type(head).__name__}")
         m = check_num_subnetworks(num_subnetworks)
         input_ndim = check_int("input_ndim", input_ndim, minimum=1)
+        if reinit is not None and not callable(reinit):
+            raise TypeError(f"reinit must be callable or None, but got {type(reinit).__name__}")
         if _runs_as_linear(head) and input_ndim == 1:
             assert isinstance(head, nn.Linear)
             if copy_weights:
@@ -207,7 +211,17 @@ class MultiHead(nn.Module):
                 device=head.weight.device,
                 dtype=head.weight.dtype,
             )
-            return heads  # initialised like nn.Linear
+            if reinit is not None:  # one independent draw of the backbone's initialiser per head
+                weight, bias = heads.weight, heads.bias
+                assert weight is not None  # the linear storage
+                with torch.no_grad():
+                    for i in range(m):
+                        draw = copy.deepcopy(head)
+                        reinit(draw)
+                        weight[i].copy_(draw.weight)
+                        if bias is not None:
+                            bias[i].copy_(draw.bias)
+            return heads  # without reinit: initialised like nn.Linear
         obj = cls.__new__(cls)
         nn.Module.__init__(obj)
         obj.num_subnetworks = m

@@ -84,9 +84,10 @@ class MIMOWrapper(nn.Module):
             original first layer and every head is a copy of the backbone's head, so that in eval mode every member
             gives exactly the backbone's logits at initialisation. Presets with independent encoders (``"mimo"``,
             ``"mixmo"``, ``"unmix"``) re-initialise the first layer, which breaks that promise: they are refused
-            unless ``encoder_init="aligned"`` (or ``"colinear"``) is given. With ``pretrained=False`` heads are
-            initialised independently and encoders follow ``encoder_init``; the core keeps the backbone's weights
-            either way.
+            unless ``encoder_init="aligned"`` (or ``"colinear"``) is given. With ``pretrained=False`` the M heads are
+            initialised independently with the split's ``reinit`` (the backbone's own initialiser: MixMo's truncated
+            He-normal with zero bias for the library's WRN; ``nn.Linear``'s default when the split has none) and
+            encoders follow ``encoder_init``; the core keeps the backbone's weights either way.
         backend: implementation of the masked ops (mixing, unmixing): ``"auto"`` (fused Triton kernels for CUDA
             tensors when triton imports, else torch), ``"torch"`` or ``"triton"``; ``None`` reads
             ``MIXSHARE_BACKEND`` (see :mod:`mixshare_layers.functional.backend`).
@@ -203,8 +204,15 @@ class MIMOWrapper(nn.Module):
             num_prefix_tokens=parts.num_prefix_tokens,
             backend=backend,
         )
+        # without pretrained weights the heads start like the backbone's own head: one draw of the split's reinit
+        # each (MixMo's truncated He-normal with zero bias for the library's WRN); nn.Linear's default left MixMo's
+        # members 15-20 points weaker (issue 12)
         self.heads = MultiHead.from_module(
-            parts.classifier, m, copy_weights=self.pretrained, input_ndim=parts.head_input_ndim
+            parts.classifier,
+            m,
+            copy_weights=self.pretrained,
+            reinit=parts.reinit,
+            input_ndim=parts.head_input_ndim,
         )
         device = next((p.device for p in self.heads.parameters()), None)
         self.register_buffer("progress", torch.zeros((), device=device))

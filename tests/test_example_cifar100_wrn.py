@@ -129,6 +129,7 @@ def test_smoke_writes_complete_run_directory(script, tmp_path: Path) -> None:
     assert summary["epochs"] == 2 and summary["method"] == "mixshare" and len(summary["individual_acc"]) == 2
     assert 0.0 <= summary["ensemble_acc"] <= 100.0 and summary["nll"] > 0 and 0.0 <= summary["brier"] <= 2.0
     assert summary["encoder_sharing"] is not None and summary["classifier_sharing"] is not None
+    assert isinstance(summary["collapsed_members"], list)  # member health, checked at every evaluation
     run = Path(summary["run_dir"])
     assert run == tmp_path / "a"
     assert {"config.json", "metrics.csv", "checkpoint.pt", "summary.json"} <= {p.name for p in run.iterdir()}
@@ -149,6 +150,32 @@ def test_smoke_writes_complete_run_directory(script, tmp_path: Path) -> None:
     # starting a run over an existing one is refused with the way to continue it
     with pytest.raises(script.UserError, match="--resume"):
         script.main(_args(tmp_path, "a"))
+
+
+def test_collapse_warning_names_the_collapsed_and_the_healthy_members(script) -> None:
+    res = {"individual_acc": [98.8, 0.4], "collapsed_members": [1], "num_classes": 20}
+    text = script.collapse_warning(res, "test")
+    assert text.startswith("WARNING: test: member(s) 1 collapsed: accuracy 0.40 % near chance (5.00 %)")
+    assert "member(s) 0 reached 98.80 %" in text
+    assert script.collapse_warning({**res, "collapsed_members": []}, "test") is None
+
+
+def test_a_collapsed_member_is_warned_at_evaluation(script, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The script asks mixshare_layers.metrics.collapsed_members at every evaluation (the decision itself is tested
+    in test_metrics.py); a positive answer is printed as a warning and kept in the summary."""
+    seen = []
+
+    def judge(accs, num_classes):
+        seen.append((list(accs), num_classes))
+        return [1]
+
+    monkeypatch.setattr(script, "collapsed_members", judge)
+    summary = script.main(_args(tmp_path, "c", "--epochs", "2", "--eval-every", "1"))
+    assert len(seen) == 2 and all(len(a) == 2 and k == 10 for a, k in seen)  # fractions, the smoke run's classes
+    assert all(0.0 <= v <= 1.0 for a, _ in seen for v in a)
+    assert summary["collapsed_members"] == [1]
+    out = capsys.readouterr().out
+    assert out.count("WARNING: test: member(s) 1 collapsed") == 2 and "| collapsed members" in out
 
 
 @pytest.mark.filterwarnings("ignore:the fitted temperature .* lies on the edge")  # a 6-step network: flat optimum

@@ -13,6 +13,7 @@ from mixshare_layers.metrics import (
     EnsembleMetrics,
     brier_score,
     calibration_bins,
+    collapsed_members,
     disagreement,
     expected_calibration_error,
 )
@@ -132,3 +133,37 @@ def test_errors() -> None:
         EnsembleMetrics(2, "median")
     with pytest.raises(ValueError, match="num_bins must be an integer >= 1"):
         calibration_bins(torch.rand(3, 2), torch.zeros(3, dtype=torch.long), num_bins=0)
+
+
+def test_collapsed_members_flags_near_chance_members_only_when_another_learned():
+    # the quick Table 1's MixMo seed 2: 98.8 / 0.4 % with 20 classes (below the 5 % of chance)
+    assert collapsed_members([0.988, 0.004], 20) == [1]
+    assert collapsed_members(torch.tensor([0.02, 0.70, 0.011]), 100) == [0, 2]  # tensors too, any M
+    assert collapsed_members([0.80, 0.71], 20) == []  # two learning members: healthy, however unequal
+    assert collapsed_members([0.06, 0.05], 20) == []  # nobody learned yet: nothing to compare with
+    assert collapsed_members([0.9], 10) == []  # one member cannot collapse relative to itself
+    # the thresholds: gain over chance g = (a - 1/K) / (1 - 1/K); collapsed iff g <= tolerance * max g
+    k, best = 10, 0.91
+    g_best = (best - 0.1) / 0.9
+    edge = 0.1 + 0.9 * 0.1 * g_best  # exactly 10 % of the best member's gain
+    assert collapsed_members([best, edge - 1e-9], k) == [1]
+    assert collapsed_members([best, edge + 1e-6], k) == []
+    assert collapsed_members([best, edge + 1e-6], k, tolerance=0.2) == [1]
+    assert collapsed_members([0.2, 0.1], 10) == [1]  # the best gain 0.11 >= min_gain = 0.1: judged
+    assert collapsed_members([0.18, 0.1], 10) == []  # the best gain 0.089: not learned enough to judge
+    assert collapsed_members([0.2, 0.1], 10, min_gain=0.2) == []
+
+
+def test_collapsed_members_errors():
+    with pytest.raises(ValueError, match=r"member_acc must be in \[0, 1\], but got 98.8"):
+        collapsed_members([98.8, 0.4], 20)  # percentages: divide by 100
+    with pytest.raises(ValueError, match="num_classes"):
+        collapsed_members([0.5, 0.5], 1)
+    with pytest.raises(ValueError, match="flat sequence"):
+        collapsed_members([], 10)
+    with pytest.raises(ValueError, match="tolerance"):
+        collapsed_members([0.5, 0.1], 10, tolerance=1.0)
+    with pytest.raises(ValueError, match="min_gain"):
+        collapsed_members([0.5, 0.1], 10, min_gain=0.0)
+    with pytest.raises(TypeError, match="member_acc must be a real number"):
+        collapsed_members(["high", 0.1], 10)

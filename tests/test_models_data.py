@@ -41,6 +41,22 @@ def test_wrn_init_is_truncated_he_normal():
     assert abs(float(w.std()) / std - 1) < 0.05  # He's variance kept after truncation
 
 
+def test_wrn_classifier_and_mimo_heads_follow_mixmo_init():
+    """MixMo's WRN: truncated He-normal (fan-in) classifier with zero bias, and so are the M heads of a wrapper
+    (independent draws), not nn.Linear's default (issue 12: that left MixMo's members 15-20 points weaker)."""
+    torch.manual_seed(0)
+    fc = wide_resnet(10, 4, num_classes=100).fc
+    std = math.sqrt(2.0 / 256)
+    assert not fc.bias.detach().any()
+    assert float(fc.weight.detach().abs().max()) <= 2 * std / 0.87962566103423978 + 1e-6
+    assert abs(float(fc.weight.detach().std()) / std - 1) < 0.05
+    heads = MIMOWrapper(wide_resnet(10, 4, num_classes=100), 3, preset="mixmo").heads
+    w = heads.weight.detach()
+    assert not heads.bias.detach().any() and not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
+    assert all(abs(float(w[i].std()) / std - 1) < 0.05 for i in range(3))
+    assert float(w.abs().max()) <= 2 * std / 0.87962566103423978 + 1e-6
+
+
 def test_wrn_errors():
     with pytest.raises(ValueError, match=r"depth must be 6n \+ 4 \(e.g. 10, 16, 22, 28, 40\), but got 12"):
         wide_resnet(12, 2)

@@ -46,6 +46,30 @@ def test_heads_are_initialised_independently_like_linear():
     assert float(heads.weight.detach().abs().max()) <= bound and float(heads.bias.detach().abs().max()) <= bound
 
 
+def test_from_module_reinit_draws_each_linear_head_independently():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 10).double()
+    before = lin.weight.detach().clone()
+
+    def he(module):
+        nn.init.kaiming_normal_(module.weight)
+        nn.init.zeros_(module.bias)
+
+    heads = MultiHead.from_module(lin, 3, copy_weights=False, reinit=he)
+    assert torch.equal(lin.weight, before)  # the template is not touched
+    assert heads.weight.dtype == torch.float64 and heads.weight.shape == (3, 10, 64)
+    assert not heads.bias.detach().any()
+    assert not torch.equal(heads.weight[0], heads.weight[1]) and not torch.equal(heads.weight[1], heads.weight[2])
+    assert abs(float(heads.weight.detach().std()) / (2 / 64) ** 0.5 - 1) < 0.05
+    no_bias = MultiHead.from_module(
+        nn.Linear(8, 2, bias=False), 2, copy_weights=False, reinit=lambda m: nn.init.ones_(m.weight)
+    )
+    assert no_bias.bias is None and bool(no_bias.weight.eq(1).all())
+    assert heads.members is None  # still the linear storage: one batched matmul
+    with pytest.raises(TypeError, match="reinit must be callable or None, but got str"):
+        MultiHead.from_module(lin, 2, copy_weights=False, reinit="he")
+
+
 def test_from_linear_copies_the_classifier():
     lin = nn.Linear(6, 3).double()
     heads = MultiHead.from_linear(lin, 4)

@@ -74,6 +74,38 @@ def test_table_writer_mean_std_and_paper_numbers(table1, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.csv", "table1.csv", "table1.md"]
 
 
+def test_collapsed_members_are_reported_per_run(table1, tmp_path):
+    """A run whose member stayed near chance is named in the table, its note, runs.csv, and on the console."""
+    _, runs = _fake_runs()
+    runs[2].update(individual_acc=[98.8, 0.4], collapsed_members=[1])  # mixmo seed 2, as in docs/reproducing.md
+    for r in runs[:2] + runs[3:]:
+        r.update(individual_acc=[70.0, 68.0], collapsed_members=[])
+    paths = table1.write_table(runs, tmp_path, methods=["mixmo", "unmix-aligned"], width=2, description="fake")
+    md = paths["markdown"].read_text()
+    mixmo = next(line for line in md.splitlines() if line.startswith("| MixMo (`mixmo`)"))
+    aligned = next(line for line in md.splitlines() if line.startswith("| MixMo + Unmix + kernel init."))
+    assert "| 3 | 2 |" in mixmo and "| 3 | none |" in aligned
+    assert "`mixmo` seed 2 (member 1; member accuracies 98.8 / 0.4 %)" in md
+    rows = list(csv.DictReader(io.StringIO(paths["runs"].read_text())))
+    assert rows[2]["collapsed_members"] == "1" and rows[2]["individual_acc"] == "98.80 0.40"
+    assert rows[0]["collapsed_members"] == ""
+    table_rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    assert table_rows[0]["collapsed_seeds"] == "2"
+    runs[2]["collapsed_members"] = []
+    assert "No run had a collapsed member" in table1.collapse_note(runs)
+
+
+def test_collapsed_in_reads_the_summary_or_recomputes_it(table1, tmp_path):
+    assert table1.collapsed_in({"collapsed_members": [0]}) == [0]
+    (tmp_path / "config.json").write_text(json.dumps({"dataset": "synthetic", "synthetic_classes": 20}))
+    old = {"individual_acc": [98.8, 0.4], "run_dir": str(tmp_path)}  # a summary written before the check
+    assert table1.collapsed_in(old) == [1]
+    (tmp_path / "config.json").write_text(json.dumps({"dataset": "cifar100"}))
+    assert table1.collapsed_in({"individual_acc": [70.0, 0.9], "run_dir": str(tmp_path)}) == [1]
+    assert table1.collapsed_in({"individual_acc": [70.0, 60.0], "run_dir": str(tmp_path)}) == []
+    assert table1.collapsed_in({"ensemble_acc": 50.0}) is None  # nothing to judge from
+
+
 def test_table_writer_single_run_and_missing_method(table1, tmp_path):
     _, runs = _fake_runs()
     paths = table1.write_table(runs[:1], tmp_path, methods=["mixmo", "mixshare"], width=5, description="one")

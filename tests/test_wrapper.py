@@ -277,6 +277,30 @@ def test_manual_split_and_split_function():
     assert model2(_x(2, 2, 3, 8, 8)).logits.shape == (2, 2, 5)
 
 
+def test_heads_use_the_split_reinit_or_linear_default():
+    """Without a reinit the heads get nn.Linear's default; with one, one independent draw of it per head."""
+    torch.manual_seed(0)
+    plain = MIMOWrapper(split=tiny_split(), num_subnetworks=2, preset="mixmo").heads
+    bound = 1 / plain.in_features**0.5
+    assert float(plain.weight.detach().abs().max()) <= bound and plain.bias.detach().abs().max() > 0
+    calls = []
+
+    def reinit(module):
+        calls.append(type(module).__name__)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.fill_(float(len(calls)))
+
+    model = MIMOWrapper(split=tiny_split()._replace(reinit=reinit), num_subnetworks=3, preset="mixmo")
+    w = model.heads.weight.detach()
+    # the independent encoders come first (3 Conv2d draws), then the 3 heads
+    assert calls == ["Conv2d"] * 3 + ["Linear"] * 3
+    assert [float(w[i].unique()) for i in range(3)] == [4.0, 5.0, 6.0]
+    assert torch.equal(model.heads.bias.detach(), torch.tensor([[4.0] * 5, [5.0] * 5, [6.0] * 5]))
+    pretrained = MIMOWrapper(split=tiny_split()._replace(reinit=reinit), num_subnetworks=2, pretrained=True)
+    assert torch.equal(pretrained.heads.weight[0], pretrained.heads.weight[1])  # copies of the classifier
+
+
 # -- errors ----------------------------------------------------------------------------------------------------------
 def test_errors():
     with pytest.raises(ValueError, match=r"preset must be one of 'mimo', 'mixmo', .*'mixshare-partial', but got 'mix'"):

@@ -44,8 +44,10 @@ class BackboneSplit(NamedTuple):
         classifier: the head: everything from the pooled vector ``(B, D)`` to the logits ``(B, K)`` (any module: a
             norm, dropout, an MLP, an ``nn.Linear``); with ``pooling="head"`` it reads the features themselves.
             It is replicated M times (:class:`~mixshare_layers.MultiHead`). :attr:`head` is the same module.
-        reinit: optional initialiser of independent encoder copies (default: each submodule's
-            ``reset_parameters()``).
+        reinit: optional initialiser, called on copies of the encoder (``encoder_init="independent"``) and of the
+            head (the M heads, unless ``pretrained``), one independent draw per copy; ``None``: their
+            ``reset_parameters()`` (PyTorch's default initialisation). Give the backbone's own scheme here: how the
+            heads start matters for MixMo (docs/reproducing.md, "Differential runs").
         layout: the core's output: ``"channels_first"`` ``(B, D, h, w)``, ``"channels_last"`` ``(B, h, w, D)`` or
             ``"tokens"`` ``(B, P + h w, D)`` (:mod:`mixshare_layers.functional.layout`).
         num_prefix_tokens: ``P``: class / register / distillation tokens in front of the patch grid (tokens only).

@@ -36,16 +36,21 @@ def truncated_he_normal_(weight: Tensor) -> Tensor:
 
 
 def _init_module(module: nn.Module) -> None:
+    """MixMo's WRN initialisation: truncated He-normal weights for every convolution *and linear layer*, zero biases,
+    BatchNorm scale 1 and shift 0.
+
+    The classifier matters: PyTorch's default ``nn.Linear`` initialisation (uniform with bound ``1 / sqrt(D)``, a
+    standard deviation 2.45 times smaller, and random biases) made MixMo's subnetworks much weaker (issue 12; see
+    docs/reproducing.md, "Differential runs").
+    """
     for sub in module.modules():
-        if isinstance(sub, nn.Conv2d):
+        if isinstance(sub, (nn.Conv2d, nn.Linear)):
             truncated_he_normal_(sub.weight)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
         elif isinstance(sub, nn.BatchNorm2d):
             nn.init.ones_(sub.weight)
             nn.init.zeros_(sub.bias)
-        elif isinstance(sub, nn.Linear):
-            sub.reset_parameters()
 
 
 class PreActBlock(nn.Module):
@@ -74,7 +79,8 @@ class WideResNet(nn.Module):
     """WRN-depth-width for 32x32 images (Zagoruyko & Komodakis), pre-activation, no dropout, no biases.
 
     Widths 16 / 16w / 32w / 64w, strides 1 / 2 / 2, ``(depth - 4) / 6`` blocks per stage, final BN-ReLU, global
-    average pooling and a linear classifier; truncated He-normal initialisation.
+    average pooling and a linear classifier; MixMo's initialisation: truncated He-normal (fan-in) for every
+    convolution and for the classifier, zero classifier bias.
 
     Args:
         depth: 6n + 4 (28 in the paper).
@@ -132,7 +138,11 @@ class WideResNet(nn.Module):
         return self.fc(self.forward_features(x).mean(dim=(2, 3)))
 
     def mimo_split(self) -> BackboneSplit:
-        """Encoder = first conv, core = the three stages and the final BN-ReLU, classifier = ``fc``."""
+        """Encoder = first conv, core = the three stages and the final BN-ReLU, classifier = ``fc``.
+
+        ``reinit`` is this network's initialiser, so that a :class:`~mixshare_layers.MIMOWrapper` gives its
+        independent encoders and its M heads MixMo's truncated He-normal initialisation.
+        """
         core = nn.Sequential(self.layer1, self.layer2, self.layer3, self.bn, self.relu)
         return BackboneSplit(encoder=self.conv1, core=core, classifier=self.fc, reinit=_init_module)
 
