@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train a MixShare vision transformer (a small timm ViT) on the library's synthetic images, on a CPU in minutes.
 
-The backbone is timm's ViT-Tiny design (pre-norm blocks, 3 heads, MLP ratio 4) narrowed and shortened so that a
-run takes minutes on 2 CPU cores: 4x4 patches of 32x32 images (an 8x8 grid of 64 patch tokens), no class token and
+The backbone is timm's ViT-Tiny design (pre-norm blocks, MLP ratio 4) narrowed to width 64 with 2 heads and
+shortened to 4 blocks, so that a run takes minutes on 2 CPU cores: 4x4 patches of 24x24 images (a 6x6 grid of 36 patch tokens), no class token and
 a head that averages the patch tokens (``global_pool="avg"``), which is what unmixing needs: each member's head then
 reads the masked average of the patch tokens of its own input (docs/how-to/vit.md). The inputs are mixed on the
 patch grid, after the patch projection and before timm adds the positional embeddings.
@@ -51,11 +51,11 @@ from mixshare_layers.metrics import EnsembleMetrics
 
 # -- defaults (every one is a command-line option) ------------------------------------------------------------------
 METHOD, M, REPETITION = "mixshare", 2, 2
-CLASSES, IMAGE, TRAIN, TEST, NOISE = 10, 32, 5000, 2000, 1.5  # SyntheticImageDataset
-PATCH, DIM, DEPTH, HEADS, DROP_PATH = 4, 96, 6, 3, 0.1  # the ViT: 8x8 patch grid, 0.7 M parameters
-STEPS, ROWS, LR, WEIGHT_DECAY, WARMUP = 1500, 64, 1e-3, 0.05, 0.05  # ROWS counts the repeated images of a step
+CLASSES, IMAGE, TRAIN, TEST, NOISE = 10, 24, 5000, 2000, 3.0  # SyntheticImageDataset
+PATCH, DIM, DEPTH, HEADS, DROP_PATH = 4, 64, 4, 2, 0.1  # the ViT: 6x6 patch grid, 0.2 M parameters
+STEPS, ROWS, LR, WEIGHT_DECAY, WARMUP = 1000, 64, 1e-3, 0.05, 0.05  # ROWS counts the repeated images of a step
 LABEL_SMOOTHING, CLIP, ERASING = 0.1, 1.0, 0.25
-EVAL_EVERY = 500
+EVAL_EVERY, THREADS = 250, 1
 METHODS = ("single", *PRESETS)
 SMOKE = dict(train=96, test=64, classes=4, image=16, dim=24, depth=1, steps=3, rows=16, eval_every=0)
 
@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--erasing", type=float, default=ERASING, help="probability of random erasing per image")
     p.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="steps between test evaluations (0: at the end)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help="torch CPU threads (0: torch's default); the matrices are small, one thread is the safe choice "
+                   "on a shared machine")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="write the summary to this file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps: seconds")
@@ -201,9 +203,9 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
+    if args.smoke:  # the smoke sizes replace the defaults; options given on the command line still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     mimo = args.method != "single"
     b = args.batch_repetition or (REPETITION if mimo else 1)
     m = args.num_subnetworks if mimo else 1
