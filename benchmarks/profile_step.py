@@ -54,7 +54,8 @@ def main() -> int:
         events = prof.events()
         kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
         ops = sum(1 for e in events if e.name.startswith("aten::") and (e.cpu_parent is None))
-        print(f"== {MODEL_NAMES[args.model]} {name}: {wall * 1e3:.3f} ms/step unprofiled, {kernels / args.steps:.0f} CUDA kernels/step, "
+        print(f"== {MODEL_NAMES[args.model]} {name}: {wall * 1e3:.3f} ms/step unprofiled, "
+              f"{kernels / args.steps:.0f} CUDA kernels/step, "
               f"{ops / args.steps:.0f} top-level aten ops/step")  # fmt: skip
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=48))
     return 0

@@ -2,10 +2,11 @@
 """Train a MixShare vision transformer (a small timm ViT) on the library's synthetic images, on a CPU in minutes.
 
 The backbone is timm's ViT-Tiny design (pre-norm blocks, MLP ratio 4) narrowed to width 64 with 2 heads and
-shortened to 4 blocks, so that a run takes minutes on 2 CPU cores: 4x4 patches of 24x24 images (a 6x6 grid of 36 patch tokens), no class token and
-a head that averages the patch tokens (``global_pool="avg"``), which is what unmixing needs: each member's head then
-reads the masked average of the patch tokens of its own input (docs/how-to/vit.md). The inputs are mixed on the
-patch grid, after the patch projection and before timm adds the positional embeddings.
+shortened to 4 blocks, so that a run takes minutes on 2 CPU cores: 4x4 patches of 24x24 images (a 6x6 grid of 36
+patch tokens), no class token and a head that averages the patch tokens (``global_pool="avg"``), which is what
+unmixing needs: each member's head then reads the masked average of the patch tokens of its own input
+(docs/how-to/vit.md). The inputs are mixed on the patch grid, after the patch projection and before timm adds the
+positional embeddings.
 
 Recipe (a transformer needs more than a CNN's SGD): AdamW (betas 0.9 / 0.999, weight decay 0.05 on weight matrices
 only), linear warmup over the first 5 % of the steps then cosine decay to 0, gradient clipping at norm 1, label
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default=METHOD, help="a preset, or 'single' (the plain ViT)")
     p.add_argument("--num-subnetworks", type=int, default=M)
     p.add_argument("--batch-repetition", type=int, default=None,
-                   help=f"times each image appears per step ({REPETITION} for the presets, 1 for 'single')")  # fmt: skip
+                   help=f"copies of each image per step ({REPETITION} for the presets, 1 for 'single')")  # fmt: skip
     p.add_argument("--classes", type=int, default=CLASSES)
     p.add_argument("--image", type=int, default=IMAGE, help="image side (pixels)")
     p.add_argument("--train", type=int, default=TRAIN, help="training images")

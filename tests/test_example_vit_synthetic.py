@@ -37,8 +37,9 @@ def test_smoke_summary(example, method, tmp_path, capsys):
     cfg = out["config"]
     assert cfg["num_subnetworks"] == m and cfg["batch_repetition"] == (1 if method == "single" else 2)
     assert len(out["individual_acc"]) == m
-    for key in ("ensemble_acc", "mean_individual_acc", "disagreement", "ece", *[f"individual_acc.{i}" for i in range(m)]):
-        value = out["individual_acc"][int(key[-1])] if key.startswith("individual_acc.") else out[key]
+    fractions = {key: out[key] for key in ("ensemble_acc", "mean_individual_acc", "disagreement", "ece")}
+    fractions.update({f"individual_acc[{i}]": acc for i, acc in enumerate(out["individual_acc"])})
+    for key, value in fractions.items():
         assert 0.0 <= value <= 1.0, (key, value)
     assert out["mean_individual_acc"] == pytest.approx(sum(out["individual_acc"]) / m)
     assert out["chance"] == pytest.approx(1 / cfg["classes"])
@@ -47,11 +48,12 @@ def test_smoke_summary(example, method, tmp_path, capsys):
     assert out["steps"] == cfg["steps"] and [h["step"] for h in out["history"]] == [cfg["steps"]]
     if m == 1:  # one member: the ensemble is that member, and nothing is shared
         assert out["ensemble_acc"] == pytest.approx(out["individual_acc"][0]) and out["disagreement"] == 0.0
-        for key in ("classifier_sharing", "encoder_sharing", "classifier_sharing_sum_ratio", "encoder_sharing_sum_ratio"):
-            assert out[key] is None
+        for key in ("classifier_sharing", "encoder_sharing"):
+            assert out[key] is None and out[f"{key}_sum_ratio"] is None
     else:
         for key in ("classifier_sharing", "encoder_sharing"):
-            assert 0.0 <= out[key] <= 100.0, (key, out[key])
+            for name in (key, f"{key}_sum_ratio"):
+                assert 0.0 <= out[name] <= 100.0, (name, out[name])
     assert json.loads(path.read_text()) == json.loads(json.dumps(out))  # written whole, the same summary
     assert [p.name for p in path.parent.iterdir()] == ["vit.json"]  # no temporary file left beside it
     text = capsys.readouterr().out
