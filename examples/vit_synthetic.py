@@ -9,9 +9,10 @@ unmixing needs: each member's head then reads the masked average of the patch to
 positional embeddings.
 
 Recipe (a transformer needs more than a CNN's SGD): AdamW (betas 0.9 / 0.999, weight decay 0.05 on weight matrices
-only), linear warmup over the first 5 % of the steps then cosine decay to 0, gradient clipping at norm 1, label
-smoothing 0.1, stochastic depth 0.1, and augmentation drawn independently for every repeated copy: random crop
-(zero padding 4), horizontal flip and random erasing (DeiT's, p = 0.25).
+only), linear warmup over the first 5 % of the steps then cosine decay to 0, gradient clipping at norm 1, and the
+paper's augmentation drawn independently for every repeated copy: random crop (zero padding 4) and horizontal flip.
+Label smoothing, stochastic depth and random erasing (DeiT's) are options, off by default: this 0.2 M-parameter model
+underfits in its budget, and with them every method lost accuracy (MixShare, seed 0: 81.2 % instead of 83.9 %).
 
 Every method gets the same budget: ``--steps`` steps of ``--rows`` rows (64 images through the network per step).
 The MIMO presets see ``rows / 2`` images per step, each twice (batch repetition 2, every member gets its own
@@ -53,9 +54,9 @@ from mixshare_layers.metrics import EnsembleMetrics
 # -- defaults (every one is a command-line option) ------------------------------------------------------------------
 METHOD, M, REPETITION = "mixshare", 2, 2
 CLASSES, IMAGE, TRAIN, TEST, NOISE = 10, 24, 5000, 2000, 3.0  # SyntheticImageDataset
-PATCH, DIM, DEPTH, HEADS, DROP_PATH = 4, 64, 4, 2, 0.1  # the ViT: 6x6 patch grid, 0.2 M parameters
+PATCH, DIM, DEPTH, HEADS, DROP_PATH = 4, 64, 4, 2, 0.0  # the ViT: 6x6 patch grid, 0.2 M parameters
 STEPS, ROWS, LR, WEIGHT_DECAY, WARMUP = 1000, 64, 1e-3, 0.05, 0.05  # ROWS counts the repeated images of a step
-LABEL_SMOOTHING, CLIP, ERASING = 0.1, 1.0, 0.25
+LABEL_SMOOTHING, CLIP, ERASING = 0.0, 1.0, 0.0
 EVAL_EVERY, THREADS = 250, 1
 METHODS = ("single", *PRESETS)
 SMOKE = dict(train=96, test=64, classes=4, image=16, dim=24, depth=1, steps=3, rows=16, eval_every=0)
