@@ -3,6 +3,7 @@
     flock /tmp/mixshare_cpu.lock python benchmarks/run.py                      # CPU, 2 threads, everything
     python benchmarks/run.py --device cuda --out benchmarks/results/gpu        # on a GPU (adds the bandwidth stage)
     python benchmarks/run.py --only a,b --quick                                # a subset, fewer repeats
+    python benchmarks/run.py --only c,d,v --threads 1 --clock cpu             # a busy CPU: timed by CPU time
 
 Stages (issue 3, section 4), each compared side by side in this process, interleaved, median of repeats:
 
