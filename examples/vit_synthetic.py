@@ -19,7 +19,7 @@ The MIMO presets see ``rows / 2`` images per step, each twice (batch repetition 
 shuffle); the plain ViT (``--method single``) sees ``rows`` distinct images per step.
 
 Usage:
-    python examples/vit_synthetic.py                          # MixShare, M = 2 (6 to 8 minutes on a busy 2-core CPU)
+    python examples/vit_synthetic.py                          # MixShare, M = 2 (about 80 s on an idle core)
     python examples/vit_synthetic.py --method mixmo --seed 1  # any preset of the library, or "single"
     python examples/vit_synthetic.py --json runs/vit.json     # also write the summary as JSON
     python examples/vit_synthetic.py --smoke                  # seconds: a check that it runs (CI)
