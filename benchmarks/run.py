@@ -3,6 +3,7 @@
     flock /tmp/mixshare_cpu.lock python benchmarks/run.py                      # CPU, 2 threads, everything
     python benchmarks/run.py --device cuda --out benchmarks/results/gpu        # on a GPU (adds the bandwidth stage)
     python benchmarks/run.py --only a,b --quick                                # a subset, fewer repeats
+    python benchmarks/run.py --only c,d,v --threads 1 --clock cpu             # a busy CPU: timed by CPU time
 
 Stages (issue 3, section 4), each compared side by side in this process, interleaved, median of repeats:
 
@@ -14,6 +15,10 @@ b. unmix + pool, forward + backward: fused (two sums) vs materialising M masked 
 c. one training step (forward, loss, backward, SGD) of MIMOWrapper(WRN-28-2, M=2, "mixshare") vs the plain WRN-28-2
    on the same number of rows (B = 64).
 d. eval latency of the folded model vs the unfolded MIMOWrapper vs the plain WRN-28-2, B = 1 and B = 256.
+v. the same for a vision transformer (needs timm): one training step (AdamW) of MIMOWrapper(ViT-Tiny, M=2,
+   "mixshare") vs the plain ViT-Tiny on the same 64 rows, and eval latency folded / unfolded / plain at B = 1 and 64.
+   ViT-Tiny is timm's ``vit_tiny_patch16_224`` (12 blocks, width 192, 3 heads, 5.4 M parameters) on 32x32 images
+   with 4x4 patches (an 8x8 grid of 64 tokens), no class token, average pooling of the patch tokens.
 bw (CUDA only). measured copy bandwidth of the card, and the bandwidth achieved by the fused mixing and unmixing
    kernels (forward and backward) at large sizes.
 
@@ -49,6 +54,10 @@ from mixshare_layers.models import wide_resnet  # noqa: E402
 ROWS: list[dict] = []
 COMPILE_STEP = False  # --compile-step: stage c also times both models compiled (inductor) inside CUDA graphs
 ENCODER_PATHS: list[str] = []  # --encoder-paths: stage c's CUDA-graph rows for each way of running the encoders
+# --clock cpu: time CPU runs by the process's CPU time instead of the wall clock. On a machine shared with other jobs
+# the wall time of a call includes the time the process waited for a core; its CPU time does not (with --threads 1,
+# where every op runs on the calling thread, it is the time the work took).
+CLOCK: Callable[[], float] = time.perf_counter
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
@@ -74,10 +83,10 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps
         for _ in range(reps):
             for name, fn in fns.items():
                 sync(device)
-                t0 = time.perf_counter()
+                t0 = CLOCK()
                 fn()
                 sync(device)
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(CLOCK() - t0)
     finally:
         gc.enable()
     return {k: statistics.median(v) for k, v in times.items()}
@@ -234,19 +243,37 @@ def stage_b(device: torch.device, reps: int) -> None:
 
 
 # -- (c) training step -----------------------------------------------------------------------------------------------
-class StepPair:
-    """Stage c's two training steps on the same 64 rows: MIMOWrapper(WRN-28-2, M=2, "mixshare") and the plain
-    WRN-28-2, each with the paper's SGD (also used by benchmarks/profile_step.py)."""
+def vit_tiny(num_classes: int = 100) -> torch.nn.Module:
+    """timm's ViT-Tiny (12 blocks, width 192, 3 heads) on 32x32 images with 4x4 patches, averaging its patch tokens."""
+    import timm
 
-    def __init__(self, device: torch.device, rows: int = 64, m: int = 2) -> None:
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
+                             num_classes=num_classes, global_pool="avg", class_token=False)  # fmt: skip
+
+
+MODELS = {"wrn": lambda: wide_resnet(28, 2, num_classes=100), "vit": vit_tiny}
+MODEL_NAMES = {"wrn": "WRN-28-2", "vit": "ViT-Tiny"}
+
+
+class StepPair:
+    """Two training steps on the same 64 rows: MIMOWrapper(backbone, M=2, "mixshare") and the plain backbone, with
+    the backbone's usual optimiser: WRN-28-2 (stage c) with the paper's SGD, ViT-Tiny (stage v) with AdamW (also used
+    by benchmarks/profile_step.py)."""
+
+    def __init__(self, device: torch.device, rows: int = 64, m: int = 2, model: str = "wrn") -> None:
         torch.manual_seed(0)
-        self.mimo = MIMOWrapper(wide_resnet(28, 2, num_classes=100), m, "mixshare").to(device).train()
-        self.plain = wide_resnet(28, 2, num_classes=100).to(device).train()
+        self.mimo = MIMOWrapper(MODELS[model](), m, "mixshare").to(device).train()
+        self.plain = MODELS[model]().to(device).train()
         self.mimo.set_progress(0.05)
         self.loss_fn = MIMOLoss()  # the preset's weights, from the output
-        sgd = {"lr": 0.025, "momentum": 0.9, "nesterov": True, "weight_decay": 6e-4}
-        self.opt_m = torch.optim.SGD(self.mimo.parameters(), **sgd)
-        self.opt_p = torch.optim.SGD(self.plain.parameters(), **sgd)
+        if model == "vit":
+            adamw = {"lr": 1e-3, "weight_decay": 0.05}
+            self.opt_m: torch.optim.Optimizer = torch.optim.AdamW(self.mimo.parameters(), **adamw)
+            self.opt_p: torch.optim.Optimizer = torch.optim.AdamW(self.plain.parameters(), **adamw)
+        else:
+            sgd = {"lr": 0.025, "momentum": 0.9, "nesterov": True, "weight_decay": 6e-4}
+            self.opt_m = torch.optim.SGD(self.mimo.parameters(), **sgd)
+            self.opt_p = torch.optim.SGD(self.plain.parameters(), **sgd)
         self.xm = torch.randn(rows, m, 3, 32, 32, device=device)
         self.ym = torch.randint(100, (rows, m), device=device)
         self.xp = torch.randn(rows, 3, 32, 32, device=device)
@@ -347,6 +374,33 @@ def stage_d(device: torch.device, reps: int) -> None:
         row("d", case, "eval latency folded", t["folded"] * 1e3, t["plain"] * 1e3, "plain WRN-28-2", "<= 1.02",
             t["folded"] / t["plain"] <= 1.02)  # fmt: skip
         row("d", case, "eval latency unfolded", t["unfolded"] * 1e3, t["plain"] * 1e3, "plain WRN-28-2", "info", None)
+
+
+# -- (v) a vision transformer ------------------------------------------------------------------------------------------
+def stage_v(device: torch.device, reps: int) -> None:
+    rows, m = 64, 2
+    pair = StepPair(device, rows, m, model="vit")
+    t = interleaved({"mimo": pair.step_mimo, "plain": pair.step_plain}, device, max(reps, 20), 3)
+    limit = 1.03 if device.type == "cuda" else 1.05
+    ratio = t["mimo"] / t["plain"]
+    row("v", f"ViT-Tiny M={m} mixshare, B={rows} rows", "train step (eager)", t["mimo"] * 1e3, t["plain"] * 1e3,
+        "plain ViT-Tiny", f"<= {limit}", ratio <= limit)  # fmt: skip
+    del pair
+    torch.manual_seed(0)
+    mimo = MIMOWrapper(vit_tiny(), m, "mixshare").to(device).eval()
+    folded = mimo.fold()
+    plain = vit_tiny().to(device).eval()
+    for batch in (1, 64):
+        x = torch.randn(batch, 3, 32, 32, device=device)
+        n = reps * 3 if batch == 1 else max(5, reps // 2)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), mimo(x), rtol=1e-4, atol=1e-4)
+            fns = {"folded": lambda x=x: folded(x), "unfolded": lambda x=x: mimo(x), "plain": lambda x=x: plain(x)}
+            t = interleaved(fns, device, n, 3)
+        case = f"ViT-Tiny M={m}, B={batch}"
+        row("v", case, "eval latency folded", t["folded"] * 1e3, t["plain"] * 1e3, "plain ViT-Tiny", "<= 1.02",
+            t["folded"] / t["plain"] <= 1.02)  # fmt: skip
+        row("v", case, "eval latency unfolded", t["unfolded"] * 1e3, t["plain"] * 1e3, "plain ViT-Tiny", "info", None)
 
 
 # -- (bw) bandwidth on CUDA -------------------------------------------------------------------------------------------
@@ -466,7 +520,7 @@ def machine(device: torch.device) -> dict:
 
 def markdown(meta: dict) -> str:
     lines = [f"Machine: {meta.get('gpu') or meta.get('cpu')}, torch {meta['torch']}, device {meta['device']}, "
-             f"{meta['threads']} threads, backend {meta['backend']}", "",
+             f"{meta['threads']} threads, backend {meta['backend']}, clock {meta.get('clock', 'wall')}", "",
              "| stage | case | metric | ours | baseline | ratio | target | met |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in ROWS:
@@ -488,8 +542,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--only", default="a,b,c,d,bw", help="comma-separated stages among a,b,c,d,bw")
+    parser.add_argument("--only", default="a,b,c,d,v,bw", help="comma-separated stages among a,b,c,d,v,bw")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, not for the record)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: time by the process's CPU time (CPU only; shared machine, --threads 1)")  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for results.json/.md")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--encoder-paths", default="",
@@ -498,13 +554,17 @@ def main() -> int:
                         help="stage c on CUDA: also both models compiled by inductor inside CUDA graphs")  # fmt: skip
     args = parser.parse_args()
     steady_allocator()
-    global COMPILE_STEP, ENCODER_PATHS
+    global CLOCK, COMPILE_STEP, ENCODER_PATHS
     COMPILE_STEP = args.compile_step
     ENCODER_PATHS = [p.strip() for p in args.encoder_paths.split(",") if p.strip()]
     device = torch.device(args.device)
+    if args.clock == "cpu":
+        if device.type != "cpu":
+            parser.error(f"--clock cpu times CPU runs; with --device {args.device} use the wall clock")
+        CLOCK = time.process_time
     torch.set_num_threads(args.threads)
     reps = 5 if args.quick else 20
-    stages = {"a": stage_a, "b": stage_b, "c": stage_c, "d": stage_d, "bw": stage_bw}
+    stages = {"a": stage_a, "b": stage_b, "c": stage_c, "d": stage_d, "v": stage_v, "bw": stage_bw}
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in stages]
     if unknown:
@@ -514,13 +574,14 @@ def main() -> int:
     meta = machine(device)
     meta["backend"] = os.environ.get("MIXSHARE_BACKEND", "auto")
     meta["malloc"] = {k: os.environ.get(k) for k in STEADY_MALLOC}
+    meta["clock"] = "process CPU time" if args.clock == "cpu" else "wall"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = f"_{args.tag}" if args.tag else ""
     failures: list[str] = []
     for name in wanted:
         try:
-            stages[name](device, reps if name != "c" or not args.quick else 3)
+            stages[name](device, reps if name not in ("c", "v") or not args.quick else 3)
         except Exception as exc:  # keep the other stages running; the failure is reported and in the exit status
             print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)
             failures.append(f"{name}: {type(exc).__name__}: {exc}")

@@ -1,0 +1,66 @@
+"""examples/vit_synthetic.py in its seconds-long --smoke mode, run in-process through ``main(argv)``: what its summary
+reports is well-formed for a MixShare ViT and for the plain ViT, its JSON equals it, and bad sizes are refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def example():
+    pytest.importorskip("timm")
+    spec = importlib.util.spec_from_file_location("vit_synthetic", ROOT / "examples" / "vit_synthetic.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["vit_synthetic"] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop("vit_synthetic", None)
+    return module
+
+
+@pytest.mark.parametrize("method", ["mixshare", "single"])
+def test_smoke_summary(example, method, tmp_path, capsys):
+    path = tmp_path / "runs" / "vit.json"
+    out = example.main(["--smoke", "--method", method, "--json", str(path)])
+    m = 1 if method == "single" else 2
+    cfg = out["config"]
+    assert cfg["num_subnetworks"] == m and cfg["batch_repetition"] == (1 if method == "single" else 2)
+    assert len(out["individual_acc"]) == m
+    fractions = {key: out[key] for key in ("ensemble_acc", "mean_individual_acc", "disagreement", "ece")}
+    fractions.update({f"individual_acc[{i}]": acc for i, acc in enumerate(out["individual_acc"])})
+    for key, value in fractions.items():
+        assert 0.0 <= value <= 1.0, (key, value)
+    assert out["mean_individual_acc"] == pytest.approx(sum(out["individual_acc"]) / m)
+    assert out["chance"] == pytest.approx(1 / cfg["classes"])
+    assert math.isfinite(out["nll"]) and out["nll"] >= 0 and math.isfinite(out["brier"]) and out["brier"] >= 0
+    assert math.isfinite(out["loss"]) and out["train_time_s"] > 0 and out["rows_per_s"] > 0
+    assert out["steps"] == cfg["steps"] and [h["step"] for h in out["history"]] == [cfg["steps"]]
+    if m == 1:  # one member: the ensemble is that member, and nothing is shared
+        assert out["ensemble_acc"] == pytest.approx(out["individual_acc"][0]) and out["disagreement"] == 0.0
+        for key in ("classifier_sharing", "encoder_sharing"):
+            assert out[key] is None and out[f"{key}_sum_ratio"] is None
+    else:
+        for key in ("classifier_sharing", "encoder_sharing"):
+            for name in (key, f"{key}_sum_ratio"):
+                assert 0.0 <= out[name] <= 100.0, (name, out[name])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(out))  # written whole, the same summary
+    assert [p.name for p in path.parent.iterdir()] == ["vit.json"]  # no temporary file left beside it
+    text = capsys.readouterr().out
+    assert f"{method}, seed 0: ensemble" in text and ("sharing" in text) == (m > 1)
+
+
+def test_rows_must_be_a_multiple_of_the_repetition(example, capsys):
+    with pytest.raises(SystemExit):
+        example.main(["--smoke", "--rows", "15"])
+    assert "--rows 15 must be a multiple of the batch repetition 2" in capsys.readouterr().err
