@@ -20,7 +20,10 @@ class MIMOBatcher:
     ``transform``), then every subnetwork gets its own random permutation of the repeated batch, so row ``r`` holds
     M different images. A share ``input_repetition`` of the rows (rounded to the nearest count) gets the same image
     in every subnetwork (MIMO's input repetition; MixShare uses 10 %); as in MIMO's code, those rows are chosen so
-    that every subnetwork still sees each image exactly ``batch_repetition`` times.
+    that every subnetwork still sees each image exactly ``batch_repetition`` times. Such a row gives every member the
+    same augmented copy, the situation of test time that input repetition rehearses; a loader that augments each
+    member's copy on its own (as MixMo's data pipeline would) trains MixShare's members slightly differently
+    (docs/reproducing.md, "Differential runs").
 
     Args:
         num_subnetworks: M.
