@@ -88,7 +88,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -100,6 +99,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixshare_layers import PRESETS, MIMOBatcher, MIMOConfig, MIMOWrapper, get_preset
+from mixshare_layers._files import folder_problem
 from mixshare_layers.checkpoint import (
     WRN_BUILDER,
     CheckpointError,
@@ -467,20 +467,6 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     if device.index is not None and device.index >= count:
         raise UserError(f"--device {name}: device index {device.index}, but there are {count} {device.type} devices")
     return device
-
-
-def folder_problem(path: Path) -> str | None:
-    """Why the folder ``path`` cannot be created or written to, or None; tries it without leaving anything behind."""
-    probe = path
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"{probe} is a file, not a folder" if probe == path else f"it is under {probe}, which is a file"
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=probe))
-    except OSError as err:
-        return f"nothing can be created in {probe} ({err.strerror or err})"
-    return None
 
 
 def preset_overrides(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -374,6 +374,8 @@ def main(
         parser.error(f"argument --seeds: seeds must be in [0, 2**32), got {bad}")
     if args.width is not None and args.width < 1:
         parser.error(f"argument --width: must be >= 1, got {args.width}")
+    from mixshare_layers._files import folder_problem
+
     out_dir = Path(args.out_dir)
     problem = folder_problem(out_dir)
     if problem is not None:
@@ -454,22 +456,6 @@ def read_summary(path: Path) -> dict[str, Any]:
     if not isinstance(summary, dict):
         raise TableError(f"{path} does not hold a run summary (a JSON object): delete it to run that cell again")
     return summary
-
-
-def folder_problem(path: Path) -> str | None:
-    """Why the folder ``path`` cannot be created or written to, or None; tries it without leaving anything behind."""
-    import tempfile
-
-    probe = path
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"{probe} is a file, not a folder" if probe == path else f"it is under {probe}, which is a file"
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=probe))
-    except OSError as err:
-        return f"nothing can be created in {probe} ({err.strerror or err})"
-    return None
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
