@@ -8,8 +8,15 @@ globally (unmixing is the identity) and applies M heads to the same pooled vecto
   a non-linear first layer (a multi-branch stem block, a weight-standardised convolution) keeps its M copies, run on
   the image and summed;
 * M linear heads become one ``nn.Linear(D, M * K)`` (:meth:`MultiHead.as_linear <mixshare_layers.MultiHead.as_linear>`),
-  whose output is viewed as ``(B, M, K)``; other heads (an MLP, a norm + linear, a timm head) stay M modules applied
-  to the same pooled vector.
+  whose output is viewed as ``(B, M, K)``;
+* M "norm + linear" heads (:func:`fold_heads`): a LayerNorm (or ``nn.RMSNorm``) over D then dropout / reshapes
+  then a linear layer, as timm's ViT and ConvNeXt heads and torchvision's ConvNeXt classifier are in eval mode, become
+  one LayerNorm without affine, shared by the members (they normalise the same vector), and one
+  ``nn.Linear(D, M * K)`` holding each member's ``W_i diag(gamma_i)`` and ``W_i beta_i + b_i``; a BatchNorm1d with
+  running statistics folds into the linear layer itself, and dropout / reshapes then a linear layer stack as linear
+  heads. Each fold is checked in float64 against the heads before it is used;
+* any other head (an MLP, an activation after the norm, members with different ``eps``, a head that reads the
+  features itself) stays M modules applied to the same pooled vector.
 
 The folded module runs one backbone pass, has no data-dependent control flow, and exports with ``torch.export``
 and to ONNX (see ``examples/export_onnx.py``), whatever the layout of the features (maps or tokens).
@@ -22,11 +29,24 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from . import _head_folding
 from ._checks import check_ndim
 from .adapters import BackboneSplit
 from .multi_head import MultiHead
 
-__all__ = ["FoldedMIMO", "fold"]
+__all__ = ["FoldedMIMO", "fold", "fold_heads"]
+
+
+def _stacked_linear(head: nn.Module) -> nn.Linear | None:
+    """The linear layer of a stacked head: ``nn.Linear`` or ``nn.Sequential(nn.LayerNorm | nn.RMSNorm, nn.Linear)``."""
+    if isinstance(head, nn.Linear):
+        return head
+    if not (isinstance(head, nn.Sequential) and len(head) == 2 and isinstance(head[1], nn.Linear)):
+        return None
+    norm, linear = head[0], head[1]
+    if not isinstance(norm, (nn.LayerNorm, nn.RMSNorm)) or tuple(norm.normalized_shape) != (linear.in_features,):
+        return None
+    return linear
 
 
 class FoldedMIMO(nn.Module):
@@ -35,8 +55,10 @@ class FoldedMIMO(nn.Module):
     Args:
         encoder: the folded encoder (a single layer, or the M copies summed).
         core: the shared core.
-        head: ``nn.Linear(D, M * K)`` with the heads stacked member-major (row ``i * K + k``), or a
-            :class:`~mixshare_layers.MultiHead` of generic heads (output ``(B, M, K)``).
+        head: the stacked heads: ``nn.Linear(D, M * K)`` with the heads stacked member-major (row ``i * K + k``),
+            or ``nn.Sequential(norm, nn.Linear(D, M * K))`` with ``norm`` an ``nn.LayerNorm`` / ``nn.RMSNorm`` over
+            D (shared by the members, see :func:`fold_heads`); or a :class:`~mixshare_layers.MultiHead` of generic
+            heads (output ``(B, M, K)``).
         num_subnetworks: M.
         layout: the core's output layout (``"channels_first"``, ``"channels_last"``, ``"tokens"``).
         num_prefix_tokens: prefix tokens in front of the patch grid (tokens).
@@ -70,16 +92,22 @@ class FoldedMIMO(nn.Module):
         preprocess: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(head, nn.Linear):
-            if head.out_features % num_subnetworks:
+        linear = None if isinstance(head, MultiHead) else _stacked_linear(head)
+        if linear is not None:
+            if linear.out_features % num_subnetworks:
                 raise ValueError(
-                    f"head.out_features={head.out_features} is not a multiple of num_subnetworks={num_subnetworks}"
+                    f"the head's out_features={linear.out_features} is not a multiple of "
+                    f"num_subnetworks={num_subnetworks}"
                 )
-            self.num_classes: int | None = head.out_features // num_subnetworks
+            self.num_classes: int | None = linear.out_features // num_subnetworks
         elif isinstance(head, MultiHead):
             self.num_classes = head.num_classes
         else:
-            raise TypeError(f"head must be an nn.Linear or a MultiHead, but got {type(head).__name__}")
+            raise TypeError(
+                "head must be an nn.Linear, an nn.Sequential(nn.LayerNorm or nn.RMSNorm over D, nn.Linear(D, M * K)) "
+                f"or a MultiHead, but got {type(head).__name__}: {head}"
+            )
+        self.stacked = linear is not None
         self.encoder = encoder
         self.core = core
         self.head = head
@@ -106,7 +134,7 @@ class FoldedMIMO(nn.Module):
             pooled = features.mean(dim=(2, 3))
         else:
             pooled = self._split.pool(features)
-        if isinstance(self.head, nn.Linear):
+        if self.stacked:
             logits = self.head(pooled)  # (B, M * K)
             return logits.unflatten(-1, (self.num_subnetworks, -1))  # (B, M, K)
         return self.head(pooled)
@@ -117,7 +145,8 @@ def fold(model: nn.Module) -> FoldedMIMO:
     """Fold a :class:`~mixshare_layers.MIMOWrapper` into a :class:`FoldedMIMO` (also ``model.fold()``).
 
     The result is an independent copy (the model is not modified) in eval mode, on the model's device and dtype.
-    Its output equals ``model.eval()(x)`` up to float rounding (the summed kernel is summed once instead of per call).
+    Its output equals ``model.eval()(x)`` up to float rounding (the summed kernel is summed once instead of per call,
+    the norm + linear heads' affine is folded into one linear layer, see :func:`fold_heads`).
 
     Args:
         model: a ``MIMOWrapper``.
@@ -130,7 +159,9 @@ def fold(model: nn.Module) -> FoldedMIMO:
     if not isinstance(model, MIMOWrapper):
         raise TypeError(f"model must be a MIMOWrapper, but got {type(model).__name__}")
     encoder = model.encoder.folded()
-    head: nn.Module = model.heads.as_linear() if model.heads.is_linear else copy.deepcopy(model.heads)
+    # linear heads and norm + linear heads fold into one (norm and) linear layer; other heads stay as they are
+    stacked = fold_heads(model.heads) if model.heads.is_linear or model.pooling != "head" else None
+    head: nn.Module = copy.deepcopy(model.heads) if stacked is None else stacked
     folded = FoldedMIMO(
         encoder,
         copy.deepcopy(model.core),
@@ -142,3 +173,68 @@ def fold(model: nn.Module) -> FoldedMIMO:
         preprocess=copy.deepcopy(model.preprocess),
     )
     return folded.eval()
+
+
+@torch.no_grad()
+def fold_heads(heads: nn.Module) -> nn.Module | None:
+    """M heads reading one shared pooled vector as one stacked module, or ``None`` if they do not fold.
+
+    Linear heads are :meth:`MultiHead.as_linear <mixshare_layers.MultiHead.as_linear>`. Generic ones (M modules)
+    are recognised and folded as follows.
+
+    A head folds when, in eval mode, it is ``[norm ->] Linear(D, K)`` on a pooled vector of size D, up to dropouts
+    and reshapes (a view to ``(B, D, 1, 1)`` and a flatten back), with ``norm`` an affine LayerNorm over D
+    (``nn.LayerNorm`` or a subclass: timm's ``LayerNorm`` / ``LayerNorm2d``, torchvision's ``LayerNorm2d``), an
+    ``nn.RMSNorm`` over D or an ``nn.BatchNorm1d`` with running statistics, the same ``eps`` in every member. The
+    head is traced with ``torch.fx`` (an MLP, an activation, arithmetic, a parameter read by the head's own code, a
+    data-dependent branch: not recognised), then the stacked module is built in float64 and compared with the heads in
+    float64 on random vectors: it is returned only if it agrees to ``1e-10`` relative.
+
+    Args:
+        heads: a :class:`~mixshare_layers.MultiHead`.
+
+    Returns:
+        In eval mode, on the heads' device and dtype, rows member-major (``i * K + k``): ``nn.Linear(D, M * K)`` for
+        linear heads;
+        ``nn.Sequential(norm, nn.Linear(D, M * K))`` for LayerNorm / RMSNorm heads, with ``norm`` the same
+        normalisation without affine (one for all members) and member ``i``'s rows ``W_i diag(gamma_i)``, bias
+        ``W_i beta_i + b_i``; ``nn.Linear(D, M * K)`` for BatchNorm1d heads (``W_i diag(s_i)``, ``W_i t_i + b_i``
+        with the BatchNorm's eval-mode ``x * s_i + t_i``) and heads without norm; ``None`` for any other heads (and
+        for heads that read features rather than pooled vectors, ``input_ndim > 1``).
+
+    Raises:
+        TypeError: ``heads`` is not a ``MultiHead``.
+
+    Example:
+        >>> head = nn.Sequential(nn.LayerNorm(16), nn.Dropout(0.1), nn.Linear(16, 5))
+        >>> fold_heads(MultiHead.from_module(head, 3))
+        Sequential(
+          (0): LayerNorm((16,), eps=1e-05, elementwise_affine=False, bias=False)
+          (1): Linear(in_features=16, out_features=15, bias=True)
+        )
+        >>> fold_heads(MultiHead.from_module(nn.Sequential(nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 5)), 3)) is None
+        True
+    """
+    if not isinstance(heads, MultiHead):
+        raise TypeError(f"heads must be a MultiHead, but got {type(heads).__name__}")
+    if heads.members is None:
+        return heads.as_linear()
+    if heads.input_ndim != 1:
+        return None
+    tensors = _head_folding.tensors(heads.members)
+    if not tensors or len({(t.device, t.dtype) for t in tensors}) != 1:
+        return None  # a mix of devices / dtypes: which one would the folded module take?
+    device, dtype = tensors[0].device, tensors[0].dtype
+    reference = copy.deepcopy(heads).to(device="cpu", dtype=torch.float64).eval()
+    assert reference.members is not None
+    patterns = [_head_folding.match(member) for member in reference.members]
+    if any(p is None for p in patterns):
+        return None
+    matched = [p for p in patterns if p is not None]
+    folded = _head_folding.stacked(matched)
+    if folded is None:
+        return None
+    d, k = matched[0].linear.in_features, matched[0].linear.out_features
+    if not _head_folding.agrees(folded.eval(), reference, d, k, heads.num_subnetworks):
+        return None
+    return folded.to(device=device, dtype=dtype).eval()
