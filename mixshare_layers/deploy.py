@@ -65,6 +65,10 @@ class FoldedMIMO(nn.Module):
         pooling: ``"avg"`` (grid average), ``"token"`` (first token) or ``"head"`` (the heads read the features).
         preprocess: the split's parameter-free image transform, if any.
 
+    Attributes:
+        stacked: whether ``head`` is a stacked form (its ``(B, M * K)`` output viewed as ``(B, M, K)``) rather than
+            a ``MultiHead``.
+
     Shape:
         - Input: ``(B, C, H, W)``.
         - Output: logits ``(B, M, K)``: ``ensemble_probs(logits)`` gives the ensemble prediction.
@@ -105,7 +109,7 @@ class FoldedMIMO(nn.Module):
         else:
             raise TypeError(
                 "head must be an nn.Linear, an nn.Sequential(nn.LayerNorm or nn.RMSNorm over D, nn.Linear(D, M * K)) "
-                f"or a MultiHead, but got {type(head).__name__}: {head}"
+                f"or a MultiHead, but got {type(head).__name__}"
             )
         self.stacked = linear is not None
         self.encoder = encoder
