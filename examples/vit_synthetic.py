@@ -53,7 +53,7 @@ from mixshare_layers.metrics import EnsembleMetrics
 
 # -- defaults (every one is a command-line option) ------------------------------------------------------------------
 METHOD, M, REPETITION = "mixshare", 2, 2
-CLASSES, IMAGE, TRAIN, TEST, NOISE = 10, 24, 5000, 2000, 3.0  # SyntheticImageDataset
+CLASSES, IMAGE, TRAIN, TEST, NOISE, OBJECT_SIZE, CLUTTER = 10, 24, 5000, 2000, 3.0, 1.0, 0.0  # SyntheticImageDataset
 PATCH, DIM, DEPTH, HEADS, DROP_PATH = 4, 64, 4, 2, 0.0  # the ViT: 6x6 patch grid, 0.2 M parameters
 STEPS, ROWS, LR, WEIGHT_DECAY, WARMUP = 1000, 64, 1e-3, 0.05, 0.05  # ROWS counts the repeated images of a step
 LABEL_SMOOTHING, CLIP, ERASING = 0.0, 1.0, 0.0
@@ -73,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=TRAIN, help="training images")
     p.add_argument("--test", type=int, default=TEST, help="test images")
     p.add_argument("--noise", type=float, default=NOISE, help="pixel noise of the synthetic images (higher: harder)")
+    p.add_argument(
+        "--object-size",
+        type=float,
+        default=OBJECT_SIZE,
+        help="side of the window showing the class texture, as a fraction of the image (1: whole image)",
+    )
+    p.add_argument(
+        "--clutter",
+        type=float,
+        default=CLUTTER,
+        help="amplitude of a random background texture, relative to the class texture's (0: none)",
+    )
     p.add_argument("--patch", type=int, default=PATCH, help="patch side (pixels)")
     p.add_argument("--dim", type=int, default=DIM, help="embedding width")
     p.add_argument("--depth", type=int, default=DEPTH, help="transformer blocks")
@@ -220,7 +232,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     g = torch.Generator(device=device).manual_seed(args.seed)
 
     # data: uint8 tensors on the device; the test split holds other samples of the same classes
-    kw = dict(num_classes=args.classes, image_size=args.image, seed=args.seed, noise=args.noise)
+    kw = dict(
+        num_classes=args.classes, image_size=args.image, seed=args.seed, noise=args.noise,
+        object_size=args.object_size, clutter=args.clutter,
+    )  # fmt: skip
     train, test = SyntheticImageDataset(args.train, **kw), SyntheticImageDataset(args.test, train=False, **kw)
     x_train, y_train = train.data.to(device), train.targets.to(device)
     x_test, y_test = test.data.to(device), test.targets.to(device)

@@ -64,3 +64,28 @@ def test_rows_must_be_a_multiple_of_the_repetition(example, capsys):
     with pytest.raises(SystemExit):
         example.main(["--smoke", "--rows", "15"])
     assert "--rows 15 must be a multiple of the batch repetition 2" in capsys.readouterr().err
+
+
+def test_harder_data_options_reach_the_dataset(example, monkeypatch):
+    seen = []
+    real = example.SyntheticImageDataset
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(example, "SyntheticImageDataset", spy)
+    out = example.main(["--smoke", "--object-size", "0.5", "--clutter", "0.7", "--train", "64"])
+    assert [(kw["object_size"], kw["clutter"], kw.get("train", True)) for kw in seen] == [
+        (0.5, 0.7, True),
+        (0.5, 0.7, False),
+    ]  # the training and the test split are the same harder task
+    assert out["config"]["object_size"] == 0.5 and out["config"]["clutter"] == 0.7
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "name"), [("--object-size", "1.5", "object_size"), ("--clutter", "-1", "clutter")]
+)
+def test_bad_data_options_are_refused(example, option, value, name):
+    with pytest.raises(ValueError, match=name):
+        example.main(["--smoke", option, value])
