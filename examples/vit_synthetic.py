@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from mixshare_layers import PRESETS, MIMOLoss, MIMOWrapper, SyntheticImageDataset
 from mixshare_layers.analysis import sharing_rates
 from mixshare_layers.metrics import EnsembleMetrics
+from mixshare_layers.uncertainty import fit_temperature, tempered_log_probs
 
 # -- defaults (every one is a command-line option) ------------------------------------------------------------------
 METHOD, M, REPETITION = "mixshare", 2, 2
@@ -61,7 +62,7 @@ CLASSES, IMAGE, TRAIN, TEST, NOISE, OBJECT_SIZE, CLUTTER = 10, 24, 2000, 2000, 3
 PATCH, DIM, DEPTH, HEADS, DROP_PATH = 4, 64, 4, 2, 0.0  # the ViT: 6x6 patch grid, 0.2 M parameters
 STEPS, ROWS, LR, WEIGHT_DECAY, WARMUP = 3000, 64, 1e-3, 0.05, 0.05  # ROWS counts the repeated images of a step
 LABEL_SMOOTHING, CLIP, ERASING = 0.0, 1.0, 0.0
-EVAL_EVERY, THREADS = 250, 1
+EVAL_EVERY, THREADS, VAL = 250, 1, 0
 METHODS = ("single", *PRESETS)
 SMOKE = dict(train=96, test=64, classes=4, image=16, dim=24, depth=1, steps=3, rows=16, eval_every=0)
 
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=int, default=IMAGE, help="image side (pixels)")
     p.add_argument("--train", type=int, default=TRAIN, help="training images")
     p.add_argument("--test", type=int, default=TEST, help="test images")
+    p.add_argument("--val", type=int, default=VAL,
+                   help="training images held out to fit a temperature on (the last ones of the training split; 0: "
+                   "none): the summary then also gives the test metrics at that temperature")  # fmt: skip
     p.add_argument("--noise", type=float, default=NOISE, help="pixel noise of the synthetic images (higher: harder)")
     p.add_argument(
         "--object-size",
@@ -193,15 +197,25 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, augment: Augment, m: int, batch: int = 500) -> dict[str, Any]:
-    """Ensemble metrics on ``(x, y)`` (mean of member probabilities), and the sharing rates of a MIMO model."""
+def predict(model: nn.Module, x: Tensor, augment: Augment, batch: int = 500) -> Tensor:
+    """The members' eval-mode logits ``(N, M, K)`` (``M = 1`` for the plain ViT)."""
     was_training = model.training
     model.eval()
-    metrics = EnsembleMetrics(m, "prob", device=x.device)
-    for i in range(0, x.shape[0], batch):
-        logits = model(augment.normalize(x[i : i + batch]))  # (B, M, K); (B, K) for the plain ViT
-        metrics.update(logits if logits.dim() == 3 else logits[:, None], y[i : i + batch])
+    logits = torch.cat([model(augment.normalize(x[i : i + batch])) for i in range(0, x.shape[0], batch)])
     model.train(was_training)
+    return logits if logits.dim() == 3 else logits[:, None]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, augment: Augment, m: int, temperature: float = 1.0
+) -> dict[str, Any]:
+    """Ensemble metrics on ``(x, y)`` (mean of member probabilities, the ensemble's log-probabilities divided by
+    ``temperature``: member accuracies and ensemble accuracy do not depend on it), and a MIMO model's sharing rates."""
+    logits = predict(model, x, augment)
+    metrics = EnsembleMetrics(m, "prob", device=x.device)
+    log_probs = None if temperature == 1.0 else tempered_log_probs(logits, "prob", temperature)[0]
+    metrics.update(logits, y, log_probs=log_probs)
     out: dict[str, Any] = dict(metrics.compute())
     rates = sharing_rates(model) if isinstance(model, MIMOWrapper) else {}
     for key in ("classifier", "encoder", "classifier_sum_ratio", "encoder_sum_ratio"):
@@ -229,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     m = args.num_subnetworks if mimo else 1
     if args.rows % b:
         parser.error(f"--rows {args.rows} must be a multiple of the batch repetition {b}")
+    if not 0 <= args.val < args.train:
+        parser.error(f"--val {args.val} must be at least 0 and below --train {args.train}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -241,9 +257,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         object_size=args.object_size, clutter=args.clutter,
     )  # fmt: skip
     train, test = SyntheticImageDataset(args.train, **kw), SyntheticImageDataset(args.test, train=False, **kw)
-    x_train, y_train = train.data.to(device), train.targets.to(device)
+    n_train = args.train - args.val  # the last --val images of the training split are held out
+    x_train, y_train = train.data[:n_train].to(device), train.targets[:n_train].to(device)
+    x_val, y_val = train.data[n_train:].to(device), train.targets[n_train:].to(device)
     x_test, y_test = test.data.to(device), test.targets.to(device)
-    augment = Augment(train.data, args.erasing, g)
+    augment = Augment(train.data[:n_train], args.erasing, g)
 
     backbone = build_vit(args)
     model = MIMOWrapper(backbone, m, args.method, total_steps=args.steps) if mimo else backbone
@@ -257,14 +275,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     unique = args.rows // b
     print(f"{args.method}: timm ViT {args.depth} x {args.dim} ({args.heads} heads, {args.patch}x{args.patch} patches, "
           f"{(args.image // args.patch) ** 2} tokens), M = {m}, {params / 1e6:.2f} M parameters; {args.steps} steps of "
-          f"{unique} images x {b} ({args.steps * unique / args.train:.1f} epochs)", flush=True)  # fmt: skip
+          f"{unique} images x {b} ({args.steps * unique / n_train:.1f} epochs)", flush=True)  # fmt: skip
 
-    order, cursor = torch.randperm(args.train, device=device, generator=g), 0
+    order, cursor = torch.randperm(n_train, device=device, generator=g), 0
     history, t_train = [], 0.0
     for step in range(args.steps):
         t0 = time.perf_counter()
-        if cursor + unique > args.train:  # a new epoch: a new order
-            order, cursor = torch.randperm(args.train, device=device, generator=g), 0
+        if cursor + unique > n_train:  # a new epoch: a new order
+            order, cursor = torch.randperm(n_train, device=device, generator=g), 0
         idx = order[cursor : cursor + unique]
         cursor += unique
         if batcher is not None:
@@ -299,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "train_time_s": t_train,
         "rows_per_s": args.steps * args.rows / t_train,
         "history": history,
+        "temperature": None,  # with --val: fitted on the held-out images, and the test metrics at it
+        "calibrated": None,
         "config": {**vars(args), "batch_repetition": b, "num_subnetworks": m, "parameters": params},
     }
     print(f"\n{args.method}, seed {args.seed}: ensemble {100 * summary['ensemble_acc']:.2f} %, members "
@@ -307,6 +327,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           + ("" if summary["classifier_sharing"] is None else
              f", sharing: classifier {summary['classifier_sharing']:.1f} %, encoder {summary['encoder_sharing']:.1f} %")
           + f"; {t_train:.0f} s of training ({summary['rows_per_s']:.0f} rows/s)")  # fmt: skip
+    if args.val:
+        temperature = fit_temperature(predict(model, x_val, augment), y_val, "prob")
+        calibrated = evaluate(model, x_test, y_test, augment, m, temperature)
+        summary["temperature"] = temperature
+        summary["calibrated"] = {key: calibrated[key] for key in ("nll", "ece", "brier")}
+        print(f"temperature {temperature:.3f} (fitted on {args.val} held-out training images): test NLL "
+              f"{calibrated['nll']:.4f}, ECE {calibrated['ece']:.4f}, Brier {calibrated['brier']:.4f}")  # fmt: skip
     if args.json:
         write_json(Path(args.json), summary)
     return summary

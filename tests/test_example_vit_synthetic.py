@@ -89,3 +89,41 @@ def test_harder_data_options_reach_the_dataset(example, monkeypatch):
 def test_bad_data_options_are_refused(example, option, value, name):
     with pytest.raises(ValueError, match=name):
         example.main(["--smoke", option, value])
+
+
+@pytest.mark.filterwarnings("ignore:the fitted temperature")  # a 20-step model may well sit at the bound
+def test_temperature_fitted_on_held_out_images(example):
+    plain = example.main(["--smoke"])
+    assert plain["temperature"] is None and plain["calibrated"] is None
+    out = example.main(["--smoke", "--val", "32", "--steps", "20"])
+    assert 0.05 <= out["temperature"] <= 20.0
+    for key in ("nll", "ece", "brier"):
+        assert math.isfinite(out["calibrated"][key]) and out["calibrated"][key] >= 0
+    assert out["config"]["val"] == 32
+
+
+def test_evaluate_at_a_temperature_matches_a_float64_reference(example):
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    m, k = 2, 5
+    x = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, k, (40,), generator=g)
+    augment = example.Augment(x, 0.0, g)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, m * k), torch.nn.Unflatten(1, (m, k)))
+    with torch.no_grad():
+        model[1].weight.mul_(20)  # confident members, so that the temperature matters
+        logits = model(augment.normalize(x)).double()
+    probs = logits.softmax(-1).mean(1)  # the ensemble: mean of the member probabilities
+    for t in (1.0, 0.5, 3.0):
+        res = example.evaluate(model, x, y, augment, m, temperature=t)
+        tempered = (probs.log() / t).log_softmax(-1)
+        assert res["nll"] == pytest.approx(-tempered[torch.arange(40), y].mean().item(), rel=1e-4)
+        assert res["ensemble_acc"] == pytest.approx((probs.argmax(-1) == y).double().mean().item())
+        members = (logits.argmax(-1) == y[:, None]).double().mean(0).tolist()
+        assert res["individual_acc"] == pytest.approx(members)
+
+
+def test_val_must_leave_training_images(example, capsys):
+    with pytest.raises(SystemExit):
+        example.main(["--smoke", "--val", "96"])
+    assert "--val 96 must be at least 0 and below --train 96" in capsys.readouterr().err
