@@ -77,7 +77,7 @@ def test_table_writer_mean_std_and_paper_numbers(table1, tmp_path):
 def test_collapsed_members_are_reported_per_run(table1, tmp_path):
     """A run whose member stayed near chance is named in the table, its note, runs.csv, and on the console."""
     _, runs = _fake_runs()
-    runs[2].update(individual_acc=[98.8, 0.4], collapsed_members=[1])  # mixmo seed 2, as in docs/reproducing.md
+    runs[2].update(individual_acc=[98.8, 0.4], collapsed_members=[1])  # a pre-fix quick MixMo run (issue 12)
     for r in runs[:2] + runs[3:]:
         r.update(individual_acc=[70.0, 68.0], collapsed_members=[])
     paths = table1.write_table(runs, tmp_path, methods=["mixmo", "unmix-aligned"], width=2, description="fake")
