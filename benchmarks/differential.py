@@ -31,7 +31,7 @@ Settings (every value is printed in the table's header):
               crop (padding 4) + horizontal flip per input; progress (CutMix ramp, fadeout) = step / steps
     eval      the 2000 test images, ensemble = mean of member probabilities (NLL of that mixture), sharing rates
               with the per-feature mean-ratio reduction (paper Sec. 2), collapsed members
-              (``mixshare_layers.metrics.collapsed_members``)
+              (``mixshare_layers.evaluation.metrics.collapsed_members``)
     seeds     seed s: initialisation from ``torch.manual_seed(s)``, the unique-image batch order from a generator
               seeded 10000 + s (the same for both implementations), batching / augmentation / mixes from
               generators seeded 1000 s + 1 and 1000 s + 2
@@ -88,9 +88,9 @@ from reference.train import TrainConfig, channel_stats, epoch_batches, lr_factor
 from mixshare_layers import MIMOWrapper, MixInfo  # noqa: E402
 from mixshare_layers.analysis import sharing_rates  # noqa: E402
 from mixshare_layers.data import SyntheticImageDataset  # noqa: E402
+from mixshare_layers.evaluation.metrics import EnsembleMetrics, collapsed_members  # noqa: E402
 from mixshare_layers.functional import cutmix_probability, sample_mix_params  # noqa: E402
 from mixshare_layers.functional.loss import mimo_cross_entropy, rebalanced_weights  # noqa: E402
-from mixshare_layers.metrics import EnsembleMetrics, collapsed_members  # noqa: E402
 from mixshare_layers.models import wide_resnet  # noqa: E402
 from mixshare_layers.presets import get_preset  # noqa: E402
 

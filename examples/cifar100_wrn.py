@@ -26,10 +26,11 @@ Every run writes to ``<out-dir>/<run-name>/``: ``config.json`` (every hyper-para
 gets reported (no model selection on the test set); ``--val-split`` holds out training images to select on instead.
 
 Distribution shift (``--shift-eval``, on by default, off for ``--smoke``): at the end of the run the test set is
-evaluated again under corruptions (``--shift-corruptions`` x ``--shift-severities`` of ``mixshare_layers.shift``,
+evaluated again under corruptions (``--shift-corruptions`` x ``--shift-severities`` of
+``mixshare_layers.evaluation.shift``,
 applied on the fly on the device, deterministic from ``--data-seed``) and against an OOD set (``--ood``: for
 synthetic data, images of classes the model never saw; for CIFAR-100, SVHN's test split when ``--data-dir`` holds
-``test_32x32.mat`` or with ``--download``), through ``mixshare_layers.uncertainty.evaluate_uncertainty``: accuracy,
+``test_32x32.mat`` or with ``--download``), through ``mixshare_layers.evaluation.evaluate_uncertainty``: accuracy,
 NLL, ECE, adaptive ECE, Brier, AURC, mean confidence, disagreement and mutual information per corruption and
 severity, and OOD AUROC / AUPR / FPR95 from the max probability, the entropy and the mutual information between
 members; with ``--val-split``, again at the temperature fitted on the validation images. It writes
@@ -54,7 +55,7 @@ written) prints one line, exits with code 2 and leaves nothing on disk.
     ensemble_acc, mean_individual_acc   ensemble / mean member top-1 accuracy on the test set, percent
     individual_acc                      list of M member accuracies, percent
     collapsed_members                   members whose accuracy stayed near chance while another learned
-                                        (mixshare_layers.metrics.collapsed_members; also printed as a warning
+                                        (mixshare_layers.evaluation.metrics.collapsed_members; also printed as a warning
                                         at every evaluation)
     nll                                 negative log-likelihood of the ensemble, nats per image
     ece                                 expected calibration error, 15 bins, fraction in [0, 1]
@@ -99,7 +100,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixshare_layers import PRESETS, MIMOBatcher, MIMOConfig, MIMOWrapper, get_preset
-from mixshare_layers._files import folder_problem
 from mixshare_layers.checkpoint import (
     WRN_BUILDER,
     CheckpointError,
@@ -109,10 +109,11 @@ from mixshare_layers.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from mixshare_layers.checkpoint.files import folder_problem
+from mixshare_layers.evaluation.metrics import EnsembleMetrics, collapsed_members
+from mixshare_layers.evaluation.shift import CORRUPTIONS, SEVERITIES
 from mixshare_layers.functional.ensemble import ensemble_probs
-from mixshare_layers.metrics import EnsembleMetrics, collapsed_members
 from mixshare_layers.models import wide_resnet
-from mixshare_layers.shift import CORRUPTIONS, SEVERITIES
 
 METHODS = ("single", *PRESETS)
 DATASETS, DATA_PATHS = ("cifar100", "synthetic"), ("device", "loader")
@@ -125,7 +126,8 @@ CKPT_KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "scaler", "rng"
 # options that describe how to run, not what to train: never restored from a resumed run's config
 RUNTIME_KEYS = ("resume", "stop_epoch", "benchmark", "quick", "smoke", "device")
 SEED_LIMIT = 2**32
-# the end-of-run evaluation under distribution shift: a few cheap families of mixshare_layers.shift, three severities
+# the end-of-run evaluation under distribution shift: a few cheap families of
+# mixshare_layers.evaluation.shift, three severities
 SHIFT_CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "jpeg_compression", "contrast")
 SHIFT_SEVERITIES = (1, 3, 5)
 OOD_CHOICES = ("auto", "synthetic", "svhn", "none")
@@ -311,7 +313,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
         "--shift-corruptions",
         type=_corruptions,
         default=list(SHIFT_CORRUPTIONS),
-        help=f"corruption families (mixshare_layers.shift: {', '.join(CORRUPTIONS)})",
+        help=f"corruption families (mixshare_layers.evaluation.shift: {', '.join(CORRUPTIONS)})",
     )
     add("--shift-severities", type=_severities, default=list(SHIFT_SEVERITIES), help="severities among 1..5")
     add(
@@ -926,10 +928,10 @@ class _Autocast(nn.Module):
 
 
 def shift_evaluation(model: nn.Module, data: Data, cfg: dict[str, Any], ctx: dict[str, Any], dist: Dist) -> Any:
-    """:func:`mixshare_layers.uncertainty.evaluate_uncertainty` of the test set, clean and corrupted on the fly on
+    """:func:`mixshare_layers.evaluation.evaluate_uncertainty` of the test set, clean and corrupted on the fly on
     the device (deterministic from ``--data-seed``), and of the OOD set; with ``--val-split``, also at the
     temperature fitted on the validation images. Every rank evaluates its share; the results gather them all."""
-    from mixshare_layers.uncertainty import evaluate_uncertainty
+    from mixshare_layers.evaluation import evaluate_uncertainty
 
     shard = slice(dist.rank, None, dist.world)
     val = None
@@ -1035,7 +1037,7 @@ def write_shift_files(run_dir: Path, report: dict[str, Any], cfg: dict[str, Any]
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is not None:
-        from mixshare_layers.uncertainty import plot_uncertainty_report
+        from mixshare_layers.evaluation import plot_uncertainty_report
 
         title = f"{cfg['method']}: clean, corrupted and OOD test images"
         plot_uncertainty_report(report, run_dir / "uncertainty", title=title)  # written atomically
@@ -1222,7 +1224,7 @@ EVAL_COLUMNS = (
     ("ensemble_acc", "ensemble_acc_pct", 1.0),  # evaluate() gives accuracies and disagreement in percent already
     ("mean_individual_acc", "mean_individual_acc_pct", 1.0),
     ("nll", "nll_nats", 1.0),
-    ("ece", "ece_pct", 100.0),  # a fraction in evaluate() and the summary (mixshare_layers.metrics' unit)
+    ("ece", "ece_pct", 100.0),  # a fraction in evaluate() and the summary (mixshare_layers.evaluation.metrics' unit)
     ("brier", "brier", 1.0),
     ("disagreement", "disagreement_pct", 1.0),
     ("mean_confidence", "mean_confidence_pct", 1.0),

@@ -32,9 +32,9 @@ from torch import Tensor
 
 from mixshare_layers import MIMOWrapper, SyntheticImageDataset
 from mixshare_layers.data import synthetic_ood_dataset
+from mixshare_layers.evaluation import evaluate_uncertainty, flatten_report
 from mixshare_layers.integrations.lightning import MIMOLightningModule
 from mixshare_layers.models import wide_resnet
-from mixshare_layers.uncertainty import evaluate_uncertainty, flatten_report
 
 # defaults (override on the command line)
 PRESET, M, DEPTH, WIDTH = "mixshare", 2, 10, 1
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "uncertainty.json").write_text(json.dumps(report, indent=1) + "\n")
     try:
-        from mixshare_layers.uncertainty import plot_uncertainty_report
+        from mixshare_layers.evaluation import plot_uncertainty_report
 
         plot_uncertainty_report(report, out_dir / "uncertainty", title=f"{args.preset}, WRN-{args.depth}-{args.width}")
     except ImportError:

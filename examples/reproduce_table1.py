@@ -186,7 +186,7 @@ def sum_ratio_sharing(run_dir: Path) -> float | None:
 
 
 def collapsed_in(summary: dict[str, Any]) -> list[int] | None:
-    """The run's collapsed members (``mixshare_layers.metrics.collapsed_members``; None if it cannot be told).
+    """The run's collapsed members (``mixshare_layers.evaluation.collapsed_members``; None if it cannot be told).
 
     Read from the summary, or computed from its member accuracies and the number of classes in the run's
     ``config.json`` (summaries written before the check existed).
@@ -201,7 +201,7 @@ def collapsed_in(summary: dict[str, Any]) -> list[int] | None:
     num_classes = cfg.get("synthetic_classes") if cfg.get("dataset") == "synthetic" else 100
     if not isinstance(num_classes, int) or num_classes < 2:
         return None
-    from mixshare_layers.metrics import collapsed_members
+    from mixshare_layers.evaluation.metrics import collapsed_members
 
     return collapsed_members([a / 100 for a in accs], num_classes)
 
@@ -374,7 +374,7 @@ def main(
         parser.error(f"argument --seeds: seeds must be in [0, 2**32), got {bad}")
     if args.width is not None and args.width < 1:
         parser.error(f"argument --width: must be >= 1, got {args.width}")
-    from mixshare_layers._files import folder_problem
+    from mixshare_layers.checkpoint.files import folder_problem
 
     out_dir = Path(args.out_dir)
     problem = folder_problem(out_dir)

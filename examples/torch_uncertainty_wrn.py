@@ -7,7 +7,7 @@ torch-uncertainty's ensembles (estimator-major batches and logits, the preset's 
 AURC, the ensemble's disagreement and mutual information, and OOD detection (AUROC, AUPR, FPR95) with the chosen
 criterion. Data: the library's offline synthetic images (``SyntheticImageDataset``), with an OOD set of classes the
 model never saw (``synthetic_ood_dataset``). At the end the same model is evaluated by
-``mixshare_layers.uncertainty.evaluate_uncertainty`` and the numbers the two libraries share are printed side by
+``mixshare_layers.evaluation.evaluate_uncertainty`` and the numbers the two libraries share are printed side by
 side (they agree: both average member probabilities).
 
     python examples/torch_uncertainty_wrn.py                                  # WRN-10-1, M = 2, minutes on a CPU
@@ -32,9 +32,9 @@ from torch import Tensor
 
 from mixshare_layers import MIMOWrapper, SyntheticImageDataset
 from mixshare_layers.data import synthetic_ood_dataset
+from mixshare_layers.evaluation import evaluate_uncertainty
 from mixshare_layers.integrations.torch_uncertainty import MIMOClassificationRoutine
 from mixshare_layers.models import wide_resnet
-from mixshare_layers.uncertainty import evaluate_uncertainty
 
 # defaults (override on the command line)
 PRESET, M, DEPTH, WIDTH = "mixshare", 2, 10, 1
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     trainer.fit(routine, loader(train, True))
     results = trainer.test(routine, dataloaders=[loader(test, False), loader(ood, False)], verbose=not args.smoke)[0]
 
-    # the same model through mixshare_layers.uncertainty (un-normalised images in, the normalisation as preprocess)
+    # the same model through mixshare_layers.evaluation (un-normalised images in, the normalisation as preprocess)
     report = evaluate_uncertainty(
         model, (test.data, test.targets), ood={"synthetic": ood.data}, corruptions=(), preprocess=normalize
     )

@@ -39,7 +39,7 @@ histogram-overlap reading; ``None`` for the plain ViT); ``temperature`` and ``ca
 
 Calibration: MIMO members trained on mixed inputs are under-confident on clean ones (ECE 0.1 to 0.2 here, against
 0.01 for the plain ViT). ``--val N`` holds out the last N training images and fits one temperature on them
-(``mixshare_layers.uncertainty.fit_temperature``, on the ensemble's log-probabilities): accuracies do not change.
+(``mixshare_layers.evaluation.fit_temperature``, on the ensemble's log-probabilities): accuracies do not change.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ from torch import Tensor, nn
 
 from mixshare_layers import PRESETS, MIMOLoss, MIMOWrapper, SyntheticImageDataset
 from mixshare_layers.analysis import sharing_rates
-from mixshare_layers.metrics import EnsembleMetrics
-from mixshare_layers.uncertainty import fit_temperature, tempered_log_probs
+from mixshare_layers.evaluation import fit_temperature, tempered_log_probs
+from mixshare_layers.evaluation.metrics import EnsembleMetrics
 
 # -- defaults (every one is a command-line option) ------------------------------------------------------------------
 METHOD, M, REPETITION = "mixshare", 2, 2

@@ -30,8 +30,7 @@ __all__ = [
     "check_fraction",
     "check_images",
     "check_int",
-    "check_mix_info",
-    "check_ndim",
+        "check_ndim",
     "check_num_subnetworks",
     "check_real",
     "check_shape",
@@ -304,14 +303,6 @@ def check_images(
     if x.shape[-1] == 0 or x.shape[-2] == 0:
         raise ValueError(f"{name} must have a non-empty spatial size H x W, but got shape {tuple(x.shape)}")
     return x
-
-
-def check_mix_info(name: str, info: object) -> None:
-    """Check that ``info`` is a :class:`~mixshare_layers.MixInfo` (e.g. not the ``(logits, info)`` pair)."""
-    from .mix_info import MixInfo  # mix_info imports this module
-
-    if not isinstance(info, MixInfo):
-        raise TypeError(f"{name} must be a MixInfo (the mix_info of a training output), but got {type(info).__name__}")
 
 
 def check_targets(

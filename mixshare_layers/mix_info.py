@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ._checks import check_int
 
-__all__ = ["MixInfo", "interval_coverage"]
+__all__ = ["MixInfo", "check_mix_info", "interval_coverage"]
 
 
 def interval_coverage(lo: Tensor, hi: Tensor, native: int, target: int, dtype: torch.dtype) -> Tensor:
@@ -215,3 +215,9 @@ class MixInfo(NamedTuple):
             ratios=self.ratios[index],
             loss_weights=None if self.loss_weights is None else self.loss_weights[index],
         )
+
+
+def check_mix_info(name: str, info: object) -> None:
+    """Check that ``info`` is a :class:`MixInfo` (e.g. not the ``(logits, info)`` pair)."""
+    if not isinstance(info, MixInfo):
+        raise TypeError(f"{name} must be a MixInfo (the mix_info of a training output), but got {type(info).__name__}")

@@ -20,8 +20,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 
 from ._checks import check_bool, check_choice, check_fraction, check_real
-from .multi_encoder import ENCODER_INITS
-from .unmixer import POOLINGS, UNMIX_MODES
+from .layers.encoder import ENCODER_INITS
+from .layers.unmixer import POOLINGS, UNMIX_MODES
 
 __all__ = ["PRESETS", "MIMOConfig", "get_preset"]
 

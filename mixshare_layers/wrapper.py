@@ -20,17 +20,17 @@ from ._checks import (
 )
 from .adapters import BackboneSplit, split_backbone
 from .adapters.split import no_unmixing_reason
-from .batcher import MIMOBatcher
 from .functional.ensemble import ENSEMBLE_RULES, ensemble_probs, to_estimator_major
 from .functional.layout import check_features
 from .functional.loss import rebalanced_weights
-from .loss import MIMOLoss
+from .layers.batcher import MIMOBatcher
+from .layers.encoder import MultiEncoder
+from .layers.head import MultiHead
+from .layers.loss import MIMOLoss
+from .layers.mixer import CutMixMixer
+from .layers.unmixer import Unmixer
 from .mix_info import MixInfo
-from .mixer import CutMixMixer
-from .multi_encoder import MultiEncoder
-from .multi_head import MultiHead
 from .presets import PRESETS, MIMOConfig, get_preset
-from .unmixer import Unmixer
 
 __all__ = ["MIMOOutput", "MIMOWrapper", "ProgressWarning"]
 

@@ -161,7 +161,7 @@ def test_collapse_warning_names_the_collapsed_and_the_healthy_members(script) ->
 
 
 def test_a_collapsed_member_is_warned_at_evaluation(script, tmp_path: Path, monkeypatch, capsys) -> None:
-    """The script asks mixshare_layers.metrics.collapsed_members at every evaluation (the decision itself is tested
+    """The script asks mixshare_layers.evaluation.collapsed_members at every evaluation (the decision itself is tested
     in test_metrics.py); a positive answer is printed as a warning and kept in the summary."""
     seen = []
 
@@ -306,7 +306,7 @@ def test_quick_schedule_keeps_learning_after_four_of_five_epochs(script) -> None
 def test_shift_evaluation_matches_a_recomputation_by_hand(script, tmp_path: Path) -> None:
     from mixshare_layers.checkpoint import load_model
     from mixshare_layers.data import SyntheticImageDataset, synthetic_ood_dataset
-    from mixshare_layers.shift import corrupt
+    from mixshare_layers.evaluation.shift import corrupt
 
     args = ["--shift-eval", "true", "--shift-corruptions", "contrast,gaussian_noise", "--shift-severities", "2,5"]
     summary = script.main(_args(tmp_path, "shift", *args, "--data-seed", "3"))

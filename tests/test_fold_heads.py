@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from mixshare_layers import BackboneSplit, MIMOWrapper, MultiHead, _head_folding
+from mixshare_layers import BackboneSplit, MIMOWrapper, MultiHead
 from mixshare_layers.deploy import FoldedMIMO, fold_heads
+from mixshare_layers.deploy import heads as head_patterns
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -220,7 +221,7 @@ def test_heads_that_do_not_fold_stay_generic_and_exact(name):
     model = _wrap(None, 2, split=_tiny_split(NOT_FOLDABLE[name]()))
     assert fold_heads(model.heads) is None
     if name in NUMERICALLY_CAUGHT:  # recognised as norm + linear by the trace, refused by the float64 check
-        assert all(_head_folding.match(member) is not None for member in model.heads.members)
+        assert all(head_patterns.match(member) is not None for member in model.heads.members)
     folded = model.fold()
     assert isinstance(folded.head, MultiHead) and not folded.stacked
     _assert_same(folded, model, torch.randn(4, 3, 8, 8, dtype=torch.float64))

@@ -20,6 +20,7 @@ BLOCKED = (
 CORE_MODULES = (
     "mixshare_layers",
     "mixshare_layers._checks",
+    "mixshare_layers._deprecated",
     "mixshare_layers._version",
     "mixshare_layers.adapters",
     "mixshare_layers.adapters.check",
@@ -29,11 +30,16 @@ CORE_MODULES = (
     "mixshare_layers.adapters.timm",
     "mixshare_layers.adapters.torchvision",
     "mixshare_layers.analysis",
-    "mixshare_layers.batcher",
+    "mixshare_layers.layers",
+    "mixshare_layers.layers.batcher",
     "mixshare_layers.checkpoint",
     "mixshare_layers.checkpoint.convert",
+    "mixshare_layers.checkpoint.files",
     "mixshare_layers.checkpoint.store",
     "mixshare_layers.data",
+    "mixshare_layers.deploy",
+    "mixshare_layers.deploy.fold",
+    "mixshare_layers.deploy.heads",
     "mixshare_layers.data.ood",
     "mixshare_layers.data.synthetic",
     "mixshare_layers.functional",
@@ -45,25 +51,25 @@ CORE_MODULES = (
     "mixshare_layers.functional.random",
     "mixshare_layers.functional.unmixing",
     "mixshare_layers.integrations",
-    "mixshare_layers.loss",
+    "mixshare_layers.layers.loss",
     "mixshare_layers.mix_info",
-    "mixshare_layers.mixer",
+    "mixshare_layers.layers.mixer",
     "mixshare_layers.models",
     "mixshare_layers.models.wide_resnet",
-    "mixshare_layers.multi_encoder",
-    "mixshare_layers.multi_head",
+    "mixshare_layers.layers.encoder",
+    "mixshare_layers.layers.head",
     "mixshare_layers.presets",
-    "mixshare_layers.shift",
-    "mixshare_layers.uncertainty",
-    "mixshare_layers.uncertainty.accumulator",
-    "mixshare_layers.uncertainty.calibration",
-    "mixshare_layers.uncertainty.evaluate",
-    "mixshare_layers.uncertainty.ood",
-    "mixshare_layers.uncertainty.plots",
-    "mixshare_layers.uncertainty.scores",
-    "mixshare_layers.uncertainty.selective",
-    "mixshare_layers.uncertainty.temperature",
-    "mixshare_layers.unmixer",
+    "mixshare_layers.evaluation.shift",
+    "mixshare_layers.evaluation",
+    "mixshare_layers.evaluation.accumulator",
+    "mixshare_layers.evaluation.calibration",
+    "mixshare_layers.evaluation.evaluate",
+    "mixshare_layers.evaluation.ood",
+    "mixshare_layers.evaluation.plots",
+    "mixshare_layers.evaluation.scores",
+    "mixshare_layers.evaluation.selective",
+    "mixshare_layers.evaluation.temperature",
+    "mixshare_layers.layers.unmixer",
     "mixshare_layers.wrapper",
 )
 
@@ -101,11 +107,11 @@ model = ml.MIMOWrapper(wide_resnet(10, 1, num_classes=3), 2, "mixshare")
 out = model(torch.randn(2, 2, 3, 8, 8))
 loss = model.make_loss()(out, torch.zeros(2, 2, dtype=torch.long))
 loss.backward()
-from mixshare_layers.shift import corrupt
-from mixshare_layers.uncertainty import evaluate_uncertainty
+from mixshare_layers.evaluation.shift import corrupt
+from mixshare_layers.evaluation import evaluate_uncertainty
 labelled = (torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
 report = evaluate_uncertainty(model, labelled, ood=torch.rand(3, 3, 8, 8), val=labelled, severities=[2])
-assert set(report["shift"]) == set(ml.shift.CORRUPTIONS), report["shift"]
+assert set(report["shift"]) == set(ml.evaluation.CORRUPTIONS), report["shift"]
 # the integrations name their extra
 for module, extra in (("lightning", "lightning"), ("torch_uncertainty", "torch-uncertainty")):
     try:
@@ -137,8 +143,10 @@ def test_import_with_only_torch_and_einops():
         "mixshare_layers.functional",
         "mixshare_layers.models",
         "mixshare_layers.data",
-        "mixshare_layers.uncertainty",
-        "mixshare_layers.shift",
+        "mixshare_layers.evaluation",
+        "mixshare_layers.evaluation.shift",
+        "mixshare_layers.layers",
+        "mixshare_layers.deploy",
     ],
 )
 def test_all_names_exist(module):

@@ -12,10 +12,10 @@ pl = pytest.importorskip("lightning.pytorch")
 
 from mixshare_layers import MIMOLoss, MIMOWrapper, SyntheticImageDataset  # noqa: E402
 from mixshare_layers.data import synthetic_ood_dataset  # noqa: E402
+from mixshare_layers.evaluation import UncertaintyMetrics, ood_detection_metrics, uncertainty_scores  # noqa: E402
+from mixshare_layers.evaluation.metrics import EnsembleMetrics  # noqa: E402
 from mixshare_layers.integrations.lightning import MIMOLightningModule, MIMOProgress, find_mimo_wrappers  # noqa: E402
-from mixshare_layers.metrics import EnsembleMetrics  # noqa: E402
 from mixshare_layers.models import wide_resnet  # noqa: E402
-from mixshare_layers.uncertainty import UncertaintyMetrics, ood_detection_metrics, uncertainty_scores  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::UserWarning",  # Lightning's advice (workers, logger, ...) on these toy runs

@@ -14,6 +14,7 @@ from torch_uncertainty.transforms import MIMOBatchFormat
 
 from mixshare_layers import MIMOWrapper, SyntheticImageDataset
 from mixshare_layers.data import synthetic_ood_dataset
+from mixshare_layers.evaluation import evaluate_uncertainty
 from mixshare_layers.integrations.lightning import MIMOProgress
 from mixshare_layers.integrations.torch_uncertainty import (
     MIMOClassificationRoutine,
@@ -22,7 +23,6 @@ from mixshare_layers.integrations.torch_uncertainty import (
     TorchUncertaintyMIMOLoss,
 )
 from mixshare_layers.models import wide_resnet
-from mixshare_layers.uncertainty import evaluate_uncertainty
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::UserWarning", "ignore::DeprecationWarning", "ignore:.*isinstance\\(treespec, LeafSpec\\)"

@@ -1,4 +1,4 @@
-"""Tests of mixshare_layers.metrics against float64 references written the slow, obvious way."""
+"""Tests of mixshare_layers.evaluation.metrics against float64 references written the slow, obvious way."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from mixshare_layers.functional import ensemble_log_probs
-from mixshare_layers.metrics import (
+from mixshare_layers.evaluation.metrics import (
     EnsembleMetrics,
     brier_score,
     calibration_bins,
@@ -17,6 +16,7 @@ from mixshare_layers.metrics import (
     disagreement,
     expected_calibration_error,
 )
+from mixshare_layers.functional import ensemble_log_probs
 
 
 def _reference(logits: torch.Tensor, targets: torch.Tensor, rule: str, num_bins: int = 15) -> dict:

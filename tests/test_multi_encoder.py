@@ -224,7 +224,7 @@ def test_channels_last_model_conversion_keeps_function():
 @pytest.mark.parametrize("bias", [True, False])
 def test_training_paths_agree_in_float64(monkeypatch, path, bias):
     """The three ways of running the fused encoders in training give the same outputs and gradients."""
-    from mixshare_layers import multi_encoder
+    from mixshare_layers.layers import encoder as multi_encoder
 
     torch.manual_seed(0)
     enc = MultiEncoder(nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=bias), 3).double()

@@ -1,4 +1,5 @@
-"""Corruptions (mixshare_layers.shift): references (scipy, PIL, colorsys, float64), determinism, statistics, errors."""
+"""Corruptions (mixshare_layers.evaluation.shift): references (scipy, PIL, colorsys, float64),
+determinism, statistics, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import math
 import pytest
 import torch
 
-from mixshare_layers.shift import (
+from mixshare_layers.evaluation.shift import (
     CORRUPTIONS,
     SEVERITIES,
     SEVERITY_PARAMETERS,

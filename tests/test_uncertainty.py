@@ -1,4 +1,4 @@
-"""mixshare_layers.uncertainty: float64 references, equality with torch-uncertainty / torchmetrics / scikit-learn."""
+"""mixshare_layers.evaluation: float64 references, equality with torch-uncertainty / torchmetrics / scikit-learn."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import math
 import pytest
 import torch
 
-from mixshare_layers.functional import ensemble_log_probs
-from mixshare_layers.metrics import EnsembleMetrics, expected_calibration_error
-from mixshare_layers.uncertainty import (
+from mixshare_layers.evaluation import (
     UNCERTAINTY_SCORES,
     UncertaintyMetrics,
     adaptive_calibration_error,
@@ -26,6 +24,8 @@ from mixshare_layers.uncertainty import (
     tempered_log_probs,
     uncertainty_scores,
 )
+from mixshare_layers.evaluation.metrics import EnsembleMetrics, expected_calibration_error
+from mixshare_layers.functional import ensemble_log_probs
 
 
 def _gen(seed: int = 0) -> torch.Generator:

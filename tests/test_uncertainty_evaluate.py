@@ -13,9 +13,7 @@ from torch import nn
 
 from mixshare_layers import MIMOWrapper, SyntheticImageDataset
 from mixshare_layers.data import load_svhn, synthetic_ood_dataset
-from mixshare_layers.models import wide_resnet
-from mixshare_layers.shift import corrupt
-from mixshare_layers.uncertainty import (
+from mixshare_layers.evaluation import (
     METRIC_UNITS,
     UncertaintyMetrics,
     evaluate_uncertainty,
@@ -26,6 +24,8 @@ from mixshare_layers.uncertainty import (
     plot_uncertainty_report,
     uncertainty_scores,
 )
+from mixshare_layers.evaluation.shift import corrupt
+from mixshare_layers.models import wide_resnet
 
 MEAN, STD = 0.5, 0.25
 
@@ -231,8 +231,8 @@ def run(rank, world, path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    from mixshare_layers.uncertainty import UncertaintyMetrics
-    from mixshare_layers.uncertainty._common import all_gather_cat
+    from mixshare_layers.evaluation import UncertaintyMetrics
+    from mixshare_layers.evaluation._common import all_gather_cat
     g = torch.Generator().manual_seed(0)
     logits, targets = torch.randn(50, 2, 5, generator=g), torch.randint(5, (50,), generator=g)
     shard = slice(0, 30) if rank == 0 else slice(30, 50)  # unequal shards

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .._checks import check_choice, check_int
 from ..functional.layout import FEATURE_LAYOUTS, check_features, grid_mean
-from ..mixer import ENCODING_LAYOUTS
+from ..layers.mixer import ENCODING_LAYOUTS
 
 __all__ = ["HEAD_POOLINGS", "BackboneSplit", "UnsupportedBackboneError"]
 

@@ -30,8 +30,8 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor
 
-from .._files import folder_problem
 from ..checkpoint import CheckpointError
+from ..checkpoint.files import folder_problem
 from ..wrapper import MIMOWrapper
 from ._io import write_json
 from .checkpoint import load_wrn_checkpoint

@@ -1,4 +1,4 @@
-"""Atomic file writes for the analysis outputs (see :mod:`mixshare_layers._files`)."""
+"""Atomic file writes for the analysis outputs (see :mod:`mixshare_layers.checkpoint.files`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from .._files import atomic_write
+from ..checkpoint.files import atomic_write
 
 __all__ = ["atomic_write", "write_json"]
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._checks import check_choice
-from ._io import atomic_write
+from ..checkpoint.files import save_figure
 from .sharing import _check_influence, sharing_rate
 
 __all__ = ["OVERLAP_COLOR", "PLOT_FORMATS", "SORT_ORDERS", "SUBNETWORK_COLORS", "feature_order", "plot_influence"]
@@ -148,14 +148,4 @@ def plot_influence(
     ax.tick_params(labelsize=7)
     fig.tight_layout()
 
-    stem = Path(path)
-    written = []
-    for fmt in formats:
-        target = stem.with_name(stem.name + "." + fmt)
-        metadata = {"Date": None} if fmt == "svg" else None  # reproducible SVG files
-
-        def save(fh: IO[bytes], fmt: str = fmt, metadata: dict[str, None] | None = metadata) -> None:
-            fig.savefig(fh, format=fmt, metadata=metadata)
-
-        written.append(atomic_write(target, save))
-    return written
+    return save_figure(fig, path, formats)

@@ -64,8 +64,8 @@ def encoder_influence(model: nn.Module) -> Tensor:
         >>> h.shape, bool((h[0] == h[1]).all())
         (torch.Size([2, 16]), True)
     """
-    from ..multi_encoder import MultiEncoder
-    from ..multi_head import first_layer
+    from ..layers.encoder import MultiEncoder
+    from ..layers.head import first_layer
 
     encoder = model if isinstance(model, MultiEncoder) else _find(model, "encoder", MultiEncoder)
     if encoder.fused:
@@ -101,7 +101,7 @@ def classifier_influence(model: nn.Module) -> Tensor:
         >>> classifier_influence(MultiHead(64, 10, 3)).shape
         torch.Size([3, 64])
     """
-    from ..multi_head import MultiHead
+    from ..layers.head import MultiHead
 
     heads = model if isinstance(model, MultiHead) else _find(model, "heads", MultiHead)
     return heads.first_layer_weights().detach().abs().sum(dim=1).float()

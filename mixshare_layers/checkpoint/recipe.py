@@ -374,7 +374,7 @@ def describe_split(backbone: nn.Module, split: BackboneSplit) -> dict[str, Any]:
 def _check_split_description(split: object) -> dict[str, Any]:
     from ..adapters.split import HEAD_POOLINGS
     from ..functional.layout import FEATURE_LAYOUTS
-    from ..mixer import ENCODING_LAYOUTS
+    from ..layers.mixer import ENCODING_LAYOUTS
 
     if not isinstance(split, Mapping):
         raise RecipeError(f"recipe split must be a dict (describe_split's), but got {type(split).__name__}")

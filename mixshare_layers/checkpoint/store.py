@@ -44,7 +44,7 @@ from typing import IO, Any
 
 import torch
 
-from .._files import FILE_MODE, fsync_dir, temp_path_in
+from .files import FILE_MODE, fsync_dir, temp_path_in
 
 __all__ = [
     "FORMAT",

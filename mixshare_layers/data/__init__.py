@@ -1,6 +1,15 @@
-"""Datasets shipped with the library."""
+"""Data for training and testing MIMO networks: a built-in offline dataset, OOD sets, on-device batch transforms."""
 
 from .ood import load_svhn, synthetic_ood_dataset
 from .synthetic import SyntheticImageDataset
+from .transforms import Normalize, RandomCropFlip, channel_stats, random_crop_flip
 
-__all__ = ["SyntheticImageDataset", "load_svhn", "synthetic_ood_dataset"]
+__all__ = [
+    "Normalize",
+    "RandomCropFlip",
+    "SyntheticImageDataset",
+    "channel_stats",
+    "load_svhn",
+    "random_crop_flip",
+    "synthetic_ood_dataset",
+]

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._checks import check_int, check_mix_info, check_ndim, check_real
-from ..mix_info import MixInfo
+from .._checks import check_int, check_ndim, check_real
+from ..mix_info import MixInfo, check_mix_info
 from .backend import resolve_backend, triton_ops, use_triton
 from .random import generator_kwargs, sample_dirichlet
 

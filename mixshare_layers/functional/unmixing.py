@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_mix_info, check_ndim
-from ..mix_info import MixInfo
+from .._checks import check_ndim
+from ..mix_info import MixInfo, check_mix_info
 from .backend import resolve_backend, triton_ops, use_triton
 
 __all__ = ["global_pool", "unmix_pool", "unmix_pool_reference"]

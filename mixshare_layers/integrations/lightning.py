@@ -9,7 +9,7 @@ Needs Lightning 2 (``pip install "mixshare-layers[lightning]"``, the unified ``l
 * :class:`MIMOLightningModule`: training rows from :class:`~mixshare_layers.MIMOBatcher` (batch repetition,
   per-member shuffles, the preset's input repetition), the preset's :class:`~mixshare_layers.MIMOLoss`, evaluation
   of the ensemble with per-member accuracies, disagreement, NLL, ECE, Brier and, in ``test``, the uncertainty
-  metrics and OOD detection of :mod:`mixshare_layers.uncertainty`.
+  metrics and OOD detection of :mod:`mixshare_layers.evaluation`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int, check_real
+from ..evaluation import UNCERTAINTY_SCORES, UncertaintyMetrics, ood_detection_metrics, uncertainty_scores
+from ..evaluation._common import all_gather_cat
+from ..evaluation.metrics import EnsembleMetrics
 from ..functional.ensemble import ENSEMBLE_RULES
-from ..metrics import EnsembleMetrics
-from ..uncertainty import UNCERTAINTY_SCORES, UncertaintyMetrics, ood_detection_metrics, uncertainty_scores
-from ..uncertainty._common import all_gather_cat
 from ..wrapper import MIMOWrapper
 from ._optional import missing
 
@@ -119,15 +119,15 @@ class MIMOLightningModule(pl.LightningModule):
     weights or MixShare's plain ratios, from the batch's mix), and :class:`MIMOProgress` is added to the trainer's
     callbacks (``progress=``). Logged: ``train/loss``, ``train/progress``.
 
-    Validation: the ensemble's metrics of :class:`~mixshare_layers.metrics.EnsembleMetrics`, gathered over
+    Validation: the ensemble's metrics of :class:`~mixshare_layers.evaluation.EnsembleMetrics`, gathered over
     processes before they are computed: ``val/ensemble_acc``, ``val/mean_individual_acc``,
     ``val/individual_acc/<i>`` for every member, ``val/disagreement``, ``val/nll``, ``val/ece``, ``val/brier``.
 
     Test: dataloader 0 is the labelled in-distribution test set and gives ``test/...`` with, besides the above,
     ``adaptive_ece``, ``classwise_ece``, ``aurc``, ``mean_confidence``, ``entropy``, ``mutual_information``,
-    ``expected_entropy`` (:class:`~mixshare_layers.uncertainty.UncertaintyMetrics`); every further test dataloader
+    ``expected_entropy`` (:class:`~mixshare_layers.evaluation.UncertaintyMetrics`); every further test dataloader
     is an OOD set (labels ignored) and gives ``test/ood<j>/<score>/{auroc,aupr,fpr95}`` for the scores of
-    :data:`~mixshare_layers.uncertainty.UNCERTAINTY_SCORES`. Every value is a fraction or nats (never percent); all
+    :data:`~mixshare_layers.evaluation.UNCERTAINTY_SCORES`. Every value is a fraction or nats (never percent); all
     use the ensemble rule ``rule``.
 
     Args:

@@ -11,12 +11,12 @@ from torch import Tensor, nn
 
 from .._checks import check_choice, check_int, check_real
 from ..functional.ensemble import ENSEMBLE_RULES
-from ..metrics import ECE_BINS
-from ..shift import CORRUPTIONS, SEVERITIES, corrupt
 from ._common import all_gather_cat
 from .accumulator import UncertaintyMetrics
+from .metrics import ECE_BINS
 from .ood import ood_detection_metrics
 from .scores import UNCERTAINTY_SCORES, uncertainty_scores
+from .shift import CORRUPTIONS, SEVERITIES, corrupt
 from .temperature import TEMPERATURE_MODES, fit_temperature
 
 __all__ = ["METRIC_UNITS", "evaluate_uncertainty", "flatten_report"]
@@ -143,13 +143,13 @@ def evaluate_uncertainty(
 
     The model runs in eval mode (its mode is restored afterwards), once on the validation split (when given), once
     on the test set, once on every OOD set and once per corruption and severity of the test set (corrupted on the
-    fly, on ``device``, by :func:`mixshare_layers.shift.corrupt`, deterministic from ``seed`` and each image's
-    position in the test set). Every metric is :class:`~mixshare_layers.uncertainty.UncertaintyMetrics`' (units in
+    fly, on ``device``, by :func:`~mixshare_layers.evaluation.corrupt`, deterministic from ``seed`` and each image's
+    position in the test set). Every metric is :class:`~mixshare_layers.evaluation.UncertaintyMetrics`' (units in
     :data:`METRIC_UNITS`: fractions, nats). The report's keys:
 
     - ``"clean"``: the test set's metrics (:meth:`UncertaintyMetrics.compute`);
     - ``"ood"``: ``{set: {score: {"auroc", "aupr", "fpr95"}}}`` for the scores of
-      :data:`~mixshare_layers.uncertainty.UNCERTAINTY_SCORES`, in-distribution = the clean test set;
+      :data:`~mixshare_layers.evaluation.UNCERTAINTY_SCORES`, in-distribution = the clean test set;
     - ``"shift"``: ``{corruption: {severity: metrics}}``; ``"shift_by_severity"``: ``{severity: mean over the
       corruptions}``; ``"shift_mean"``: the mean over every corruption and severity (float metrics only);
     - ``"calibrated"``: the same five entries at the fitted / given temperature (absent without one);
@@ -167,11 +167,11 @@ def evaluate_uncertainty(
             name to such data for several sets (a single set is named ``"ood"``).
         val: labelled validation data (never the test set) to fit the temperature on, as ``test``.
         temperature: a temperature to use instead of fitting one; ``None`` with ``val``: fitted by
-            :func:`~mixshare_layers.uncertainty.fit_temperature`; ``None`` without ``val``: no calibrated results.
+            :func:`~mixshare_layers.evaluation.fit_temperature`; ``None`` without ``val``: no calibrated results.
         temperature_mode: ``"ensemble"`` (``T`` divides the ensemble's log-probabilities after ``rule``) or
             ``"members"`` (``T`` divides every member's logits).
         temperature_bounds: the search interval of the fit (a warning says when the optimum lies on its edge).
-        corruptions: families of :data:`mixshare_layers.shift.CORRUPTIONS` to evaluate (``()``: none).
+        corruptions: families of :data:`mixshare_layers.evaluation.shift.CORRUPTIONS` to evaluate (``()``: none).
         severities: severities among 1..5.
         rule: the ensemble rule of every metric: ``"prob"`` (mean of the member probabilities, MIMO and
             torch-uncertainty) or ``"logit"`` (mean of the logits, MixMo).

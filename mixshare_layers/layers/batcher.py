@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import check_device, check_int, check_ndim, check_num_subnetworks, check_real, check_tensor
-from .functional.random import generator_kwargs
+from .._checks import check_device, check_int, check_ndim, check_num_subnetworks, check_real, check_tensor
+from ..functional.random import generator_kwargs
 
 __all__ = ["MIMOBatcher"]
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from .._checks import check_choice
-from ..analysis._io import atomic_write
 from ..analysis.plots import PLOT_FORMATS, SUBNETWORK_COLORS, _require_matplotlib
+from ..checkpoint.files import save_figure
 
 __all__ = ["plot_reliability_diagram", "plot_uncertainty_report"]
 
@@ -35,20 +35,6 @@ def _formats(formats: Sequence[str] | str) -> tuple[str, ...]:
     if not fmts:
         raise ValueError("formats must name at least one of 'png', 'svg', 'pdf', but got an empty sequence")
     return fmts
-
-
-def _save(fig: Any, path: str | os.PathLike[str], formats: tuple[str, ...]) -> list[Path]:
-    stem = Path(path)
-    written = []
-    for fmt in formats:
-        target = stem.with_name(stem.name + "." + fmt)
-        metadata = {"Date": None} if fmt == "svg" else None  # reproducible SVG files
-
-        def save(fh: IO[bytes], fmt: str = fmt, metadata: dict[str, None] | None = metadata) -> None:
-            fig.savefig(fh, format=fmt, metadata=metadata)
-
-        written.append(atomic_write(target, save))
-    return written
 
 
 def _draw_reliability(ax: Any, rel: Mapping[str, Any], label: str, color: str, outline: bool = False) -> None:
@@ -100,7 +86,7 @@ def plot_reliability_diagram(
 
     Example:
         >>> import tempfile, torch
-        >>> from mixshare_layers.uncertainty import UncertaintyMetrics
+        >>> from mixshare_layers.evaluation import UncertaintyMetrics
         >>> acc = UncertaintyMetrics(2, 5)
         >>> acc.update(torch.randn(200, 2, 5), torch.randint(5, (200,)))
         >>> with tempfile.TemporaryDirectory() as folder:
@@ -115,7 +101,7 @@ def plot_reliability_diagram(
     ax = fig.add_subplot(1, 1, 1)
     _reliability_axes(ax, metrics, calibrated, title)
     fig.tight_layout()
-    return _save(fig, path, fmts)
+    return save_figure(fig, path, fmts)
 
 
 def _reliability_axes(
@@ -151,14 +137,14 @@ def plot_uncertainty_report(
     figsize: tuple[float, float] = (11.0, 3.4),
     dpi: int = 110,
 ) -> list[Path]:
-    """One figure summarising a report of :func:`~mixshare_layers.uncertainty.evaluate_uncertainty`.
+    """One figure summarising a report of :func:`~mixshare_layers.evaluation.evaluate_uncertainty`.
 
     Panels: the clean reliability diagram (with the calibrated one when the report has a temperature); accuracy
     and ECE against the corruption severity (0 = clean), one line per corruption and their mean in black (when the
     report has shifts); OOD AUROC per score and OOD set (when it has OOD sets).
 
     Args:
-        report: the dict :func:`~mixshare_layers.uncertainty.evaluate_uncertainty` returned.
+        report: the dict :func:`~mixshare_layers.evaluation.evaluate_uncertainty` returned.
         path: output path *without* extension; parent folders are created.
         title: figure title.
         formats: any of ``"png"``, ``"svg"``, ``"pdf"``.
@@ -227,4 +213,4 @@ def plot_uncertainty_report(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path, fmts)
+    return save_figure(fig, path, fmts)

@@ -1,4 +1,4 @@
-"""``UncertaintyMetrics``: :class:`~mixshare_layers.metrics.EnsembleMetrics` plus the metrics that need every sample."""
+"""``UncertaintyMetrics``: :class:`~mixshare_layers.evaluation.EnsembleMetrics` plus the per-sample metrics."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from torch import Tensor
 
 from .._checks import check_choice, check_int, check_real
 from ..functional.ensemble import ENSEMBLE_RULES
-from ..metrics import ECE_BINS, EnsembleMetrics, _check_logits_targets
 from ._common import accumulation_dtype, all_gather_cat, distributed_world
 from .calibration import (
     adaptive_calibration_error_from_confidences,
     classwise_calibration_bins,
     classwise_calibration_error_from_bins,
 )
+from .metrics import ECE_BINS, EnsembleMetrics, _check_logits_targets
 from .scores import UNCERTAINTY_SCORES, uncertainty_scores
 from .selective import aurc
 from .temperature import TEMPERATURE_MODES, tempered_log_probs
@@ -27,8 +27,8 @@ __all__ = ["UncertaintyMetrics"]
 class UncertaintyMetrics:
     """Streaming uncertainty metrics of an M-member ensemble on labelled data (clean or shifted).
 
-    Keeps :class:`~mixshare_layers.metrics.EnsembleMetrics`' on-device sums and, per sample, the ensemble's top-1
-    confidence, whether it is wrong and the scores of :func:`~mixshare_layers.uncertainty.uncertainty_scores` (six
+    Keeps :class:`~mixshare_layers.evaluation.EnsembleMetrics`' on-device sums and, per sample, the ensemble's top-1
+    confidence, whether it is wrong and the scores of :func:`~mixshare_layers.evaluation.uncertainty_scores` (six
     numbers per sample), for the rank-based metrics. :meth:`update` never synchronises with the host.
 
     Args:
@@ -36,22 +36,22 @@ class UncertaintyMetrics:
         num_classes: K.
         rule: ensemble rule, ``"prob"`` (mean of member probabilities, MIMO / torch-uncertainty) or ``"logit"``
             (mean of logits, MixMo's code).
-        temperature: temperature of the ensemble (1: none), see :mod:`mixshare_layers.uncertainty.temperature`.
+        temperature: temperature of the ensemble (1: none), see :mod:`mixshare_layers.evaluation.temperature`.
         temperature_mode: ``"ensemble"`` (``T`` divides the ensemble's log-probabilities) or ``"members"``.
         num_bins: bins of the ECE, adaptive ECE, classwise ECE and reliability diagram (15).
         device: where the state lives (the logits' device).
 
-    :meth:`compute` returns, in the units of :mod:`mixshare_layers.metrics` (fractions in ``[0, 1]``; NLL, entropies
-    and mutual information in nats per sample; Brier summed over classes, in ``[0, 2]``):
+    :meth:`compute` returns, in the units of :mod:`~mixshare_layers.evaluation.metrics` (fractions in ``[0, 1]``;
+    NLL, entropies and mutual information in nats per sample; Brier summed over classes, in ``[0, 2]``):
 
     - ``count``, ``ensemble_acc``, ``individual_acc`` (list of M), ``mean_individual_acc``, ``nll``, ``ece``,
-      ``brier``, ``disagreement``: as :class:`~mixshare_layers.metrics.EnsembleMetrics`, for the tempered ensemble;
-    - ``adaptive_ece``, ``classwise_ece``: :mod:`mixshare_layers.uncertainty.calibration`;
-    - ``aurc``: :func:`~mixshare_layers.uncertainty.aurc` of the ``msp`` score;
+      ``brier``, ``disagreement``: as :class:`~mixshare_layers.evaluation.EnsembleMetrics`, for the tempered ensemble;
+    - ``adaptive_ece``, ``classwise_ece``: :mod:`mixshare_layers.evaluation.calibration`;
+    - ``aurc``: :func:`~mixshare_layers.evaluation.aurc` of the ``msp`` score;
     - ``mean_confidence``: mean top-1 probability of the ensemble (compare with ``ensemble_acc``);
     - ``entropy``, ``mutual_information``, ``expected_entropy``: means of those scores;
     - ``reliability``: ``{"count", "confidence", "accuracy"}``, lists over the equal-width bins (``None`` for an
-      empty bin), the data of :func:`~mixshare_layers.uncertainty.plot_reliability_diagram`;
+      empty bin), the data of :func:`~mixshare_layers.evaluation.plot_reliability_diagram`;
     - ``rule``, ``temperature``, ``temperature_mode``.
 
     Example:

@@ -1,4 +1,4 @@
-"""Calibration errors beyond the equal-width ECE of :mod:`mixshare_layers.metrics`: adaptive and classwise ECE.
+"""Calibration errors beyond the equal-width ECE of :mod:`~mixshare_layers.evaluation.metrics`: adaptive, classwise.
 
 Both are fractions in ``[0, 1]`` computed from the ensemble's probabilities ``(B, K)``:
 
@@ -8,7 +8,7 @@ Both are fractions in ``[0, 1]`` computed from the ensemble's probabilities ``(B
   keep their input order.
 - **classwise ECE** (Kull et al., NeurIPS 2019): for every class ``k``, the ECE of ``p_k`` against the indicator
   ``y = k`` over equal-width bins, averaged over the classes; the bins are right-closed as in
-  :func:`mixshare_layers.metrics.calibration_bins` (``p`` in bin ``ceil(p * num_bins) - 1``, 0 in the first).
+  :func:`mixshare_layers.evaluation.metrics.calibration_bins` (``p`` in bin ``ceil(p * num_bins) - 1``, 0 in the first).
   :func:`classwise_calibration_bins` gives its sums, which add up over batches.
 """
 
@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int, check_ndim
-from ..metrics import ECE_BINS
 from ._common import accumulation_dtype, check_scores, check_targets
+from .metrics import ECE_BINS
 
 __all__ = [
     "adaptive_calibration_error",

@@ -8,11 +8,11 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_device, check_floating, check_fraction, check_int, check_mix_info
-from .functional.backend import resolve_backend
-from .functional.layout import FEATURE_LAYOUTS, as_maps, check_features, grid_mean, token_grid
-from .functional.unmixing import global_pool, unmix_pool
-from .mix_info import MixInfo
+from .._checks import check_choice, check_device, check_floating, check_fraction, check_int
+from ..functional.backend import resolve_backend
+from ..functional.layout import FEATURE_LAYOUTS, as_maps, check_features, grid_mean, token_grid
+from ..functional.unmixing import global_pool, unmix_pool
+from ..mix_info import MixInfo, check_mix_info
 
 __all__ = ["POOLINGS", "UNMIX_MODES", "Unmixer"]
 

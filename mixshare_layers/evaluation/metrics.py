@@ -18,7 +18,7 @@ learned (a failure of MIMO training that the ensemble accuracy hides: the ensemb
 Sharing rates (paper Sec. 2) are properties of the weights, not of the data: see
 :func:`mixshare_layers.analysis.sharing_rates`. Uncertainty metrics that need every sample (OOD detection, AURC,
 adaptive and classwise ECE), temperature scaling and evaluation under corruptions are in
-:mod:`mixshare_layers.uncertainty` (:class:`~mixshare_layers.uncertainty.UncertaintyMetrics` extends
+:mod:`mixshare_layers.evaluation` (:class:`~mixshare_layers.evaluation.UncertaintyMetrics` extends
 :class:`EnsembleMetrics` with them, in the same units).
 """
 
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_int, check_ndim, check_real
-from .functional.ensemble import ENSEMBLE_RULES, ensemble_log_probs
+from .._checks import check_choice, check_int, check_ndim, check_real
+from ..functional.ensemble import ENSEMBLE_RULES, ensemble_log_probs
 
 __all__ = [
     "ECE_BINS",

@@ -1,15 +1,29 @@
-"""Files written in one step: a temporary file in the target's folder, fsync, ``os.replace``, fsync of the folder."""
+"""Files written in one step: a temporary file in the target's folder, fsync, ``os.replace``, fsync of the folder.
+
+Every file the package and its examples write goes through :func:`atomic_write` (text, JSON and figures through
+its three short forms), so a crash never leaves a half-written file behind.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["FILE_MODE", "atomic_write", "folder_problem", "fsync_dir", "temp_path_in"]
+__all__ = [
+    "FILE_MODE",
+    "atomic_write",
+    "folder_problem",
+    "fsync_dir",
+    "save_figure",
+    "temp_path_in",
+    "write_json",
+    "write_text",
+]
 
 
 def _umask() -> int:
@@ -61,6 +75,33 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
         raise
     fsync_dir(target.parent)
     return target
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` as UTF-8, atomically."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json(path: str | os.PathLike[str], obj: object) -> Path:
+    """Write ``obj`` as indented JSON (keys in their order), atomically."""
+    return write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], formats: tuple[str, ...] | list[str] = ("png",)) -> list[Path]:
+    """Save a matplotlib figure as ``<path>.<fmt>`` for each format, atomically; returns the files written.
+
+    SVG files are written without a date, so the same figure gives the same bytes.
+    """
+    stem = Path(path)
+    written = []
+    for fmt in formats:
+        metadata = {"Date": None} if fmt == "svg" else None
+
+        def save(fh: IO[bytes], fmt: str = fmt, metadata: dict[str, None] | None = metadata) -> None:
+            fig.savefig(fh, format=fmt, metadata=metadata)
+
+        written.append(atomic_write(stem.with_name(f"{stem.name}.{fmt}"), save))
+    return written
 
 
 def folder_problem(path: str | os.PathLike[str]) -> str | None:

@@ -1,26 +1,4 @@
-"""Inference folding: a trained MIMO network as one plain feed-forward module, ready for export.
-
-At test time a MIMO network feeds the same image to its M encoders and sums the encodings, runs the core once, pools
-globally (unmixing is the identity) and applies M heads to the same pooled vector. Both ends fold:
-
-* M convolutional (linear) encoders become one layer whose kernel (and bias) is the sum of theirs
-  (:meth:`MultiEncoder.folded <mixshare_layers.MultiEncoder.folded>`, exact: the layer is linear in its weights);
-  a non-linear first layer (a multi-branch stem block, a weight-standardised convolution) keeps its M copies, run on
-  the image and summed;
-* M linear heads become one ``nn.Linear(D, M * K)`` (:meth:`MultiHead.as_linear <mixshare_layers.MultiHead.as_linear>`),
-  whose output is viewed as ``(B, M, K)``;
-* M "norm + linear" heads (:func:`fold_heads`): a LayerNorm (or ``nn.RMSNorm``) over D then dropout / reshapes
-  then a linear layer, as timm's ViT and ConvNeXt heads and torchvision's ConvNeXt classifier are in eval mode, become
-  one LayerNorm without affine, shared by the members (they normalise the same vector), and one
-  ``nn.Linear(D, M * K)`` holding each member's ``W_i diag(gamma_i)`` and ``W_i beta_i + b_i``; a BatchNorm1d with
-  running statistics folds into the linear layer itself, and dropout / reshapes then a linear layer stack as linear
-  heads. Each fold is checked in float64 against the heads before it is used;
-* any other head (an MLP, an activation after the norm, members with different ``eps``, a head that reads the
-  features itself) stays M modules applied to the same pooled vector.
-
-The folded module runs one backbone pass, has no data-dependent control flow, and exports with ``torch.export``
-and to ONNX (see ``examples/export_onnx.py``), whatever the layout of the features (maps or tokens).
-"""
+"""Folding: a trained ``MIMOWrapper`` as one plain module (:func:`fold`), M heads as one layer (:func:`fold_heads`)."""
 
 from __future__ import annotations
 
@@ -29,10 +7,11 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from . import _head_folding
-from ._checks import check_ndim
-from .adapters import BackboneSplit
-from .multi_head import MultiHead
+from .._checks import check_ndim
+from ..adapters import BackboneSplit
+from ..layers.encoder import MultiEncoder
+from ..layers.head import MultiHead
+from . import heads as head_patterns
 
 __all__ = ["FoldedMIMO", "fold", "fold_heads"]
 
@@ -158,9 +137,9 @@ def fold(model: nn.Module) -> FoldedMIMO:
     Raises:
         TypeError: ``model`` is not a ``MIMOWrapper``.
     """
-    from .wrapper import MIMOWrapper
-
-    if not isinstance(model, MIMOWrapper):
+    # a MIMOWrapper, recognised by its parts (this module is below the wrapper: it must not import it)
+    parts = getattr(model, "encoder", None), getattr(model, "heads", None)
+    if not (isinstance(parts[0], MultiEncoder) and isinstance(parts[1], MultiHead)):
         raise TypeError(f"model must be a MIMOWrapper, but got {type(model).__name__}")
     encoder = model.encoder.folded()
     # linear heads and norm + linear heads fold into one (norm and) linear layer; other heads stay as they are
@@ -225,20 +204,20 @@ def fold_heads(heads: nn.Module) -> nn.Module | None:
         return heads.as_linear()
     if heads.input_ndim != 1:
         return None
-    tensors = _head_folding.tensors(heads.members)
+    tensors = head_patterns.tensors(heads.members)
     if not tensors or len({(t.device, t.dtype) for t in tensors}) != 1:
         return None  # a mix of devices / dtypes: which one would the folded module take?
     device, dtype = tensors[0].device, tensors[0].dtype
     reference = copy.deepcopy(heads).to(device="cpu", dtype=torch.float64).eval()
     assert reference.members is not None
-    patterns = [_head_folding.match(member) for member in reference.members]
+    patterns = [head_patterns.match(member) for member in reference.members]
     if any(p is None for p in patterns):
         return None
     matched = [p for p in patterns if p is not None]
-    folded = _head_folding.stacked(matched)
+    folded = head_patterns.stacked(matched)
     if folded is None:
         return None
     d, k = matched[0].linear.in_features, matched[0].linear.out_features
-    if not _head_folding.agrees(folded.eval(), reference, d, k, heads.num_subnetworks):
+    if not head_patterns.agrees(folded.eval(), reference, d, k, heads.num_subnetworks):
         return None
     return folded.to(device=device, dtype=dtype).eval()

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._checks import check_int, check_real
-from .functional.loss import mimo_cross_entropy, rebalanced_weights
-from .mix_info import MixInfo
+from .._checks import check_int, check_real
+from ..functional.loss import mimo_cross_entropy, rebalanced_weights
+from ..mix_info import MixInfo
 
 __all__ = ["MIMOLoss"]
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_bool, check_choice, check_images, check_num_subnetworks, check_real
+from .._checks import check_bool, check_choice, check_images, check_num_subnetworks, check_real
 
 __all__ = ["ENCODER_INITS", "MultiEncoder", "reset_all_parameters"]
 

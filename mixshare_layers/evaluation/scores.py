@@ -48,7 +48,7 @@ def uncertainty_scores(
     Args:
         logits: the members' logits.
         rule: ensemble rule, ``"prob"`` or ``"logit"``.
-        temperature: temperature of the ensemble (:func:`~mixshare_layers.uncertainty.tempered_log_probs`).
+        temperature: temperature of the ensemble (:func:`~mixshare_layers.evaluation.tempered_log_probs`).
         temperature_mode: ``"ensemble"`` or ``"members"``.
 
     Returns:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_int, check_ndim
+from .._checks import check_choice, check_int, check_ndim
 
 __all__ = ["CORRUPTIONS", "SEVERITIES", "SEVERITY_PARAMETERS", "Corruption", "corrupt"]
 

@@ -1,7 +1,7 @@
 """Out-of-distribution detection metrics from per-sample uncertainty scores.
 
 Convention (torch-uncertainty's): OOD samples are the *positive* class and a larger score means "more likely OOD"
-(every score of :mod:`mixshare_layers.uncertainty.scores` is oriented so). All three metrics are fractions in
+(every score of :mod:`mixshare_layers.evaluation.scores` is oriented so). All three metrics are fractions in
 ``[0, 1]`` and handle tied scores exactly: a threshold never splits a group of equal scores.
 
 - ``auroc``: area under the ROC curve (trapezoids between the thresholds; 0.5 = chance, 1 = perfect).

@@ -1,4 +1,4 @@
-"""Shared helpers of :mod:`mixshare_layers.uncertainty`: accumulation dtype, input checks, gathering across ranks."""
+"""Shared helpers of :mod:`mixshare_layers.evaluation`: accumulation dtype, input checks, gathering across ranks."""
 
 from __future__ import annotations
 

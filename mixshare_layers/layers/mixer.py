@@ -5,18 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import (
+from .._checks import (
     check_bool,
     check_choice,
     check_floating,
-    check_mix_info,
     check_ndim,
     check_num_subnetworks,
     check_real,
 )
-from .functional.backend import resolve_backend
-from .functional.mixing import cutmix_probability, mix, sample_mix_params
-from .mix_info import MixInfo
+from ..functional.backend import resolve_backend
+from ..functional.mixing import cutmix_probability, mix, sample_mix_params
+from ..mix_info import MixInfo, check_mix_info
 
 __all__ = ["ENCODING_LAYOUTS", "CutMixMixer"]
 
