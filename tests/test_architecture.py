@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import pathlib
+import re
 import sys
 import warnings
 
@@ -129,6 +130,38 @@ def test_moved_submodules_and_names_resolve_to_the_new_objects():
 
 
 def test_unmoved_names_are_not_caught_by_the_alias_finder():
-    with pytest.raises(ModuleNotFoundError, match="mixshare_layers.no_such_module"):
+    with pytest.raises(ModuleNotFoundError, match=r"mixshare_layers\.no_such_module"):
         importlib.import_module("mixshare_layers.no_such_module")
     assert _deprecated._new_name("mixshare_layers.metricsx") is None
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "<root>"
+
+
+def allowed_imports() -> dict[str, set[str]]:
+    """The table of docs/architecture.md: folder or file -> what it may import."""
+    doc = PACKAGE.parent / "docs" / "architecture.md"
+    table: dict[str, set[str]] = {}
+    for line in doc.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") and cells[0] != "`folder / file`":
+            name = cells[0].strip("`").removesuffix("/").removesuffix(".py")
+            table[name] = set(re.findall(r"`([\w]+)`", cells[2]))
+    return table
+
+
+def test_folders_import_only_what_the_architecture_page_allows():
+    if not (PACKAGE.parent / "docs" / "architecture.md").is_file():
+        pytest.skip("docs/ is not in this checkout")
+    table = allowed_imports()
+    units = {_unit(m) for m in _modules()} - {"<root>", "_version"}
+    assert units <= set(table), f"folders missing from docs/architecture.md: {sorted(units - set(table))}"
+    unexpected = []
+    for a, targets in import_graph().items():
+        for b in targets:
+            ua, ub = _unit(a), _unit(b)
+            if ua != ub and ua != "<root>" and ub not in table.get(ua, set()) | {"_version"}:
+                unexpected.append(f"{a} -> {b}")
+    assert unexpected == []
