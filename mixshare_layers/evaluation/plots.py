@@ -15,7 +15,11 @@ from .._checks import check_choice
 from ..analysis.plots import PLOT_FORMATS, SUBNETWORK_COLORS, _require_matplotlib
 from ..checkpoint.files import save_figure
 
-__all__ = ["plot_reliability_diagram", "plot_uncertainty_report"]
+__all__ = ["OOD_SCORES", "plot_reliability_diagram", "plot_uncertainty_report"]
+
+#: the OOD scores the summary figure shows: the ones the printed tables and ``ood.csv`` report
+OOD_SCORES = ("msp", "entropy", "mutual_information")
+OOD_SCORE_LABELS = {"msp": "max probability", "entropy": "entropy", "mutual_information": "mutual information"}
 
 
 def _reliability(data: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -37,23 +41,31 @@ def _formats(formats: Sequence[str] | str) -> tuple[str, ...]:
     return fmts
 
 
-def _draw_reliability(ax: Any, rel: Mapping[str, Any], label: str, color: str, outline: bool = False) -> None:
-    """Bars (or, with ``outline``, flat steps) of each non-empty bin's accuracy; red gap segments for bars."""
+def _draw_reliability(ax: Any, rel: Mapping[str, Any], label: str, color: str) -> None:
+    """Bars of each non-empty bin's accuracy (darker for fuller bins) and red segments from the bin's mean confidence
+    (on the diagonal) to its accuracy, in percent."""
     nb = len(rel["count"])
-    width = 1.0 / nb
+    width = 100.0 / nb
     total = max(sum(rel["count"]), 1)
-    labelled = False
+    first = True
     for b, (count, conf, acc) in enumerate(zip(rel["count"], rel["confidence"], rel["accuracy"], strict=True)):
         if not count:
             continue
-        left = b * width
-        tag = None if labelled else label
-        labelled = True
-        if outline:
-            ax.plot([left, left + width], [acc, acc], color=color, linewidth=1.6, label=tag)
-        else:
-            ax.bar(left + width / 2, acc, width=width, color=color, alpha=0.35 + 0.6 * count / total, label=tag)
-            ax.plot([conf, conf], [conf, acc], color="#d62728", linewidth=1.0)  # the gap to the diagonal
+        ax.bar(b * width + width / 2, 100 * acc, width=width, color=color, alpha=0.35 + 0.6 * count / total,
+               label=f"{label} (darker: more images)" if first else None)  # fmt: skip
+        ax.plot([100 * conf, 100 * conf], [100 * conf, 100 * acc], color="#d62728", linewidth=1.0,
+                label="gap to the diagonal" if first else None)  # fmt: skip
+        first = False
+
+
+def _draw_calibrated(ax: Any, rel: Mapping[str, Any], label: str) -> None:
+    """The calibrated bins as black points at (mean confidence, accuracy), joined, drawn over the bars."""
+    points = [(100 * conf, 100 * acc) for count, conf, acc in zip(rel["count"], rel["confidence"], rel["accuracy"],
+              strict=True) if count]  # fmt: skip
+    if points:
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, color="#000000", linewidth=1.2, marker="o", markersize=3.5, markerfacecolor="#ffffff",
+                label=label, zorder=5)  # fmt: skip
 
 
 def plot_reliability_diagram(
@@ -69,8 +81,8 @@ def plot_reliability_diagram(
     """Draw the reliability diagram of an ensemble: accuracy per equal-width confidence bin against the diagonal.
 
     Bars give each bin's accuracy (darker for fuller bins), red segments the gap from the bin's mean confidence
-    (on the diagonal) to its accuracy; ``calibrated`` adds the temperature-scaled accuracies as black steps. The
-    title gives the ECE, the adaptive ECE and the accuracy, in percent.
+    (on the diagonal) to its accuracy; ``calibrated`` adds the temperature-scaled bins as black points at their
+    (mean confidence, accuracy). Axes and title are in percent (ECE, adaptive ECE, accuracy).
 
     Args:
         metrics: :meth:`UncertaintyMetrics.compute` output (or its ``"reliability"`` dict).
@@ -107,24 +119,24 @@ def plot_reliability_diagram(
 def _reliability_axes(
     ax: Any, metrics: Mapping[str, Any], calibrated: Mapping[str, Any] | None, title: str | None
 ) -> None:
-    ax.plot([0, 1], [0, 1], color="#7f7f7f", linestyle="--", linewidth=0.8)
+    ax.plot([0, 100], [0, 100], color="#7f7f7f", linestyle="--", linewidth=0.8, label="perfect calibration")
     _draw_reliability(ax, _reliability(metrics), "accuracy per bin", SUBNETWORK_COLORS[1])
     if calibrated is not None:
         t = calibrated.get("temperature")
-        _draw_reliability(
-            ax, _reliability(calibrated), f"calibrated (T = {t:.3g})" if t else "calibrated", "#000000", outline=True
-        )
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (top-1 probability)")
-    ax.set_ylabel("accuracy")
+        _draw_calibrated(ax, _reliability(calibrated), f"calibrated, T = {t:.3g}" if t else "calibrated")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("confidence, top-1 probability (%)")
+    ax.set_ylabel("accuracy (%)")
     parts = []
     for key, name in (("ece", "ECE"), ("adaptive_ece", "aECE"), ("ensemble_acc", "acc")):
         if isinstance(metrics.get(key), float):
             parts.append(f"{name} {100 * metrics[key]:.2f}%")
     heading = ", ".join(parts)
-    ax.set_title(f"{title}\n{heading}" if title else heading, fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", frameon=False)
+    if calibrated is not None and isinstance(calibrated.get("ece"), float):
+        heading += f"\ncalibrated: ECE {100 * calibrated['ece']:.2f}%"
+    ax.set_title(f"{title}\n{heading}" if title else heading, fontsize=8)
+    ax.legend(fontsize=6, loc="upper left", frameon=False)
     ax.tick_params(labelsize=7)
 
 
@@ -134,14 +146,15 @@ def plot_uncertainty_report(
     *,
     title: str | None = None,
     formats: Sequence[str] = ("png",),
-    figsize: tuple[float, float] = (11.0, 3.4),
+    figsize: tuple[float, float] = (12.0, 3.8),
     dpi: int = 110,
 ) -> list[Path]:
     """One figure summarising a report of :func:`~mixshare_layers.evaluation.evaluate_uncertainty`.
 
-    Panels: the clean reliability diagram (with the calibrated one when the report has a temperature); accuracy
-    and ECE against the corruption severity (0 = clean), one line per corruption and their mean in black (when the
-    report has shifts); OOD AUROC per score and OOD set (when it has OOD sets).
+    Panels, every value in percent: the clean reliability diagram (with the calibrated one when the report has a
+    temperature); accuracy and ECE against the corruption severity (0 = clean), one line per corruption and their
+    mean in black (when the report has shifts); OOD AUROC of the scores the report's tables print (:data:`OOD_SCORES`),
+    per OOD set (when it has OOD sets).
 
     Args:
         report: the dict :func:`~mixshare_layers.evaluation.evaluate_uncertainty` returned.
@@ -177,7 +190,7 @@ def plot_uncertainty_report(
                 sev = sorted(by_sev)
                 ax.plot(
                     [0, *sev],
-                    [clean_value, *(by_sev[s][key] for s in sev)],
+                    [100 * clean_value, *(100 * by_sev[s][key] for s in sev)],
                     color=SUBNETWORK_COLORS[i % len(SUBNETWORK_COLORS)],
                     linewidth=1.0,
                     marker=".",
@@ -185,10 +198,10 @@ def plot_uncertainty_report(
                 )
             mean = report.get("shift_by_severity") or {}
             sev = sorted(mean)
-            means = [clean_value, *(mean[s][key] for s in sev)]
+            means = [100 * clean_value, *(100 * mean[s][key] for s in sev)]
             ax.plot([0, *sev], means, color="#000000", linewidth=2.0, label="mean")
             ax.set_xlabel("severity (0 = clean)")
-            ax.set_ylabel(f"{label} (fraction)")
+            ax.set_ylabel(f"{label} (%)")
             ax.set_title(f"{label} under corruptions", fontsize=9)
             ax.tick_params(labelsize=7)
             if key == "ensemble_acc":
@@ -196,19 +209,20 @@ def plot_uncertainty_report(
     if ood:
         ax = fig.add_subplot(1, panels, col)
         names = list(ood)
-        scores = list(next(iter(ood.values())))
-        width = 0.8 / max(len(names), 1)
+        scores = [s for s in OOD_SCORES if s in next(iter(ood.values()))]
+        height = 0.8 / max(len(names), 1)
         for j, name in enumerate(names):
-            xs = [i + j * width for i in range(len(scores))]
-            ax.bar(xs, [ood[name][s]["auroc"] for s in scores], width=width, label=name,
-                   color=SUBNETWORK_COLORS[j % len(SUBNETWORK_COLORS)])  # fmt: skip
-        ax.axhline(0.5, color="#7f7f7f", linestyle="--", linewidth=0.8)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(scores))])
-        ax.set_xticklabels([s.replace("_", "\n") for s in scores], fontsize=7)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("AUROC (fraction)")
+            ys = [i + j * height for i in range(len(scores))]
+            ax.barh(ys, [100 * ood[name][s]["auroc"] for s in scores], height=height, label=name,
+                    color=SUBNETWORK_COLORS[j % len(SUBNETWORK_COLORS)])  # fmt: skip
+        ax.axvline(50, color="#7f7f7f", linestyle="--", linewidth=0.8, label="chance")
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(scores))])
+        ax.set_yticklabels([OOD_SCORE_LABELS[s] for s in scores], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("AUROC (%)")
         ax.set_title("OOD detection", fontsize=9)
-        ax.legend(fontsize=7, frameon=False)
+        ax.legend(fontsize=6, frameon=False, loc="lower right")
         ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
