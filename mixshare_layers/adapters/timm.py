@@ -201,6 +201,7 @@ def _probe(model: nn.Module, image_size: int | tuple[int, int] | None) -> _Probe
 
 
 def _image_channels(model: nn.Module) -> int:
+    """The channels of the images the model takes: ``in_chans``, else its first convolution's, else the config's."""
     chans = getattr(model, "in_chans", None)
     if isinstance(chans, int) and chans > 0:
         return chans
@@ -234,6 +235,7 @@ def _probe_sizes(model: nn.Module) -> list[tuple[int, int]]:
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of the model's first floating-point parameter (the probe batch's)."""
     for tensor in model.parameters():
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
