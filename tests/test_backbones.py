@@ -494,6 +494,73 @@ def test_timm_like_refusals_and_their_way_out():
         MIMOWrapper(_TimmLike("two-stems"), 2)
 
 
+class _HeadReadsTheModel(nn.Module):
+    """timm's API, with a head that reads tensors of the model itself besides calling its modules (as EfficientViM
+    weighs its per-scale heads with a parameter of the model): no module hook sees those reads."""
+
+    def __init__(self, features_read_offset: bool = False) -> None:
+        super().__init__()
+        self.features_read_offset = features_read_offset
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+        self.fc = nn.Linear(8, 4)
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 4))
+        self.register_buffer("offset", torch.linspace(-1.0, 1.0, 8))
+        self._temperature = 2.0  # private: the head's shell starts with the public attributes only
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward_features(self, x):
+        y = self.body(self.stem(x))
+        return y - self.offset[:, None, None] if self.features_read_offset else y
+
+    def forward_head(self, y):
+        return self.scale * self.fc(y.mean(dim=(2, 3)) + self.offset) / self._temperature
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+@pytest.mark.parametrize("features_read_offset", [False, True])
+def test_timm_head_reading_tensors_of_the_model_itself_splits_exactly(features_read_offset):
+    """The head's shell gets the parameter, buffer and private attribute the head reads from the model itself; the
+    core leaves them to the heads, unless its features read one of them too: then it keeps the model's tensors."""
+    from mixshare_layers.adapters import check_split, split_timm
+
+    torch.manual_seed(0)
+    net = _HeadReadsTheModel(features_read_offset).eval()
+    split = split_timm(net)
+    assert (split.layout, split.pooling) == ("channels_first", "avg")
+    shell = split.head.model
+    assert shell.scale is net.scale and shell.offset is net.offset and shell._temperature == 2.0
+    core = split.core.backbone
+    assert ("scale" in dict(core.named_parameters(recurse=False))) == features_read_offset
+    assert ("offset" in dict(core.named_buffers(recurse=False))) == features_read_offset
+    x = _images(2, 3, 16, 16, seed=0)
+    assert check_split(net, split, x) <= TOL
+    model = MIMOWrapper(net, 2, "mixshare", pretrained=True).eval()
+    with torch.no_grad():
+        for i in range(2):
+            assert _relative(model(x)[:, i], net(x)) <= TOL
+    model.train()(_images(2, 2, 3, 16, 16, seed=1)).logits.sum().backward()
+    scales = [member.model.scale for member in model.heads.members]
+    assert scales[0] is not scales[1] and all(s.grad.abs().sum() > 0 for s in scales)  # each member's own
+
+
+def test_timm_efficientvim_head_weights_go_to_the_heads():
+    """EfficientViM's head weighs its per-scale heads with ``weights``, a parameter of the model itself."""
+    torch.manual_seed(0)
+    net = timm.create_model("efficientvim_m1", num_classes=5).eval()
+    with torch.no_grad():
+        net.weights.copy_(torch.linspace(-1.0, 1.0, net.weights.numel()))  # uneven: each scale's head counts
+    x = _images(2, 3, 64, 64, seed=0)
+    model = MIMOWrapper(net, 2, "mixmo", encoder_init="aligned", pretrained=True).eval()
+    assert model.pooling == "head" and "weights" not in dict(model.core.backbone.named_parameters(recurse=False))
+    with torch.no_grad():
+        assert _relative(model(x)[:, 1], net(x)) <= TOL
+
+
 def test_analysis_reads_every_layout():
     """Encoder influence = the patch-embedding kernels, classifier influence = the head's first layer; the variance
     influence probes timm's own stages (tokens of a ViT, channels-last maps of a Swin)."""

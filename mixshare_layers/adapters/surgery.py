@@ -8,18 +8,21 @@ the method is called with is a zero-stride stand-in of the right shape (only its
 encoder: size checks), never materialised.
 
 :func:`head_shell` does the converse for the head: an instance of the backbone's class holding only the modules its
-head uses (and its plain attributes), so that the backbone's own ``forward_head`` runs on it.
+head uses (and its plain attributes), so that the backbone's own ``forward_head`` runs on it; :func:`completing`
+gives the shell what the head reads from the backbone itself rather than from a module (a parameter of the root).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Slot", "SplicedCore", "head_shell", "module_name", "spliced"]
+__all__ = ["Slot", "SplicedCore", "completing", "head_shell", "module_name", "spliced"]
 
 
 def module_name(root: nn.Module, target: nn.Module) -> str:
@@ -138,6 +141,45 @@ def head_shell(model: nn.Module, children: Iterable[str]) -> nn.Module:
             shell._modules[name] = child
     shell.training = model.training
     return shell
+
+
+@contextlib.contextmanager
+def completing(shell: nn.Module, model: nn.Module) -> Iterator[nn.Module]:
+    """While open, ``shell`` takes from ``model`` each parameter, buffer or private attribute of ``model`` itself that
+    it is asked for and lacks, and keeps it: run the head on the shell inside, and the shell ends up holding what the
+    head reads from ``model`` directly, which no module hook sees.
+
+    The shell's class is swapped, while open, for a subclass whose ``__getattr__`` (Python calls it only for an
+    attribute not found otherwise) takes the attribute from ``model``; a name ``model`` lacks raises the usual
+    ``AttributeError``.
+
+    Example:
+        >>> model = nn.Module()
+        >>> model.scale, model.head = nn.Parameter(torch.ones(2)), nn.Linear(2, 2)
+        >>> shell = head_shell(model, ["head"])
+        >>> with completing(shell, model):
+        ...     _ = shell.head(torch.zeros(1, 2)) * shell.scale
+        >>> [name for name, _ in shell.named_parameters(recurse=False)]
+        ['scale']
+    """
+    cls = type(shell)
+
+    def take(self: nn.Module, name: str) -> Any:
+        try:
+            return cls.__getattr__(self, name)
+        except AttributeError:
+            for table in ("_parameters", "_buffers", "__dict__"):
+                if name in getattr(model, table):
+                    getattr(self, table)[name] = getattr(model, table)[name]
+                    return getattr(model, table)[name]
+            raise
+
+    namespace = {"__getattr__": take, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    shell.__class__ = type(cls.__name__, (cls,), namespace)
+    try:
+        yield shell
+    finally:
+        shell.__class__ = cls
 
 
 @torch.no_grad()
