@@ -1,4 +1,6 @@
-"""The timm adapter: any model with timm's uniform classification API.
+"""Longer than 450 lines: the timm adapter's six phases, each a short documented function, read best in one file.
+
+The timm adapter: any model with timm's uniform classification API.
 
 It relies on the API every timm classifier implements (``forward_features``, ``forward_head``,
 ``get_classifier``, ``num_features``, ``num_prefix_tokens``, ``patch_embed``, ``pretrained_cfg``), not on
