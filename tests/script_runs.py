@@ -1,17 +1,24 @@
-"""Run the repository's scripts the way a user does: ``python examples/NAME.py ARGS`` in a fresh process.
+"""Run the repository's scripts the way a user does, in fresh processes, and collect what they leave.
 
-The child imports this checkout's ``mixshare_layers`` (``PYTHONPATH`` = the repository root, ahead of any inherited
-path) and uses one intra-op thread. Most of a short run is the start-up of Python and torch, so :func:`run_all`
-starts several commands at once and waits for them all: a test module that needs many short runs makes them in one
-fixture.
+- :func:`run`: one command, ``python examples/NAME.py ARGS`` (or ``python -m MODULE ARGS``), in a process of its own.
+- :func:`run_commands`: several command lines in one fresh process, each run as ``python -m MODULE ARGS`` would
+  run it (``runpy.run_module`` under ``__main__``, its own ``sys.argv``, its output captured at the file-descriptor
+  level, so that the processes it starts are captured too). Most of a short command is the start-up of Python and
+  torch: a table of refused command lines pays it once. The scripts of ``examples/`` run as ``examples.NAME``.
+- :func:`run_all`: several of the above at once.
+
+Every process imports this checkout's ``mixshare_layers`` (``PYTHONPATH`` = the repository root, ahead of any
+inherited path) and uses one intra-op thread.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +26,47 @@ from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 K = TypeVar("K")
+T = TypeVar("T")
+
+_DRIVER = textwrap.dedent(
+    """
+    import importlib.util, json, os, runpy, sys, tempfile, traceback
+    root, commands = sys.argv[1], json.loads(sys.argv[2])
+    results = []
+    real_out, real_err = os.dup(1), os.dup(2)
+    for module, argv in commands:
+        origin = importlib.util.find_spec(module).origin
+        if os.path.commonpath([os.path.realpath(origin), root]) != root:
+            raise SystemExit(f"{module} is {origin}, not this repository's")
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.argv = [origin, *argv]
+            try:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+                code = 0
+            except SystemExit as exc:
+                code = exc.code
+                if isinstance(code, str):
+                    print(code, file=sys.stderr)
+                code = 0 if code is None else code if isinstance(code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(real_out, 1)
+                os.dup2(real_err, 2)
+            out.seek(0)
+            err.seek(0)
+            text = [f.read().decode("utf-8", errors="replace") for f in (out, err)]
+        results.append([code, *text])
+    print(json.dumps(results))
+    """
+)
 
 
 @dataclass(frozen=True)
@@ -66,7 +114,25 @@ def run(
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
-def run_all(calls: Mapping[K, Callable[[], Result]], jobs: int | None = None) -> dict[K, Result]:
+def run_commands(
+    commands: Sequence[tuple[str, Sequence[object]]],
+    *,
+    cwd: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 600,
+) -> list[Result]:
+    """Each ``(module, argv)`` as ``python -m module argv`` would run it, in turn, in one fresh process.
+
+    ``module`` must be this repository's (``examples.export_onnx``, ``mixshare_layers.analysis``, ...).
+    """
+    payload = json.dumps([[module, [str(a) for a in argv]] for module, argv in commands])
+    proc = run("-c", _DRIVER, str(ROOT), payload, cwd=cwd, env=env, timeout=timeout)
+    if proc.code != 0:
+        raise RuntimeError(f"the command driver failed (exit code {proc.code}): {proc.err[-3000:]}")
+    return [Result(code, out, err) for code, out, err in json.loads(proc.out.strip().splitlines()[-1])]
+
+
+def run_all(calls: Mapping[K, Callable[[], T]], jobs: int | None = None) -> dict[K, T]:
     """Make every call (e.g. ``functools.partial(run, ...)``), ``jobs`` at a time; their results, by key."""
     jobs = jobs or max(2, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=jobs) as pool:

@@ -1,47 +1,25 @@
 """No entry point runs code from a checkpoint: a crafted file is fed to each, run as its command line.
 
 Each file's pickle calls ``exec`` (which would create a marker file of its own) when unpickled without
-``weights_only=True``. Every command runs with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` (which turns the
-``torch.load`` calls that leave ``weights_only`` out into full unpickles): the example scripts each as
-``python examples/NAME.py`` in a process of its own, the package's ``python -m`` commands together in one fresh
-process (``runpy.run_module``, ``__main__``, its own ``sys.argv``), all at once; the other tests of each entry point
-check the same with and without that variable. Every command must refuse its file in one line (exit code 2),
-except the table script, which reports the cell's checkpoint as unusable and goes on, and no marker may exist
-afterwards.
+``weights_only=True``. The commands run in one fresh process started with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``
+(which turns the ``torch.load`` calls that leave ``weights_only`` out into full unpickles), each as ``python -m``
+would run it (``script_runs.run_commands``: ``__main__``, its own ``sys.argv``; the example scripts as
+``examples.NAME``); the other tests of each entry point check the same with and without that variable. Every
+command must refuse its file in one line (exit code 2), except the table script, which reports the cell's checkpoint
+as unusable and goes on, and no marker may exist afterwards.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
-import script_runs
 from checkpoint_cases import code_running_checkpoint
+from script_runs import run_commands
 
 CONFIG = {"depth": 10, "width": 1, "method": "mixmo", "num_subnetworks": 2, "epochs": 3}
 NAMES = ("analysis", "resume_file", "resume_folder", "export_onnx", "table1", "verify", "convert")
-
-_DRIVER = textwrap.dedent(
-    """
-    import contextlib, io, json, runpy, sys
-    commands = json.loads(sys.argv[1])
-    results = {}
-    for name, (module, argv) in commands.items():
-        out, err = io.StringIO(), io.StringIO()
-        sys.argv = [module, *argv]
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                runpy.run_module(module, run_name="__main__", alter_sys=True)
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-        results[name] = [code, out.getvalue(), err.getvalue()]
-    print(json.dumps(results))
-    """
-)
 
 
 @pytest.fixture(scope="module")
@@ -62,28 +40,21 @@ def results(tmp_path_factory) -> tuple[Path, dict[str, list]]:
     code_running_checkpoint(cell / "checkpoint.pt", tmp / "table1" / "marker", config=CONFIG, epoch=1)
     summary = {"ensemble_acc": 1.0, "mean_individual_acc": 1.0, "classifier_sharing": 1.0, "run_dir": str(cell)}
     (cell / "summary.json").write_text(json.dumps(summary))
-    modules = {
-        "analysis": ("mixshare_layers.analysis", [str(evil("analysis")), "--out", str(tmp / "an"), "--no-plots"]),
-        "verify": ("mixshare_layers.checkpoint", ["verify", str(evil("verify"))]),
-        "convert": ("mixshare_layers.checkpoint", ["convert", str(evil("convert")), str(tmp / "conv.pt")]),
-    }
-    scripts = {
-        "resume_file": ("examples/cifar100_wrn.py", "--resume", evil("resume_file")),
-        "resume_folder": ("examples/cifar100_wrn.py", "--resume", run),
-        "export_onnx": ("examples/export_onnx.py", "--checkpoint", evil("export_onnx"), "--out", tmp / "m.onnx"),
+    commands = {
+        "analysis": ("mixshare_layers.analysis", [evil("analysis"), "--out", tmp / "an", "--no-plots"]),
+        "resume_file": ("examples.cifar100_wrn", ["--resume", evil("resume_file")]),
+        "resume_folder": ("examples.cifar100_wrn", ["--resume", run]),
+        "export_onnx": ("examples.export_onnx", ["--checkpoint", evil("export_onnx"), "--out", tmp / "m.onnx"]),
         "table1": (
-            "examples/reproduce_table1.py", "--methods", "mixmo", "--seeds", "0", "--out-dir", tmp / "table1" / "table",
+            "examples.reproduce_table1",
+            ["--methods", "mixmo", "--seeds", "0", "--out-dir", tmp / "table1" / "table"],
         ),
-    }  # fmt: skip
+        "verify": ("mixshare_layers.checkpoint", ["verify", evil("verify")]),
+        "convert": ("mixshare_layers.checkpoint", ["convert", evil("convert"), tmp / "conv.pt"]),
+    }
     env = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
-    calls = {name: functools.partial(script_runs.run, *args, cwd=tmp, env=env) for name, args in scripts.items()}
-    calls["modules"] = functools.partial(script_runs.run, "-c", _DRIVER, json.dumps(modules), cwd=tmp, env=env)
-    results = script_runs.run_all(calls)
-    driver = results.pop("modules")
-    assert driver.code == 0, driver.err[-3000:]
-    outcome = {name: [r.code, r.out, r.err] for name, r in results.items()}
-    outcome.update(json.loads(driver.out.strip().splitlines()[-1]))
-    return tmp, outcome
+    results = run_commands(list(commands.values()), cwd=tmp, env=env)
+    return tmp, {name: [r.code, r.out, r.err] for name, r in zip(commands, results, strict=True)}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -2,27 +2,31 @@
 well-formed for a MixShare ViT and for the plain ViT, its JSON is the whole summary, harder-data options reach both
 splits, a temperature is fitted on held-out images, and bad sizes are refused.
 
-The module's fixture starts every command at once (``script_runs.run_all``); the tests read what each left.
+The module's fixture runs every command first, in one process (``script_runs.run_commands``); the tests read what
+each left.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import math
 
 import pytest
 import torch
-from script_runs import run, run_all
+from script_runs import run_commands
 
 from mixshare_layers.data import Normalize
 from mixshare_layers.evaluation import tempered_log_probs
 from mixshare_layers.evaluation.metrics import EnsembleMetrics
 
-SCRIPT = "examples/vit_synthetic.py"
-# the MixShare run also holds out 32 of its 64 training images for a temperature and uses harder data
-MIXSHARE = ["--val", "32", "--steps", "20", "--object-size", "0.5", "--clutter", "0.7", "--train", "64"]
+MODULE = "examples.vit_synthetic"
+TRAINED = {  # with timm installed: name -> options after --smoke; each writes <name>/vit.json
+    "mixshare": ["--method", "mixshare"],
+    "single": ["--method", "single"],
+    "harder": ["--object-size", "0.5", "--clutter", "0.7", "--train", "64"],
+    "held_out": ["--val", "32", "--steps", "20"],
+}
 BAD = {
     "rows": (["--rows", "15"], "--rows 15 must be a multiple of the batch repetition 2"),
     "val": (["--val", "96"], "--val 96 must be at least 0 and below --train 96"),
@@ -33,30 +37,29 @@ BAD = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """``(folder, {name: result})``: the two training runs (with timm installed) and the refused command lines."""
+    """``(folder, {name: result})``: the training runs (with timm installed) and the refused command lines, all as
+    ``python -m examples.vit_synthetic`` in one process."""
     tmp = tmp_path_factory.mktemp("vit")
-    calls = {name: functools.partial(run, SCRIPT, "--smoke", *argv) for name, (argv, _) in BAD.items()}
+    commands = {name: ["--smoke", *argv] for name, (argv, _) in BAD.items()}
     if importlib.util.find_spec("timm") is not None:
-        for method in ("mixshare", "single"):
-            extra = MIXSHARE if method == "mixshare" else []
-            json_path = tmp / method / "runs" / "vit.json"
-            calls[method] = functools.partial(run, SCRIPT, "--smoke", "--method", method, "--json", json_path, *extra)
-    return tmp, run_all(calls)
+        commands.update({name: ["--smoke", *argv, "--json", tmp / name / "vit.json"] for name, argv in TRAINED.items()})
+    results = run_commands([(MODULE, argv) for argv in commands.values()])
+    return tmp, dict(zip(commands, results, strict=True))
 
 
-def _trained(runs, method: str):
-    """The result of a training run (the test is skipped without timm)."""
-    if method not in runs[1]:
+def _trained(runs, name: str) -> tuple[object, dict]:
+    """The result of a training run and the summary it wrote (the test is skipped without timm)."""
+    if name not in runs[1]:
         pytest.skip("needs timm")
-    return runs[1][method]
+    res = runs[1][name]
+    assert res.code == 0, res.err[-3000:]
+    return res, json.loads((runs[0] / name / "vit.json").read_text())
 
 
 @pytest.mark.parametrize("method", ["mixshare", "single"])
 def test_smoke_summary(runs, method):
-    res = _trained(runs, method)
-    assert res.code == 0, res.err[-3000:]
-    path = runs[0] / method / "runs" / "vit.json"
-    out = json.loads(path.read_text())
+    res, out = _trained(runs, method)
+    path = runs[0] / method / "vit.json"
     m = 1 if method == "single" else 2
     cfg = out["config"]
     assert cfg["num_subnetworks"] == m and cfg["batch_repetition"] == (1 if method == "single" else 2)
@@ -89,13 +92,11 @@ def test_rows_must_be_a_multiple_of_the_repetition(runs):
 
 
 def test_harder_data_options_reach_the_dataset(runs):
-    res = _trained(runs, "mixshare")
-    assert res.code == 0, res.err[-3000:]
+    res, out = _trained(runs, "harder")
     (data,) = [line for line in res.out.splitlines() if line.startswith("data: ")]
     train, test = data.split("; test split: ")
     for split, flag in ((train, "train=True"), (test, "train=False")):  # the training and the test split are the
         assert flag in split and "object_size=0.5, clutter=0.7" in split, data  # same harder task
-    out = json.loads((runs[0] / "mixshare" / "runs" / "vit.json").read_text())
     assert out["config"]["object_size"] == 0.5 and out["config"]["clutter"] == 0.7
 
 
@@ -106,11 +107,9 @@ def test_bad_data_options_are_refused(runs, name):
 
 
 def test_temperature_fitted_on_held_out_images(runs):
-    res = _trained(runs, "mixshare")
-    tmp = runs[0]
-    plain = json.loads((tmp / "single" / "runs" / "vit.json").read_text())  # no --val
+    _, plain = _trained(runs, "mixshare")
     assert plain["temperature"] is None and plain["calibrated"] is None
-    out = json.loads((tmp / "mixshare" / "runs" / "vit.json").read_text())  # --val 32 --steps 20
+    res, out = _trained(runs, "held_out")
     assert 0.05 <= out["temperature"] <= 20.0
     for key in ("nll", "ece", "brier"):
         assert math.isfinite(out["calibrated"][key]) and out["calibrated"][key] >= 0

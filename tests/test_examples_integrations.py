@@ -3,23 +3,22 @@ examples/torch_uncertainty_wrn.py), as a user runs them, and what they report is
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 
 import pytest
-from script_runs import run, run_all
+from script_runs import run_commands
 
 EXTRAS = {"torch_uncertainty_wrn": "torch_uncertainty", "lightning_wrn": "lightning"}
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """Every example whose extra is installed, in --smoke mode, all at once: ``{name: (result, out_dir)}``."""
+    """Every example whose extra is installed, in --smoke mode, as ``python -m examples.NAME`` in one process:
+    ``{name: (result, out_dir)}``."""
     outs = {name: tmp_path_factory.mktemp(name) for name, extra in EXTRAS.items() if importlib.util.find_spec(extra)}
-    calls = {name: functools.partial(run, f"examples/{name}.py", "--smoke", "--out-dir", d) for name, d in outs.items()}
-    results = run_all(calls)
-    return {name: (results[name], outs[name]) for name in outs}
+    results = run_commands([(f"examples.{name}", ["--smoke", "--out-dir", out]) for name, out in outs.items()])
+    return {name: (res, outs[name]) for name, res in zip(outs, results, strict=True)}
 
 
 def _smoke(smoke, name: str):

@@ -1,7 +1,7 @@
 """examples/reproduce_table1.py, run as a user runs it: the table it writes from finished runs, skipping and resuming
 runs, its one-line errors, and one real (tiny) run of the training script.
 
-Every command is started at once by the module's fixture (``script_runs.run_all``); the tests read what each left.
+The module's fixture runs every command first (``script_runs``); the tests read what each left.
 Fake runs are folders holding a ``summary.json`` and a ``config.json``, as the training script leaves them; the
 resume test runs a copy of the script next to a stand-in training script that records its arguments.
 """
@@ -17,9 +17,9 @@ import statistics
 from pathlib import Path
 
 import pytest
-from script_runs import ROOT, Result, run, run_all
+from script_runs import ROOT, Result, run, run_all, run_commands
 
-SCRIPT = "examples/reproduce_table1.py"
+SCRIPT, MODULE = "examples/reproduce_table1.py", "examples.reproduce_table1"
 
 VALUES = {
     "mixmo": [(70.0, 66.0, 10.0), (72.0, 67.0, 12.0), (71.0, 68.5, 11.0)],
@@ -110,20 +110,20 @@ def _skip_and_resume(tmp: Path) -> tuple[Result, Result, Path]:
     return first, second, folder / "calls.jsonl"
 
 
-def _bad_option(tmp: Path, argv: list[str]) -> Result:
+def _bad_option(tmp: Path, argv: list[str]) -> list[str]:
     (tmp / "a-file").write_text("not a folder")
     argv = [a.replace("{tmp}", str(tmp)) for a in argv]
     out = [] if "--out-dir" in argv else ["--out-dir", str(tmp / "table")]
     cut = argv.index("--") if "--" in argv else len(argv)
-    return run(SCRIPT, "--quick", "--seeds", "0", *out, *argv[:cut], *argv[cut:])
+    return ["--quick", "--seeds", "0", *out, *argv[:cut], *argv[cut:]]
 
 
-def _damaged_checkpoint(tmp: Path) -> Result:
+def _damaged_checkpoint(tmp: Path) -> list[str]:
     run_dir = tmp / "table" / "runs" / "mixmo-s0"
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text("{}")
     (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a whole archive")
-    return run(SCRIPT, "--quick", "--seeds", "0", "--methods", "mixmo", "--out-dir", str(tmp / "table"))
+    return ["--quick", "--seeds", "0", "--methods", "mixmo", "--out-dir", str(tmp / "table")]
 
 
 def _real_run(tmp: Path) -> list[str]:
@@ -134,21 +134,29 @@ def _real_run(tmp: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def outcome(tmp_path_factory):
+    """``(results, table folders, bad-option folders)``: every command line as ``python -m
+    examples.reproduce_table1`` in one process (the runs it starts are processes of their own), and at the same
+    time the resume test's copy of the script, twice."""
     folder = tmp_path_factory.mktemp
     tables = {"fake": folder("fake"), "odd": folder("odd"), "real": folder("real")}
-    calls = {
-        "fake": functools.partial(run, SCRIPT, *_table_of_fake_runs(tables["fake"])),
-        "odd": functools.partial(run, SCRIPT, *_table_of_odd_runs(tables["odd"])),
-        "resume": functools.partial(_skip_and_resume, folder("resume")),
-        "damaged": functools.partial(_damaged_checkpoint, folder("damaged")),
-        "real": functools.partial(run, SCRIPT, *_real_run(tables["real"])),
+    commands = {
+        "fake": _table_of_fake_runs(tables["fake"]),
+        "odd": _table_of_odd_runs(tables["odd"]),
+        "damaged": _damaged_checkpoint(folder("damaged")),
+        "real": _real_run(tables["real"]),
     }
     bad_dirs = {}
     for argv, _ in BAD_OPTIONS:
         key = " ".join(argv)
         bad_dirs[key] = folder("bad")
-        calls[key] = functools.partial(_bad_option, bad_dirs[key], argv)
-    results = run_all(calls)
+        commands[key] = _bad_option(bad_dirs[key], argv)
+    calls = {
+        "batch": functools.partial(run_commands, [(MODULE, argv) for argv in commands.values()]),
+        "resume": functools.partial(_skip_and_resume, folder("resume")),
+    }
+    done = run_all(calls)
+    results = dict(zip(commands, done["batch"], strict=True))
+    results["resume"] = done["resume"]
     return results, tables, bad_dirs
 
 
