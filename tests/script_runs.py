@@ -104,14 +104,10 @@ def run(
     if argv and argv[0].endswith(".py"):
         argv[0] = str(ROOT / argv[0])
     proc = subprocess.run(
-        [sys.executable, *argv],
-        cwd=cwd,
-        env=script_env(**dict(env or {})),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        [sys.executable, *argv], cwd=cwd, env=script_env(**dict(env or {})), capture_output=True, timeout=timeout
     )
-    return Result(proc.returncode, proc.stdout, proc.stderr)
+    out, err = (text.decode("utf-8", errors="replace") for text in (proc.stdout, proc.stderr))  # "\r" kept
+    return Result(proc.returncode, out, err)
 
 
 def run_commands(

@@ -1,5 +1,5 @@
 """examples/reproduce_table1.py, run as a user runs it: the table it writes from finished runs, skipping and resuming
-runs, its one-line errors, and one real (tiny) run of the training script.
+runs, what a failing run shows, its one-line errors, and one real (tiny) run of the training script.
 
 The module's fixture runs every command first (``script_runs``); the tests read what each left.
 Fake runs are folders holding a ``summary.json`` and a ``config.json``, as the training script leaves them; the
@@ -33,6 +33,9 @@ from pathlib import Path
 argv = sys.argv[1:]
 with open(Path(__file__).with_name("calls.jsonl"), "a") as log:
     log.write(json.dumps(argv) + "\\n")
+if "--fail" in argv:  # a warning, a progress bar cleared, then the one-line error
+    sys.stderr.write("a warning\\n\\rstep 1/2\\r        \\rerror: the loss is nan\\n")
+    sys.exit(2)
 if "--resume" in argv:
     run_dir = Path(argv[argv.index("--resume") + 1])
 else:
@@ -94,8 +97,8 @@ def _table_of_odd_runs(tmp: Path) -> list[str]:
     return ["--table-only", "--width", "5", *methods, "--seeds", "0", "1", "2", "3", "--out-dir", str(tmp)]
 
 
-def _skip_and_resume(tmp: Path) -> tuple[Result, Result, Path]:
-    """A copy of the script beside a stand-in training script; the same command twice."""
+def _skip_and_resume(tmp: Path) -> tuple[Result, Result, Path, Result]:
+    """A copy of the script beside a stand-in training script; the same command twice, then a failing run."""
     folder = tmp / "examples"
     folder.mkdir()
     shutil.copy(ROOT / SCRIPT, folder / "reproduce_table1.py")
@@ -107,7 +110,8 @@ def _skip_and_resume(tmp: Path) -> tuple[Result, Result, Path]:
     argv += ["--", "--epochs", "1"]
     first = run(folder / "reproduce_table1.py", *argv)
     second = run(folder / "reproduce_table1.py", *argv)
-    return first, second, folder / "calls.jsonl"
+    failing = ["--quick", "--seeds", "0", "--methods", "mixmo", "--out-dir", str(tmp / "failing"), "--", "--fail"]
+    return first, second, folder / "calls.jsonl", run(folder / "reproduce_table1.py", *failing)
 
 
 def _bad_option(tmp: Path, argv: list[str]) -> list[str]:
@@ -136,7 +140,7 @@ def _real_run(tmp: Path) -> list[str]:
 def outcome(tmp_path_factory):
     """``(results, table folders, bad-option folders)``: every command line as ``python -m
     examples.reproduce_table1`` in one process (the runs it starts are processes of their own), and at the same
-    time the resume test's copy of the script, twice."""
+    time the copy of the script beside a stand-in training script (``_skip_and_resume``)."""
     folder = tmp_path_factory.mktemp
     tables = {"fake": folder("fake"), "odd": folder("odd"), "real": folder("real")}
     commands = {
@@ -248,9 +252,9 @@ def test_mean_std(outcome):
 
 def test_runs_are_skipped_or_resumed(outcome):
     results, _, _ = outcome
-    first, second, log = results["resume"]
+    first, second, log, _ = results["resume"]
     assert first.code == 0, first.err
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    calls = [json.loads(line) for line in log.read_text().splitlines()][:4]  # the 5th: the failing test's run
     runs = log.parent.parent / "out" / "runs"
     assert len(calls) == 4 and calls[1] == ["--resume", str(runs / "mixmo-s1"), "--epochs", "1"]
     fresh = [calls[0], calls[2], calls[3]]
@@ -266,8 +270,16 @@ def test_runs_are_skipped_or_resumed(outcome):
     assert "Quick CPU schedule: built-in synthetic data" in markdown
 
     assert second.code == 0, second.err  # everything done: nothing trained
-    assert len(log.read_text().splitlines()) == 4 and markdown in second.out
+    assert len(log.read_text().splitlines()) == 5 and markdown in second.out  # no new call but the failing run's
     assert second.out.count("done before, skipped") == 4
+
+
+def test_a_failing_run_passes_its_output_through_and_ends_the_table_in_one_line(outcome):
+    """The training script's stderr reaches the user as it comes (a progress bar included); its last line, the
+    one-line error, is printed once, with the run's name."""
+    failing = outcome[0]["resume"][3]
+    assert failing.code == 2, failing.err
+    assert failing.err == "a warning\n\rstep 1/2\r        \rerror: mixmo-s0: the loss is nan\n"
 
 
 @pytest.mark.parametrize(("argv", "option"), BAD_OPTIONS, ids=BAD_IDS)
