@@ -40,11 +40,14 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mixshare_layers.checkpoint.files import write_text  # noqa: E402
+
 JSON_PATH = ROOT / "benchmarks" / "results" / "backbones.json"
 DOC_PATH = ROOT / "docs" / "backbones.md"
 TOLERANCE = 1e-5
@@ -306,12 +309,7 @@ def _run_python(code: str, timeout: float) -> tuple[int | None, str, str]:
 
 
 def _save(data: dict) -> None:
-    JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=JSON_PATH.parent, delete=False, suffix=".tmp") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        tmp = f.name
-    os.chmod(tmp, 0o644)  # a results file of the repository, not a private temporary
-    os.replace(tmp, JSON_PATH)
+    write_text(JSON_PATH, json.dumps(data, indent=1, sort_keys=True))
 
 
 def _load() -> dict:
@@ -513,7 +511,7 @@ def write_report(data: dict) -> None:
         "```",
         "",
     ]
-    DOC_PATH.write_text("\n".join(lines))
+    write_text(DOC_PATH, "\n".join(lines))
     print(f"wrote {DOC_PATH.relative_to(ROOT)} (from {JSON_PATH.relative_to(ROOT)})")
 
 

@@ -12,8 +12,9 @@ Components can be swapped between the implementations (``--swap``), in both dire
 reference's model with the library's sampler. The components:
 
     init      the initial weights (the other implementation's, built from the same seed and copied over)
-    batch     batching + augmentation (library: MIMOBatcher with examples/cifar100_wrn.py's crop/flip and
-              normalisation per repeated copy; reference: make_rows + crop/flip per input)
+    batch     batching + augmentation (library: MIMOBatcher with mixshare_layers.data's random_crop_flip and
+              Normalize per repeated copy, the pipeline of examples/cifar100_wrn.py; reference: make_rows + crop/flip
+              per input)
     mix       the mix sampler (library: sample_mix_params through the CutMixMixer; reference: draw_mix)
     schedule  the progress hooks: CutMix probability ramp and fadeout strength
     loss      the loss weights and reduction
@@ -23,7 +24,7 @@ Settings (every value is printed in the table's header):
     data      ``--task hard24`` (default): SyntheticImageDataset, 40 classes, 24x24, 5000 train / 2000 test
               images, data seed 0, the class texture in a window of side 14 px (7/12 of the image) at a random
               place on clutter of relative amplitude 0.7, pixel noise 1.0. ``--task hard``: the same at 32x32 with
-              a 16 px window (closer to the setting of issue 12, 2.3 times the cost per step).
+              a 16 px window (CIFAR's image size, 2.3 times the cost per step).
     network   WRN-10-1 (64 final features), M = 2
     training  ``--recipe fast`` (default): 1500 steps; ``--recipe default``: 2000 steps. Both: 32 unique images x
               batch repetition 2 (64 rows) per step, SGD Nesterov momentum 0.9, peak lr 0.05 with linear warmup
@@ -57,7 +58,6 @@ with a ``--label`` to keep its runs apart:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import multiprocessing
@@ -87,7 +87,8 @@ from reference.train import TrainConfig, channel_stats, epoch_batches, lr_factor
 
 from mixshare_layers import MIMOWrapper, MixInfo  # noqa: E402
 from mixshare_layers.analysis import sharing_rates  # noqa: E402
-from mixshare_layers.data import SyntheticImageDataset  # noqa: E402
+from mixshare_layers.checkpoint.files import write_json  # noqa: E402
+from mixshare_layers.data import Normalize, SyntheticImageDataset, random_crop_flip  # noqa: E402
 from mixshare_layers.evaluation.metrics import EnsembleMetrics, collapsed_members  # noqa: E402
 from mixshare_layers.functional import cutmix_probability, sample_mix_params  # noqa: E402
 from mixshare_layers.functional.loss import mimo_cross_entropy, rebalanced_weights  # noqa: E402
@@ -120,7 +121,7 @@ METRICS = (
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data and the example script's user-side pieces
+# data
 # ----------------------------------------------------------------------------------------------------------------
 def load_task(name: str, data_seed: int = 0) -> dict[str, Any]:
     t = TASKS[name]
@@ -130,23 +131,6 @@ def load_task(name: str, data_seed: int = 0) -> dict[str, Any]:
     test = SyntheticImageDataset(t["test"], train=False, **kw)
     return {"train_x": train.data, "train_y": train.targets, "test_x": test.data, "test_y": test.targets,
             "num_classes": t["num_classes"]}  # fmt: skip
-
-
-_EXAMPLE: Any = None
-
-
-def example_script() -> Any:
-    """examples/cifar100_wrn.py as a module (its random_crop_flip and Normalize are the library user's pipeline)."""
-    global _EXAMPLE
-    if _EXAMPLE is None:
-        path = ROOT / "examples" / "cifar100_wrn.py"
-        spec = importlib.util.spec_from_file_location("_differential_cifar100_wrn", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        _EXAMPLE = module
-    return _EXAMPLE
 
 
 def batch_order(seed: int, n: int, batch: int) -> Iterator[np.ndarray]:
@@ -220,14 +204,13 @@ def reference_model(cfg: TrainConfig, num_classes: int, seed: int, dtype: torch.
 # component factories: each returns the named component of one implementation, for a run of the other
 # ----------------------------------------------------------------------------------------------------------------
 def library_batcher(cfg: TrainConfig, data: dict[str, Any], seed: int, dtype: torch.dtype):
-    ex = example_script()
     gen = torch.Generator().manual_seed(seed * 1000 + 1)
-    normalize = ex.Normalize(data["train_x"], torch.device("cpu"), False)
+    normalize = Normalize.from_images(data["train_x"])
     input_rep = get_preset(cfg.preset).input_repetition
     from mixshare_layers import MIMOBatcher
 
     batcher = MIMOBatcher(cfg.members, cfg.repetition, input_rep,
-                          transform=lambda x: normalize(ex.random_crop_flip(x, 4, gen)), generator=gen)  # fmt: skip
+                          transform=lambda x: normalize(random_crop_flip(x, 4, gen)), generator=gen)  # fmt: skip
 
     def batch(indices: np.ndarray) -> tuple[Tensor, Tensor]:
         idx = torch.from_numpy(np.asarray(indices))
@@ -440,8 +423,8 @@ def lockstep(cfg: TrainConfig, data: dict[str, Any], seed: int, *, dtype: torch.
 
 @torch.no_grad()
 def evaluate_library(model: MIMOWrapper, data: dict[str, Any]) -> dict[str, Any]:
-    """examples/cifar100_wrn.py's evaluation: normalised test images, ``EnsembleMetrics`` (rule "prob")."""
-    normalize = example_script().Normalize(data["train_x"], torch.device("cpu"), False)
+    """The evaluation of examples/cifar100_wrn.py: normalised test images, ``EnsembleMetrics`` (rule "prob")."""
+    normalize = Normalize.from_images(data["train_x"])
     model.eval()
     acc = EnsembleMetrics(model.num_subnetworks, "prob")
     dtype = next(model.parameters()).dtype
@@ -561,17 +544,6 @@ def group_table(results: list[dict[str, Any]], methods: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def atomic_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -603,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     todo = [] if args.table_only else [j for j in jobs if key(j) not in done]
     def finished(r: dict[str, Any]) -> None:
         results.append(r)
-        atomic_json(path, results)
+        write_json(path, results)
         members = " / ".join(f"{a:.1f}" for a in r["individual_acc"])
         print(f"[differential] {_label(r['impl'], r['swaps'])} {r['method']} s{r['seed']}: ens "
               f"{r['ensemble_acc']:.1f}, members {members}, nll {r['nll']:.3f}, sharing "

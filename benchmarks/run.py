@@ -5,7 +5,7 @@
     python benchmarks/run.py --only a,b --quick                                # a subset, fewer repeats
     python benchmarks/run.py --only c,d,v --threads 1 --clock cpu             # a busy CPU: timed by CPU time
 
-Stages (issue 3, section 4), each compared side by side in this process, interleaved, median of repeats:
+Stages, each compared side by side in this process, interleaved, median of repeats:
 
 a. mask sampling + mixing, B=128, M=2, 16x32x32: ours vs a naive MixMo-style baseline (a Python loop with numpy
    boxes, full masks built on the CPU and copied over, mixing through M materialised masked copies); the mixing alone
@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mixshare_layers import MIMOLoss, MIMOWrapper  # noqa: E402
+from mixshare_layers.checkpoint.files import write_text  # noqa: E402
 from mixshare_layers.functional import mix, sample_mix_params, unmix_pool  # noqa: E402
 from mixshare_layers.models import wide_resnet  # noqa: E402
 
@@ -532,12 +533,6 @@ def markdown(meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -587,8 +582,8 @@ def main() -> int:
             failures.append(f"{name}: {type(exc).__name__}: {exc}")
         # written after every stage, so a run stopped by a time limit still leaves the stages it finished
         payload = {"machine": meta, "rows": ROWS, "failures": failures}
-        write_atomic(out / f"results{suffix}.json", json.dumps(payload, indent=2))
-        write_atomic(out / f"results{suffix}.md", markdown(meta))
+        write_text(out / f"results{suffix}.json", json.dumps(payload, indent=2))
+        write_text(out / f"results{suffix}.md", markdown(meta))
     print("\n" + markdown(meta))
     return 1 if failures else 0
 

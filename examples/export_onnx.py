@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
-import tempfile
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +33,7 @@ import torch
 from mixshare_layers import PRESETS, MIMOWrapper
 from mixshare_layers.analysis import load_wrn_checkpoint
 from mixshare_layers.checkpoint import CheckpointError, load_checkpoint
+from mixshare_layers.checkpoint.files import atomic_write, folder_problem
 from mixshare_layers.models import wide_resnet
 
 DEPTH, WIDTH, CLASSES, M = 28, 2, 100, 2  # defaults; override on the command line
@@ -75,15 +74,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     out = Path(args.out)
     if out.is_dir():
         parser.error(f"argument --out: {out} is a folder; give a file name such as {out / 'model.onnx'}")
-    probe = out.parent if str(out.parent) else Path(".")
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        parser.error(f"argument --out: {out} is under {probe}, which is a file")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=probe))
-    except OSError as err:
-        parser.error(f"argument --out: nothing can be created in {probe} ({err.strerror or err})")
+    problem = folder_problem(out.parent)
+    if problem is not None:
+        parser.error(f"argument --out: cannot write {out}: {problem}")
     missing = [name for name in EXTRAS if importlib.util.find_spec(name) is None]
     if missing:
         parser.error(f'the export needs {", ".join(missing)}: pip install "mixshare-layers[export]"')
@@ -133,18 +126,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     exported = torch.export.export(folded, (example,), dynamic_shapes=({0: batch},))  # an ExportedProgram
     print(exported.graph_signature.user_inputs, "->", exported.graph_signature.user_outputs)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # write next to the target, then rename
     onnx_program = torch.onnx.export(
         folded, (example,), input_names=["images"], output_names=["logits"], dynamic_shapes=({0: batch},), dynamo=True
     )
-    try:
-        onnx_program.save(str(tmp))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    proto = onnx_program.model_proto  # the ONNX model, weights included
+    out = atomic_write(args.out, lambda f: f.write(proto.SerializeToString()))  # never half-written
 
     import onnxruntime as ort
 

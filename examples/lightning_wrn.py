@@ -13,25 +13,26 @@ split, and draws a one-page figure when matplotlib is installed.
     python examples/lightning_wrn.py --preset mixmo --epochs 20
     python examples/lightning_wrn.py --smoke               # seconds: a check that it runs
 
-Needs the ``lightning`` extra: ``pip install "mixshare-layers[lightning]"``. ``main(argv)`` returns
-``{"val": ..., "test": ..., "report": ...}``; every value is a fraction or nats per image, never a percent.
+Needs the ``lightning`` extra: ``pip install "mixshare-layers[lightning]"``. Writes under ``--out-dir``: Lightning's
+CSV logs, ``metrics.json`` (``{"val": ..., "test": ...}``, the last validation and the test metrics),
+``uncertainty.json`` (the report of ``evaluate_uncertainty``) and, with matplotlib, ``uncertainty.png``; every value
+is a fraction or nats per image, never a percent. ``main(argv)`` returns ``{"val": ..., "test": ..., "report": ...}``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mixshare_layers import MIMOWrapper, SyntheticImageDataset
-from mixshare_layers.data import synthetic_ood_dataset
+from mixshare_layers.checkpoint.files import write_json
+from mixshare_layers.data import Normalize, random_crop_flip, synthetic_ood_dataset
 from mixshare_layers.evaluation import evaluate_uncertainty, flatten_report
 from mixshare_layers.integrations.lightning import MIMOLightningModule
 from mixshare_layers.models import wide_resnet
@@ -66,32 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def crop_flip(x: Tensor, padding: int = 4) -> Tensor:
-    """Random crop (zero padding) and horizontal flip, independently per image, on x's device: (N, C, H, W)."""
-    n, _, h, w = x.shape
-    dev = x.device
-    dy, dx = torch.randint(0, 2 * padding + 1, (2, n), device=dev)
-    rows = dy[:, None] + torch.arange(h, device=dev)  # (N, H) rows of the padded image
-    cols = dx[:, None] + torch.arange(w, device=dev)  # (N, W)
-    cols = torch.where((torch.rand(n, device=dev) < 0.5)[:, None], cols.flip(1), cols)
-    padded = F.pad(x, (padding,) * 4)
-    out = padded[torch.arange(n, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
-    return out.permute(0, 3, 1, 2)
-
-
-class Normalize:
-    """uint8 or [0, 1] images -> standardised per channel with the training set's statistics."""
-
-    def __init__(self, train_uint8: Tensor) -> None:
-        x = train_uint8.double() / 255
-        self.mean = x.mean(dim=(0, 2, 3)).float().view(-1, 1, 1)
-        self.std = x.std(dim=(0, 2, 3)).float().view(-1, 1, 1)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        x = x.float() / 255 if x.dtype == torch.uint8 else x
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.smoke:
@@ -107,12 +82,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # data: uint8 tensors, normalised when read; evaluate_uncertainty takes them raw, with the normalisation apart
     kw = dict(num_classes=args.classes, seed=args.seed, noise=args.noise)
     full = SyntheticImageDataset(args.train_size + args.val_size, train=True, **kw)
-    normalize = Normalize(full.data[: args.train_size])
-    full.transform = normalize
+    normalize = Normalize.from_images(full.data[: args.train_size])  # per-channel mean and std of the training split
+
+    def normalize_one(image: Tensor) -> Tensor:  # the datasets read one (C, H, W) image at a time
+        return normalize(image[None])[0]
+
+    full.transform = normalize_one
     train = torch.utils.data.Subset(full, range(args.train_size))
     val_idx = torch.arange(args.train_size, args.train_size + args.val_size)
     val = torch.utils.data.Subset(full, val_idx.tolist())
-    test = SyntheticImageDataset(args.test_size, train=False, transform=normalize, **kw)
+    test = SyntheticImageDataset(args.test_size, train=False, transform=normalize_one, **kw)
     ood = synthetic_ood_dataset(test, args.ood_size)  # classes the model never saw
     unique = max(1, args.rows // args.batch_repetition)
     loader = torch.utils.data.DataLoader
@@ -130,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     module = MIMOLightningModule(
         model,
         batch_repetition=args.batch_repetition,
-        transform=crop_flip,
+        transform=random_crop_flip,  # random crop (zero padding 4) + flip, for every repeated copy of a batch
         optimizer=lambda p: torch.optim.SGD(p, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4),
         lr_scheduler=schedule,
     )
@@ -161,8 +140,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         severities=(1, 3, 5) if not args.smoke else (5,),
         preprocess=normalize,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "uncertainty.json").write_text(json.dumps(report, indent=1) + "\n")
+    test_metrics = {k: float(v) for k, v in test_metrics.items()}
+    write_json(out_dir / "metrics.json", {"val": val_metrics, "test": test_metrics})
+    write_json(out_dir / "uncertainty.json", report)
     try:
         from mixshare_layers.evaluation import plot_uncertainty_report
 
@@ -179,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         values = [flat[f"{key}/{m}"] for m in ("ensemble_acc", "nll", "ece", "adaptive_ece", "aurc")]
         print(f"{label:<26}" + "".join(f"{v:>8.4f}" if i else f"{v:>7.4f}" for i, v in enumerate(values)))
     print("OOD AUROC: " + ", ".join(f"{s} {v['auroc']:.4f}" for s, v in report["ood"]["synthetic"].items()))
-    return {"val": val_metrics, "test": {k: float(v) for k, v in test_metrics.items()}, "report": report}
+    return {"val": val_metrics, "test": test_metrics, "report": report}
 
 
 if __name__ == "__main__":

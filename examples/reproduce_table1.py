@@ -9,17 +9,21 @@ Rows (the library's presets):
     MixShare (partial on 25% features)  --method mixshare-partial
     MixShare (fadeout to 1/3 of training, epoch 100 of 300)   --method mixshare
 
-Every run is ``examples/cifar100_wrn.py`` called in-process (``main(argv)``) with ``--method``, ``--seed``,
-``--out-dir <out>/runs`` and ``--run-name <method>-s<seed>``. By default that script's defaults are the paper's
-schedule (CIFAR-100, WRN-28-2, 300 epochs, batch 64 with repetition 2); ``--quick`` uses a small schedule on the
-built-in synthetic data sized for a 2-core CPU (see ``QUICK``). Arguments after ``--`` go to every run unchanged
-(``-- --data-dir ~/data --download --amp bf16``).
+Every run is ``python examples/cifar100_wrn.py`` (the training script beside this file), started as a child process
+of the same Python with ``--method``, ``--seed``, ``--out-dir <out>/runs`` and ``--run-name <method>-s<seed>``; its
+results are read from the ``summary.json`` it writes in ``<out>/runs/<method>-s<seed>/``. By default that script's
+defaults are the paper's schedule (CIFAR-100, WRN-28-2, 300 epochs, batch 64 with repetition 2); ``--quick`` uses a
+small schedule on the built-in synthetic data sized for a 2-core CPU (see ``QUICK``). Arguments after ``--`` go to
+every run unchanged (``-- --data-dir ~/data --download --amp bf16``).
 
 Resuming: a run whose ``summary.json`` exists is not trained again; a run with a ``checkpoint.pt`` but no summary
 is continued with ``--resume``. Re-running the same command after an interruption finishes the table.
 
-Errors: every option (the arguments after ``--`` included) is checked before the first run starts; a bad one, or a run
-that cannot go on (e.g. a damaged checkpoint), ends the script with one line on stderr and exit code 2.
+Errors: this script's own options are checked before any run starts; the arguments after ``--`` are checked by the
+training script when the first run starts, which then stops before it writes anything (every run gets the same
+ones, and every Table 1 preset accepts the same overrides, so no run trains with a bad one). A bad option, or a run
+that cannot go on (e.g. a damaged checkpoint), ends the script with one line on stderr (the run's name, then the
+training script's own error line) and exit code 2.
 
 Output (written atomically) under ``--out-dir``:
 
@@ -38,18 +42,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import io
 import json
 import math
 import os
+import subprocess
 import sys
 import time
-import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 HERE = Path(__file__).resolve().parent
 TRAIN_SCRIPT = HERE / "cifar100_wrn.py"
@@ -113,39 +116,47 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def atomic_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+ERROR_PREFIX = b"error: "
 
 
-def load_train_module(script: Path = TRAIN_SCRIPT) -> types.ModuleType:
-    """examples/cifar100_wrn.py, imported by file path."""
+def relay_stderr(stream: IO[bytes], sink: IO[bytes]) -> str:
+    """Copy a child's stderr to ``sink`` as it comes, except a last line starting with ``error: ``, returned instead.
+
+    The training script's one-line error is its last output; holding back whatever may still become that line (a
+    line that starts with ``error: ``, or a start of one) lets this script print it once, with the run's name.
+    Progress bars (lines rewritten after ``\\r``) pass through as they are drawn. Returns ``""`` when the child's
+    output did not end with such a line.
+    """
+    held = b""
+    while chunk := os.read(stream.fileno(), 1 << 16):
+        text = held + chunk
+        last = max(text.rfind(b"\n", 0, len(text) - 1), text.rfind(b"\r", 0, len(text) - 1)) + 1
+        tail = text[last:]
+        held = tail if tail.startswith(ERROR_PREFIX) or ERROR_PREFIX.startswith(tail) else b""
+        sink.write(text[: len(text) - len(held)])
+        sink.flush()
+    if not held.startswith(ERROR_PREFIX):
+        sink.write(held)
+        sink.flush()
+        return ""
+    return held[len(ERROR_PREFIX) :].decode("utf-8", errors="replace").strip()
+
+
+def train(run_argv: Sequence[str], name: str, script: Path = TRAIN_SCRIPT) -> None:
+    """Run the training script with ``run_argv`` in a child process of this Python (``TableError`` if it fails)."""
     if not script.is_file():
         raise TableError(f"the training script {script} is missing")
-    name = "_mixshare_cifar100_wrn"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses defined in the script look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_train_main(script: Path = TRAIN_SCRIPT) -> Callable[[Sequence[str]], dict[str, Any]]:
-    """``main`` of examples/cifar100_wrn.py, imported by file path."""
-    return load_train_module(script).main
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with subprocess.Popen([sys.executable, str(script), *run_argv], stderr=subprocess.PIPE) as child:
+        assert child.stderr is not None
+        error = relay_stderr(child.stderr, sys.stderr.buffer)
+        code = child.wait()
+    if code == 0:
+        return
+    if error:
+        raise TableError(f"{name}: {error}")
+    raise TableError(f"{name}: the training script stopped with exit code {code} (its output is above)")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -307,11 +318,13 @@ def write_table(
     runs: list[dict[str, Any]], out_dir: Path, *, methods: Sequence[str], width: int, description: str
 ) -> dict[str, Path]:
     """Write table1.md, table1.csv and runs.csv under ``out_dir`` from the runs' summaries; returns the paths."""
+    from mixshare_layers.checkpoint.files import write_text
+
     rows = aggregate(runs, methods)
     paths = {"markdown": out_dir / "table1.md", "csv": out_dir / "table1.csv", "runs": out_dir / "runs.csv"}
-    atomic_text(paths["markdown"], render_markdown(rows, width, description) + "\n" + collapse_note(runs) + "\n")
-    atomic_text(paths["csv"], render_csv(rows, width))
-    atomic_text(paths["runs"], render_runs_csv(runs))
+    write_text(paths["markdown"], render_markdown(rows, width, description) + "\n" + collapse_note(runs) + "\n")
+    write_text(paths["csv"], render_csv(rows, width))
+    write_text(paths["runs"], render_runs_csv(runs))
     return paths
 
 
@@ -344,9 +357,7 @@ def describe(runs: list[dict[str, Any]], quick: bool, seeds: Sequence[int]) -> s
 
 # ----------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small CPU schedule on the synthetic data (QUICK)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed and method")
     p.add_argument("--methods", nargs="+", default=[m for m, _ in ROWS], choices=[m for m, _ in ROWS])
@@ -356,10 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(
-    argv: Sequence[str] | None = None, train: Callable[[Sequence[str]], dict[str, Any]] | None = None
-) -> dict[str, Any]:
-    """Train (or resume) every missing run, then write the table. ``train`` replaces the training script's main."""
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train (or resume) every missing run, each in a child process, then write the table."""
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough: list[str] = []
     if "--" in argv:
@@ -385,18 +394,6 @@ def main(
     width = args.width if args.width is not None else (1 if args.quick else 2)
     if args.width is not None:
         schedule += ["--width", str(args.width)]
-    user_error: tuple[type[BaseException], ...] = ()
-    if train is None and not args.table_only:  # the training script checks every run's options before any starts
-        module = load_train_module()
-        train, user_error = module.main, (module.UserError,)
-        for method in args.methods:
-            run_argv = [*schedule, "--method", method, "--seed", str(args.seeds[0]), *passthrough]
-            try:
-                cfg, _ = module.parse_config([*run_argv, "--out-dir", str(runs_dir), "--run-name", "x"])
-                module.check_config(cfg)
-                module.pick_device(cfg["device"], 0)
-            except module.UserError as err:
-                raise TableError(f"{err} (in the options given to every run)") from None
 
     runs: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -412,8 +409,6 @@ def main(
                 print(f"[table1] {name}: not finished, left out (--table-only)", flush=True)
                 continue
             else:
-                if train is None:
-                    train = load_train_main()
                 if (run_dir / "checkpoint.pt").is_file():
                     run_argv = ["--resume", str(run_dir), *passthrough]
                     print(f"[table1] {name}: resuming", flush=True)
@@ -424,10 +419,10 @@ def main(
                     ]  # fmt: skip
                     print(f"[table1] {name}: training ({' '.join(run_argv)})", flush=True)
                 t0 = time.perf_counter()
-                try:
-                    summary = dict(train(run_argv))
-                except user_error as err:
-                    raise TableError(f"{name}: {err}") from None
+                train(run_argv, name)
+                if not summary_path.is_file():
+                    raise TableError(f"{name}: the training script ended without writing {summary_path}")
+                summary = read_summary(summary_path)
                 print(f"[table1] {name}: finished in {time.perf_counter() - t0:.0f} s", flush=True)
             summary["method"], summary["seed"] = method, seed
             summary.setdefault("run_dir", str(run_dir))

@@ -14,9 +14,10 @@ side (they agree: both average member probabilities).
     python examples/torch_uncertainty_wrn.py --ood-criterion msp --epochs 20
     python examples/torch_uncertainty_wrn.py --smoke                          # seconds: a check that it runs
 
-Needs the ``torch-uncertainty`` extra: ``pip install "mixshare-layers[torch-uncertainty]"``.
-``main(argv)`` returns ``{"torch_uncertainty": {metric: value}, "mixshare_layers": report}``; values are fractions
-(torch-uncertainty's console table shows percents).
+Needs the ``torch-uncertainty`` extra: ``pip install "mixshare-layers[torch-uncertainty]"``. Writes under
+``--out-dir``: the CSV logs, ``metrics.json`` (``{"test": {metric: value}}``, torch-uncertainty's test metrics) and
+``uncertainty.json`` (the report of ``evaluate_uncertainty``); values are fractions (torch-uncertainty's console
+table shows percents). ``main(argv)`` returns ``{"torch_uncertainty": {metric: value}, "mixshare_layers": report}``.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mixshare_layers import MIMOWrapper, SyntheticImageDataset
-from mixshare_layers.data import synthetic_ood_dataset
+from mixshare_layers.checkpoint.files import write_json
+from mixshare_layers.data import Normalize, random_crop_flip, synthetic_ood_dataset
 from mixshare_layers.evaluation import evaluate_uncertainty
 from mixshare_layers.integrations.torch_uncertainty import MIMOClassificationRoutine
 from mixshare_layers.models import wide_resnet
@@ -65,32 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class Normalize:
-    """uint8 or [0, 1] images -> standardised per channel with the training set's statistics."""
-
-    def __init__(self, train_uint8: Tensor) -> None:
-        x = train_uint8.double() / 255
-        self.mean = x.mean(dim=(0, 2, 3)).float().view(1, -1, 1, 1)
-        self.std = x.std(dim=(0, 2, 3)).float().view(1, -1, 1, 1)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        x = x.float() / 255 if x.dtype == torch.uint8 else x
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
-
-
-def crop_flip(x: Tensor, padding: int = 4) -> Tensor:
-    """Random crop (zero padding) and horizontal flip, independently per image, on x's device: (N, C, H, W)."""
-    n, _, h, w = x.shape
-    dev = x.device
-    dy, dx = torch.randint(0, 2 * padding + 1, (2, n), device=dev)
-    rows = dy[:, None] + torch.arange(h, device=dev)  # (N, H) rows of the padded image
-    cols = dx[:, None] + torch.arange(w, device=dev)  # (N, W)
-    cols = torch.where((torch.rand(n, device=dev) < 0.5)[:, None], cols.flip(1), cols)
-    padded = F.pad(x, (padding,) * 4)
-    out = padded[torch.arange(n, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
-    return out.permute(0, 3, 1, 2)
-
-
 class Images(torch.utils.data.Dataset):
     """(normalised image, label) pairs from uint8 tensors."""
 
@@ -120,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train = SyntheticImageDataset(args.train_size, train=True, **kw)
     test = SyntheticImageDataset(args.test_size, train=False, **kw)
     ood = synthetic_ood_dataset(test, args.ood_size)  # classes the model never saw
-    normalize = Normalize(train.data)
+    normalize = Normalize.from_images(train.data)  # per-channel mean and std of the training images
     unique = max(1, args.rows // args.batch_repetition)
 
     def loader(ds: SyntheticImageDataset, shuffle: bool) -> torch.utils.data.DataLoader:
@@ -146,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     routine = MIMOClassificationRoutine(
         model,
         batch_repetition=args.batch_repetition,
-        transform=crop_flip,
+        transform=random_crop_flip,  # random crop (zero padding 4) + flip, for every repeated copy of a batch
         optim_recipe=optim_recipe,
         eval_ood=True,
         ood_criterion=args.ood_criterion,
@@ -185,7 +161,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"\n{'metric (fractions)':<40} {'torch-uncertainty':>18} {'mixshare_layers':>16}")
     for name, theirs, mine in pairs:
         print(f"{name:<40} {float(theirs):>18.4f} {float(mine):>16.4f}")
-    return {"torch_uncertainty": {k: float(v) for k, v in results.items()}, "mixshare_layers": report}
+    theirs_all = {k: float(v) for k, v in results.items()}
+    write_json(Path(args.out_dir) / "metrics.json", {"test": theirs_all})
+    write_json(Path(args.out_dir) / "uncertainty.json", report)
+    return {"torch_uncertainty": theirs_all, "mixshare_layers": report}
 
 
 if __name__ == "__main__":

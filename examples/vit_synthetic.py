@@ -45,12 +45,9 @@ Calibration: MIMO members trained on mixed inputs are under-confident on clean o
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,6 +56,8 @@ from torch import Tensor, nn
 
 from mixshare_layers import PRESETS, MIMOLoss, MIMOWrapper, SyntheticImageDataset
 from mixshare_layers.analysis import sharing_rates
+from mixshare_layers.checkpoint.files import write_json
+from mixshare_layers.data import Normalize, random_crop_flip
 from mixshare_layers.evaluation import fit_temperature, tempered_log_probs
 from mixshare_layers.evaluation.metrics import EnsembleMetrics
 
@@ -129,25 +128,14 @@ class Augment:
     random erasing drawn independently per image (every repeated copy of an image gets its own)."""
 
     def __init__(self, train_uint8: Tensor, erasing: float, generator: torch.Generator, padding: int = 4) -> None:
-        x = train_uint8.double() / 255
-        self.mean = x.mean(dim=(0, 2, 3)).float().view(1, -1, 1, 1)
-        self.std = x.std(dim=(0, 2, 3)).float().view(1, -1, 1, 1)
+        # per-channel mean and std of the training images, kept on their device
+        self.normalize = Normalize.from_images(train_uint8).to(train_uint8.device)
         self.erasing, self.g, self.padding = erasing, generator, padding
-
-    def normalize(self, x: Tensor) -> Tensor:
-        return (x.float() / 255 - self.mean.to(x.device)) / self.std.to(x.device)
 
     def __call__(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape
-        dev, g, pad = x.device, self.g, self.padding
-        shift = torch.randint(0, 2 * pad + 1, (2, n, 1), device=dev, generator=g)
-        rows = shift[0] + torch.arange(h, device=dev)  # (N, H): source rows in the padded image
-        cols = shift[1] + torch.arange(w, device=dev)  # (N, W)
-        flip = torch.rand(n, 1, device=dev, generator=g) < 0.5
-        cols = torch.where(flip, cols.flip(1), cols)
-        padded = F.pad(x, (pad, pad, pad, pad))
-        out = padded[torch.arange(n, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
-        out = self.normalize(out.permute(0, 3, 1, 2))
+        dev, g = x.device, self.g
+        out = self.normalize(random_crop_flip(x, self.padding, g))
         if self.erasing > 0:  # a box of 2-33 % of the image, aspect ratio in [0.3, 3.3], filled with noise
             area = h * w * (0.02 + 0.31 * torch.rand(n, device=dev, generator=g))
             aspect = torch.exp(math.log(0.3) + (math.log(3.3) - math.log(0.3)) * torch.rand(n, device=dev, generator=g))
@@ -229,14 +217,6 @@ def evaluate(
     return out
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Written to a temporary file, then renamed: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 # -- the run --------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
@@ -262,12 +242,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         num_classes=args.classes, image_size=args.image, seed=args.seed, noise=args.noise,
         object_size=args.object_size, clutter=args.clutter,
     )  # fmt: skip
-    train, test = SyntheticImageDataset(args.train, **kw), SyntheticImageDataset(args.test, train=False, **kw)
+    try:
+        train, test = SyntheticImageDataset(args.train, **kw), SyntheticImageDataset(args.test, train=False, **kw)
+    except ValueError as err:  # a data option out of range: the dataset's message names it
+        parser.error(str(err))
     n_train = args.train - args.val  # the last --val images of the training split are held out
     x_train, y_train = train.data[:n_train].to(device), train.targets[:n_train].to(device)
     x_val, y_val = train.data[n_train:].to(device), train.targets[n_train:].to(device)
     x_test, y_test = test.data.to(device), test.targets.to(device)
-    augment = Augment(train.data[:n_train], args.erasing, g)
+    augment = Augment(x_train, args.erasing, g)
 
     backbone = build_vit(args)
     model = MIMOWrapper(backbone, m, args.method, total_steps=args.steps) if mimo else backbone
@@ -282,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"{args.method}: timm ViT {args.depth} x {args.dim} ({args.heads} heads, {args.patch}x{args.patch} patches, "
           f"{(args.image // args.patch) ** 2} tokens), M = {m}, {params / 1e6:.2f} M parameters; {args.steps} steps of "
           f"{unique} images x {b} ({args.steps * unique / n_train:.1f} epochs)", flush=True)  # fmt: skip
+    print(f"data: {train!r}; test split: {test!r}", flush=True)
 
     order, cursor = torch.randperm(n_train, device=device, generator=g), 0
     history, t_train = [], 0.0
@@ -341,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"temperature {temperature:.3f} (fitted on {args.val} held-out training images): test NLL "
               f"{calibrated['nll']:.4f}, ECE {calibrated['ece']:.4f}, Brier {calibrated['brier']:.4f}")  # fmt: skip
     if args.json:
-        write_json(Path(args.json), summary)
+        write_json(args.json, summary)
     return summary
 
 

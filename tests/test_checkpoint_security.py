@@ -3,49 +3,23 @@
 Each file's pickle calls ``exec`` (which would create a marker file of its own) when unpickled without
 ``weights_only=True``. The commands run in one fresh process started with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``
 (which turns the ``torch.load`` calls that leave ``weights_only`` out into full unpickles), each as ``python -m``
-or ``python script.py`` would run it (``runpy``, ``__main__``, its own ``sys.argv``); the other tests of each entry
-point check the same in-process, with and without that variable. Every command must refuse its file in one line
-(exit code 2), except the table script, which reports the cell's checkpoint as unusable and goes on, and no
-marker may exist afterwards.
+would run it (``script_runs.run_commands``: ``__main__``, its own ``sys.argv``; the example scripts as
+``examples.NAME``); the other tests of each entry point check the same with and without that variable. Every
+command must refuse its file in one line (exit code 2), except the table script, which reports the cell's checkpoint
+as unusable and goes on, and no marker may exist afterwards.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 from checkpoint_cases import code_running_checkpoint
+from script_runs import run_commands
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"depth": 10, "width": 1, "method": "mixmo", "num_subnetworks": 2, "epochs": 3}
 NAMES = ("analysis", "resume_file", "resume_folder", "export_onnx", "table1", "verify", "convert")
-
-_DRIVER = textwrap.dedent(
-    """
-    import contextlib, io, json, runpy, sys
-    commands = json.loads(sys.argv[1])
-    results = {}
-    for name, (kind, target, argv) in commands.items():
-        out, err = io.StringIO(), io.StringIO()
-        sys.argv = [target, *argv]
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                if kind == "module":
-                    runpy.run_module(target, run_name="__main__", alter_sys=True)
-                else:
-                    runpy.run_path(target, run_name="__main__")
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-        results[name] = [code, out.getvalue(), err.getvalue()]
-    print(json.dumps(results))
-    """
-)
 
 
 @pytest.fixture(scope="module")
@@ -66,31 +40,21 @@ def results(tmp_path_factory) -> tuple[Path, dict[str, list]]:
     code_running_checkpoint(cell / "checkpoint.pt", tmp / "table1" / "marker", config=CONFIG, epoch=1)
     summary = {"ensemble_acc": 1.0, "mean_individual_acc": 1.0, "classifier_sharing": 1.0, "run_dir": str(cell)}
     (cell / "summary.json").write_text(json.dumps(summary))
-    ex = str(ROOT / "examples")
     commands = {
-        "analysis": (
-            "module", "mixshare_layers.analysis", [str(evil("analysis")), "--out", str(tmp / "an"), "--no-plots"]
-        ),
-        "resume_file": ("path", f"{ex}/cifar100_wrn.py", ["--resume", str(evil("resume_file"))]),
-        "resume_folder": ("path", f"{ex}/cifar100_wrn.py", ["--resume", str(run)]),
-        "export_onnx": (
-            "path", f"{ex}/export_onnx.py", ["--checkpoint", str(evil("export_onnx")), "--out", str(tmp / "m.onnx")]
-        ),
+        "analysis": ("mixshare_layers.analysis", [evil("analysis"), "--out", tmp / "an", "--no-plots"]),
+        "resume_file": ("examples.cifar100_wrn", ["--resume", evil("resume_file")]),
+        "resume_folder": ("examples.cifar100_wrn", ["--resume", run]),
+        "export_onnx": ("examples.export_onnx", ["--checkpoint", evil("export_onnx"), "--out", tmp / "m.onnx"]),
         "table1": (
-            "path", f"{ex}/reproduce_table1.py",
-            ["--methods", "mixmo", "--seeds", "0", "--out-dir", str(tmp / "table1" / "table")],
+            "examples.reproduce_table1",
+            ["--methods", "mixmo", "--seeds", "0", "--out-dir", tmp / "table1" / "table"],
         ),
-        "verify": ("module", "mixshare_layers.checkpoint", ["verify", str(evil("verify"))]),
-        "convert": ("module", "mixshare_layers.checkpoint", ["convert", str(evil("convert")), str(tmp / "conv.pt")]),
-    }  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", _DRIVER, json.dumps(commands)],
-        capture_output=True, text=True, env=env, timeout=600, cwd=tmp,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp, json.loads(proc.stdout.strip().splitlines()[-1])
+        "verify": ("mixshare_layers.checkpoint", ["verify", evil("verify")]),
+        "convert": ("mixshare_layers.checkpoint", ["convert", evil("convert"), tmp / "conv.pt"]),
+    }
+    env = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    results = run_commands(list(commands.values()), cwd=tmp, env=env)
+    return tmp, {name: [r.code, r.out, r.err] for name, r in zip(commands, results, strict=True)}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -9,11 +9,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,59 +18,43 @@ import reference as ref
 import torch
 from reference.train import channel_stats
 
+from benchmarks import differential as diff
 from mixshare_layers.functional import sample_mix_params
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "differential.py"
-
 
 @pytest.fixture(scope="module")
-def diff():
-    spec = importlib.util.spec_from_file_location("_differential_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
-
-
-@pytest.fixture(scope="module")
-def tiny(diff):
+def tiny():
     return diff.load_task("tiny")
 
 
-def _cfg(diff, preset, **kw):
+def _cfg(preset, **kw):
     return diff.TrainConfig(preset=preset, **{**diff.RECIPES["tiny"], "batch": 8, **kw})
 
 
 @pytest.mark.parametrize("preset", ["mimo", "mixmo", "unmix", "unmix-aligned", "mixshare", "mixshare-partial"])
 @pytest.mark.parametrize("offset", [0.0, 0.2, 0.95])
-def test_lockstep_float64_same_parameters_after_sgd_steps(diff, tiny, preset, offset):
+def test_lockstep_float64_same_parameters_after_sgd_steps(tiny, preset, offset):
     """Offsets: the start of training, fadeout at 60 % strength, MixMo's CutMix ramp (p = 0.3)."""
-    out = diff.lockstep(_cfg(diff, preset, steps=3), tiny, seed=0, progress_offset=offset)
+    out = diff.lockstep(_cfg(preset, steps=3), tiny, seed=0, progress_offset=offset)
     # the library computes the fadeout strength in float32 (the progress buffer): 1e-10-level differences
     assert out["max_loss_diff"] < 1e-8
     assert out["max_param_diff"] < 1e-8
     assert out["max_buffer_diff"] < 1e-8
 
 
-def test_lockstep_detects_a_different_method(diff, tiny):
+def test_lockstep_detects_a_different_method(tiny, monkeypatch):
     """The same harness with the reference told another method (no loss rebalancing) drifts apart: the check bites."""
-    cfg = _cfg(diff, "mixmo", steps=2)
-    cfg_ref = _cfg(diff, "mixmo", steps=2, overrides={"root": None})
+    cfg = _cfg("mixmo", steps=2)
+    cfg_ref = _cfg("mixmo", steps=2, overrides={"root": None})
     orig = diff.reference_loss
-    try:
-        diff.reference_loss = lambda c: orig(cfg_ref)
-        out = diff.lockstep(cfg, tiny, seed=0, progress_offset=0.0)
-    finally:
-        diff.reference_loss = orig
+    monkeypatch.setattr(diff, "reference_loss", lambda c: orig(cfg_ref))
+    out = diff.lockstep(cfg, tiny, seed=0, progress_offset=0.0)
     assert out["max_loss_diff"] > 1e-6 or out["max_param_diff"] > 1e-6
 
 
 @pytest.mark.parametrize("preset", ["mixmo", "mixshare"])
-def test_same_weights_same_evaluation(diff, tiny, preset):
-    cfg = _cfg(diff, preset)
+def test_same_weights_same_evaluation(tiny, preset):
+    cfg = _cfg(preset)
     lib = diff.library_model(cfg, tiny["num_classes"], seed=3, dtype=torch.float64)
     other = diff.reference_model(cfg, tiny["num_classes"], seed=4, dtype=torch.float64)
     diff.copy_weights(lib, other)
@@ -99,7 +80,7 @@ def test_same_weights_same_evaluation(diff, tiny, preset):
     assert mine["nll"] == pytest.approx(theirs["nll"], rel=1e-4)
 
 
-def test_mix_to_info_renders_the_reference_masks(diff):
+def test_mix_to_info_renders_the_reference_masks():
     rng = np.random.default_rng(0)
     for cut in (0.0, 1.0):
         for m in (2, 3):
@@ -138,10 +119,10 @@ def test_samplers_agree_in_distribution():
 
 
 @pytest.mark.parametrize("preset", ["mixmo", "mixshare"])
-def test_initialisations_agree_in_distribution(diff, preset):
+def test_initialisations_agree_in_distribution(preset):
     """Every weight tensor of the library's network has the reference's spread, over seeds (the statistical slice
-    that found issue 12: the library's heads started 2.45 times smaller, with random biases)."""
-    cfg = _cfg(diff, preset, depth=10, width=2)
+    that found the library's heads starting 2.45 times smaller, with random biases)."""
+    cfg = _cfg(preset, depth=10, width=2)
     stats: dict[str, list[tuple[float, float]]] = {}
     for seed in range(6):
         lib = diff.library_model(cfg, 40, seed)
@@ -162,7 +143,7 @@ def test_initialisations_agree_in_distribution(diff, preset):
         assert stats["encoders.0.weight"] == stats["encoders.1.weight"]
 
 
-def test_mean_se_and_compare(diff):
+def test_mean_se_and_compare():
     mean, se, n = diff.mean_se([1.0, 2.0, 3.0, 4.0])
     assert (mean, n) == (2.5, 4) and se == pytest.approx(math.sqrt(5 / 3 / 4))
     assert math.isnan(diff.mean_se([1.0])[1]) and diff.mean_se([])[2] == 0
@@ -171,7 +152,7 @@ def test_mean_se_and_compare(diff):
     assert not same["flag"] and far["flag"] and far["diff"] == pytest.approx(9.0)
 
 
-def test_harness_two_seeds_both_implementations_with_swaps(diff, tmp_path, capsys):
+def test_harness_two_seeds_both_implementations_with_swaps(tmp_path, capsys):
     out = tmp_path / "d"
     args = ["--task", "tiny", "--recipe", "tiny", "--methods", "mixmo", "--seeds", "0", "1", "--jobs", "1"]
     results = diff.main([*args, "--out", str(out)])

@@ -1,38 +1,65 @@
-"""examples/vit_synthetic.py in its seconds-long --smoke mode, run in-process through ``main(argv)``: what its summary
-reports is well-formed for a MixShare ViT and for the plain ViT, its JSON equals it, and bad sizes are refused."""
+"""examples/vit_synthetic.py in its seconds-long --smoke mode, run as a user runs it: what its summary reports is
+well-formed for a MixShare ViT and for the plain ViT, its JSON is the whole summary, harder-data options reach both
+splits, a temperature is fitted on held-out images, and bad sizes are refused.
+
+The module's fixture runs every command first, in one process (``script_runs.run_commands``); the tests read what
+each left.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+import torch
+from script_runs import run_commands
 
-ROOT = Path(__file__).resolve().parents[1]
+from mixshare_layers.data import Normalize
+from mixshare_layers.evaluation import tempered_log_probs
+from mixshare_layers.evaluation.metrics import EnsembleMetrics
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+MODULE = "examples.vit_synthetic"
+TRAINED = {  # with timm installed: name -> options after --smoke; each writes <name>/vit.json
+    "mixshare": ["--method", "mixshare"],
+    "single": ["--method", "single"],
+    "harder": ["--object-size", "0.5", "--clutter", "0.7", "--train", "64"],
+    "held_out": ["--val", "32", "--steps", "20"],
+}
+BAD = {
+    "rows": (["--rows", "15"], "--rows 15 must be a multiple of the batch repetition 2"),
+    "val": (["--val", "96"], "--val 96 must be at least 0 and below --train 96"),
+    "object_size": (["--object-size", "1.5"], "object_size"),
+    "clutter": (["--clutter", "-1"], "clutter"),
+}
 
 
 @pytest.fixture(scope="module")
-def example():
-    pytest.importorskip("timm")
-    spec = importlib.util.spec_from_file_location("vit_synthetic", ROOT / "examples" / "vit_synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["vit_synthetic"] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop("vit_synthetic", None)
-    return module
+def runs(tmp_path_factory):
+    """``(folder, {name: result})``: the training runs (with timm installed) and the refused command lines, all as
+    ``python -m examples.vit_synthetic`` in one process."""
+    tmp = tmp_path_factory.mktemp("vit")
+    commands = {name: ["--smoke", *argv] for name, (argv, _) in BAD.items()}
+    if importlib.util.find_spec("timm") is not None:
+        commands.update({name: ["--smoke", *argv, "--json", tmp / name / "vit.json"] for name, argv in TRAINED.items()})
+    results = run_commands([(MODULE, argv) for argv in commands.values()])
+    return tmp, dict(zip(commands, results, strict=True))
+
+
+def _trained(runs, name: str) -> tuple[object, dict]:
+    """The result of a training run and the summary it wrote (the test is skipped without timm)."""
+    if name not in runs[1]:
+        pytest.skip("needs timm")
+    res = runs[1][name]
+    assert res.code == 0, res.err[-3000:]
+    return res, json.loads((runs[0] / name / "vit.json").read_text())
 
 
 @pytest.mark.parametrize("method", ["mixshare", "single"])
-def test_smoke_summary(example, method, tmp_path, capsys):
-    path = tmp_path / "runs" / "vit.json"
-    out = example.main(["--smoke", "--method", method, "--json", str(path)])
+def test_smoke_summary(runs, method):
+    res, out = _trained(runs, method)
+    path = runs[0] / method / "vit.json"
     m = 1 if method == "single" else 2
     cfg = out["config"]
     assert cfg["num_subnetworks"] == m and cfg["batch_repetition"] == (1 if method == "single" else 2)
@@ -54,76 +81,66 @@ def test_smoke_summary(example, method, tmp_path, capsys):
         for key in ("classifier_sharing", "encoder_sharing"):
             for name in (key, f"{key}_sum_ratio"):
                 assert 0.0 <= out[name] <= 100.0, (name, out[name])
-    assert json.loads(path.read_text()) == json.loads(json.dumps(out))  # written whole, the same summary
-    assert [p.name for p in path.parent.iterdir()] == ["vit.json"]  # no temporary file left beside it
-    text = capsys.readouterr().out
-    assert f"{method}, seed 0: ensemble" in text and ("sharing" in text) == (m > 1)
+    assert [p.name for p in path.parent.iterdir()] == ["vit.json"]  # written whole: no temporary file left beside it
+    ensemble = f"{method}, seed 0: ensemble {100 * out['ensemble_acc']:.2f} %"  # the printed summary is the JSON's
+    assert ensemble in res.out and ("sharing" in res.out) == (m > 1)
 
 
-def test_rows_must_be_a_multiple_of_the_repetition(example, capsys):
-    with pytest.raises(SystemExit):
-        example.main(["--smoke", "--rows", "15"])
-    assert "--rows 15 must be a multiple of the batch repetition 2" in capsys.readouterr().err
+def test_rows_must_be_a_multiple_of_the_repetition(runs):
+    res = runs[1]["rows"]
+    assert res.code == 2 and BAD["rows"][1] in res.err
 
 
-def test_harder_data_options_reach_the_dataset(example, monkeypatch):
-    seen = []
-    real = example.SyntheticImageDataset
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(example, "SyntheticImageDataset", spy)
-    out = example.main(["--smoke", "--object-size", "0.5", "--clutter", "0.7", "--train", "64"])
-    assert [(kw["object_size"], kw["clutter"], kw.get("train", True)) for kw in seen] == [
-        (0.5, 0.7, True),
-        (0.5, 0.7, False),
-    ]  # the training and the test split are the same harder task
+def test_harder_data_options_reach_the_dataset(runs):
+    res, out = _trained(runs, "harder")
+    (data,) = [line for line in res.out.splitlines() if line.startswith("data: ")]
+    train, test = data.split("; test split: ")
+    for split, flag in ((train, "train=True"), (test, "train=False")):  # the training and the test split are the
+        assert flag in split and "object_size=0.5, clutter=0.7" in split, data  # same harder task
     assert out["config"]["object_size"] == 0.5 and out["config"]["clutter"] == 0.7
 
 
-@pytest.mark.parametrize(
-    ("option", "value", "name"), [("--object-size", "1.5", "object_size"), ("--clutter", "-1", "clutter")]
-)
-def test_bad_data_options_are_refused(example, option, value, name):
-    with pytest.raises(ValueError, match=name):
-        example.main(["--smoke", option, value])
+@pytest.mark.parametrize("name", ["object_size", "clutter"])
+def test_bad_data_options_are_refused(runs, name):
+    res = runs[1][name]
+    assert res.code == 2 and name in res.err.strip().splitlines()[-1], res.err[-3000:]
 
 
-@pytest.mark.filterwarnings("ignore:the fitted temperature")  # a 20-step model may well sit at the bound
-def test_temperature_fitted_on_held_out_images(example):
-    plain = example.main(["--smoke"])
+def test_temperature_fitted_on_held_out_images(runs):
+    _, plain = _trained(runs, "mixshare")
     assert plain["temperature"] is None and plain["calibrated"] is None
-    out = example.main(["--smoke", "--val", "32", "--steps", "20"])
+    res, out = _trained(runs, "held_out")
     assert 0.05 <= out["temperature"] <= 20.0
     for key in ("nll", "ece", "brier"):
         assert math.isfinite(out["calibrated"][key]) and out["calibrated"][key] >= 0
     assert out["config"]["val"] == 32
+    assert f"temperature {out['temperature']:.3f} (fitted on 32 held-out training images)" in res.out
 
 
-def test_evaluate_at_a_temperature_matches_a_float64_reference(example):
-    torch = pytest.importorskip("torch")
+def test_evaluate_at_a_temperature_matches_a_float64_reference():
+    """The example's evaluation at a temperature (``EnsembleMetrics`` fed ``tempered_log_probs``, on images
+    standardised by ``Normalize``) against a float64 reference."""
     g = torch.Generator().manual_seed(0)
     m, k = 2, 5
     x = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g)
     y = torch.randint(0, k, (40,), generator=g)
-    augment = example.Augment(x, 0.0, g)
+    normalize = Normalize.from_images(x)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, m * k), torch.nn.Unflatten(1, (m, k)))
     with torch.no_grad():
         model[1].weight.mul_(20)  # confident members, so that the temperature matters
-        logits = model(augment.normalize(x)).double()
-    probs = logits.softmax(-1).mean(1)  # the ensemble: mean of the member probabilities
+        logits = model(normalize(x))
+    probs = logits.double().softmax(-1).mean(1)  # the ensemble: mean of the member probabilities
     for t in (1.0, 0.5, 3.0):
-        res = example.evaluate(model, x, y, augment, m, temperature=t)
+        metrics = EnsembleMetrics(m, "prob")
+        metrics.update(logits, y, log_probs=None if t == 1.0 else tempered_log_probs(logits, "prob", t)[0])
+        res = metrics.compute()
         tempered = (probs.log() / t).log_softmax(-1)
         assert res["nll"] == pytest.approx(-tempered[torch.arange(40), y].mean().item(), rel=1e-4)
         assert res["ensemble_acc"] == pytest.approx((probs.argmax(-1) == y).double().mean().item())
-        members = (logits.argmax(-1) == y[:, None]).double().mean(0).tolist()
+        members = (logits.double().argmax(-1) == y[:, None]).double().mean(0).tolist()
         assert res["individual_acc"] == pytest.approx(members)
 
 
-def test_val_must_leave_training_images(example, capsys):
-    with pytest.raises(SystemExit):
-        example.main(["--smoke", "--val", "96"])
-    assert "--val 96 must be at least 0 and below --train 96" in capsys.readouterr().err
+def test_val_must_leave_training_images(runs):
+    res = runs[1]["val"]
+    assert res.code == 2 and BAD["val"][1] in res.err

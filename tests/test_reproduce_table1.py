@@ -1,173 +1,51 @@
-"""examples/reproduce_table1.py: the table writer and the resume logic, on fake runs."""
+"""examples/reproduce_table1.py, run as a user runs it: the table it writes from finished runs, skipping and resuming
+runs, what a failing run shows, its one-line errors, and one real (tiny) run of the training script.
+
+The module's fixture runs every command first (``script_runs``); the tests read what each left.
+Fake runs are folders holding a ``summary.json`` and a ``config.json``, as the training script leaves them; the
+resume test runs a copy of the script next to a stand-in training script that records its arguments.
+"""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
+import functools
 import io
 import json
-import math
+import shutil
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
+from script_runs import ROOT, Result, run, run_all, run_commands
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "reproduce_table1.py"
+SCRIPT, MODULE = "examples/reproduce_table1.py", "examples.reproduce_table1"
 
+VALUES = {
+    "mixmo": [(70.0, 66.0, 10.0), (72.0, 67.0, 12.0), (71.0, 68.5, 11.0)],
+    "unmix-aligned": [(75.0, 75.0, 99.0), (77.5, 77.0, 98.0), (76.0, 76.5, 98.5)],
+}
 
-@pytest.fixture(scope="module")
-def table1():
-    spec = importlib.util.spec_from_file_location("_reproduce_table1_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
+STAND_IN_TRAINER = """
+import json, sys
+from pathlib import Path
 
-
-def _fake_runs():
-    values = {
-        "mixmo": [(70.0, 66.0, 10.0), (72.0, 67.0, 12.0), (71.0, 68.5, 11.0)],
-        "unmix-aligned": [(75.0, 75.0, 99.0), (77.5, 77.0, 98.0), (76.0, 76.5, 98.5)],
-    }
-    runs = []
-    for method, rows in values.items():
-        for seed, (ens, ind, share) in enumerate(rows):
-            runs.append(
-                {
-                    "method": method,
-                    "seed": seed,
-                    "ensemble_acc": ens,
-                    "mean_individual_acc": ind,
-                    "classifier_sharing": share,
-                    "classifier_sharing_sum_ratio": share - 1.0,
-                    "encoder_sharing": 50.0,
-                    "run_dir": f"/nowhere/{method}-s{seed}",
-                }
-            )
-    return values, runs
-
-
-def test_table_writer_mean_std_and_paper_numbers(table1, tmp_path):
-    values, runs = _fake_runs()
-    paths = table1.write_table(runs, tmp_path, methods=["mixmo", "unmix-aligned"], width=2, description="fake runs")
-    md = paths["markdown"].read_text()
-    assert md.startswith("fake runs\n")
-    for method, label in (("mixmo", "MixMo"), ("unmix-aligned", "MixMo + Unmix + kernel init.")):
-        cols = list(zip(*values[method], strict=True))
-        cells = [f"{statistics.mean(c):.1f} ± {statistics.stdev(c):.1f}" for c in cols]
-        line = next(line for line in md.splitlines() if line.startswith(f"| {label} (`{method}`)"))
-        assert all(cell in line for cell in cells), line
-    assert "74.8 ± 0.2 / 71.6 ± 0.2 / 4.9 ± 0.4" in md  # the paper's MixMo row, WRN-28-2
-    assert "79.0 ± 0.1 / 79.0 ± 0.1 / 99.4 ± 0.1" in md
-
-    rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
-    assert [r["method"] for r in rows] == ["mixmo", "unmix-aligned"]
-    ens = [v[0] for v in values["mixmo"]]
-    assert float(rows[0]["ensemble_acc_mean"]) == pytest.approx(statistics.mean(ens))
-    assert float(rows[0]["ensemble_acc_std"]) == pytest.approx(statistics.stdev(ens))
-    assert float(rows[0]["paper_classifier_sharing"]) == 4.9 and rows[0]["runs"] == "3"
-    assert len(list(csv.DictReader(io.StringIO(paths["runs"].read_text())))) == 6
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.csv", "table1.csv", "table1.md"]
-
-
-def test_collapsed_members_are_reported_per_run(table1, tmp_path):
-    """A run whose member stayed near chance is named in the table, its note, runs.csv, and on the console."""
-    _, runs = _fake_runs()
-    runs[2].update(individual_acc=[98.8, 0.4], collapsed_members=[1])  # a pre-fix quick MixMo run (issue 12)
-    for r in runs[:2] + runs[3:]:
-        r.update(individual_acc=[70.0, 68.0], collapsed_members=[])
-    paths = table1.write_table(runs, tmp_path, methods=["mixmo", "unmix-aligned"], width=2, description="fake")
-    md = paths["markdown"].read_text()
-    mixmo = next(line for line in md.splitlines() if line.startswith("| MixMo (`mixmo`)"))
-    aligned = next(line for line in md.splitlines() if line.startswith("| MixMo + Unmix + kernel init."))
-    assert "| 3 | 2 |" in mixmo and "| 3 | none |" in aligned
-    assert "`mixmo` seed 2 (member 1; member accuracies 98.8 / 0.4 %)" in md
-    rows = list(csv.DictReader(io.StringIO(paths["runs"].read_text())))
-    assert rows[2]["collapsed_members"] == "1" and rows[2]["individual_acc"] == "98.80 0.40"
-    assert rows[0]["collapsed_members"] == ""
-    table_rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
-    assert table_rows[0]["collapsed_seeds"] == "2"
-    runs[2]["collapsed_members"] = []
-    assert "No run had a collapsed member" in table1.collapse_note(runs)
-
-
-def test_collapsed_in_reads_the_summary_or_recomputes_it(table1, tmp_path):
-    assert table1.collapsed_in({"collapsed_members": [0]}) == [0]
-    (tmp_path / "config.json").write_text(json.dumps({"dataset": "synthetic", "synthetic_classes": 20}))
-    old = {"individual_acc": [98.8, 0.4], "run_dir": str(tmp_path)}  # a summary written before the check
-    assert table1.collapsed_in(old) == [1]
-    (tmp_path / "config.json").write_text(json.dumps({"dataset": "cifar100"}))
-    assert table1.collapsed_in({"individual_acc": [70.0, 0.9], "run_dir": str(tmp_path)}) == [1]
-    assert table1.collapsed_in({"individual_acc": [70.0, 60.0], "run_dir": str(tmp_path)}) == []
-    assert table1.collapsed_in({"ensemble_acc": 50.0}) is None  # nothing to judge from
-
-
-def test_table_writer_single_run_and_missing_method(table1, tmp_path):
-    _, runs = _fake_runs()
-    paths = table1.write_table(runs[:1], tmp_path, methods=["mixmo", "mixshare"], width=5, description="one")
-    md = paths["markdown"].read_text()
-    assert "| 70.0 | 66.0 | 10.0 |" in md  # one run: no std
-    assert "81.9 ± 0.1 / 79.4 ± 0.2 / 8.2 ± 0.1" in md  # WRN-28-5 columns
-    row = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))[1]
-    assert row["runs"] == "0" and row["ensemble_acc_mean"] == ""
-
-
-def test_mean_std(table1):
-    assert table1.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
-    mean, std = table1.mean_std([4.0])
-    assert mean == 4.0 and math.isnan(std)
-    assert all(math.isnan(v) for v in table1.mean_std([None, float("nan")]))
-
-
-def test_runs_are_skipped_or_resumed(table1, tmp_path):
-    calls = []
-
-    def fake_train(argv):
-        argv = list(argv)
-        calls.append(argv)
-        if "--resume" in argv:
-            run_dir = Path(argv[argv.index("--resume") + 1])
-        else:
-            run_dir = Path(argv[argv.index("--out-dir") + 1]) / argv[argv.index("--run-name") + 1]
-            assert argv[: len(table1.QUICK)] == table1.QUICK and argv[-2:] == ["--epochs", "1"]
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps({"dataset": "synthetic", "depth": 10, "width": 1}))
-        summary = {"ensemble_acc": 50.0, "mean_individual_acc": 40.0, "classifier_sharing": 70.0}
-        summary.update(run_dir=str(run_dir), stopped_early=False)
-        (run_dir / "summary.json").write_text(json.dumps(summary))
-        return summary
-
-    runs = tmp_path / "out" / "runs"
-    (runs / "mixmo-s1").mkdir(parents=True)
-    (runs / "mixmo-s1" / "checkpoint.pt").write_bytes(b"")  # interrupted: to be resumed
-    argv = ["--quick", "--seeds", "0", "1", "--methods", "mixmo", "unmix", "--out-dir", str(tmp_path / "out")]
-    result = table1.main([*argv, "--", "--epochs", "1"], train=fake_train)
-    assert len(calls) == 4 and calls[1] == ["--resume", str(runs / "mixmo-s1"), "--epochs", "1"]
-    assert [(r["method"], r["seed"]) for r in result["runs"]] == [
-        ("mixmo", 0),
-        ("mixmo", 1),
-        ("unmix", 0),
-        ("unmix", 1),
-    ]
-    assert "Quick CPU schedule: built-in synthetic data" in result["markdown"]
-
-    calls.clear()
-    again = table1.main([*argv, "--", "--epochs", "1"], train=fake_train)  # everything done: nothing trained
-    assert calls == [] and again["markdown"] == result["markdown"]
-
-
-def _run_cli(table1, argv, capsys):
-    capsys.readouterr()
-    try:
-        code = table1.cli(argv)
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
-
+argv = sys.argv[1:]
+with open(Path(__file__).with_name("calls.jsonl"), "a") as log:
+    log.write(json.dumps(argv) + "\\n")
+if "--fail" in argv:  # a warning, a progress bar cleared, then the one-line error
+    sys.stderr.write("a warning\\n\\rstep 1/2\\r        \\rerror: the loss is nan\\n")
+    sys.exit(2)
+if "--resume" in argv:
+    run_dir = Path(argv[argv.index("--resume") + 1])
+else:
+    run_dir = Path(argv[argv.index("--out-dir") + 1]) / argv[argv.index("--run-name") + 1]
+run_dir.mkdir(parents=True, exist_ok=True)
+(run_dir / "config.json").write_text(json.dumps({"dataset": "synthetic", "depth": 10, "width": 1}))
+summary = {"ensemble_acc": 50.0, "mean_individual_acc": 40.0, "classifier_sharing": 70.0}
+summary.update(run_dir=str(run_dir), stopped_early=False)
+(run_dir / "summary.json").write_text(json.dumps(summary))
+"""
 
 BAD_OPTIONS = [
     (["--seeds", "1", "1"], "--seeds"),
@@ -181,28 +59,254 @@ BAD_OPTIONS = [
     (["--", "--bogus-option"], "--bogus-option"),
     (["--", "--synthetic-size", "0"], "--synthetic-size"),
 ]
+BAD_IDS = [" ".join(a) for a, _ in BAD_OPTIONS]
 
 
-@pytest.mark.parametrize(("argv", "option"), BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
-def test_bad_option_one_line_exit_2_nothing_written(table1, tmp_path, capsys, argv, option):
-    (tmp_path / "a-file").write_text("not a folder")
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    out = [] if "--out-dir" in argv else ["--out-dir", str(tmp_path / "table")]
+def _fake_run(runs: Path, method: str, seed: int, summary: dict, config: dict | None = None) -> None:
+    run_dir = runs / f"{method}-s{seed}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "run_dir": str(run_dir)}))
+    if config is not None:
+        (run_dir / "config.json").write_text(json.dumps(config))
+
+
+def _table_of_fake_runs(tmp: Path) -> list[str]:
+    """Six finished runs, two methods x three seeds; mixmo seed 2 with a collapsed member."""
+    for method, rows in VALUES.items():
+        for seed, (ens, ind, share) in enumerate(rows):
+            collapsed = [1] if (method, seed) == ("mixmo", 2) else []
+            accs = [98.8, 0.4] if collapsed else [70.0, 68.0]
+            summary = {"ensemble_acc": ens, "mean_individual_acc": ind, "classifier_sharing": share}
+            summary.update(encoder_sharing=50.0, individual_acc=accs, collapsed_members=collapsed)
+            _fake_run(tmp / "runs", method, seed, summary)
+    return ["--table-only", "--methods", "mixmo", "unmix-aligned", "--out-dir", str(tmp)]
+
+
+def _table_of_odd_runs(tmp: Path) -> list[str]:
+    """WRN-28-5 columns; one mixmo run, no mixshare run, and unmix runs whose collapse must be read or recomputed."""
+    runs = tmp / "runs"
+    one = {"ensemble_acc": 70.0, "mean_individual_acc": 66.0, "classifier_sharing": 10.0}
+    _fake_run(runs, "mixmo", 0, {**one, "individual_acc": [70.0, 68.0], "collapsed_members": [0]})  # read as given
+    # summaries written before the check existed: recomputed from the member accuracies and config.json's classes
+    synthetic = {"dataset": "synthetic", "synthetic_classes": 20}
+    _fake_run(runs, "unmix", 0, {**one, "individual_acc": [98.8, 0.4]}, synthetic)
+    _fake_run(runs, "unmix", 1, {**one, "individual_acc": [70.0, 0.9]}, {"dataset": "cifar100"})
+    _fake_run(runs, "unmix", 2, {**one, "individual_acc": [70.0, 60.0]}, {"dataset": "cifar100"})
+    _fake_run(runs, "unmix", 3, {"ensemble_acc": 50.0})  # nothing to judge from
+    methods = ["--methods", "mixmo", "mixshare", "unmix"]
+    return ["--table-only", "--width", "5", *methods, "--seeds", "0", "1", "2", "3", "--out-dir", str(tmp)]
+
+
+def _skip_and_resume(tmp: Path) -> tuple[Result, Result, Path, Result]:
+    """A copy of the script beside a stand-in training script; the same command twice, then a failing run."""
+    folder = tmp / "examples"
+    folder.mkdir()
+    shutil.copy(ROOT / SCRIPT, folder / "reproduce_table1.py")
+    (folder / "cifar100_wrn.py").write_text(STAND_IN_TRAINER)
+    runs = tmp / "out" / "runs"
+    (runs / "mixmo-s1").mkdir(parents=True)
+    (runs / "mixmo-s1" / "checkpoint.pt").write_bytes(b"")  # interrupted: to be resumed
+    argv = ["--quick", "--seeds", "0", "1", "--methods", "mixmo", "unmix", "--out-dir", str(tmp / "out")]
+    argv += ["--", "--epochs", "1"]
+    first = run(folder / "reproduce_table1.py", *argv)
+    second = run(folder / "reproduce_table1.py", *argv)
+    failing = ["--quick", "--seeds", "0", "--methods", "mixmo", "--out-dir", str(tmp / "failing"), "--", "--fail"]
+    return first, second, folder / "calls.jsonl", run(folder / "reproduce_table1.py", *failing)
+
+
+def _bad_option(tmp: Path, argv: list[str]) -> list[str]:
+    (tmp / "a-file").write_text("not a folder")
+    argv = [a.replace("{tmp}", str(tmp)) for a in argv]
+    out = [] if "--out-dir" in argv else ["--out-dir", str(tmp / "table")]
     cut = argv.index("--") if "--" in argv else len(argv)
-    code, err = _run_cli(table1, ["--quick", "--seeds", "0", *out, *argv[:cut], *argv[cut:]], capsys)
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and option in lines[0], err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no run started, nothing written
+    return ["--quick", "--seeds", "0", *out, *argv[:cut], *argv[cut:]]
 
 
-def test_a_run_that_cannot_resume_stops_the_table_in_one_line(table1, tmp_path, capsys):
-    run = tmp_path / "table" / "runs" / "mixmo-s0"
-    run.mkdir(parents=True)
-    (run / "config.json").write_text("{}")
-    (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a whole archive")
-    argv = ["--quick", "--seeds", "0", "--methods", "mixmo", "--out-dir", str(tmp_path / "table")]
-    code, err = _run_cli(table1, argv, capsys)
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, err
+def _damaged_checkpoint(tmp: Path) -> list[str]:
+    run_dir = tmp / "table" / "runs" / "mixmo-s0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a whole archive")
+    return ["--quick", "--seeds", "0", "--methods", "mixmo", "--out-dir", str(tmp / "table")]
+
+
+def _real_run(tmp: Path) -> list[str]:
+    tiny = ["--epochs", "1", "--synthetic-train", "64", "--synthetic-test", "32", "--synthetic-classes", "4"]
+    tiny += ["--eval-batch-size", "32", "--shift-eval", "false"]
+    return ["--quick", "--seeds", "0", "--methods", "mixmo", "--out-dir", str(tmp), "--", *tiny]
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory):
+    """``(results, table folders, bad-option folders)``: every command line as ``python -m
+    examples.reproduce_table1`` in one process (the runs it starts are processes of their own), and at the same
+    time the copy of the script beside a stand-in training script (``_skip_and_resume``)."""
+    folder = tmp_path_factory.mktemp
+    tables = {"fake": folder("fake"), "odd": folder("odd"), "real": folder("real")}
+    commands = {
+        "fake": _table_of_fake_runs(tables["fake"]),
+        "odd": _table_of_odd_runs(tables["odd"]),
+        "damaged": _damaged_checkpoint(folder("damaged")),
+        "real": _real_run(tables["real"]),
+    }
+    bad_dirs = {}
+    for argv, _ in BAD_OPTIONS:
+        key = " ".join(argv)
+        bad_dirs[key] = folder("bad")
+        commands[key] = _bad_option(bad_dirs[key], argv)
+    calls = {
+        "batch": functools.partial(run_commands, [(MODULE, argv) for argv in commands.values()]),
+        "resume": functools.partial(_skip_and_resume, folder("resume")),
+    }
+    done = run_all(calls)
+    results = dict(zip(commands, done["batch"], strict=True))
+    results["resume"] = done["resume"]
+    return results, tables, bad_dirs
+
+
+def _files(out: Path) -> dict[str, str]:
+    return {name: (out / name).read_text() for name in ("table1.md", "table1.csv", "runs.csv")}
+
+
+def test_table_writer_mean_std_and_paper_numbers(outcome):
+    results, tables, _ = outcome
+    assert results["fake"].code == 0, results["fake"].err
+    files = _files(tables["fake"])
+    md = files["table1.md"]
+    assert md.startswith("Runs: seeds [0, 1, 2].\n")  # no config.json to describe the runs with
+    for method, label in (("mixmo", "MixMo"), ("unmix-aligned", "MixMo + Unmix + kernel init.")):
+        cols = list(zip(*VALUES[method], strict=True))
+        cells = [f"{statistics.mean(c):.1f} ± {statistics.stdev(c):.1f}" for c in cols]
+        line = next(line for line in md.splitlines() if line.startswith(f"| {label} (`{method}`)"))
+        assert all(cell in line for cell in cells), line
+    assert "74.8 ± 0.2 / 71.6 ± 0.2 / 4.9 ± 0.4" in md  # the paper's MixMo row, WRN-28-2
+    assert "79.0 ± 0.1 / 79.0 ± 0.1 / 99.4 ± 0.1" in md
+
+    rows = list(csv.DictReader(io.StringIO(files["table1.csv"])))
+    assert [r["method"] for r in rows] == ["mixmo", "unmix-aligned"]
+    ens = [v[0] for v in VALUES["mixmo"]]
+    assert float(rows[0]["ensemble_acc_mean"]) == pytest.approx(statistics.mean(ens))
+    assert float(rows[0]["ensemble_acc_std"]) == pytest.approx(statistics.stdev(ens))
+    assert float(rows[0]["paper_classifier_sharing"]) == 4.9 and rows[0]["runs"] == "3"
+    assert len(list(csv.DictReader(io.StringIO(files["runs.csv"])))) == 6
+    assert sorted(p.name for p in tables["fake"].iterdir()) == ["runs", "runs.csv", "table1.csv", "table1.md"]
+    assert md in results["fake"].out  # the table is also printed
+
+
+def test_collapsed_members_are_reported_per_run(outcome):
+    """A run whose member stayed near chance is named in the table, its note, runs.csv, and on the console."""
+    results, tables, _ = outcome
+    files = _files(tables["fake"])
+    md = files["table1.md"]
+    mixmo = next(line for line in md.splitlines() if line.startswith("| MixMo (`mixmo`)"))
+    aligned = next(line for line in md.splitlines() if line.startswith("| MixMo + Unmix + kernel init."))
+    assert "| 3 | 2 |" in mixmo and "| 3 | none |" in aligned
+    assert "`mixmo` seed 2 (member 1; member accuracies 98.8 / 0.4 %)" in md
+    rows = list(csv.DictReader(io.StringIO(files["runs.csv"])))
+    assert rows[2]["collapsed_members"] == "1" and rows[2]["individual_acc"] == "98.80 0.40"
+    assert rows[0]["collapsed_members"] == ""
+    table_rows = list(csv.DictReader(io.StringIO(files["table1.csv"])))
+    assert table_rows[0]["collapsed_seeds"] == "2"
+    warnings = [line for line in results["fake"].out.splitlines() if "WARNING" in line]
+    assert warnings == ["[table1] mixmo-s2: WARNING: member(s) 1 collapsed (member accuracies 98.80 / 0.40 %)"]
+    resumed = results["resume"][2].parent.parent / "out" / "table1.md"  # no run there has a collapsed member
+    assert "No run had a collapsed member" in resumed.read_text()
+
+
+def test_collapsed_in_reads_the_summary_or_recomputes_it(outcome):
+    results, tables, _ = outcome
+    assert results["odd"].code == 0, results["odd"].err
+    rows = {(r["method"], r["seed"]): r for r in csv.DictReader(io.StringIO(_files(tables["odd"])["runs.csv"]))}
+    assert rows["mixmo", "0"]["collapsed_members"] == "0"  # as the summary says
+    assert rows["unmix", "0"]["collapsed_members"] == "1"  # synthetic data, 20 classes: 0.4 % is chance
+    assert rows["unmix", "1"]["collapsed_members"] == "1"  # CIFAR-100: 0.9 % is chance
+    assert rows["unmix", "2"]["collapsed_members"] == ""  # 60 % learned
+    assert rows["unmix", "3"]["collapsed_members"] == "" and rows["unmix", "3"]["individual_acc"] == ""  # unknown
+    warned = [line.split(":")[0] for line in results["odd"].out.splitlines() if "WARNING" in line]
+    assert warned == ["[table1] mixmo-s0", "[table1] unmix-s0", "[table1] unmix-s1"]
+
+
+def test_table_writer_single_run_and_missing_method(outcome):
+    results, tables, _ = outcome
+    files = _files(tables["odd"])
+    md = files["table1.md"]
+    assert "| 70.0 | 66.0 | 10.0 |" in md  # one run: no std
+    assert "81.9 ± 0.1 / 79.4 ± 0.2 / 8.2 ± 0.1" in md  # WRN-28-5 columns
+    row = list(csv.DictReader(io.StringIO(files["table1.csv"])))[1]
+    assert row["method"] == "mixshare" and row["runs"] == "0" and row["ensemble_acc_mean"] == ""
+    assert "[table1] mixshare-s0: not finished, left out (--table-only)" in results["odd"].out
+
+
+def test_mean_std(outcome):
+    """Sample standard deviation (n - 1); a single run has none; a run without a value is left out of the mean."""
+    _, tables, _ = outcome
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO(_files(tables["odd"])["table1.csv"]))}
+    unmix = rows["unmix"]  # four runs, three with an ensemble accuracy of 70.0 and one of 50.0
+    mean, std = statistics.mean([70.0, 70.0, 70.0, 50.0]), statistics.stdev([70.0, 70.0, 70.0, 50.0])
+    assert float(unmix["ensemble_acc_mean"]) == pytest.approx(mean)
+    assert float(unmix["ensemble_acc_std"]) == pytest.approx(std)
+    assert float(unmix["mean_individual_acc_mean"]) == 66.0 and float(unmix["mean_individual_acc_std"]) == 0.0
+    assert unmix["encoder_sharing_mean"] == unmix["encoder_sharing_std"] == ""  # no run has a value
+    assert float(rows["mixmo"]["ensemble_acc_mean"]) == 70.0 and rows["mixmo"]["ensemble_acc_std"] == ""
+
+
+def test_runs_are_skipped_or_resumed(outcome):
+    results, _, _ = outcome
+    first, second, log, _ = results["resume"]
+    assert first.code == 0, first.err
+    calls = [json.loads(line) for line in log.read_text().splitlines()][:4]  # the 5th: the failing test's run
+    runs = log.parent.parent / "out" / "runs"
+    assert len(calls) == 4 and calls[1] == ["--resume", str(runs / "mixmo-s1"), "--epochs", "1"]
+    fresh = [calls[0], calls[2], calls[3]]
+    schedule = fresh[0][: fresh[0].index("--method")]
+    assert schedule[:2] == ["--dataset", "synthetic"] and "--depth" in schedule  # the --quick schedule first
+    for argv, (method, seed) in zip(fresh, [("mixmo", 0), ("unmix", 0), ("unmix", 1)], strict=True):
+        assert argv[: len(schedule)] == schedule and argv[-2:] == ["--epochs", "1"]
+        tail = ["--method", method, "--seed", str(seed), "--out-dir", str(runs), "--run-name", f"{method}-s{seed}"]
+        assert argv[len(schedule) : -2] == tail
+    table = list(csv.DictReader(io.StringIO((runs.parent / "runs.csv").read_text())))
+    assert [(r["method"], r["seed"]) for r in table] == [("mixmo", "0"), ("mixmo", "1"), ("unmix", "0"), ("unmix", "1")]
+    markdown = (runs.parent / "table1.md").read_text()
+    assert "Quick CPU schedule: built-in synthetic data" in markdown
+
+    assert second.code == 0, second.err  # everything done: nothing trained
+    assert len(log.read_text().splitlines()) == 5 and markdown in second.out  # no new call but the failing run's
+    assert second.out.count("done before, skipped") == 4
+
+
+def test_a_failing_run_passes_its_output_through_and_ends_the_table_in_one_line(outcome):
+    """The training script's stderr reaches the user as it comes (a progress bar included); its last line, the
+    one-line error, is printed once, with the run's name."""
+    failing = outcome[0]["resume"][3]
+    assert failing.code == 2, failing.err
+    assert failing.err == "a warning\n\rstep 1/2\r        \rerror: mixmo-s0: the loss is nan\n"
+
+
+@pytest.mark.parametrize(("argv", "option"), BAD_OPTIONS, ids=BAD_IDS)
+def test_bad_option_one_line_exit_2_nothing_written(outcome, argv, option):
+    results, _, bad_dirs = outcome
+    key = " ".join(argv)
+    res = results[key]
+    lines = res.err_lines()
+    assert res.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and option in lines[0], res.err
+    assert sorted(p.name for p in bad_dirs[key].iterdir()) == ["a-file"]  # no run started, nothing written
+
+
+def test_a_run_that_cannot_resume_stops_the_table_in_one_line(outcome):
+    res = outcome[0]["damaged"]
+    lines = res.err_lines()
+    assert res.code == 2 and len(lines) == 1, res.err
     assert lines[0].startswith("error: mixmo-s0: --resume: checkpoint ") and "truncated or damaged" in lines[0]
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json"]
+
+
+def test_a_real_run_of_the_training_script_fills_its_cell(outcome):
+    """The training script, started as a child process, writes the summary the table is made of."""
+    results, tables, _ = outcome
+    res, out = results["real"], tables["real"]
+    assert res.code == 0, res.err[-3000:]
+    run_dir = out / "runs" / "mixmo-s0"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (row,) = csv.DictReader(io.StringIO((out / "runs.csv").read_text()))
+    assert row["method"] == "mixmo" and float(row["ensemble_acc"]) == pytest.approx(summary["ensemble_acc"])
+    assert row["run_dir"] == str(run_dir) and summary["epochs"] == 1
+    assert row["classifier_sharing_sum_ratio"] != ""  # read from the run's checkpoint
