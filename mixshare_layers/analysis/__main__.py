@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -30,10 +31,9 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor
 
-from .._files import folder_problem
+from .._files import atomic_write, folder_problem
 from ..checkpoint import CheckpointError
 from ..wrapper import MIMOWrapper
-from ._io import write_json
 from .checkpoint import load_wrn_checkpoint
 from .sharing import classifier_influence, encoder_influence, sharing_rate
 from .variance import feature_variance_influence
@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "figures": [],
     }
-    write_json(out / "sharing.json", result)
+    atomic_write(out / "sharing.json", lambda f: f.write(json.dumps(result, indent=2).encode() + b"\n"))
 
     if not args.no_plots:
         from .plots import plot_influence
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 h, out / _safe(stem), title=title, ylabel=ylabel, sort=args.sort, formats=args.formats
             )
             result["figures"].extend(str(f) for f in files)
-        write_json(out / "sharing.json", result)
+        atomic_write(out / "sharing.json", lambda f: f.write(json.dumps(result, indent=2).encode() + b"\n"))
 
     for name, r in result["rates"].items():
         print(f"{name:>24s}: sharing {r['mean_ratio']:6.2f}% (mean ratio)  {r['sum_ratio']:6.2f}% (sum ratio)")

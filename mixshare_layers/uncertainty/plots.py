@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .._checks import check_choice
-from ..analysis._io import atomic_write
+from .._files import atomic_write
 from ..analysis.plots import PLOT_FORMATS, SUBNETWORK_COLORS, _require_matplotlib
 
 __all__ = ["plot_reliability_diagram", "plot_uncertainty_report"]
