@@ -370,7 +370,7 @@ def test_a_recipe_that_does_not_fit_its_weights(tmp_path, capsys):
         ),
         "nonexistent_module": (
             {**recipe, "split": {"encoder": "conv9", "core": "layer1", "classifier": "fc"}},
-            r"names \['conv9'\], which the built backbone does not have",
+            r"names \['conv9'\], which the built backbone lacks",
         ),
     }
     for name, (bad, message) in cases.items():

@@ -9,6 +9,7 @@ name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import enum
 import importlib
@@ -28,7 +29,6 @@ from .store import FORMAT, RESERVED_KEYS, CheckpointError, save_checkpoint
 __all__ = ["convert_checkpoint", "data_only_globals", "to_plain"]
 
 _PATHS = (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath)
-_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device, torch.Tensor, nn.Parameter)
 
 
 def _data_only_objects() -> list[Any]:
@@ -54,62 +54,59 @@ def data_only_globals() -> frozenset[str]:
 
 
 def to_plain(value: Any, where: str = "checkpoint") -> Any:
-    """``value`` rebuilt from plain values only.
-
-    Namespaces, dataclass instances and named tuples become dicts, paths strings, enum members their value, sets
-    sorted lists, numpy arrays tensors, numpy scalars Python numbers, tensor subclasses tensors, modules and
-    optimisers their ``state_dict()``.
+    """``value`` made of plain values: Namespaces, dataclasses and named tuples as dicts, modules and optimisers as
+    their ``state_dict()``, numpy arrays as tensors, numpy scalars and enum members as Python values, paths as strings,
+    sets as sorted lists.
 
     Raises:
-        TypeError: something with no plain form (the message says where, from ``where``).
+        TypeError: something with no plain form (the message says where).
 
     Example:
         >>> import argparse
         >>> to_plain({"args": argparse.Namespace(lr=0.1, tags={"b", "a"})})
         {'args': {'lr': 0.1, 'tags': ['a', 'b']}}
     """
-    if type(value) in (*_LEAVES, torch.Size):
+    if type(value) in (*store._PLAIN, torch.Size):
         return value
+    if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):
+        value = dict(vars(value))
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    elif isinstance(value, tuple) and hasattr(value, "_asdict"):  # a named tuple
+        value = dict(value._asdict())
+    elif isinstance(value, (nn.Module, torch.optim.Optimizer)):
+        value = value.state_dict()
     if isinstance(value, torch.Tensor):
         return value.as_subclass(torch.Tensor)
     if isinstance(value, enum.Enum):
         return to_plain(value.value, where)
+    if isinstance(value, pathlib.PurePath):
+        return str(value)
     if isinstance(value, dict):
         out = {to_plain(k, f"{where} key {k!r}"): to_plain(v, f"{where}[{k!r}]") for k, v in value.items()}
         bad = next((k for k in out if type(k) not in (str, int)), None)
         if bad is not None:
             raise TypeError(f"{where} has the key {bad!r} of type {store._type_name(bad)}: keys must be str or int")
         return out
-    if isinstance(value, tuple) and hasattr(value, "_asdict"):  # a named tuple
-        return to_plain(dict(value._asdict()), where)
     if isinstance(value, (list, tuple)):
         items = [to_plain(sub, f"{where}[{i}]") for i, sub in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
     if isinstance(value, (set, frozenset)):
         items = [to_plain(sub, f"{where} item") for sub in value]
-        try:
-            return sorted(items)
-        except TypeError:
-            return items
-    if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):
-        return to_plain(dict(vars(value)), where)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_plain({f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, where)
-    if isinstance(value, pathlib.PurePath):
-        return str(value)
-    if isinstance(value, (nn.Module, torch.optim.Optimizer)):
-        return to_plain(value.state_dict(), where)
+        with contextlib.suppress(TypeError):
+            items.sort()
+        return items
     if type(value).__module__.split(".")[0] == "numpy":
         import numpy as np
 
-        if isinstance(value, np.ndarray) and not value.dtype.hasobject:
+        if isinstance(value, np.ndarray) and value.dtype.hasobject:
+            raise TypeError(f"{where} is a numpy array of Python objects, which has no plain form")
+        if isinstance(value, np.ndarray):
             return torch.from_numpy(np.ascontiguousarray(value)).clone()
         if isinstance(value, np.generic):
             return to_plain(value.item(), where)
         if isinstance(value, np.dtype):
             return str(value)
-        if isinstance(value, np.ndarray):
-            raise TypeError(f"{where} is a numpy array of Python objects, which has no plain form")
     raise TypeError(f"{where} has type {store._type_name(value)}, which has no plain form: convert it by hand")
 
 
@@ -121,23 +118,20 @@ def convert_checkpoint(
     overwrite: bool = False,
     log: Callable[[str], object] | None = None,
 ) -> Path:
-    """Rewrite the file ``src`` as the checkpoint ``dst`` (plain values, with a digest; ``src`` is not changed).
+    """Rewrite the file ``src`` as the checkpoint ``dst``: plain values (:func:`to_plain`), with a digest.
 
     Args:
-        src: the file to convert.
-        dst: the new file, written by :func:`~mixshare_layers.checkpoint.save_checkpoint`.
+        src: the file to convert (it is not changed).
+        dst: the new file (:func:`~mixshare_layers.checkpoint.save_checkpoint`'s).
         trusted: unpickle ``src`` completely, running whatever code it holds. Only for files you trust.
-        overwrite: replace ``dst`` if it exists (refused otherwise).
-        log: called with a line for each change made to the entries (e.g. ``print``).
-
-    Returns:
-        ``Path(dst)``.
+        overwrite: replace ``dst`` if it exists.
+        log: called with a line for each entry renamed (e.g. ``print``): another program's ``format`` and
+            ``format_version`` become ``source_format`` and ``source_format_version``.
 
     Raises:
         CheckpointError: ``src`` cannot be read, or (without ``trusted``) stores objects other than data.
-        FileExistsError: ``dst`` exists and ``overwrite`` is False.
+        FileExistsError: ``dst`` exists and ``overwrite`` is False. ValueError: ``src`` is ``dst``.
         TypeError: something in ``src`` has no plain form.
-        ValueError: ``src`` and ``dst`` are the same file.
     """
     src_p, dst_p = os.fspath(src), Path(dst)
     store._require_safe_loading(src_p)
@@ -157,14 +151,11 @@ def convert_checkpoint(
             error = store._load_error(src_p, err, fh)
             if trusted or not error.reason.startswith("refused"):
                 raise error from None
-            reason, hint = error.reason.replace(", able to run code,", ""), "which runs what it holds"
-            hint = f"if you made this file yourself or trust its source, add --trusted (trusted=True), {hint}"
-            raise CheckpointError(src_p, reason, hint) from None
-    if isinstance(obj, (nn.Module, torch.optim.Optimizer)):
-        obj = obj.state_dict()
-    if not isinstance(obj, dict):
-        raise TypeError(f"{src_p} holds a {store._type_name(obj)}: a checkpoint is a dict of named entries")
+            hint = "if you made this file yourself or trust its source, add --trusted (trusted=True): it runs its code"
+            raise CheckpointError(src_p, error.reason.replace(", able to run code,", ""), hint) from None
     plain = to_plain(obj)
+    if not isinstance(plain, dict):
+        raise TypeError(f"{src_p} holds a {store._type_name(obj)}: a checkpoint is a dict of named entries")
     if plain.get("format") == FORMAT:
         plain = {k: v for k, v in plain.items() if k not in RESERVED_KEYS}
     for key in RESERVED_KEYS:  # another program's (or an older script's) format marker, kept under another name

@@ -39,7 +39,6 @@ def strip_state_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _structure(model: nn.Module) -> dict[tuple[str, bool], str]:
-    """Every module's class and ``extra_repr`` (hyper-parameters), every state entry's shape, a few attributes."""
     rows = {(name, False): f"{type(m).__qualname__}({m.extra_repr()})" for name, m in model.named_modules()}
     rows.update({(key, True): f"tensor{tuple(t.shape)}" for key, t in model.state_dict().items()})
     for attr in ("layout", "num_prefix_tokens", "pooling", "preset", "num_subnetworks"):
@@ -48,11 +47,10 @@ def _structure(model: nn.Module) -> dict[tuple[str, bool], str]:
 
 
 def check_recipe(model: MIMOWrapper, recipe: ModelRecipe) -> MIMOWrapper:
-    """Check that ``recipe`` builds a model of ``model``'s structure (modules, hyper-parameters, state shapes, layout,
-    pooling, preset, M; not the dtype) and return the model it built.
+    """Check that ``recipe`` builds a model of ``model``'s structure and return that model.
 
-    Raises:
-        RecipeError: the first difference, or why the recipe cannot build anything.
+    Compared: every module's class and hyper-parameters (``extra_repr``), every state entry's shape (not its
+    dtype), the wrapper's layout, pooling, preset and M. Raises a :class:`RecipeError` at the first difference.
     """
     built = recipe.build()
     want, got = _structure(model), _structure(built)
@@ -80,29 +78,22 @@ def save_model(
     keep_previous: bool = False,
     check: bool = True,
 ) -> Path:
-    """Save a :class:`~mixshare_layers.MIMOWrapper` with the recipe that rebuilds it (digest-checked, atomic).
-
-    The file holds ``{"model": state_dict, "recipe": recipe.to_dict(), **extra}``; :func:`load_model` and ``python
-    -m mixshare_layers.analysis`` rebuild the model from it.
+    """Save a :class:`~mixshare_layers.MIMOWrapper` with the recipe that rebuilds it: ``{"model": state_dict,
+    "recipe": recipe.to_dict(), **extra}``, by :func:`~mixshare_layers.checkpoint.save_checkpoint`.
 
     Args:
         path: the checkpoint file.
-        model: the wrapped model (a ``torch.compile`` or ``DistributedDataParallel`` shell around it is removed).
-        builder: the backbone's builder (allowlist: :mod:`mixshare_layers.checkpoint.recipe`), e.g.
-            ``"torchvision:resnet18"``, ``"timm:resnet18"``, or a name registered with
-            :func:`~mixshare_layers.checkpoint.register_builder`. The wrapper's settings are read from ``model``.
-        builder_kwargs: the builder's architecture arguments (plain values; no ``weights`` / ``pretrained``).
+        model: the wrapped model (a ``torch.compile`` or ``DistributedDataParallel`` shell is removed).
+        builder: the backbone's builder, e.g. ``"torchvision:resnet18"`` (allowlist:
+            :mod:`~mixshare_layers.checkpoint.recipe`); the wrapper's own settings are read from ``model``.
+        builder_kwargs: its architecture arguments (plain values; no ``weights`` / ``pretrained``).
         transforms: in-place backbone changes by name (``"mixshare_layers.models.cifar_resnet"``).
         split: a hand-made split's :func:`~mixshare_layers.checkpoint.describe_split`.
-        recipe: the whole recipe, instead of the four arguments above.
+        recipe: the whole :class:`ModelRecipe`, instead of the four arguments above.
         extra: more plain entries (``"config"``, ``"epoch"``, an optimizer's state ...).
         keep_previous: keep the file being replaced as ``<stem>.prev<suffix>``.
-        check: build the recipe's model first and compare it with ``model`` (:func:`check_recipe`), so that a wrong
-            recipe is refused now rather than when the file is loaded.
-
-    Raises:
-        TypeError: ``model`` is not a ``MIMOWrapper``, or ``extra`` holds values that are not plain.
-        RecipeError: (a ``ValueError``) the recipe is malformed, not allowed, or builds another model.
+        check: first compare the recipe's model with ``model`` (:func:`check_recipe`): a wrong recipe is refused
+            now, not when the file is loaded.
 
     Example:
         >>> import tempfile
@@ -110,27 +101,25 @@ def save_model(
         >>> model = MIMOWrapper(wide_resnet(10, 1, 10), 2, preset="mixshare")
         >>> path = save_model(f"{tempfile.mkdtemp()}/ck.pt", model, builder="mixshare_layers.models.wide_resnet",
         ...                   builder_kwargs={"depth": 10, "width": 1, "num_classes": 10}, extra={"epoch": 3})
-        >>> loaded, checkpoint = load_model(path)
-        >>> loaded.preset, checkpoint["epoch"]
-        ('mixshare', 3)
+        >>> load_model(path)[1]["epoch"]
+        3
     """
     inner = getattr(model, "_orig_mod", model)
     inner = inner if isinstance(inner, MIMOWrapper) else getattr(inner, "module", inner)
     if not isinstance(inner, MIMOWrapper):
         raise TypeError(f"model must be a MIMOWrapper, but got {type(model).__name__}")
-    if recipe is None and builder is None:
-        raise TypeError(
-            "save_model needs the backbone's builder (builder='torchvision:resnet18', builder_kwargs={...}) or "
-            "recipe=ModelRecipe(...); a model that no builder makes is saved with save_checkpoint and loaded from "
-            "Python"
-        )
     if recipe is None:
-        recipe = ModelRecipe.of(inner, builder, builder_kwargs, transforms=transforms, split=split)  # type: ignore[arg-type]
-    elif builder is not None or builder_kwargs is not None or split is not None or tuple(transforms):
+        if builder is None:
+            raise TypeError(
+                "save_model needs the backbone's builder (builder='torchvision:resnet18', builder_kwargs={...}) or "
+                "recipe=ModelRecipe(...); save a model no builder makes with save_checkpoint"
+            )
+        recipe = ModelRecipe.of(inner, builder, builder_kwargs, transforms=transforms, split=split)
+    elif builder is not None or builder_kwargs is not None or split is not None or transforms:
         raise TypeError("give recipe= or builder= (with builder_kwargs, transforms, split), not both")
     elif not isinstance(recipe, ModelRecipe):
         raise TypeError(f"recipe must be a ModelRecipe, but got {type(recipe).__name__}")
-    clash = sorted(k for k in ("model", "recipe") if k in (extra or {}))
+    clash = sorted({"model", "recipe"} & set(extra or {}))
     if clash:
         raise ValueError(f"extra must not hold {clash}: save_model writes them")
     if check:
@@ -142,42 +131,32 @@ def save_model(
 def model_from_recipe(checkpoint: Mapping[str, Any], *, map_location: Any = None) -> MIMOWrapper:
     """Rebuild the model of a loaded checkpoint dict that holds ``"model"`` and ``"recipe"`` (strict loading).
 
-    The model is returned in eval mode, in the dtype of the checkpoint's floating-point tensors when they share one,
-    on ``map_location`` (default: where the tensors are).
-
-    Raises:
-        RecipeError: no recipe, a malformed or refused one, or one that does not rebuild these weights.
+    The model comes in eval mode, in the dtype of the checkpoint's floating-point tensors when they share one, on
+    ``map_location`` (default: where the tensors are). Raises a :class:`RecipeError` when there is no recipe, or it
+    is malformed, refused, or does not rebuild these weights.
     """
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"checkpoint must be a dict, but got {type(checkpoint).__name__}")
-    if "recipe" not in checkpoint:
-        raise RecipeError("the checkpoint records no recipe (how to rebuild its model)")
+    if "recipe" not in checkpoint or not isinstance(checkpoint.get("model"), Mapping):
+        raise RecipeError("the checkpoint records no recipe (how to rebuild its model) or no state_dict under 'model'")
     recipe = ModelRecipe.from_dict(checkpoint["recipe"])
-    state = checkpoint.get("model")
-    if not isinstance(state, Mapping):
-        raise RecipeError(f"the checkpoint's 'model' must be a state_dict, but got {type(state).__name__}")
-    state = strip_state_prefixes(state)
+    state = strip_state_prefixes(checkpoint["model"])
     tensors = [t for t in state.values() if isinstance(t, torch.Tensor)]
-    try:  # a file must not make us allocate far more than it holds: the backbone is sized on the meta device first
+    try:  # a file must not make us allocate far more than it holds: the backbone is first sized on the meta device
         with torch.device("meta"):
             size = sum(p.numel() for p in recipe.build_backbone().parameters())
-    except Exception:  # some builders read values while they build (.item()): they are built for real
+    except Exception:  # builders that read values while they build (.item()) are built for real
         size = 0
     held = sum(t.numel() for t in tensors)
-    if size > 4 * held + 1_000_000:  # a backbone may hold more than the wrapper keeps (auxiliary heads are dropped)
-        raise RecipeError(
-            f"its recipe builds a backbone of {size:,} parameters but the checkpoint holds {held:,} values: the "
-            "recipe does not describe these weights"
-        )
+    if size > 4 * held + 1_000_000:  # a backbone may hold more than the wrapper keeps (auxiliary heads)
+        raise RecipeError(f"its recipe builds a backbone of {size:,} parameters but the checkpoint holds {held:,}")
     model = recipe.build()
     dtypes = {t.dtype for t in tensors if t.is_floating_point()}
-    if len(dtypes) == 1:
-        model = model.to(dtype=dtypes.pop())
+    model = model.to(dtype=dtypes.pop()) if len(dtypes) == 1 else model
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # missing or unexpected keys, shapes
-        reason = f"the recipe ({recipe.builder}) builds a model these weights do not fit: {_one_line(err)}"
-        raise RecipeError(reason) from None
+        raise RecipeError(f"the recipe builds a model these weights do not fit: {_one_line(err)}") from None
     devices = {t.device for t in tensors}
     target = map_location if map_location is not None else (devices.pop() if len(devices) == 1 else None)
     return (model if target is None else model.to(target)).eval()
@@ -186,18 +165,11 @@ def model_from_recipe(checkpoint: Mapping[str, Any], *, map_location: Any = None
 def load_model(
     path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
 ) -> tuple[MIMOWrapper, dict[str, Any]]:
-    """Load a checkpoint that holds a recipe (:func:`save_model`'s) and rebuild its model, in eval mode.
+    """Load a checkpoint that holds a recipe (:func:`save_model`'s): ``(model in eval mode, the loaded dict)``.
 
-    The file is read with :func:`~mixshare_layers.checkpoint.load_checkpoint` (digest checked, ``weights_only=True``
-    only); the model is built by the recipe's allowlisted builder and its weights are loaded strictly.
-
-    Returns:
-        ``(model, checkpoint)``: the model, and the loaded dict (``"model"``, ``"recipe"``, the extra entries).
-
-    Raises:
-        CheckpointNotFoundError: no such file.
-        CheckpointError: (a ``ValueError``) the file cannot be loaded safely, records no recipe, or its recipe does
-            not rebuild its weights; the message is one line naming the file and what to do.
+    The file is read by :func:`~mixshare_layers.checkpoint.load_checkpoint`; the model is built by the recipe's
+    allowlisted builder and its weights are loaded strictly. Raises a one-line ``CheckpointError`` naming the file
+    when it cannot be loaded safely, records no recipe, or its recipe does not rebuild its weights.
     """
     p = os.fspath(path)
     checkpoint = load_checkpoint(p, map_location=map_location)

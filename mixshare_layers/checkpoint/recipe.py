@@ -1,17 +1,12 @@
 """Model recipes: how a checkpoint rebuilds its wrapped model, from an allowlist of builders and plain arguments.
 
-A :class:`ModelRecipe` is made of plain values, so it travels inside a checkpoint. A checkpoint is untrusted data,
-so a recipe never names code to import: its ``builder`` is one of
-
-* ``"mixshare_layers.models.wide_resnet"``: the library's CIFAR WRN;
-* ``"torchvision:<name>"``: a model of ``torchvision.models.list_models(module=torchvision.models)``;
-* ``"timm:<name>"``: a model of ``timm.list_models()``, or ``<name>.<tag>`` of ``timm.list_models(pretrained=True)``
-  (no Hugging Face Hub or folder sources);
-* a name your own code registered in this process with :func:`register_builder` (never from a file).
-
-Its arguments are plain values, and those that would load or download weights (``weights``, ``pretrained``,
-``checkpoint_path``, ...) are refused: the weights come from the checkpoint. ``transforms`` names in-place changes of
-the built backbone from an allowlist too (``"mixshare_layers.models.cifar_resnet"``).
+A checkpoint is untrusted data, so a recipe never names code to import. Its ``builder`` is
+``"mixshare_layers.models.wide_resnet"``, ``"torchvision:<name>"`` (a model of
+``torchvision.models.list_models(module=torchvision.models)``), ``"timm:<name>"`` (of ``timm.list_models()``, or
+``<name>.<tag>`` of ``timm.list_models(pretrained=True)``; no Hub or folder sources), or a name your code registered
+in this process with :func:`register_builder`. Its arguments are plain values, and those that would load or
+download weights (``weights``, ``pretrained``, ``checkpoint_path``, ...) are refused: the checkpoint holds the
+weights. ``transforms`` names in-place changes of the backbone from an allowlist too.
 
 Example:
     >>> recipe = ModelRecipe(WRN_BUILDER, {"depth": 10, "width": 1, "num_classes": 10}, num_subnetworks=3)
@@ -22,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 import re
@@ -45,16 +41,15 @@ __all__ = [
 
 RECIPE_FORMAT, RECIPE_VERSION = "mixshare_layers.recipe", 1
 WRN_BUILDER = "mixshare_layers.models.wide_resnet"
-_FAMILIES = ("mixshare_layers.", "torchvision:", "timm:")
 _LOADING = (
     "weights", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "checkpoint_path",
     "cache_dir", "progress", "device", "dtype",
-)  # fmt: skip  # arguments that load or download weights, or place the model
+)  # fmt: skip  # builder arguments that load or download weights, or place the model
 _NAME = re.compile(r"\S{1,200}")
 _MODULE_PATH = re.compile(r"(?!__)\w+(\.(?!__)\w+)*", re.ASCII)  # a name of named_modules(), no dunders
-_MAX_LIST = 4096  # values in one argument's lists, all nested lists counted
+_MAX_LIST = 4096  # values in one argument's lists, nested lists counted
 _PARTS = ("encoder", "core", "classifier", "preprocess")
-_SPLIT_FIELDS = ("layout", "num_prefix_tokens", "pooling", "encoding_layout")
+_FIELDS = ("layout", "num_prefix_tokens", "pooling", "encoding_layout")
 _KEYS = ("builder", "builder_kwargs", "transforms", "num_subnetworks", "preset", "overrides", "pretrained", "split")
 _TRANSFORMS: dict[str, Callable[[nn.Module], nn.Module]] = {"mixshare_layers.models.cifar_resnet": cifar_resnet}
 _USER_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
@@ -64,46 +59,41 @@ class RecipeError(ValueError):
     """A recipe that is malformed, names a builder outside the allowlist, or does not build its model."""
 
 
-def _plain_argument(value: object, where: str, budget: list[int], depth: int = 0) -> object:
-    """``value`` (tuples as lists) after checking it is an int, finite float, str, bool, None or a list of those."""
-    if value is None or type(value) in (bool, int, str) or (type(value) is float and math.isfinite(value)):
-        return value
-    if type(value) is float:
-        raise RecipeError(f"{where} must be finite, but got {value!r}")
-    if isinstance(value, (list, tuple)) and type(value) in (list, tuple) and depth < 4:  # not subclasses
-        budget[0] -= len(value)
-        if budget[0] < 0:
-            raise RecipeError(f"{where}: lists of more than {_MAX_LIST} values are not builder arguments")
-        return [_plain_argument(v, f"{where}[{i}]", budget, depth + 1) for i, v in enumerate(value)]
-    raise RecipeError(
-        f"{where} has type {_type_name(value)}, but builder arguments are plain values (int, float, str, bool, None, "
-        "lists of those); objects such as layers or functions cannot be recorded: register a builder that makes "
-        "them (mixshare_layers.checkpoint.register_builder)"
-    )
-
-
 def _plain_kwargs(kwargs: object, where: str, *, refuse_loading: bool) -> dict[str, Any]:
+    """``kwargs`` (tuples as lists) after checking its values are int, finite float, str, bool, None or lists."""
     if not isinstance(kwargs, Mapping):
         raise RecipeError(f"{where} must be a dict of keyword arguments, but got {type(kwargs).__name__}")
-    out, budget = {}, [_MAX_LIST]
+    budget = [_MAX_LIST]
+
+    def plain(value: object, name: str, depth: int) -> object:
+        if value is None or type(value) in (bool, int, str) or (type(value) is float and math.isfinite(value)):
+            return value
+        if type(value) is float:
+            raise RecipeError(f"{name} must be finite, but got {value!r}")
+        if isinstance(value, (list, tuple)) and type(value) in (list, tuple) and depth < 4:  # not subclasses
+            budget[0] -= len(value)
+            if budget[0] < 0:
+                raise RecipeError(f"{name}: lists of more than {_MAX_LIST} values are not builder arguments")
+            return [plain(v, f"{name}[{i}]", depth + 1) for i, v in enumerate(value)]
+        raise RecipeError(
+            f"{name} has type {_type_name(value)}, but builder arguments are plain values (int, float, str, bool, "
+            "None, lists of those): register a builder that makes such objects (register_builder)"
+        )
+
+    out = {}
     for key, value in kwargs.items():
         if not isinstance(key, str) or not key.isidentifier() or key.startswith("__"):
             raise RecipeError(f"{where} has the key {key!r}: keys must be Python identifiers")
-        if refuse_loading and key in _LOADING:
-            if value is None or value is False:  # the default: nothing to load, nothing to record
-                continue
+        if refuse_loading and key in _LOADING and value is not None and value is not False:
             raise RecipeError(
-                f"{where}[{key!r}]={value!r} would load or download weights (or place the model), but a recipe "
-                "describes the architecture only: the checkpoint holds the weights. Leave it out (give the "
-                "architecture arguments such weights imply, e.g. num_classes=..., transform_input=True)"
+                f"{where}[{key!r}]={value!r} would load or download weights (or place the model), but the "
+                "checkpoint holds the weights: leave it out (give the architecture it implies, e.g. num_classes=...)"
             )
-        out[key] = _plain_argument(value, f"{where}[{key!r}]", budget)
+        if not (refuse_loading and key in _LOADING):  # the defaults of loading arguments are not recorded
+            out[key] = plain(value, f"{where}[{key!r}]", 0)
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the allowlist of builders
-# ----------------------------------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class BuilderHandle:
     """What :func:`register_builder` returns: :meth:`remove` unregisters the builder."""
@@ -118,24 +108,15 @@ class BuilderHandle:
 
 
 def register_builder(name: str, builder: Callable[..., nn.Module], *, replace: bool = False) -> BuilderHandle:
-    """Let recipes name your own backbone builder, in this process (never from a checkpoint).
+    """Let recipes name ``builder`` (plain keyword arguments -> backbone) as ``name``, in this process only.
 
-    Args:
-        name: e.g. ``"myproject.resnet"``: no whitespace, at most 200 characters, not starting with
-            ``"mixshare_layers."``, ``"torchvision:"`` or ``"timm:"``.
-        builder: a function of plain keyword arguments that returns the backbone.
-        replace: replace a builder registered under the same name (refused otherwise).
-
-    Returns:
-        A handle whose ``remove()`` unregisters the builder.
+    ``name`` (e.g. ``"myproject.resnet"``) has no whitespace and is not in the library's families; a name already
+    registered is refused unless ``replace``. Returns a handle whose ``remove()`` unregisters the builder.
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"name must be a non-empty string without whitespace (at most 200 characters), got {name!r}")
-    if name.startswith(_FAMILIES):
-        raise ValueError(
-            f"name {name!r} starts with a prefix of the library's builders ({', '.join(_FAMILIES)}): pick a name of "
-            "your own, e.g. 'myproject.resnet'"
-        )
+    if name.startswith(("mixshare_layers.", "torchvision:", "timm:")):
+        raise ValueError(f"name {name!r} starts with a prefix of the library's builders: pick a name of your own")
     if not callable(builder):
         raise TypeError(f"builder must be a function returning an nn.Module, but got {type(builder).__name__}")
     if name in _USER_BUILDERS and not replace:
@@ -150,63 +131,45 @@ def builder_names() -> list[str]:
 
 
 def resolve_builder(name: str) -> Callable[..., nn.Module]:
-    """The function a recipe's ``builder`` names, from the allowlist only (module docstring).
-
-    Raises:
-        RecipeError: the name is not allowed (the message says how to register your own), or its family's package
-            is not installed.
-    """
+    """The function a recipe's ``builder`` names, from the allowlist only (module docstring); else RecipeError."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise RecipeError(f"the builder must be a name without whitespace (at most 200 characters), got {name!r}")
-    family, _, arch = name.partition(":")
     if name == WRN_BUILDER or name in _USER_BUILDERS:
         return wide_resnet if name == WRN_BUILDER else _USER_BUILDERS[name]
+    family, _, arch = name.partition(":")
+    if name.startswith("mixshare_layers."):
+        raise RecipeError(f"builder {name!r} is not one of the library's ({WRN_BUILDER})")
     if family not in ("torchvision", "timm"):
-        if name.startswith("mixshare_layers."):
-            raise RecipeError(f"builder {name!r} is not one of the library's ({WRN_BUILDER})")
         raise RecipeError(
             f"builder {name!r} is not registered in this process: a checkpoint never names code to run, so call "
-            f"mixshare_layers.checkpoint.register_builder({name!r}, your_function) in your own code before loading "
-            "it (from Python; the command line knows the library's, torchvision's and timm's builders only)"
+            f"mixshare_layers.checkpoint.register_builder({name!r}, your_function) in your code before loading it"
         )
     try:
         lib = importlib.import_module(family)
     except ImportError:
         raise RecipeError(f"builder {name} needs {family}: pip install {family}") from None
     if family == "torchvision":
-        if arch not in lib.models.list_models(module=lib.models):
-            raise RecipeError(
-                f"builder {name}: {arch!r} is not a classification model of this torchvision {lib.__version__} "
-                "(torchvision.models.list_models(module=torchvision.models))"
-            )
-        return lambda **kwargs: lib.models.get_model(arch, weights=None, **kwargs)
-    tagged = re.fullmatch(r"\w+(\.\w+)?", arch, re.ASCII)
-    if tagged is None or arch not in lib.list_models(pretrained=tagged.group(1) is not None):
-        raise RecipeError(
-            f"builder {name}: {arch!r} is not a model of this timm {lib.__version__} (timm.list_models(), or "
-            "<name>.<tag> of timm.list_models(pretrained=True); hub and folder sources are not rebuilt)"
-        )
-    return lambda **kwargs: lib.create_model(arch, pretrained=False, **kwargs)
+        known = arch in lib.models.list_models(module=lib.models)
+        build = functools.partial(lib.models.get_model, arch, weights=None)
+    else:  # a tag names pretrained weights' configuration, which only the tagged list holds
+        tag = re.fullmatch(r"\w+(\.\w+)?", arch, re.ASCII)
+        known = tag is not None and arch in lib.list_models(pretrained=tag.group(1) is not None)
+        build = functools.partial(lib.create_model, arch, pretrained=False)
+    if not known:
+        what = "a classification model of this torchvision" if family == "torchvision" else "a model of this timm"
+        raise RecipeError(f"builder {name}: {arch!r} is not {what} (no Hub or folder sources)")
+    return build
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# hand-made splits
-# ----------------------------------------------------------------------------------------------------------------
 def describe_split(backbone: nn.Module, split: BackboneSplit) -> dict[str, Any]:
-    """A plain description of a hand-made split of ``backbone``, from which a recipe rebuilds it.
+    """A plain description of a hand-made ``split`` of ``backbone``, from which a recipe rebuilds it.
 
-    Each part (encoder, core, classifier, preprocess) must be a submodule of ``backbone`` or an ``nn.Sequential`` of
-    its submodules: it is recorded as its path in ``backbone.named_modules()`` (or the list of paths), beside the
-    split's layout, pooling and prefix tokens. ``split.reinit`` is not recorded: a rebuilt model takes its weights
-    from the checkpoint.
-
-    Raises:
-        RecipeError: a part is not made of the backbone's own modules (the message says how to save it anyway).
+    Each part must be a submodule of ``backbone`` or an ``nn.Sequential`` of its submodules: it is recorded as its
+    path in ``backbone.named_modules()`` (or a list of paths), beside the split's layout, pooling and prefix tokens.
     """
-    if not isinstance(backbone, nn.Module):
-        raise TypeError(f"backbone must be an nn.Module, but got {type(backbone).__name__}")
-    if not isinstance(split, BackboneSplit):
-        raise TypeError(f"split must be a BackboneSplit, but got {type(split).__name__}")
+    if not isinstance(backbone, nn.Module) or not isinstance(split, BackboneSplit):
+        kinds = f"{type(backbone).__name__} and {type(split).__name__}"
+        raise TypeError(f"describe_split takes the backbone (an nn.Module) and a BackboneSplit, but got {kinds}")
     split.validate()
     paths = {id(module): name for name, module in backbone.named_modules() if name}
 
@@ -218,80 +181,58 @@ def describe_split(backbone: nn.Module, split: BackboneSplit) -> dict[str, Any]:
             return [paths[id(m)] for m in module]
         raise RecipeError(
             f"split.{part} ({type(module).__name__}) is not a module of the backbone nor an nn.Sequential of its "
-            "modules, so a recipe cannot rebuild it: build the split from the backbone's own modules, or register "
-            "a builder whose backbone has a mimo_split() method (or an adapter, "
-            "mixshare_layers.adapters.register_adapter) returning it; else save with "
-            "mixshare_layers.checkpoint.save_checkpoint and load it from Python (build the same MIMOWrapper, then "
-            "model.load_state_dict(load_checkpoint(path)['model']))"
+            "modules, so a recipe cannot rebuild it: build the split from the backbone's own modules, or save with "
+            "save_checkpoint and load it from Python (model.load_state_dict(load_checkpoint(path)['model']))"
         )
 
-    return {**{part: path_of(part) for part in _PARTS}, **{f: getattr(split, f) for f in _SPLIT_FIELDS}}
+    return {**{part: path_of(part) for part in _PARTS}, **{f: getattr(split, f) for f in _FIELDS}}
 
 
 def _check_split(split: object) -> dict[str, Any]:
     if not isinstance(split, Mapping):
         raise RecipeError(f"recipe split must be a dict (describe_split's), but got {type(split).__name__}")
-    unknown = sorted(str(k) for k in split if k not in (*_PARTS, *_SPLIT_FIELDS))
+    unknown = sorted(str(k) for k in split if k not in (*_PARTS, *_FIELDS))
     missing = [k for k in _PARTS[:3] if k not in split]
     if unknown or missing:
-        keys = [*_PARTS, *_SPLIT_FIELDS]
-        raise RecipeError(f"recipe split must have the keys {keys}; unknown {unknown}, missing {missing}")
-    out: dict[str, Any] = {}
+        raise RecipeError(f"recipe split must have the keys {_PARTS + _FIELDS}; unknown {unknown}, missing {missing}")
     for part in _PARTS:
         value = split.get(part)
         paths = value if isinstance(value, list) and 0 < len(value) <= _MAX_LIST else [value]
-        valid = all(isinstance(p, str) and len(p) <= 1000 and _MODULE_PATH.fullmatch(p) for p in paths)
-        if not valid and not (part == "preprocess" and value is None):
-            raise RecipeError(
-                f"recipe split[{part!r}] must be a module path such as 'layer1.0.conv1' (or a list of them), but got "
-                f"{value!r}"
-            )
-        out[part] = list(value) if isinstance(value, list) else value
+        valid = all(isinstance(p, str) and len(p) < 1000 and _MODULE_PATH.fullmatch(p) for p in paths)
+        if not valid and (part != "preprocess" or value is not None):
+            raise RecipeError(f"recipe split[{part!r}] must be a module path such as 'layer1.0' or a list: {value!r}")
     try:  # the fields, checked by the split itself
-        fields = {f: split[f] for f in _SPLIT_FIELDS if f in split}
+        fields = {f: split[f] for f in _FIELDS if f in split}
         probe = BackboneSplit(nn.Identity(), nn.Identity(), nn.Identity(), **fields).validate()
     except (TypeError, ValueError) as err:
         raise RecipeError(f"recipe {err}") from None
-    return {**out, **{f: getattr(probe, f) for f in _SPLIT_FIELDS}}
+    return {**{p: split.get(p) for p in _PARTS}, **{f: getattr(probe, f) for f in _FIELDS}}
 
 
 def _split_from(backbone: nn.Module, description: Mapping[str, Any]) -> BackboneSplit:
-    modules = dict(backbone.named_modules())  # only the module tree is walked: no attribute named by the file is read
+    modules = dict(backbone.named_modules())  # the module tree only: no attribute named by the file is read
 
     def part(name: str) -> Any:
         value = description[name]
-        if value is None:
-            return None
-        paths = value if isinstance(value, list) else [value]
-        missing = [p for p in paths if p not in modules]
+        missing = [p for p in (value if isinstance(value, list) else [value]) if p is not None and p not in modules]
         if missing:
-            sample = ", ".join([n for n in modules if n][:6])
-            raise RecipeError(
-                f"recipe split[{name!r}] names {missing}, which the built backbone does not have (its modules: "
-                f"{sample}, ...)"
-            )
-        return modules[value] if isinstance(value, str) else nn.Sequential(*(modules[p] for p in paths))
+            has = ", ".join([n for n in modules if n][:3])
+            raise RecipeError(f"recipe split[{name!r}] names {missing}, which the built backbone lacks ({has}, ...)")
+        return nn.Sequential(*(modules[p] for p in value)) if isinstance(value, list) else modules.get(value)
 
-    return BackboneSplit(**{p: part(p) for p in _PARTS}, **{f: description[f] for f in _SPLIT_FIELDS})
+    return BackboneSplit(**{p: part(p) for p in _PARTS}, **{f: description[f] for f in _FIELDS})
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the recipe
-# ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelRecipe:
     """How to build a :class:`~mixshare_layers.MIMOWrapper` again: plain values, allowlisted builders only.
 
     Attributes:
-        builder: the backbone builder's name (module docstring).
-        builder_kwargs: its keyword arguments: plain values, nothing that loads weights.
-        num_subnetworks: M.
-        preset: the wrapper's preset.
-        overrides: the :class:`~mixshare_layers.MIMOConfig` fields that differ from the preset's.
-        pretrained: the wrapper's ``pretrained`` (how its encoders and heads start; no weights are loaded).
+        builder: the backbone builder's name (module docstring), called with ``builder_kwargs``.
+        num_subnetworks, preset, pretrained: the wrapper's; overrides: its MIMOConfig fields that differ from the
+            preset's.
         transforms: in-place changes of the built backbone, by name (``"mixshare_layers.models.cifar_resnet"``).
-        split: ``None`` (the split :func:`~mixshare_layers.adapters.split_backbone` finds) or a hand-made split's
-            :func:`describe_split`.
+        split: ``None`` (the split the adapters find) or a hand-made split's :func:`describe_split`.
 
     Raises:
         RecipeError: (a ``ValueError``) a field is malformed; the message names it.
@@ -312,21 +253,19 @@ class ModelRecipe:
         transforms = tuple(self.transforms) if isinstance(self.transforms, (list, tuple)) else (None,)
         if any(t not in _TRANSFORMS for t in transforms):
             raise RecipeError(f"recipe transforms must be a list of {sorted(_TRANSFORMS)}, but got {self.transforms!r}")
-        kwargs = _plain_kwargs(self.builder_kwargs, "builder_kwargs", refuse_loading=True)
-        overrides = _plain_kwargs(self.overrides, "overrides", refuse_loading=False)
+        fields = {
+            "builder_kwargs": _plain_kwargs(self.builder_kwargs, "builder_kwargs", refuse_loading=True),
+            "overrides": _plain_kwargs(self.overrides, "overrides", refuse_loading=False),
+            "transforms": transforms,
+            "split": None if self.split is None else _check_split(self.split),
+        }
         try:
-            m = check_num_subnetworks(self.num_subnetworks)
-            check_choice("preset", self.preset, PRESETS)
-            pretrained = check_bool("pretrained", self.pretrained)
+            fields["num_subnetworks"] = check_num_subnetworks(self.num_subnetworks)
+            fields["pretrained"] = check_bool("pretrained", self.pretrained)
+            get_preset(check_choice("preset", self.preset, PRESETS), **fields["overrides"])
         except (TypeError, ValueError) as err:
             raise RecipeError(f"recipe {err}") from None
-        try:
-            get_preset(self.preset, **overrides)
-        except (TypeError, ValueError) as err:
-            raise RecipeError(f"recipe overrides: {err}") from None
-        split = None if self.split is None else _check_split(self.split)
-        fields = {"builder_kwargs": kwargs, "num_subnetworks": m, "overrides": overrides, "pretrained": pretrained}
-        for name, value in {**fields, "transforms": transforms, "split": split}.items():
+        for name, value in fields.items():
             object.__setattr__(self, name, value)
 
     @classmethod
@@ -342,12 +281,8 @@ class ModelRecipe:
         """The recipe of ``model``: the builder you name, and the wrapper's settings read from the model."""
         if not isinstance(model, MIMOWrapper):
             raise TypeError(f"model must be a MIMOWrapper, but got {type(model).__name__}")
-        config, default = model.config, get_preset(model.preset)
-        overrides = {
-            f.name: getattr(config, f.name)
-            for f in dataclasses.fields(config)
-            if getattr(config, f.name) != getattr(default, f.name)
-        }
+        config, default = dataclasses.asdict(model.config), dataclasses.asdict(get_preset(model.preset))
+        overrides = {k: v for k, v in config.items() if v != default[k]}
         kwargs = dict(builder_kwargs or {})
         return cls(builder, kwargs, model.num_subnetworks, model.preset, overrides, model.pretrained, transforms, split)
 
@@ -358,11 +293,7 @@ class ModelRecipe:
 
     @classmethod
     def from_dict(cls, data: object) -> ModelRecipe:
-        """Read a recipe stored by :meth:`to_dict`, checking its format, version, keys and every field.
-
-        Raises:
-            RecipeError: not a recipe of a version this library reads, or a malformed field.
-        """
+        """Read a recipe stored by :meth:`to_dict`, checking its format, version, keys and fields (RecipeError)."""
         if not isinstance(data, Mapping):
             raise RecipeError(f"the recipe must be a dict, but got {type(data).__name__}")
         if data.get("format") != RECIPE_FORMAT:
@@ -371,31 +302,20 @@ class ModelRecipe:
         if type(version) is not int or version < 1:
             raise RecipeError(f"the recipe's version must be a positive int, but got {version!r}")
         if version > RECIPE_VERSION:
-            raise RecipeError(
-                f"the recipe has version {version}, written by a newer mixshare_layers (this one reads up to "
-                f"{RECIPE_VERSION}): upgrade mixshare_layers"
-            )
+            raise RecipeError(f"the recipe has version {version}, written by a newer mixshare_layers: upgrade it")
         unknown = sorted(str(k) for k in data if k not in ("format", "version", *_KEYS))
-        if unknown:
-            raise RecipeError(f"the recipe has unknown keys {unknown} (known: {', '.join(_KEYS)})")
-        if "builder" not in data:
-            raise RecipeError("the recipe names no builder")
+        if unknown or "builder" not in data:
+            raise RecipeError(f"the recipe has unknown keys {unknown} or no builder (keys: {', '.join(_KEYS)})")
         return cls(**{k: data[k] for k in _KEYS if k in data})
 
     def build_backbone(self) -> nn.Module:
-        """The backbone: the builder called with ``builder_kwargs``, then ``transforms``.
-
-        Raises:
-            RecipeError: the builder is not allowed, refuses the arguments, or returns no ``nn.Module``.
-        """
+        """The backbone: the builder called with ``builder_kwargs``, then ``transforms`` (RecipeError if it fails)."""
         build = resolve_builder(self.builder)
         try:
             backbone = build(**self.builder_kwargs)
         except Exception as err:  # builders refuse arguments in many ways (TypeError, ValueError, assert)
-            raise RecipeError(
-                f"builder {self.builder} failed with the arguments {dict(self.builder_kwargs)}: "
-                f"{type(err).__name__}: {_one_line(err)}"
-            ) from None
+            failed = f"builder {self.builder} failed with the arguments {dict(self.builder_kwargs)}"
+            raise RecipeError(f"{failed}: {type(err).__name__}: {_one_line(err)}") from None
         if not isinstance(backbone, nn.Module):
             raise RecipeError(f"builder {self.builder} returned a {type(backbone).__name__}, not an nn.Module")
         for name in self.transforms:
@@ -406,23 +326,12 @@ class ModelRecipe:
         return backbone
 
     def build(self, *, backend: str | None = None) -> MIMOWrapper:
-        """The wrapped model, freshly initialised (training mode, CPU); ``backend`` is the wrapper's.
-
-        Raises:
-            RecipeError: the backbone cannot be built, split or wrapped with these settings.
-        """
+        """The wrapped model, freshly initialised (training mode, CPU), or a RecipeError; ``backend``: the wrapper's."""
         backbone = self.build_backbone()
         split = None if self.split is None else _split_from(backbone, self.split)
+        settings = {"preset": self.preset, "split": split, "pretrained": self.pretrained, "backend": backend}
         try:
-            return MIMOWrapper(
-                backbone,
-                self.num_subnetworks,
-                preset=self.preset,
-                split=split,
-                pretrained=self.pretrained,
-                backend=backend,
-                **self.overrides,
-            )
+            return MIMOWrapper(backbone, self.num_subnetworks, **settings, **self.overrides)
         except (UnsupportedBackboneError, TypeError, ValueError) as err:
             reason = f"the backbone of {self.builder} cannot be wrapped as recorded: {_one_line(err)}"
             raise RecipeError(reason) from None

@@ -2,9 +2,9 @@
 
 A file is the zip archive ``torch.save`` writes of ``{"format": FORMAT, "format_version": FORMAT_VERSION,
 **entries}``. Its last 92 bytes, the archive's comment, are ``mixshare_layers:sha256-file:<hex>``: the SHA-256 of
-every byte before them, the two comment-length bytes counted as zeros (format version 1 files carry
+every byte before them, the two comment-length bytes counted as zeros (version 1 files carry
 ``mixshare_layers:sha256-4mib:<hex>``, the SHA-256 of the SHA-256s of 4 MiB blocks, and still load). Zip readers
-ignore the comment, so ``torch.load(path, weights_only=True)`` reads the file anywhere. Loading refuses torch < 2.6,
+ignore the comment: ``torch.load(path, weights_only=True)`` reads the file anywhere. Loading refuses torch < 2.6,
 whose weights-only unpickler can be bypassed (CVE-2025-32434).
 """
 
@@ -36,18 +36,16 @@ FORMAT, FORMAT_VERSION, MIN_TORCH_VERSION = "mixshare_layers.checkpoint", 2, (2,
 RESERVED_KEYS = ("format", "format_version")
 CONVERT = "python -m mixshare_layers.checkpoint convert"
 _TAG, _TREE_TAG = b"mixshare_layers:sha256-file:", b"mixshare_layers:sha256-4mib:"  # format versions 2 and 1
-_TRAILER_SIZE, _END_SIZE, _BLOCK = len(_TAG) + 64, 22, 4 << 20  # comment; zip end record before it; read size
+_TRAILER_SIZE, _BLOCK = len(_TAG) + 64, 4 << 20  # the archive comment; the read size (version 1's block)
 _PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device, torch.Tensor, nn.Parameter)
 _TRUE = ("1", "y", "yes", "true")  # what torch counts as a set TORCH_FORCE_* variable
 _DATA_ONLY = ("argparse.Namespace", "types.SimpleNamespace", "pathlib.", "numpy.")  # what convert rebuilds safely
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used. The message is one line: the file, the reason, what to do.
+    """A checkpoint file that cannot be used; the message is one line: the file, ``reason``, ``hint`` (what to do).
 
-    Attributes:
-        path: the file. reason: what is wrong. hint: what to do (may be empty).
-        damaged: the file's bytes are bad (empty, truncated, digest mismatch): an earlier copy is the remedy.
+    ``damaged`` is True when the file's bytes are bad (empty, truncated, digest mismatch): an earlier copy helps.
     """
 
     def __init__(self, path: str | os.PathLike[str], reason: str, hint: str = "", *, damaged: bool = False) -> None:
@@ -66,8 +64,7 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 
 def _damaged(path: str, reason: str) -> CheckpointError:
-    prev = previous_checkpoint_path(path)
-    hint = "use an earlier copy of it (nothing was loaded from this one)"
+    prev, hint = previous_checkpoint_path(path), "use an earlier copy of it (nothing was loaded from this one)"
     with contextlib.suppress(OSError):
         if prev.is_file() and not os.path.samefile(prev, path):
             hint = f"the previous checkpoint {prev} is kept next to it: use that file instead"
@@ -76,8 +73,7 @@ def _damaged(path: str, reason: str) -> CheckpointError:
 
 def previous_checkpoint_path(path: str | os.PathLike[str]) -> Path:
     """Where ``save_checkpoint(..., keep_previous=True)`` keeps the file it replaces: ``ck.pt`` -> ``ck.prev.pt``."""
-    p = Path(path)
-    return p.with_name(f"{p.stem}.prev{p.suffix}")
+    return Path(path).with_name(f"{Path(path).stem}.prev{Path(path).suffix}")
 
 
 def _type_name(value: object) -> str:
@@ -93,14 +89,9 @@ def _one_line(err: BaseException) -> str:
 def plain_value_problem(value: object, where: str = "checkpoint") -> str | None:
     """What keeps ``value`` from being stored in a checkpoint, or None if it is made of plain values only.
 
-    Plain: tensors, ``str``, ``bytes``, ``int``, ``float``, ``complex``, ``bool``, ``None``, ``torch.dtype``,
-    ``torch.device``, and dicts (``str`` or ``int`` keys), lists and tuples of them, with exactly these types (a
-    numpy scalar, a ``float`` subclass, is not plain).
-
-    Example:
-        >>> import argparse
-        >>> plain_value_problem({"config": argparse.Namespace(lr=0.1), "epoch": 3})
-        "checkpoint['config'] has type argparse.Namespace"
+    Plain, with exactly these types (a numpy scalar is not plain): tensors, ``str``, ``bytes``, ``int``, ``float``,
+    ``complex``, ``bool``, ``None``, ``torch.dtype``, ``torch.device``, and dicts (``str`` or ``int`` keys), lists
+    and tuples of them. Example: ``"checkpoint['config'] has type argparse.Namespace"``.
     """
     stack: list[tuple[Any, str, int]] = [(value, where, 0)]
     while stack:
@@ -123,17 +114,14 @@ def plain_value_problem(value: object, where: str = "checkpoint") -> str | None:
 
 
 class _HashingWriter:
-    """What ``torch.save`` writes to: the bytes go to ``fh`` and into a SHA-256; the last 22 (the end record) kept."""
+    """What ``torch.save`` writes to: the bytes go to ``fh`` and into a SHA-256."""
 
     def __init__(self, fh: IO[bytes]) -> None:
-        self.fh, self.sha, self.size, self.end = fh, hashlib.sha256(), 0, b""
+        self.fh, self.sha = fh, hashlib.sha256()
 
     def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self.sha.update(view)
-        self.size += len(view)
-        self.end = (self.end + bytes(view[-_END_SIZE:]))[-_END_SIZE:]
-        return self.fh.write(view)
+        self.sha.update(data)
+        return self.fh.write(data)
 
     def flush(self) -> None:
         self.fh.flush()
@@ -142,9 +130,11 @@ class _HashingWriter:
 def _save_with_digest(payload: dict[str, Any], fh: IO[bytes]) -> None:
     writer = _HashingWriter(fh)
     torch.save(payload, writer)  # type: ignore[arg-type]  # torch only calls write() and flush()
-    if writer.end[:4] != b"PK\x05\x06" or writer.end[-2:] != b"\0\0":  # no comment yet: its length hashed as 0
+    fh.seek(-22, os.SEEK_END)
+    end = fh.read()
+    if end[:4] != b"PK\x05\x06" or end[-2:] != b"\0\0":  # the zip end record, no comment yet (its length hashed as 0)
         raise RuntimeError("torch.save wrote an archive without the expected end record: cannot add the digest")
-    fh.seek(writer.size - 2)
+    fh.seek(-2, os.SEEK_END)
     fh.write(_TRAILER_SIZE.to_bytes(2, "little") + _TAG + writer.sha.hexdigest().encode())
 
 
@@ -153,7 +143,7 @@ def _check_digest(fh: IO[bytes], size: int, path: str) -> bool:
     fh.seek(max(0, size - _TRAILER_SIZE - 2))
     trailer = fh.read()
     tag = trailer[2 : 2 + len(_TAG)]
-    if size < _END_SIZE + _TRAILER_SIZE or tag not in (_TAG, _TREE_TAG):
+    if size < 22 + _TRAILER_SIZE or tag not in (_TAG, _TREE_TAG):
         return False
     top, buf, length = hashlib.sha256(), memoryview(bytearray(_BLOCK)), size - _TRAILER_SIZE
     fh.seek(0)
@@ -171,20 +161,16 @@ def _check_digest(fh: IO[bytes], size: int, path: str) -> bool:
 def save_checkpoint(
     path: str | os.PathLike[str], checkpoint: Mapping[str, Any], *, keep_previous: bool = False
 ) -> Path:
-    """Write ``checkpoint`` to ``path`` with its digest, atomically, verified before it replaces the old file.
+    """Write ``checkpoint`` (plain values only: :func:`plain_value_problem`) to ``path`` with its digest, atomically.
 
     The file is written under a temporary name next to ``path``, flushed, read back and checked against its digest,
-    then renamed onto ``path``: a crash at any moment leaves the old file or the new one, complete.
-
-    Args:
-        path: the checkpoint file (missing folders are created).
-        checkpoint: plain values only (:func:`plain_value_problem`), e.g. ``{"model": model.state_dict(), "epoch":
-            3}``; the keys ``"format"`` and ``"format_version"`` are added here.
-        keep_previous: first keep the file being replaced, if its digest verifies, as
-            :func:`previous_checkpoint_path` (a hard link, or a copy): an intact earlier file always exists.
+    then renamed onto ``path``: a crash at any moment leaves the old file or the new one, complete. With
+    ``keep_previous``, the file being replaced becomes :func:`previous_checkpoint_path` first (a hard link, or a
+    copy) if its digest verifies, so that an intact earlier file always exists.
 
     Raises:
-        TypeError: a value is not plain (the message names it). ValueError: a reserved key is used.
+        TypeError: a value is not plain (the message names it). ValueError: a reserved key (``"format"``,
+            ``"format_version"``, which are added here) is used.
     """
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"checkpoint must be a dict of named entries, but got {_type_name(checkpoint)}")
@@ -209,13 +195,12 @@ def save_checkpoint(
             if not _check_digest(fh, os.fstat(fh.fileno()).st_size, tmp):  # what reached the file system
                 raise OSError(f"{tmp}: the digest written with the checkpoint is missing when read back")
         os.chmod(tmp, FILE_MODE)
-        if keep_previous and target.is_file() and _verifies(target):
-            prev, link = previous_checkpoint_path(target), f"{tmp}.prev"
+        if keep_previous and target.is_file() and _intact(target):
             try:
-                os.link(target, link)  # same bytes, no copy: `target` is only ever replaced by a rename
+                os.link(target, f"{tmp}.prev")  # same bytes, no copy: `target` is only ever replaced by a rename
             except OSError:  # no hard links on this file system
-                shutil.copyfile(target, link)
-            os.replace(link, prev)
+                shutil.copyfile(target, f"{tmp}.prev")
+            os.replace(f"{tmp}.prev", previous_checkpoint_path(target))
         os.replace(tmp, target)
     except BaseException:
         for leftover in (tmp, f"{tmp}.prev"):
@@ -223,21 +208,12 @@ def save_checkpoint(
                 os.unlink(leftover)
         raise
     fsync_dir(target.parent)
-    _WRITTEN[os.path.realpath(target)] = _identity(target)
     return target
 
 
-_WRITTEN: dict[str, tuple[int, ...]] = {}  # files this process wrote and verified: not hashed again while unchanged
-
-
-def _identity(path: Path) -> tuple[int, ...]:
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _verifies(path: Path) -> bool:
+def _intact(path: Path) -> bool:
     try:
-        return _WRITTEN.get(os.path.realpath(path)) == _identity(path) or verify_checkpoint(path)
+        return verify_checkpoint(path)
     except (CheckpointError, OSError):
         return False  # a damaged file is replaced, never kept as the fallback
 
@@ -246,7 +222,7 @@ def _open(path: str) -> tuple[IO[bytes], int]:
     """The file, open for reading, and its size; a one-line CheckpointError if it is missing, empty, a folder ..."""
     try:
         st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode):
             raise CheckpointError(path, "is a folder, not a file" if stat.S_ISDIR(st.st_mode) else "is not a file")
         if st.st_size == 0:
             raise _damaged(path, "is empty (0 bytes): its writing never finished")
@@ -270,21 +246,22 @@ def _require_safe_loading(path: str) -> None:
 
 def _load_error(path: str, err: Exception, fh: IO[bytes]) -> CheckpointError:
     """The one-line error for what ``torch.load(fh, weights_only=True)`` raised."""
-    text = _one_line(err)
+    text, names = _one_line(err), []
     if isinstance(err, pickle.UnpicklingError):
-        names = ["unknown"]
         with contextlib.suppress(Exception):  # the names the pickle would import, read from its opcodes
             fh.seek(0)
-            names = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(fh))) or names
-        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-        hint = f"they are plain data: convert the file once (no code runs) with `{CONVERT} {path} NEW.pt`"
-        if not all(name.startswith(_DATA_ONLY) for name in names):
-            hint = f"if you trust its source, convert it once with `{CONVERT} --trusted {path} NEW.pt` (runs its code)"
-        reason = f"refused: it stores Python objects ({shown}) that only a full unpickle, able to run code, would"
-        return CheckpointError(path, f"{reason} rebuild", hint)
+            names = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(fh)))
+        names = names or (["unknown"] if "allowed global" in text or "Unsupported global" in text else [])
     if "TorchScript" in text:
         return CheckpointError(path, "is a TorchScript archive (torch.jit.save), not a checkpoint", "torch.jit.load it")
-    return _damaged(path, f"cannot be read, it is truncated or damaged ({type(err).__name__}: {text.split('. ')[0]})")
+    if not names:  # torch's zip errors go on with generic advice after the first sentence
+        return _damaged(path, f"is truncated or damaged ({type(err).__name__}: {text.split('. ')[0]})")
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    hint = f"they are plain data: convert the file once (no code runs) with `{CONVERT} {path} NEW.pt`"
+    if not all(name.startswith(_DATA_ONLY) for name in names):
+        hint = f"if you trust its source, convert it once with `{CONVERT} --trusted {path} NEW.pt` (runs its code)"
+    reason = f"refused: it stores Python objects ({shown}) that only a full unpickle, able to run code, would rebuild"
+    return CheckpointError(path, reason, hint)
 
 
 def load_checkpoint(
@@ -292,13 +269,9 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load a checkpoint file safely: its digest checked, then ``torch.load(..., weights_only=True)``, never more.
 
-    A file of :func:`save_checkpoint` comes back as it was given. A dict of plain values without a ``format`` entry
-    (plain ``torch.save``, another program's weights) loads too, unverified, unless ``require_digest``.
-
-    Args:
-        path: the checkpoint file.
-        map_location: passed to ``torch.load`` (default: every tensor on the CPU).
-        require_digest: refuse a file that carries no digest.
+    A file of :func:`save_checkpoint` comes back as it was given. A dict of plain values with no ``format`` entry
+    (another program's weights) loads too, unverified, unless ``require_digest``. ``map_location`` goes to
+    ``torch.load``.
 
     Raises:
         CheckpointNotFoundError: no such file (a ``FileNotFoundError`` too).
