@@ -1,22 +1,17 @@
 """Checkpoint files that load without running code, carry a digest, and keep the previous good one.
 
-A checkpoint holds tensors and plain values only, so ``torch.load(..., weights_only=True)`` always suffices, and it
-is never loaded any other way. A file that needs more is refused with a one-line :class:`CheckpointError` that says
-how to convert it once, if you trust it.
-
-* :func:`save_checkpoint` / :func:`load_checkpoint` / :func:`verify_checkpoint`: the file format
-  (:mod:`~mixshare_layers.checkpoint.store`);
-* :func:`convert_checkpoint` / :func:`to_plain`: rewrite a refused file (:mod:`~mixshare_layers.checkpoint.convert`);
-* :func:`save_model` / :func:`load_model`: a wrapped model with the :class:`ModelRecipe` that rebuilds it, from an
-  allowlist of builders (:func:`register_builder` adds yours; :func:`describe_split` records a hand-made split);
-* ``python -m mixshare_layers.checkpoint verify FILE...`` / ``convert [--trusted] SRC DST``.
+A checkpoint holds tensors and plain values only, and is only ever loaded with ``torch.load(...,
+weights_only=True)``; a file that needs more is refused with a one-line :class:`CheckpointError` that says how to
+convert it once, if you trust it. :mod:`~mixshare_layers.checkpoint.store`: the file format;
+:mod:`~mixshare_layers.checkpoint.convert`: rewriting a refused file; :mod:`~mixshare_layers.checkpoint.recipe` and
+:mod:`~mixshare_layers.checkpoint.model`: a wrapped model saved with what rebuilds it. Command line: ``python -m
+mixshare_layers.checkpoint verify FILE...`` / ``convert [--trusted] SRC DST``.
 
 Example:
     >>> import tempfile, torch
     >>> path = save_checkpoint(f"{tempfile.mkdtemp()}/ck.pt", {"model": {"w": torch.zeros(3)}, "epoch": 2})
-    >>> ck = load_checkpoint(path)
-    >>> ck["epoch"], ck["model"]["w"].shape
-    (2, torch.Size([3]))
+    >>> load_checkpoint(path)["epoch"], verify_checkpoint(path)
+    (2, True)
 """
 
 from .convert import convert_checkpoint, data_only_globals, to_plain

@@ -1,9 +1,7 @@
 """Converting, once and on purpose, a file that :func:`~mixshare_layers.checkpoint.load_checkpoint` refuses.
 
-By default nothing runs: the file is read with ``weights_only=True`` plus the data-only classes of
-:func:`data_only_globals`, which become dicts, strings, tensors and numbers. ``trusted=True`` (``--trusted``)
-unpickles it completely, running any code it holds: the only place in the package that may, and only when asked by
-name.
+By default no code runs: the file is read with ``weights_only=True`` plus :func:`data_only_globals`. ``trusted=True``
+unpickles it completely, running any code it holds: the only place in the package that may, and only when asked.
 """
 
 from __future__ import annotations
@@ -56,10 +54,7 @@ def data_only_globals() -> frozenset[str]:
 def to_plain(value: Any, where: str = "checkpoint") -> Any:
     """``value`` made of plain values: Namespaces, dataclasses and named tuples as dicts, modules and optimisers as
     their ``state_dict()``, numpy arrays as tensors, numpy scalars and enum members as Python values, paths as strings,
-    sets as sorted lists.
-
-    Raises:
-        TypeError: something with no plain form (the message says where).
+    sets as sorted lists; a TypeError names what has no plain form.
 
     Example:
         >>> import argparse
@@ -118,20 +113,11 @@ def convert_checkpoint(
     overwrite: bool = False,
     log: Callable[[str], object] | None = None,
 ) -> Path:
-    """Rewrite the file ``src`` as the checkpoint ``dst``: plain values (:func:`to_plain`), with a digest.
+    """Rewrite the file ``src`` as the checkpoint ``dst`` (:func:`to_plain` values, a digest); returns ``Path(dst)``.
 
-    Args:
-        src: the file to convert (it is not changed).
-        dst: the new file (:func:`~mixshare_layers.checkpoint.save_checkpoint`'s).
-        trusted: unpickle ``src`` completely, running whatever code it holds. Only for files you trust.
-        overwrite: replace ``dst`` if it exists.
-        log: called with a line for each entry renamed (e.g. ``print``): another program's ``format`` and
-            ``format_version`` become ``source_format`` and ``source_format_version``.
-
-    Raises:
-        CheckpointError: ``src`` cannot be read, or (without ``trusted``) stores objects other than data.
-        FileExistsError: ``dst`` exists and ``overwrite`` is False. ValueError: ``src`` is ``dst``.
-        TypeError: something in ``src`` has no plain form.
+    ``trusted`` unpickles ``src`` completely, running whatever code it holds: only for files you trust. ``dst`` is
+    replaced only with ``overwrite``. Another program's ``format`` / ``format_version`` entries are kept as
+    ``source_format`` / ``source_format_version`` (``log`` is called with a line for each).
     """
     src_p, dst_p = os.fspath(src), Path(dst)
     store._require_safe_loading(src_p)

@@ -17,19 +17,13 @@ from .store import CheckpointError, _one_line, load_checkpoint, save_checkpoint
 __all__ = ["check_recipe", "load_model", "model_from_recipe", "save_model", "strip_state_prefixes"]
 
 NO_RECIPE_HINT = (
-    "save it with mixshare_layers.checkpoint.save_model(path, model, builder=..., builder_kwargs=...) (a hand-made "
-    "split: split=describe_split(backbone, split)); or load it from Python: build the same MIMOWrapper, then "
-    "model.load_state_dict(load_checkpoint(path)['model'])"
+    "save it with mixshare_layers.checkpoint.save_model(path, model, builder=..., builder_kwargs=...), or build the "
+    "same MIMOWrapper in Python, then model.load_state_dict(load_checkpoint(path)['model'])"
 )
 
 
 def strip_state_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
-    """``state`` without the key prefixes of ``torch.compile`` (``_orig_mod.``) and ``DataParallel`` (``module.``).
-
-    Example:
-        >>> sorted(strip_state_prefixes({"module._orig_mod.heads.weight": 1, "encoder.weight": 2}))
-        ['encoder.weight', 'heads.weight']
-    """
+    """``state`` without the key prefixes of ``torch.compile`` (``_orig_mod.``) and ``DataParallel`` (``module.``)."""
     out = {}
     for key, value in state.items():
         while key.startswith(("_orig_mod.", "module.")):
@@ -47,11 +41,8 @@ def _structure(model: nn.Module) -> dict[tuple[str, bool], str]:
 
 
 def check_recipe(model: MIMOWrapper, recipe: ModelRecipe) -> MIMOWrapper:
-    """Check that ``recipe`` builds a model of ``model``'s structure and return that model.
-
-    Compared: every module's class and hyper-parameters (``extra_repr``), every state entry's shape (not its
-    dtype), the wrapper's layout, pooling, preset and M. Raises a :class:`RecipeError` at the first difference.
-    """
+    """The model ``recipe`` builds, after checking it has ``model``'s modules (classes, ``extra_repr``), state shapes,
+    layout, pooling, preset and M; a :class:`RecipeError` names the first difference."""
     built = recipe.build()
     want, got = _structure(model), _structure(built)
     for key, row in got.items():
@@ -78,31 +69,13 @@ def save_model(
     keep_previous: bool = False,
     check: bool = True,
 ) -> Path:
-    """Save a :class:`~mixshare_layers.MIMOWrapper` with the recipe that rebuilds it: ``{"model": state_dict,
-    "recipe": recipe.to_dict(), **extra}``, by :func:`~mixshare_layers.checkpoint.save_checkpoint`.
+    """Save a :class:`~mixshare_layers.MIMOWrapper` (a ``torch.compile`` or DDP shell is removed) as ``{"model":
+    state_dict, "recipe": recipe.to_dict(), **extra}`` with :func:`~mixshare_layers.checkpoint.save_checkpoint`.
 
-    Args:
-        path: the checkpoint file.
-        model: the wrapped model (a ``torch.compile`` or ``DistributedDataParallel`` shell is removed).
-        builder: the backbone's builder, e.g. ``"torchvision:resnet18"`` (allowlist:
-            :mod:`~mixshare_layers.checkpoint.recipe`); the wrapper's own settings are read from ``model``.
-        builder_kwargs: its architecture arguments (plain values; no ``weights`` / ``pretrained``).
-        transforms: in-place backbone changes by name (``"mixshare_layers.models.cifar_resnet"``).
-        split: a hand-made split's :func:`~mixshare_layers.checkpoint.describe_split`.
-        recipe: the whole :class:`ModelRecipe`, instead of the four arguments above.
-        extra: more plain entries (``"config"``, ``"epoch"``, an optimizer's state ...).
-        keep_previous: keep the file being replaced as ``<stem>.prev<suffix>``.
-        check: first compare the recipe's model with ``model`` (:func:`check_recipe`): a wrong recipe is refused
-            now, not when the file is loaded.
-
-    Example:
-        >>> import tempfile
-        >>> from mixshare_layers.models import wide_resnet
-        >>> model = MIMOWrapper(wide_resnet(10, 1, 10), 2, preset="mixshare")
-        >>> path = save_model(f"{tempfile.mkdtemp()}/ck.pt", model, builder="mixshare_layers.models.wide_resnet",
-        ...                   builder_kwargs={"depth": 10, "width": 1, "num_classes": 10}, extra={"epoch": 3})
-        >>> load_model(path)[1]["epoch"]
-        3
+    The recipe is ``recipe``, or made of ``builder`` (e.g. ``"torchvision:resnet18"``), its plain ``builder_kwargs``,
+    ``transforms``, a hand-made split's :func:`~mixshare_layers.checkpoint.describe_split` and the wrapper's settings
+    read from ``model``. With ``check``, the recipe's model is first compared with ``model`` (:func:`check_recipe`),
+    so that a wrong recipe is refused now rather than when the file is loaded.
     """
     inner = getattr(model, "_orig_mod", model)
     inner = inner if isinstance(inner, MIMOWrapper) else getattr(inner, "module", inner)
@@ -129,12 +102,8 @@ def save_model(
 
 
 def model_from_recipe(checkpoint: Mapping[str, Any], *, map_location: Any = None) -> MIMOWrapper:
-    """Rebuild the model of a loaded checkpoint dict that holds ``"model"`` and ``"recipe"`` (strict loading).
-
-    The model comes in eval mode, in the dtype of the checkpoint's floating-point tensors when they share one, on
-    ``map_location`` (default: where the tensors are). Raises a :class:`RecipeError` when there is no recipe, or it
-    is malformed, refused, or does not rebuild these weights.
-    """
+    """The model of a loaded checkpoint dict with ``"model"`` and ``"recipe"``, weights loaded strictly (else a
+    RecipeError): eval mode, the tensors' dtype if they share one, on ``map_location`` (default: the tensors')."""
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"checkpoint must be a dict, but got {type(checkpoint).__name__}")
     if "recipe" not in checkpoint or not isinstance(checkpoint.get("model"), Mapping):
@@ -165,12 +134,8 @@ def model_from_recipe(checkpoint: Mapping[str, Any], *, map_location: Any = None
 def load_model(
     path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
 ) -> tuple[MIMOWrapper, dict[str, Any]]:
-    """Load a checkpoint that holds a recipe (:func:`save_model`'s): ``(model in eval mode, the loaded dict)``.
-
-    The file is read by :func:`~mixshare_layers.checkpoint.load_checkpoint`; the model is built by the recipe's
-    allowlisted builder and its weights are loaded strictly. Raises a one-line ``CheckpointError`` naming the file
-    when it cannot be loaded safely, records no recipe, or its recipe does not rebuild its weights.
-    """
+    """``(model, checkpoint)`` of a file with a recipe (:func:`save_model`'s), read by
+    :func:`~mixshare_layers.checkpoint.load_checkpoint`, or a one-line ``CheckpointError`` that says what to do."""
     p = os.fspath(path)
     checkpoint = load_checkpoint(p, map_location=map_location)
     if "recipe" not in checkpoint:

@@ -1,12 +1,10 @@
 """Model recipes: how a checkpoint rebuilds its wrapped model, from an allowlist of builders and plain arguments.
 
-A checkpoint is untrusted data, so a recipe never names code to import. Its ``builder`` is
-``"mixshare_layers.models.wide_resnet"``, ``"torchvision:<name>"`` (a model of
-``torchvision.models.list_models(module=torchvision.models)``), ``"timm:<name>"`` (of ``timm.list_models()``, or
-``<name>.<tag>`` of ``timm.list_models(pretrained=True)``; no Hub or folder sources), or a name your code registered
-in this process with :func:`register_builder`. Its arguments are plain values, and those that would load or
-download weights (``weights``, ``pretrained``, ``checkpoint_path``, ...) are refused: the checkpoint holds the
-weights. ``transforms`` names in-place changes of the backbone from an allowlist too.
+A checkpoint is untrusted data, so a recipe never names code to import: its ``builder`` is
+``"mixshare_layers.models.wide_resnet"``, ``"torchvision:<name>"`` (a classification model of torchvision),
+``"timm:<name>"`` (a model of ``timm.list_models()``, or ``<name>.<tag>``; no Hub or folder sources), or a name your
+code registered in this process (:func:`register_builder`). Its arguments are plain values, never ones that load
+weights (``weights``, ``pretrained``, ``checkpoint_path`` ...): the checkpoint holds them.
 
 Example:
     >>> recipe = ModelRecipe(WRN_BUILDER, {"depth": 10, "width": 1, "num_classes": 10}, num_subnetworks=3)
@@ -45,8 +43,7 @@ _LOADING = (
     "weights", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "checkpoint_path",
     "cache_dir", "progress", "device", "dtype",
 )  # fmt: skip  # builder arguments that load or download weights, or place the model
-_NAME = re.compile(r"\S{1,200}")
-_MODULE_PATH = re.compile(r"(?!__)\w+(\.(?!__)\w+)*", re.ASCII)  # a name of named_modules(), no dunders
+_NAME, _MODULE_PATH = re.compile(r"\S{1,200}"), re.compile(r"(?!__)\w+(\.(?!__)\w+)*", re.ASCII)  # no dunders
 _MAX_LIST = 4096  # values in one argument's lists, nested lists counted
 _PARTS = ("encoder", "core", "classifier", "preprocess")
 _FIELDS = ("layout", "num_prefix_tokens", "pooling", "encoding_layout")
@@ -75,20 +72,15 @@ def _plain_kwargs(kwargs: object, where: str, *, refuse_loading: bool) -> dict[s
             if budget[0] < 0:
                 raise RecipeError(f"{name}: lists of more than {_MAX_LIST} values are not builder arguments")
             return [plain(v, f"{name}[{i}]", depth + 1) for i, v in enumerate(value)]
-        raise RecipeError(
-            f"{name} has type {_type_name(value)}, but builder arguments are plain values (int, float, str, bool, "
-            "None, lists of those): register a builder that makes such objects (register_builder)"
-        )
+        kind = _type_name(value)
+        raise RecipeError(f"{name} has type {kind}, but builder arguments are plain values: register a builder")
 
     out = {}
     for key, value in kwargs.items():
         if not isinstance(key, str) or not key.isidentifier() or key.startswith("__"):
             raise RecipeError(f"{where} has the key {key!r}: keys must be Python identifiers")
         if refuse_loading and key in _LOADING and value is not None and value is not False:
-            raise RecipeError(
-                f"{where}[{key!r}]={value!r} would load or download weights (or place the model), but the "
-                "checkpoint holds the weights: leave it out (give the architecture it implies, e.g. num_classes=...)"
-            )
+            raise RecipeError(f"{where}[{key!r}]={value!r} would load or download weights: the checkpoint holds them")
         if not (refuse_loading and key in _LOADING):  # the defaults of loading arguments are not recorded
             out[key] = plain(value, f"{where}[{key!r}]", 0)
     return out
@@ -108,11 +100,8 @@ class BuilderHandle:
 
 
 def register_builder(name: str, builder: Callable[..., nn.Module], *, replace: bool = False) -> BuilderHandle:
-    """Let recipes name ``builder`` (plain keyword arguments -> backbone) as ``name``, in this process only.
-
-    ``name`` (e.g. ``"myproject.resnet"``) has no whitespace and is not in the library's families; a name already
-    registered is refused unless ``replace``. Returns a handle whose ``remove()`` unregisters the builder.
-    """
+    """Let recipes name ``builder`` (plain keyword arguments -> backbone) as ``name`` (e.g. ``"myproject.net"``)
+    in this process; an existing name is replaced only with ``replace``. ``remove()`` the handle to undo it."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"name must be a non-empty string without whitespace (at most 200 characters), got {name!r}")
     if name.startswith(("mixshare_layers.", "torchvision:", "timm:")):
@@ -151,7 +140,7 @@ def resolve_builder(name: str) -> Callable[..., nn.Module]:
     if family == "torchvision":
         known = arch in lib.models.list_models(module=lib.models)
         build = functools.partial(lib.models.get_model, arch, weights=None)
-    else:  # a tag names pretrained weights' configuration, which only the tagged list holds
+    else:  # a tagged name is one of the pretrained configurations
         tag = re.fullmatch(r"\w+(\.\w+)?", arch, re.ASCII)
         known = tag is not None and arch in lib.list_models(pretrained=tag.group(1) is not None)
         build = functools.partial(lib.create_model, arch, pretrained=False)
@@ -162,11 +151,8 @@ def resolve_builder(name: str) -> Callable[..., nn.Module]:
 
 
 def describe_split(backbone: nn.Module, split: BackboneSplit) -> dict[str, Any]:
-    """A plain description of a hand-made ``split`` of ``backbone``, from which a recipe rebuilds it.
-
-    Each part must be a submodule of ``backbone`` or an ``nn.Sequential`` of its submodules: it is recorded as its
-    path in ``backbone.named_modules()`` (or a list of paths), beside the split's layout, pooling and prefix tokens.
-    """
+    """A plain description of a hand-made ``split`` of ``backbone``, from which a recipe rebuilds it: each part (a
+    submodule or an ``nn.Sequential`` of submodules) as its path(s) in ``named_modules()``, and the split's fields."""
     if not isinstance(backbone, nn.Module) or not isinstance(split, BackboneSplit):
         kinds = f"{type(backbone).__name__} and {type(split).__name__}"
         raise TypeError(f"describe_split takes the backbone (an nn.Module) and a BackboneSplit, but got {kinds}")
@@ -181,8 +167,8 @@ def describe_split(backbone: nn.Module, split: BackboneSplit) -> dict[str, Any]:
             return [paths[id(m)] for m in module]
         raise RecipeError(
             f"split.{part} ({type(module).__name__}) is not a module of the backbone nor an nn.Sequential of its "
-            "modules, so a recipe cannot rebuild it: build the split from the backbone's own modules, or save with "
-            "save_checkpoint and load it from Python (model.load_state_dict(load_checkpoint(path)['model']))"
+            "modules, so a recipe cannot rebuild it: use the backbone's own modules, or save with save_checkpoint "
+            "and load it from Python (model.load_state_dict(load_checkpoint(path)['model']))"
         )
 
     return {**{part: path_of(part) for part in _PARTS}, **{f: getattr(split, f) for f in _FIELDS}}
@@ -216,8 +202,7 @@ def _split_from(backbone: nn.Module, description: Mapping[str, Any]) -> Backbone
         value = description[name]
         missing = [p for p in (value if isinstance(value, list) else [value]) if p is not None and p not in modules]
         if missing:
-            has = ", ".join([n for n in modules if n][:3])
-            raise RecipeError(f"recipe split[{name!r}] names {missing}, which the built backbone lacks ({has}, ...)")
+            raise RecipeError(f"recipe split[{name!r}] names {missing}, which the built backbone lacks")
         return nn.Sequential(*(modules[p] for p in value)) if isinstance(value, list) else modules.get(value)
 
     return BackboneSplit(**{p: part(p) for p in _PARTS}, **{f: description[f] for f in _FIELDS})
@@ -227,15 +212,10 @@ def _split_from(backbone: nn.Module, description: Mapping[str, Any]) -> Backbone
 class ModelRecipe:
     """How to build a :class:`~mixshare_layers.MIMOWrapper` again: plain values, allowlisted builders only.
 
-    Attributes:
-        builder: the backbone builder's name (module docstring), called with ``builder_kwargs``.
-        num_subnetworks, preset, pretrained: the wrapper's; overrides: its MIMOConfig fields that differ from the
-            preset's.
-        transforms: in-place changes of the built backbone, by name (``"mixshare_layers.models.cifar_resnet"``).
-        split: ``None`` (the split the adapters find) or a hand-made split's :func:`describe_split`.
-
-    Raises:
-        RecipeError: (a ``ValueError``) a field is malformed; the message names it.
+    ``builder`` (module docstring) is called with ``builder_kwargs``, then ``transforms`` change the backbone in
+    place (``"mixshare_layers.models.cifar_resnet"``); ``split`` is ``None`` (the adapters') or
+    :func:`describe_split`'s; the others are the wrapper's (``overrides``: its MIMOConfig fields that differ from
+    the preset's). A malformed field raises a :class:`RecipeError` (a ``ValueError``) that names it.
     """
 
     builder: str
@@ -313,16 +293,13 @@ class ModelRecipe:
         build = resolve_builder(self.builder)
         try:
             backbone = build(**self.builder_kwargs)
+            for name in self.transforms:
+                backbone = _TRANSFORMS[name](backbone)
         except Exception as err:  # builders refuse arguments in many ways (TypeError, ValueError, assert)
-            failed = f"builder {self.builder} failed with the arguments {dict(self.builder_kwargs)}"
-            raise RecipeError(f"{failed}: {type(err).__name__}: {_one_line(err)}") from None
+            failed = f"builder {self.builder} (transforms {list(self.transforms)}) failed with the arguments"
+            raise RecipeError(f"{failed} {dict(self.builder_kwargs)}: {type(err).__name__}: {_one_line(err)}") from None
         if not isinstance(backbone, nn.Module):
             raise RecipeError(f"builder {self.builder} returned a {type(backbone).__name__}, not an nn.Module")
-        for name in self.transforms:
-            try:
-                backbone = _TRANSFORMS[name](backbone)
-            except (TypeError, ValueError) as err:
-                raise RecipeError(f"transform {name} cannot change the backbone of {self.builder}: {err}") from None
         return backbone
 
     def build(self, *, backend: str | None = None) -> MIMOWrapper:

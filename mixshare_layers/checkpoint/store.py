@@ -1,11 +1,9 @@
 """Checkpoint files: plain values only, loaded with ``weights_only=True`` and never more, a digest checked first.
 
 A file is the zip archive ``torch.save`` writes of ``{"format": FORMAT, "format_version": FORMAT_VERSION,
-**entries}``. Its last 92 bytes, the archive's comment, are ``mixshare_layers:sha256-file:<hex>``: the SHA-256 of
-every byte before them, the two comment-length bytes counted as zeros (version 1 files carry
-``mixshare_layers:sha256-4mib:<hex>``, the SHA-256 of the SHA-256s of 4 MiB blocks, and still load). Zip readers
-ignore the comment: ``torch.load(path, weights_only=True)`` reads the file anywhere. Loading refuses torch < 2.6,
-whose weights-only unpickler can be bypassed (CVE-2025-32434).
+**entries}``; its last 92 bytes, the archive's comment, are ``mixshare_layers:sha256-file:<hex>``, the SHA-256 of
+every byte before them with the two comment-length bytes as zeros (version 1: ``...:sha256-4mib:<hex>``, the SHA-256
+of the SHA-256s of 4 MiB blocks). Zip readers ignore the comment.
 """
 
 from __future__ import annotations
@@ -44,9 +42,7 @@ _DATA_ONLY = ("argparse.Namespace", "types.SimpleNamespace", "pathlib.", "numpy.
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message is one line: the file, ``reason``, ``hint`` (what to do).
-
-    ``damaged`` is True when the file's bytes are bad (empty, truncated, digest mismatch): an earlier copy helps.
-    """
+    ``damaged``: the file's bytes are bad (empty, truncated, digest mismatch), so an earlier copy is the remedy."""
 
     def __init__(self, path: str | os.PathLike[str], reason: str, hint: str = "", *, damaged: bool = False) -> None:
         self.path, self.reason, self.hint, self.damaged = os.fspath(path), reason, hint, damaged
@@ -87,11 +83,10 @@ def _one_line(err: BaseException) -> str:
 
 
 def plain_value_problem(value: object, where: str = "checkpoint") -> str | None:
-    """What keeps ``value`` from being stored in a checkpoint, or None if it is made of plain values only.
+    """Why ``value`` is not plain (e.g. ``"checkpoint['config'] has type argparse.Namespace"``), or None if it is.
 
-    Plain, with exactly these types (a numpy scalar is not plain): tensors, ``str``, ``bytes``, ``int``, ``float``,
-    ``complex``, ``bool``, ``None``, ``torch.dtype``, ``torch.device``, and dicts (``str`` or ``int`` keys), lists
-    and tuples of them. Example: ``"checkpoint['config'] has type argparse.Namespace"``.
+    Plain, with exactly these types: tensors, ``str``, ``bytes``, ``int``, ``float``, ``complex``, ``bool``,
+    ``None``, ``torch.dtype``, ``torch.device``, and dicts (``str`` or ``int`` keys), lists and tuples of them.
     """
     stack: list[tuple[Any, str, int]] = [(value, where, 0)]
     while stack:
@@ -113,9 +108,7 @@ def plain_value_problem(value: object, where: str = "checkpoint") -> str | None:
     return None
 
 
-class _HashingWriter:
-    """What ``torch.save`` writes to: the bytes go to ``fh`` and into a SHA-256."""
-
+class _HashingWriter:  # what torch.save writes to: the bytes go to the file and into a SHA-256
     def __init__(self, fh: IO[bytes]) -> None:
         self.fh, self.sha = fh, hashlib.sha256()
 
@@ -161,16 +154,12 @@ def _check_digest(fh: IO[bytes], size: int, path: str) -> bool:
 def save_checkpoint(
     path: str | os.PathLike[str], checkpoint: Mapping[str, Any], *, keep_previous: bool = False
 ) -> Path:
-    """Write ``checkpoint`` (plain values only: :func:`plain_value_problem`) to ``path`` with its digest, atomically.
+    """Write ``checkpoint`` (plain values: :func:`plain_value_problem`, else TypeError) to ``path``, with its digest.
 
     The file is written under a temporary name next to ``path``, flushed, read back and checked against its digest,
-    then renamed onto ``path``: a crash at any moment leaves the old file or the new one, complete. With
-    ``keep_previous``, the file being replaced becomes :func:`previous_checkpoint_path` first (a hard link, or a
-    copy) if its digest verifies, so that an intact earlier file always exists.
-
-    Raises:
-        TypeError: a value is not plain (the message names it). ValueError: a reserved key (``"format"``,
-            ``"format_version"``, which are added here) is used.
+    then renamed onto ``path``: a crash leaves the old file or the new one, complete. With ``keep_previous``, the
+    file being replaced becomes :func:`previous_checkpoint_path` first (a hard link, or a copy) if its digest
+    verifies, so that an intact earlier file always exists. ``"format"`` and ``"format_version"`` are added here.
     """
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"checkpoint must be a dict of named entries, but got {_type_name(checkpoint)}")
@@ -179,11 +168,8 @@ def save_checkpoint(
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}
     problem = plain_value_problem(payload)
     if problem is not None:
-        raise TypeError(
-            f"{problem}, but a checkpoint holds tensors, numbers, strings, None and dicts / lists / tuples of them "
-            "only, so that it loads without running code (store vars(obj) for a Namespace, .tolist() or a tensor "
-            "for numpy values, state_dict() for a module)"
-        )
+        store = "store vars(obj) for a Namespace, .tolist() or a tensor for numpy values, state_dict() for a module"
+        raise TypeError(f"{problem}, but a checkpoint holds plain values only, so that it loads safely: {store}")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_path_in(target)
@@ -195,7 +181,10 @@ def save_checkpoint(
             if not _check_digest(fh, os.fstat(fh.fileno()).st_size, tmp):  # what reached the file system
                 raise OSError(f"{tmp}: the digest written with the checkpoint is missing when read back")
         os.chmod(tmp, FILE_MODE)
-        if keep_previous and target.is_file() and _intact(target):
+        keep = False
+        with contextlib.suppress(CheckpointError, OSError):  # a damaged file is replaced, never kept as the fallback
+            keep = keep_previous and target.is_file() and verify_checkpoint(target)
+        if keep:
             try:
                 os.link(target, f"{tmp}.prev")  # same bytes, no copy: `target` is only ever replaced by a rename
             except OSError:  # no hard links on this file system
@@ -211,15 +200,7 @@ def save_checkpoint(
     return target
 
 
-def _intact(path: Path) -> bool:
-    try:
-        return verify_checkpoint(path)
-    except (CheckpointError, OSError):
-        return False  # a damaged file is replaced, never kept as the fallback
-
-
-def _open(path: str) -> tuple[IO[bytes], int]:
-    """The file, open for reading, and its size; a one-line CheckpointError if it is missing, empty, a folder ..."""
+def _open(path: str) -> tuple[IO[bytes], int]:  # the file open for reading and its size, or a CheckpointError
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
@@ -244,8 +225,7 @@ def _require_safe_loading(path: str) -> None:
         raise CheckpointError(path, reason, "unset TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
 
 
-def _load_error(path: str, err: Exception, fh: IO[bytes]) -> CheckpointError:
-    """The one-line error for what ``torch.load(fh, weights_only=True)`` raised."""
+def _load_error(path: str, err: Exception, fh: IO[bytes]) -> CheckpointError:  # for what torch.load raised
     text, names = _one_line(err), []
     if isinstance(err, pickle.UnpicklingError):
         with contextlib.suppress(Exception):  # the names the pickle would import, read from its opcodes
@@ -269,19 +249,10 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load a checkpoint file safely: its digest checked, then ``torch.load(..., weights_only=True)``, never more.
 
-    A file of :func:`save_checkpoint` comes back as it was given. A dict of plain values with no ``format`` entry
-    (another program's weights) loads too, unverified, unless ``require_digest``. ``map_location`` goes to
-    ``torch.load``.
-
-    Raises:
-        CheckpointNotFoundError: no such file (a ``FileNotFoundError`` too).
-        CheckpointError: a folder, an unreadable, empty or damaged file, Python objects (the message says how to
-            convert a trusted file), a pickle stream, a foreign ``format`` tag, a newer version, torch < 2.6.
-
-    Example:
-        >>> import tempfile
-        >>> load_checkpoint(save_checkpoint(f"{tempfile.mkdtemp()}/ck.pt", {"config": {"depth": 10}, "step": 7}))
-        {'config': {'depth': 10}, 'step': 7}
+    A file of :func:`save_checkpoint` comes back as it was given; a dict of plain values with no ``format`` entry
+    (another program's weights) loads too, unverified, unless ``require_digest``. Anything else (a damaged file,
+    Python objects, a foreign ``format`` tag, a newer version, torch < 2.6 ...) raises a one-line
+    :class:`CheckpointError` (:class:`CheckpointNotFoundError` for a missing file) that says what to do.
     """
     p = os.fspath(path)
     _require_safe_loading(p)
@@ -325,11 +296,8 @@ def load_checkpoint(
 
 
 def verify_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """Check a file's digest without unpickling anything: True if it matches, False if the file carries none.
-
-    Raises:
-        CheckpointError: the digest does not match (the file is damaged), or the file cannot be read.
-    """
+    """Check a file's digest without unpickling anything: True if it matches, False if the file carries none, a
+    :class:`CheckpointError` if it differs (the file is damaged) or the file cannot be read."""
     fh, size = _open(os.fspath(path))
     with fh:
         return _check_digest(fh, size, os.fspath(path))
