@@ -5,7 +5,7 @@ weights_only=True)``; a file that needs more is refused with a one-line :class:`
 convert it once, if you trust it. :mod:`~mixshare_layers.checkpoint.store`: the file format;
 :mod:`~mixshare_layers.checkpoint.convert`: rewriting a refused file; :mod:`~mixshare_layers.checkpoint.recipe` and
 :mod:`~mixshare_layers.checkpoint.model`: a wrapped model saved with what rebuilds it. Command line: ``python -m
-mixshare_layers.checkpoint verify FILE...`` / ``convert [--trusted] SRC DST``.
+mixshare_layers.checkpoint verify FILE...`` / ``convert SRC DST``.
 
 Example:
     >>> import tempfile, torch
@@ -14,31 +14,15 @@ Example:
     (2, True)
 """
 
-from .convert import convert_checkpoint, data_only_globals, to_plain
+from .convert import convert_checkpoint, data_only_globals, to_plain  # noqa: I001  (grouped, not one name a line)
 from .model import check_recipe, load_model, model_from_recipe, save_model, strip_state_prefixes
 from .recipe import (
-    RECIPE_FORMAT,
-    RECIPE_VERSION,
-    WRN_BUILDER,
-    BuilderHandle,
-    ModelRecipe,
-    RecipeError,
-    builder_names,
-    describe_split,
-    register_builder,
-    resolve_builder,
+    RECIPE_FORMAT, RECIPE_VERSION, WRN_BUILDER, BuilderHandle, ModelRecipe, RecipeError, builder_names, describe_split,
+    register_builder, resolve_builder,
 )
 from .store import (
-    FORMAT,
-    FORMAT_VERSION,
-    MIN_TORCH_VERSION,
-    CheckpointError,
-    CheckpointNotFoundError,
-    load_checkpoint,
-    plain_value_problem,
-    previous_checkpoint_path,
-    save_checkpoint,
-    verify_checkpoint,
+    FORMAT, FORMAT_VERSION, MIN_TORCH_VERSION, CheckpointError, CheckpointNotFoundError, load_checkpoint,
+    plain_value_problem, previous_checkpoint_path, save_checkpoint, verify_checkpoint,
 )
 
 __all__ = [

@@ -1,6 +1,6 @@
 """``python -m mixshare_layers.checkpoint verify FILE...`` (load each file safely, one line each) and ``convert
-[--trusted] [--overwrite] SRC DST`` (:func:`~mixshare_layers.checkpoint.convert_checkpoint`). Errors: one line on
-stderr, exit code 2."""
+[--overwrite] SRC DST`` (:func:`~mixshare_layers.checkpoint.convert_checkpoint`). Errors: one line on stderr, exit
+code 2."""
 
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     convert = sub.add_parser("convert", help="rewrite a refused file as a plain checkpoint with a digest")
     convert.add_argument("src", metavar="SRC")
     convert.add_argument("dst", metavar="DST")
-    convert.add_argument("--trusted", action="store_true", help="unpickle SRC completely, which RUNS any code it holds")
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     args, code = parser.parse_args(argv), 0
     for path in args.files if args.command == "verify" else ():
@@ -40,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{path}: ok, {state}, entries: {', '.join(checkpoint) or 'none'}")
     if args.command == "convert":
         try:
-            out = convert_checkpoint(args.src, args.dst, trusted=args.trusted, overwrite=args.overwrite, log=print)
+            out = convert_checkpoint(args.src, args.dst, overwrite=args.overwrite, log=print)
         except (CheckpointError, FileExistsError, TypeError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

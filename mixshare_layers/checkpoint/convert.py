@@ -1,7 +1,7 @@
-"""Converting, once and on purpose, a file that :func:`~mixshare_layers.checkpoint.load_checkpoint` refuses.
-
-By default no code runs: the file is read with ``weights_only=True`` plus :func:`data_only_globals`. ``trusted=True``
-unpickles it completely, running any code it holds: the only place in the package that may, and only when asked.
+"""Converting a file that :func:`~mixshare_layers.checkpoint.load_checkpoint` refuses because it stores data objects
+(``argparse.Namespace``, numpy values, paths ...): read with ``weights_only=True`` plus :func:`data_only_globals`, so
+no code runs. A file that stores other objects is refused; if you trust it, convert it in your own code:
+``save_checkpoint(new, to_plain(torch.load(old, weights_only=False)))``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import enum
 import importlib
 import os
 import pathlib
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from . import store
-from .store import FORMAT, RESERVED_KEYS, CheckpointError, save_checkpoint
+from .store import FORMAT, RESERVED_KEYS, save_checkpoint
 
 __all__ = ["convert_checkpoint", "data_only_globals", "to_plain"]
 
@@ -52,9 +51,9 @@ def data_only_globals() -> frozenset[str]:
 
 
 def to_plain(value: Any, where: str = "checkpoint") -> Any:
-    """``value`` made of plain values: Namespaces, dataclasses and named tuples as dicts, modules and optimisers as
-    their ``state_dict()``, numpy arrays as tensors, numpy scalars and enum members as Python values, paths as strings,
-    sets as sorted lists; a TypeError names what has no plain form.
+    """``value`` made of plain values: Namespaces and dataclasses as dicts, modules and optimisers as their
+    ``state_dict()``, numpy arrays as tensors, numpy scalars as Python numbers, paths as strings, sets as sorted lists;
+    a TypeError names what has no plain form.
 
     Example:
         >>> import argparse
@@ -67,14 +66,10 @@ def to_plain(value: Any, where: str = "checkpoint") -> Any:
         value = dict(vars(value))
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    elif isinstance(value, tuple) and hasattr(value, "_asdict"):  # a named tuple
-        value = dict(value._asdict())
     elif isinstance(value, (nn.Module, torch.optim.Optimizer)):
         value = value.state_dict()
     if isinstance(value, torch.Tensor):
         return value.as_subclass(torch.Tensor)
-    if isinstance(value, enum.Enum):
-        return to_plain(value.value, where)
     if isinstance(value, pathlib.PurePath):
         return str(value)
     if isinstance(value, dict):
@@ -106,17 +101,12 @@ def to_plain(value: Any, where: str = "checkpoint") -> Any:
 
 
 def convert_checkpoint(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    *,
-    trusted: bool = False,
-    overwrite: bool = False,
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False,
     log: Callable[[str], object] | None = None,
-) -> Path:
+) -> Path:  # fmt: skip
     """Rewrite the file ``src`` as the checkpoint ``dst`` (:func:`to_plain` values, a digest); returns ``Path(dst)``.
 
-    ``trusted`` unpickles ``src`` completely, running whatever code it holds: only for files you trust. ``dst`` is
-    replaced only with ``overwrite``. Another program's ``format`` / ``format_version`` entries are kept as
+    ``dst`` is replaced only with ``overwrite``. Another program's ``format`` / ``format_version`` entries are kept as
     ``source_format`` / ``source_format_version`` (``log`` is called with a line for each).
     """
     src_p, dst_p = os.fspath(src), Path(dst)
@@ -128,17 +118,10 @@ def convert_checkpoint(
         if dst_p.exists() and not overwrite:
             raise FileExistsError(f"{dst_p} exists: choose another name (or overwrite=True / --overwrite)")
         try:
-            if trusted:
-                obj = torch.load(fh, map_location="cpu", weights_only=False)  # asked for by name: see the docstring
-            else:
-                with torch.serialization.safe_globals(_data_only_objects()):
-                    obj = torch.load(fh, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_data_only_objects()):
+                obj = torch.load(fh, map_location="cpu", weights_only=True)
         except Exception as err:
-            error = store._load_error(src_p, err, fh)
-            if trusted or not error.reason.startswith("refused"):
-                raise error from None
-            hint = "if you made this file yourself or trust its source, add --trusted (trusted=True): it runs its code"
-            raise CheckpointError(src_p, error.reason.replace(", able to run code,", ""), hint) from None
+            raise store._load_error(src_p, err, fh) from None
     plain = to_plain(obj)
     if not isinstance(plain, dict):
         raise TypeError(f"{src_p} holds a {store._type_name(obj)}: a checkpoint is a dict of named entries")

@@ -57,18 +57,11 @@ def check_recipe(model: MIMOWrapper, recipe: ModelRecipe) -> MIMOWrapper:
 
 
 def save_model(
-    path: str | os.PathLike[str],
-    model: nn.Module,
-    *,
-    builder: str | None = None,
-    builder_kwargs: Mapping[str, Any] | None = None,
-    transforms: Sequence[str] = (),
-    split: Mapping[str, Any] | None = None,
-    recipe: ModelRecipe | None = None,
-    extra: Mapping[str, Any] | None = None,
-    keep_previous: bool = False,
-    check: bool = True,
-) -> Path:
+    path: str | os.PathLike[str], model: nn.Module, *, builder: str | None = None,
+    builder_kwargs: Mapping[str, Any] | None = None, transforms: Sequence[str] = (),
+    split: Mapping[str, Any] | None = None, recipe: ModelRecipe | None = None, extra: Mapping[str, Any] | None = None,
+    keep_previous: bool = False, check: bool = True,
+) -> Path:  # fmt: skip
     """Save a :class:`~mixshare_layers.MIMOWrapper` (a ``torch.compile`` or DDP shell is removed) as ``{"model":
     state_dict, "recipe": recipe.to_dict(), **extra}`` with :func:`~mixshare_layers.checkpoint.save_checkpoint`.
 
@@ -131,9 +124,7 @@ def model_from_recipe(checkpoint: Mapping[str, Any], *, map_location: Any = None
     return (model if target is None else model.to(target)).eval()
 
 
-def load_model(
-    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
-) -> tuple[MIMOWrapper, dict[str, Any]]:
+def load_model(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> tuple[MIMOWrapper, dict[str, Any]]:
     """``(model, checkpoint)`` of a file with a recipe (:func:`save_model`'s), read by
     :func:`~mixshare_layers.checkpoint.load_checkpoint`, or a one-line ``CheckpointError`` that says what to do."""
     p = os.fspath(path)

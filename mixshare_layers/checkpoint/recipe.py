@@ -250,14 +250,9 @@ class ModelRecipe:
 
     @classmethod
     def of(
-        cls,
-        model: MIMOWrapper,
-        builder: str,
-        builder_kwargs: Mapping[str, Any] | None = None,
-        *,
-        transforms: Sequence[str] = (),
-        split: Mapping[str, Any] | None = None,
-    ) -> ModelRecipe:
+        cls, model: MIMOWrapper, builder: str, builder_kwargs: Mapping[str, Any] | None = None, *,
+        transforms: Sequence[str] = (), split: Mapping[str, Any] | None = None,
+    ) -> ModelRecipe:  # fmt: skip
         """The recipe of ``model``: the builder you name, and the wrapper's settings read from the model."""
         if not isinstance(model, MIMOWrapper):
             raise TypeError(f"model must be a MIMOWrapper, but got {type(model).__name__}")

@@ -238,8 +238,9 @@ def _load_error(path: str, err: Exception, fh: IO[bytes]) -> CheckpointError:  #
         return _damaged(path, f"is truncated or damaged ({type(err).__name__}: {text.split('. ')[0]})")
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     hint = f"they are plain data: convert the file once (no code runs) with `{CONVERT} {path} NEW.pt`"
-    if not all(name.startswith(_DATA_ONLY) for name in names):
-        hint = f"if you trust its source, convert it once with `{CONVERT} --trusted {path} NEW.pt` (runs its code)"
+    if not all(name.startswith(_DATA_ONLY) for name in names):  # see mixshare_layers.checkpoint.convert
+        hint = "only if you trust its source, convert it in Python: save_checkpoint(NEW, to_plain(torch.load(PATH, "
+        hint += "weights_only=False))), which runs its code"
     reason = f"refused: it stores Python objects ({shown}) that only a full unpickle, able to run code, would rebuild"
     return CheckpointError(path, reason, hint)
 
