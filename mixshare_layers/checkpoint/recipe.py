@@ -25,10 +25,9 @@ from typing import Any
 
 from torch import nn
 
-from .._checks import check_bool, check_choice, check_num_subnetworks
 from ..adapters import BackboneSplit, UnsupportedBackboneError
 from ..models import cifar_resnet, wide_resnet
-from ..presets import PRESETS, get_preset
+from ..presets import get_preset
 from ..wrapper import MIMOWrapper
 from .store import _one_line, _type_name
 
@@ -43,7 +42,7 @@ _LOADING = (
     "weights", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "checkpoint_path",
     "cache_dir", "progress", "device", "dtype",
 )  # fmt: skip  # builder arguments that load or download weights, or place the model
-_NAME, _MODULE_PATH = re.compile(r"\S{1,200}"), re.compile(r"(?!__)\w+(\.(?!__)\w+)*", re.ASCII)  # no dunders
+_NAME = re.compile(r"\S{1,200}")
 _MAX_LIST = 4096  # values in one argument's lists, nested lists counted
 _PARTS = ("encoder", "core", "classifier", "preprocess")
 _FIELDS = ("layout", "num_prefix_tokens", "pooling", "encoding_layout")
@@ -174,38 +173,19 @@ def describe_split(backbone: nn.Module, split: BackboneSplit) -> dict[str, Any]:
     return {**{part: path_of(part) for part in _PARTS}, **{f: getattr(split, f) for f in _FIELDS}}
 
 
-def _check_split(split: object) -> dict[str, Any]:
-    if not isinstance(split, Mapping):
-        raise RecipeError(f"recipe split must be a dict (describe_split's), but got {type(split).__name__}")
-    unknown = sorted(str(k) for k in split if k not in (*_PARTS, *_FIELDS))
-    missing = [k for k in _PARTS[:3] if k not in split]
-    if unknown or missing:
-        raise RecipeError(f"recipe split must have the keys {_PARTS + _FIELDS}; unknown {unknown}, missing {missing}")
-    for part in _PARTS:
-        value = split.get(part)
-        paths = value if isinstance(value, list) and 0 < len(value) <= _MAX_LIST else [value]
-        valid = all(isinstance(p, str) and len(p) < 1000 and _MODULE_PATH.fullmatch(p) for p in paths)
-        if not valid and (part != "preprocess" or value is not None):
-            raise RecipeError(f"recipe split[{part!r}] must be a module path such as 'layer1.0' or a list: {value!r}")
-    try:  # the fields, checked by the split itself
-        fields = {f: split[f] for f in _FIELDS if f in split}
-        probe = BackboneSplit(nn.Identity(), nn.Identity(), nn.Identity(), **fields).validate()
-    except (TypeError, ValueError) as err:
-        raise RecipeError(f"recipe {err}") from None
-    return {**{p: split.get(p) for p in _PARTS}, **{f: getattr(probe, f) for f in _FIELDS}}
-
-
 def _split_from(backbone: nn.Module, description: Mapping[str, Any]) -> BackboneSplit:
+    """The split a description names; its fields are checked by the wrapper that takes it."""
     modules = dict(backbone.named_modules())  # the module tree only: no attribute named by the file is read
 
     def part(name: str) -> Any:
-        value = description[name]
-        missing = [p for p in (value if isinstance(value, list) else [value]) if p is not None and p not in modules]
-        if missing:
-            raise RecipeError(f"recipe split[{name!r}] names {missing}, which the built backbone lacks")
-        return nn.Sequential(*(modules[p] for p in value)) if isinstance(value, list) else modules.get(value)
+        value = description.get(name)
+        paths = value if isinstance(value, list) and value else [value]
+        missing = [p for p in paths if not isinstance(p, str) or p not in modules or not p]
+        if missing and not (name == "preprocess" and value is None):
+            raise RecipeError(f"recipe split[{name!r}] names {missing}, which the built backbone does not have")
+        return nn.Sequential(*(modules[p] for p in paths)) if isinstance(value, list) else modules.get(value)
 
-    return BackboneSplit(**{p: part(p) for p in _PARTS}, **{f: description[f] for f in _FIELDS})
+    return BackboneSplit(**{p: part(p) for p in _PARTS}, **{f: description[f] for f in _FIELDS if f in description})
 
 
 @dataclass(frozen=True)
@@ -227,24 +207,18 @@ class ModelRecipe:
     transforms: Sequence[str] = ()
     split: Mapping[str, Any] | None = None
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.builder, str) or not _NAME.fullmatch(self.builder):
-            raise RecipeError(f"recipe builder must be a name without whitespace, got {self.builder!r}")
+    def __post_init__(self) -> None:  # the builder, the wrapper's settings and the split are checked when built
         transforms = tuple(self.transforms) if isinstance(self.transforms, (list, tuple)) else (None,)
         if any(t not in _TRANSFORMS for t in transforms):
             raise RecipeError(f"recipe transforms must be a list of {sorted(_TRANSFORMS)}, but got {self.transforms!r}")
-        fields = {
-            "builder_kwargs": _plain_kwargs(self.builder_kwargs, "builder_kwargs", refuse_loading=True),
-            "overrides": _plain_kwargs(self.overrides, "overrides", refuse_loading=False),
-            "transforms": transforms,
-            "split": None if self.split is None else _check_split(self.split),
-        }
-        try:
-            fields["num_subnetworks"] = check_num_subnetworks(self.num_subnetworks)
-            fields["pretrained"] = check_bool("pretrained", self.pretrained)
-            get_preset(check_choice("preset", self.preset, PRESETS), **fields["overrides"])
-        except (TypeError, ValueError) as err:
-            raise RecipeError(f"recipe {err}") from None
+        if self.split is not None:
+            keys = set(self.split) if isinstance(self.split, Mapping) else set()
+            missing, unknown = [k for k in _PARTS[:3] if k not in keys], sorted(map(str, keys - {*_PARTS, *_FIELDS}))
+            if missing or unknown or not isinstance(self.split, Mapping):
+                raise RecipeError(f"recipe split must be describe_split's dict: missing {missing}, unknown {unknown}")
+        fields = {"transforms": transforms, "split": None if self.split is None else dict(self.split)}
+        fields["builder_kwargs"] = _plain_kwargs(self.builder_kwargs, "builder_kwargs", refuse_loading=True)
+        fields["overrides"] = _plain_kwargs(self.overrides, "overrides", refuse_loading=False)
         for name, value in fields.items():
             object.__setattr__(self, name, value)
 
