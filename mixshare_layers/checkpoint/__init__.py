@@ -1,11 +1,9 @@
 """Checkpoint files that load without running code, carry a digest, and keep the previous good one.
 
-A checkpoint holds tensors and plain values only, and is only ever loaded with ``torch.load(...,
-weights_only=True)``; a file that needs more is refused with a one-line :class:`CheckpointError` that says how to
-convert it once, if you trust it. :mod:`~mixshare_layers.checkpoint.store`: the file format;
-:mod:`~mixshare_layers.checkpoint.convert`: rewriting a refused file; :mod:`~mixshare_layers.checkpoint.recipe` and
-:mod:`~mixshare_layers.checkpoint.model`: a wrapped model saved with what rebuilds it. Command line: ``python -m
-mixshare_layers.checkpoint verify FILE...`` / ``convert SRC DST``.
+A checkpoint holds tensors and plain values only and is only ever loaded with ``torch.load(..., weights_only=True)``
+(:mod:`~mixshare_layers.checkpoint.store`, :mod:`~mixshare_layers.checkpoint.convert`); a wrapped model is saved with
+the recipe that rebuilds it (:mod:`~mixshare_layers.checkpoint.recipe`, :mod:`~mixshare_layers.checkpoint.model`).
+Command line: ``python -m mixshare_layers.checkpoint verify FILE...`` / ``convert SRC DST``.
 
 Example:
     >>> import tempfile, torch

@@ -45,14 +45,10 @@ def check_recipe(model: MIMOWrapper, recipe: ModelRecipe) -> MIMOWrapper:
     layout, pooling, preset and M; a :class:`RecipeError` names the first difference."""
     built = recipe.build()
     want, got = _structure(model), _structure(built)
-    for key, row in got.items():
-        if key not in want:
-            raise RecipeError(f"the recipe builds a model with {key[0]!r} ({row}), which the model does not have")
-        if want[key] != row:
-            raise RecipeError(f"the recipe builds {key[0]!r} as {row}, but the model has {want[key]}")
-    missing = next((k for k in want if k not in got), None)
-    if missing is not None:
-        raise RecipeError(f"the model has {missing[0]!r} ({want[missing]}), which the recipe does not build")
+    diff = next((key for key in {**want, **got} if want.get(key) != got.get(key)), None)
+    if diff is not None:
+        has, builds = want.get(diff, "nothing"), got.get(diff, "nothing")
+        raise RecipeError(f"the recipe builds {diff[0]!r} as {builds}, but the model has {has}")
     return built
 
 

@@ -1,15 +1,9 @@
 """Model recipes: how a checkpoint rebuilds its wrapped model, from an allowlist of builders and plain arguments.
 
 A checkpoint is untrusted data, so a recipe never names code to import: its ``builder`` is
-``"mixshare_layers.models.wide_resnet"``, ``"torchvision:<name>"`` (a classification model of torchvision),
-``"timm:<name>"`` (a model of ``timm.list_models()``, or ``<name>.<tag>``; no Hub or folder sources), or a name your
-code registered in this process (:func:`register_builder`). Its arguments are plain values, never ones that load
-weights (``weights``, ``pretrained``, ``checkpoint_path`` ...): the checkpoint holds them.
-
-Example:
-    >>> recipe = ModelRecipe(WRN_BUILDER, {"depth": 10, "width": 1, "num_classes": 10}, num_subnetworks=3)
-    >>> recipe.build().num_subnetworks, ModelRecipe.from_dict(recipe.to_dict()) == recipe
-    (3, True)
+``"mixshare_layers.models.wide_resnet"``, ``"torchvision:<name>"`` (a classification model), ``"timm:<name>"`` (of
+``timm.list_models()``, or ``<name>.<tag>``), or a name registered in this process (:func:`register_builder`). Its
+arguments are plain values, never ones that load weights (``weights``, ``pretrained`` ...): the checkpoint holds them.
 """
 
 from __future__ import annotations
@@ -17,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +22,7 @@ from ..adapters import BackboneSplit, UnsupportedBackboneError
 from ..models import cifar_resnet, wide_resnet
 from ..presets import get_preset
 from ..wrapper import MIMOWrapper
-from .store import _one_line, _type_name
+from .store import _one_line, plain_value_problem
 
 __all__ = [
     "RECIPE_FORMAT", "RECIPE_VERSION", "WRN_BUILDER", "BuilderHandle", "ModelRecipe", "RecipeError", "builder_names",
@@ -43,7 +36,6 @@ _LOADING = (
     "cache_dir", "progress", "device", "dtype",
 )  # fmt: skip  # builder arguments that load or download weights, or place the model
 _NAME = re.compile(r"\S{1,200}")
-_MAX_LIST = 4096  # values in one argument's lists, nested lists counted
 _PARTS = ("encoder", "core", "classifier", "preprocess")
 _FIELDS = ("layout", "num_prefix_tokens", "pooling", "encoding_layout")
 _KEYS = ("builder", "builder_kwargs", "transforms", "num_subnetworks", "preset", "overrides", "pretrained", "split")
@@ -56,32 +48,20 @@ class RecipeError(ValueError):
 
 
 def _plain_kwargs(kwargs: object, where: str, *, refuse_loading: bool) -> dict[str, Any]:
-    """``kwargs`` (tuples as lists) after checking its values are int, finite float, str, bool, None or lists."""
+    """``kwargs``, its keys identifiers and its values plain (as in a checkpoint), without the loading arguments."""
     if not isinstance(kwargs, Mapping):
         raise RecipeError(f"{where} must be a dict of keyword arguments, but got {type(kwargs).__name__}")
-    budget = [_MAX_LIST]
-
-    def plain(value: object, name: str, depth: int) -> object:
-        if value is None or type(value) in (bool, int, str) or (type(value) is float and math.isfinite(value)):
-            return value
-        if type(value) is float:
-            raise RecipeError(f"{name} must be finite, but got {value!r}")
-        if isinstance(value, (list, tuple)) and type(value) in (list, tuple) and depth < 4:  # not subclasses
-            budget[0] -= len(value)
-            if budget[0] < 0:
-                raise RecipeError(f"{name}: lists of more than {_MAX_LIST} values are not builder arguments")
-            return [plain(v, f"{name}[{i}]", depth + 1) for i, v in enumerate(value)]
-        kind = _type_name(value)
-        raise RecipeError(f"{name} has type {kind}, but builder arguments are plain values: register a builder")
-
     out = {}
     for key, value in kwargs.items():
         if not isinstance(key, str) or not key.isidentifier() or key.startswith("__"):
             raise RecipeError(f"{where} has the key {key!r}: keys must be Python identifiers")
         if refuse_loading and key in _LOADING and value is not None and value is not False:
             raise RecipeError(f"{where}[{key!r}]={value!r} would load or download weights: the checkpoint holds them")
+        problem = plain_value_problem(value, f"{where}[{key!r}]")
+        if problem is not None:
+            raise RecipeError(f"{problem}, but builder arguments are plain values: register a builder that makes it")
         if not (refuse_loading and key in _LOADING):  # the defaults of loading arguments are not recorded
-            out[key] = plain(value, f"{where}[{key!r}]", 0)
+            out[key] = value
     return out
 
 
@@ -164,11 +144,8 @@ def describe_split(backbone: nn.Module, split: BackboneSplit) -> dict[str, Any]:
             return None if module is None else paths[id(module)]
         if type(module) is nn.Sequential and len(module) > 0 and all(id(m) in paths for m in module):
             return [paths[id(m)] for m in module]
-        raise RecipeError(
-            f"split.{part} ({type(module).__name__}) is not a module of the backbone nor an nn.Sequential of its "
-            "modules, so a recipe cannot rebuild it: use the backbone's own modules, or save with save_checkpoint "
-            "and load it from Python (model.load_state_dict(load_checkpoint(path)['model']))"
-        )
+        what = f"split.{part} ({type(module).__name__}) is not a module of the backbone nor an nn.Sequential of its"
+        raise RecipeError(f"{what} modules: use the backbone's own modules, or save with save_checkpoint instead")
 
     return {**{part: path_of(part) for part in _PARTS}, **{f: getattr(split, f) for f in _FIELDS}}
 
@@ -190,12 +167,14 @@ def _split_from(backbone: nn.Module, description: Mapping[str, Any]) -> Backbone
 
 @dataclass(frozen=True)
 class ModelRecipe:
-    """How to build a :class:`~mixshare_layers.MIMOWrapper` again: plain values, allowlisted builders only.
+    """How to build a :class:`~mixshare_layers.MIMOWrapper` again: ``builder(**builder_kwargs)``, changed in place by
+    ``transforms`` (``"mixshare_layers.models.cifar_resnet"``), split as the adapters find or as :func:`describe_split`
+    recorded, wrapped with the other fields (``overrides``: MIMOConfig fields that differ from the preset's).
 
-    ``builder`` (module docstring) is called with ``builder_kwargs``, then ``transforms`` change the backbone in
-    place (``"mixshare_layers.models.cifar_resnet"``); ``split`` is ``None`` (the adapters') or
-    :func:`describe_split`'s; the others are the wrapper's (``overrides``: its MIMOConfig fields that differ from
-    the preset's). A malformed field raises a :class:`RecipeError` (a ``ValueError``) that names it.
+    Example:
+        >>> recipe = ModelRecipe(WRN_BUILDER, {"depth": 10, "width": 1, "num_classes": 10}, num_subnetworks=3)
+        >>> recipe.build().num_subnetworks, ModelRecipe.from_dict(recipe.to_dict()) == recipe
+        (3, True)
     """
 
     builder: str
@@ -211,11 +190,8 @@ class ModelRecipe:
         transforms = tuple(self.transforms) if isinstance(self.transforms, (list, tuple)) else (None,)
         if any(t not in _TRANSFORMS for t in transforms):
             raise RecipeError(f"recipe transforms must be a list of {sorted(_TRANSFORMS)}, but got {self.transforms!r}")
-        if self.split is not None:
-            keys = set(self.split) if isinstance(self.split, Mapping) else set()
-            missing, unknown = [k for k in _PARTS[:3] if k not in keys], sorted(map(str, keys - {*_PARTS, *_FIELDS}))
-            if missing or unknown or not isinstance(self.split, Mapping):
-                raise RecipeError(f"recipe split must be describe_split's dict: missing {missing}, unknown {unknown}")
+        if self.split is not None and not isinstance(self.split, Mapping):
+            raise RecipeError(f"recipe split must be describe_split's dict, but got {type(self.split).__name__}")
         fields = {"transforms": transforms, "split": None if self.split is None else dict(self.split)}
         fields["builder_kwargs"] = _plain_kwargs(self.builder_kwargs, "builder_kwargs", refuse_loading=True)
         fields["overrides"] = _plain_kwargs(self.overrides, "overrides", refuse_loading=False)
