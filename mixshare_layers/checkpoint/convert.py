@@ -1,7 +1,6 @@
-"""Converting a file that :func:`~mixshare_layers.checkpoint.load_checkpoint` refuses because it stores data objects
-(``argparse.Namespace``, numpy values, paths ...): read with ``weights_only=True`` plus :func:`data_only_globals`, so
-no code runs. A file that stores other objects is refused; if you trust it, convert it in your own code:
-``save_checkpoint(new, to_plain(torch.load(old, weights_only=False)))``.
+"""Converting a file that stores data objects (``argparse.Namespace``, numpy values, paths): read with
+``weights_only=True`` plus :func:`data_only_globals`, so no code runs. If you trust a file that stores other objects,
+convert it in your own code: ``save_checkpoint(new, to_plain(torch.load(old, weights_only=False)))``.
 """
 
 from __future__ import annotations
@@ -25,12 +24,10 @@ from .store import FORMAT, RESERVED_KEYS, save_checkpoint
 
 __all__ = ["convert_checkpoint", "data_only_globals", "to_plain"]
 
-_PATHS = (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath)
-
-
 def _data_only_objects() -> list[Any]:
     """What the safe conversion lets the unpickler build: classes, and ``(function, name)`` pairs of numpy's."""
-    objects: list[Any] = [argparse.Namespace, types.SimpleNamespace, *_PATHS]
+    objects: list[Any] = [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath, pathlib.WindowsPath]
+    objects += [pathlib.PurePosixPath, pathlib.PureWindowsPath]
     try:
         import numpy as np
     except ImportError:  # numpy is optional for torch
@@ -104,11 +101,8 @@ def convert_checkpoint(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False,
     log: Callable[[str], object] | None = None,
 ) -> Path:  # fmt: skip
-    """Rewrite the file ``src`` as the checkpoint ``dst`` (:func:`to_plain` values, a digest); returns ``Path(dst)``.
-
-    ``dst`` is replaced only with ``overwrite``. Another program's ``format`` / ``format_version`` entries are kept as
-    ``source_format`` / ``source_format_version`` (``log`` is called with a line for each).
-    """
+    """Rewrite the file ``src`` as the checkpoint ``dst`` (:func:`to_plain` values, a digest; ``dst`` replaced only
+    with ``overwrite``). Another program's ``format`` entries become ``source_format...`` (``log``: a line each)."""
     src_p, dst_p = os.fspath(src), Path(dst)
     store._require_safe_loading(src_p)
     fh, _ = store._open(src_p)

@@ -59,12 +59,8 @@ def save_model(
     keep_previous: bool = False, check: bool = True,
 ) -> Path:  # fmt: skip
     """Save a :class:`~mixshare_layers.MIMOWrapper` (a ``torch.compile`` or DDP shell is removed) as ``{"model":
-    state_dict, "recipe": recipe.to_dict(), **extra}`` with :func:`~mixshare_layers.checkpoint.save_checkpoint`.
-
-    The recipe is ``recipe``, or made of ``builder`` (e.g. ``"torchvision:resnet18"``), its plain ``builder_kwargs``,
-    ``transforms``, a hand-made split's :func:`~mixshare_layers.checkpoint.describe_split` and the wrapper's settings
-    read from ``model``. With ``check``, the recipe's model is first compared with ``model`` (:func:`check_recipe`),
-    so that a wrong recipe is refused now rather than when the file is loaded.
+    state_dict, "recipe": recipe.to_dict(), **extra}``: ``recipe``, or ``ModelRecipe.of(model, builder, ...)``. With
+    ``check``, :func:`check_recipe` first, so that a wrong recipe is refused now rather than when the file is loaded.
     """
     inner = getattr(model, "_orig_mod", model)
     inner = inner if isinstance(inner, MIMOWrapper) else getattr(inner, "module", inner)

@@ -47,20 +47,20 @@ class RecipeError(ValueError):
     """A recipe that is malformed, names a builder outside the allowlist, or does not build its model."""
 
 
-def _plain_kwargs(kwargs: object, where: str, *, refuse_loading: bool) -> dict[str, Any]:
+def _builder_kwargs(kwargs: object) -> dict[str, Any]:
     """``kwargs``, its keys identifiers and its values plain (as in a checkpoint), without the loading arguments."""
     if not isinstance(kwargs, Mapping):
-        raise RecipeError(f"{where} must be a dict of keyword arguments, but got {type(kwargs).__name__}")
+        raise RecipeError(f"builder_kwargs must be a dict of keyword arguments, but got {type(kwargs).__name__}")
     out = {}
     for key, value in kwargs.items():
         if not isinstance(key, str) or not key.isidentifier() or key.startswith("__"):
-            raise RecipeError(f"{where} has the key {key!r}: keys must be Python identifiers")
-        if refuse_loading and key in _LOADING and value is not None and value is not False:
-            raise RecipeError(f"{where}[{key!r}]={value!r} would load or download weights: the checkpoint holds them")
-        problem = plain_value_problem(value, f"{where}[{key!r}]")
+            raise RecipeError(f"builder_kwargs has the key {key!r}: keys must be Python identifiers")
+        if key in _LOADING and value is not None and value is not False:  # their defaults are not recorded
+            raise RecipeError(f"builder_kwargs[{key!r}]={value!r} would load or download weights: the file has them")
+        problem = plain_value_problem(value, f"builder_kwargs[{key!r}]")
         if problem is not None:
             raise RecipeError(f"{problem}, but builder arguments are plain values: register a builder that makes it")
-        if not (refuse_loading and key in _LOADING):  # the defaults of loading arguments are not recorded
+        if key not in _LOADING:
             out[key] = value
     return out
 
@@ -190,13 +190,13 @@ class ModelRecipe:
         transforms = tuple(self.transforms) if isinstance(self.transforms, (list, tuple)) else (None,)
         if any(t not in _TRANSFORMS for t in transforms):
             raise RecipeError(f"recipe transforms must be a list of {sorted(_TRANSFORMS)}, but got {self.transforms!r}")
-        if self.split is not None and not isinstance(self.split, Mapping):
-            raise RecipeError(f"recipe split must be describe_split's dict, but got {type(self.split).__name__}")
-        fields = {"transforms": transforms, "split": None if self.split is None else dict(self.split)}
-        fields["builder_kwargs"] = _plain_kwargs(self.builder_kwargs, "builder_kwargs", refuse_loading=True)
-        fields["overrides"] = _plain_kwargs(self.overrides, "overrides", refuse_loading=False)
-        for name, value in fields.items():
-            object.__setattr__(self, name, value)
+        if not isinstance(self.overrides, Mapping) or not isinstance(self.split, (Mapping, type(None))):
+            kinds = f"{type(self.overrides).__name__} and {type(self.split).__name__}"
+            raise RecipeError(f"recipe overrides and split must be dicts (split may be None), but got {kinds}")
+        object.__setattr__(self, "builder_kwargs", _builder_kwargs(self.builder_kwargs))
+        object.__setattr__(self, "overrides", dict(self.overrides))
+        object.__setattr__(self, "transforms", transforms)
+        object.__setattr__(self, "split", None if self.split is None else dict(self.split))
 
     @classmethod
     def of(

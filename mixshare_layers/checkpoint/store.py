@@ -91,44 +91,41 @@ def plain_value_problem(value: object, where: str = "checkpoint") -> str | None:
     stack: list[tuple[Any, str, int]] = [(value, where, 0)]
     while stack:
         item, name, depth = stack.pop()
-        kind = type(item)
-        if kind in _PLAIN:
-            continue
-        if depth >= 100:
-            return f"{name} is nested more than 100 levels deep (a container that holds itself?)"
-        if kind in (dict, OrderedDict):
-            for key, sub in item.items():
-                if type(key) not in (str, int):
-                    return f"{name} has the key {key!r} of type {_type_name(key)} (keys must be str or int)"
-                stack.append((sub, f"{name}[{key!r}]", depth + 1))
-        elif kind in (list, tuple, torch.Size):
+        if type(item) in (dict, OrderedDict):
+            bad = [key for key in item if type(key) not in (str, int)]
+            if bad:
+                return f"{name} has the key {bad[0]!r} of type {_type_name(bad[0])} (keys must be str or int)"
+            stack.extend((sub, f"{name}[{key!r}]", depth + 1) for key, sub in item.items())
+        elif type(item) in (list, tuple, torch.Size):
             stack.extend((sub, f"{name}[{i}]", depth + 1) for i, sub in enumerate(item))
-        else:
+        elif type(item) not in _PLAIN:
             return f"{name} has type {_type_name(item)}"
+        if depth > 100:
+            return f"{name} is nested more than 100 levels deep (a container that holds itself?)"
     return None
 
 
-class _HashingWriter:  # what torch.save writes to: the bytes go to the file and into a SHA-256
-    def __init__(self, fh: IO[bytes]) -> None:
-        self.fh, self.sha = fh, hashlib.sha256()
-
-    def write(self, data: Any) -> int:
-        self.sha.update(data)
-        return self.fh.write(data)
-
-    def flush(self) -> None:
-        self.fh.flush()
+def _digest(fh: IO[bytes], length: int, tree: bool = False) -> bytes:
+    """The hex SHA-256 of the file's first ``length`` bytes, the last two (the comment's length) counted as zeros."""
+    top, buf = hashlib.sha256(), memoryview(bytearray(_BLOCK))
+    fh.seek(0)
+    for start in range(0, length, _BLOCK):
+        n = fh.readinto(buf[: min(_BLOCK, length - start)])  # type: ignore[attr-defined]
+        for i in range(max(start, length - 2), start + n):
+            buf[i - start] = 0
+        top.update(hashlib.sha256(buf[:n]).digest() if tree else buf[:n])  # tree: format version 1
+    return top.hexdigest().encode()
 
 
 def _save_with_digest(payload: dict[str, Any], fh: IO[bytes]) -> None:
-    writer = _HashingWriter(fh)
-    torch.save(payload, writer)  # type: ignore[arg-type]  # torch only calls write() and flush()
-    fh.seek(-22, os.SEEK_END)
+    torch.save(payload, fh)
+    size = fh.seek(-22, os.SEEK_END) + 22
     end = fh.read()
-    if end[:4] != b"PK\x05\x06" or end[-2:] != b"\0\0":  # the zip end record, no comment yet (its length hashed as 0)
+    if end[:4] != b"PK\x05\x06" or end[-2:] != b"\0\0":  # the zip end record, without a comment yet
         raise RuntimeError("torch.save wrote an archive without the expected end record: cannot add the digest")
-    fh.seek(-2, os.SEEK_END)
-    fh.write(_TRAILER_SIZE.to_bytes(2, "little") + _TAG + writer.sha.hexdigest().encode())
+    digest = _digest(fh, size)
+    fh.seek(size - 2)
+    fh.write(_TRAILER_SIZE.to_bytes(2, "little") + _TAG + digest)
 
 
 def _check_digest(fh: IO[bytes], size: int, path: str) -> bool:
@@ -138,14 +135,8 @@ def _check_digest(fh: IO[bytes], size: int, path: str) -> bool:
     tag = trailer[2 : 2 + len(_TAG)]
     if size < 22 + _TRAILER_SIZE or tag not in (_TAG, _TREE_TAG):
         return False
-    top, buf, length = hashlib.sha256(), memoryview(bytearray(_BLOCK)), size - _TRAILER_SIZE
-    fh.seek(0)
-    for start in range(0, length, _BLOCK):
-        n = fh.readinto(buf[: min(_BLOCK, length - start)])  # type: ignore[attr-defined]
-        for i in range(max(start, length - 2), start + n):  # the comment's length, hashed as zeros
-            buf[i - start] = 0
-        top.update(hashlib.sha256(buf[:n]).digest() if tag == _TREE_TAG else buf[:n])
-    if trailer[:2] != _TRAILER_SIZE.to_bytes(2, "little") or top.hexdigest().encode() != trailer[2 + len(_TAG) :]:
+    stored, length = trailer[2 + len(_TAG) :], size - _TRAILER_SIZE
+    if trailer[:2] != _TRAILER_SIZE.to_bytes(2, "little") or _digest(fh, length, tag == _TREE_TAG) != stored:
         reason = f"({size} bytes; a changed, lost or added byte)"
         raise _damaged(path, f"is damaged: its bytes do not match the SHA-256 digest written with it {reason}")
     return True
@@ -156,10 +147,9 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoint`` (plain values: :func:`plain_value_problem`, else TypeError) to ``path``, with its digest.
 
-    The file is written under a temporary name next to ``path``, flushed, read back and checked against its digest,
-    then renamed onto ``path``: a crash leaves the old file or the new one, complete. With ``keep_previous``, the
-    file being replaced becomes :func:`previous_checkpoint_path` first (a hard link, or a copy) if its digest
-    verifies, so that an intact earlier file always exists. ``"format"`` and ``"format_version"`` are added here.
+    The file is written next to ``path``, its digest appended, flushed, then renamed onto ``path``: a crash leaves
+    the old file or the new one, complete. With ``keep_previous``, the file being replaced, if its digest verifies,
+    becomes :func:`previous_checkpoint_path` first (a hard link, or a copy): an intact earlier file always exists.
     """
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"checkpoint must be a dict of named entries, but got {_type_name(checkpoint)}")
@@ -178,8 +168,6 @@ def save_checkpoint(
             _save_with_digest(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
-            if not _check_digest(fh, os.fstat(fh.fileno()).st_size, tmp):  # what reached the file system
-                raise OSError(f"{tmp}: the digest written with the checkpoint is missing when read back")
         os.chmod(tmp, FILE_MODE)
         keep = False
         with contextlib.suppress(CheckpointError, OSError):  # a damaged file is replaced, never kept as the fallback
