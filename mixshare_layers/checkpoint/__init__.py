@@ -2,7 +2,7 @@
 
 A checkpoint holds tensors and plain values only and is only ever loaded with ``torch.load(..., weights_only=True)``
 (:mod:`~mixshare_layers.checkpoint.store`, :mod:`~mixshare_layers.checkpoint.convert`); a wrapped model is saved with
-the recipe that rebuilds it (:mod:`~mixshare_layers.checkpoint.recipe`, :mod:`~mixshare_layers.checkpoint.model`).
+the recipe that rebuilds it (:mod:`~mixshare_layers.checkpoint.model`).
 Command line: ``python -m mixshare_layers.checkpoint verify FILE...`` / ``convert SRC DST``.
 
 Example:
@@ -13,10 +13,9 @@ Example:
 """
 
 from .convert import convert_checkpoint, data_only_globals, to_plain  # noqa: I001  (grouped, not one name a line)
-from .model import check_recipe, load_model, model_from_recipe, save_model, strip_state_prefixes
-from .recipe import (
-    RECIPE_FORMAT, RECIPE_VERSION, WRN_BUILDER, BuilderHandle, ModelRecipe, RecipeError, builder_names, describe_split,
-    register_builder, resolve_builder,
+from .model import (
+    RECIPE_FORMAT, RECIPE_VERSION, WRN_BUILDER, BuilderHandle, ModelRecipe, RecipeError, builder_names, check_recipe,
+    describe_split, load_model, model_from_recipe, register_builder, resolve_builder, save_model, strip_state_prefixes,
 )
 from .store import (
     FORMAT, FORMAT_VERSION, MIN_TORCH_VERSION, CheckpointError, CheckpointNotFoundError, load_checkpoint,
