@@ -4,15 +4,9 @@ A checkpoint holds tensors and plain values only and is only ever loaded with ``
 (:mod:`~mixshare_layers.checkpoint.store`, :mod:`~mixshare_layers.checkpoint.convert`); a wrapped model is saved with
 the recipe that rebuilds it (:mod:`~mixshare_layers.checkpoint.model`).
 Command line: ``python -m mixshare_layers.checkpoint verify FILE...`` / ``convert SRC DST``.
-
-Example:
-    >>> import tempfile, torch
-    >>> path = save_checkpoint(f"{tempfile.mkdtemp()}/ck.pt", {"model": {"w": torch.zeros(3)}, "epoch": 2})
-    >>> load_checkpoint(path)["epoch"], verify_checkpoint(path)
-    (2, True)
 """
 
-from .convert import convert_checkpoint, data_only_globals, to_plain  # noqa: I001  (grouped, not one name a line)
+from .convert import convert_checkpoint, to_plain  # noqa: I001  (grouped, not one name a line)
 from .model import (
     RECIPE_FORMAT, RECIPE_VERSION, WRN_BUILDER, BuilderHandle, ModelRecipe, RecipeError, builder_names, check_recipe,
     describe_split, load_model, model_from_recipe, register_builder, resolve_builder, save_model, strip_state_prefixes,
@@ -25,7 +19,7 @@ from .store import (
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "MIN_TORCH_VERSION", "RECIPE_FORMAT", "RECIPE_VERSION", "WRN_BUILDER", "BuilderHandle",
     "CheckpointError", "CheckpointNotFoundError", "ModelRecipe", "RecipeError", "builder_names", "check_recipe",
-    "convert_checkpoint", "data_only_globals", "describe_split", "load_checkpoint", "load_model", "model_from_recipe",
-    "plain_value_problem", "previous_checkpoint_path", "register_builder", "resolve_builder", "save_checkpoint",
-    "save_model", "strip_state_prefixes", "to_plain", "verify_checkpoint",
+    "convert_checkpoint", "describe_split", "load_checkpoint", "load_model", "model_from_recipe", "plain_value_problem",
+    "previous_checkpoint_path", "register_builder", "resolve_builder", "save_checkpoint", "save_model",
+    "strip_state_prefixes", "to_plain", "verify_checkpoint",
 ]  # fmt: skip

@@ -1,6 +1,5 @@
-"""``python -m mixshare_layers.checkpoint verify FILE...`` (load each file safely, one line each) and ``convert
-[--overwrite] SRC DST`` (:func:`~mixshare_layers.checkpoint.convert_checkpoint`). Errors: one line on stderr, exit
-code 2."""
+"""``python -m mixshare_layers.checkpoint verify FILE...`` (load each file safely) and ``convert [--overwrite] SRC DST``
+(:func:`~mixshare_layers.checkpoint.convert_checkpoint`); one line per file, errors on stderr with exit code 2."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Converting a file that stores data objects (``argparse.Namespace``, numpy values, paths): read with
-``weights_only=True`` plus :func:`data_only_globals`, so no code runs. If you trust a file that stores other objects,
-convert it in your own code: ``save_checkpoint(new, to_plain(torch.load(old, weights_only=False)))``.
+``weights_only=True`` plus those classes, so no code runs. If you trust a file that stores other objects, convert it
+in your own code: ``save_checkpoint(new, to_plain(torch.load(old, weights_only=False)))``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from torch import nn
 from . import store
 from .store import FORMAT, RESERVED_KEYS, save_checkpoint
 
-__all__ = ["convert_checkpoint", "data_only_globals", "to_plain"]
+__all__ = ["convert_checkpoint", "to_plain"]
+
 
 def _data_only_objects() -> list[Any]:
     """What the safe conversion lets the unpickler build: classes, and ``(function, name)`` pairs of numpy's."""
@@ -42,21 +43,11 @@ def _data_only_objects() -> list[Any]:
     return [*objects, np.ndarray, np.dtype]
 
 
-def data_only_globals() -> frozenset[str]:
-    """The names of the classes the safe conversion accepts (e.g. ``"argparse.Namespace"``)."""
-    return frozenset(o[1] if isinstance(o, tuple) else f"{o.__module__}.{o.__qualname__}" for o in _data_only_objects())
-
-
 def to_plain(value: Any, where: str = "checkpoint") -> Any:
     """``value`` made of plain values: Namespaces and dataclasses as dicts, modules and optimisers as their
     ``state_dict()``, numpy arrays as tensors, numpy scalars as Python numbers, paths as strings, sets as sorted lists;
-    a TypeError names what has no plain form.
-
-    Example:
-        >>> import argparse
-        >>> to_plain({"args": argparse.Namespace(lr=0.1, tags={"b", "a"})})
-        {'args': {'lr': 0.1, 'tags': ['a', 'b']}}
-    """
+    a TypeError names what has no plain form. E.g. ``{"args": Namespace(tags={"b", "a"})}`` -> ``{"args": {"tags":
+    ["a", "b"]}}``."""
     if type(value) in (*store._PLAIN, torch.Size):
         return value
     if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):

@@ -137,8 +137,7 @@ def describe_split(backbone: nn.Module, split: BackboneSplit) -> dict[str, Any]:
     """A plain description of a hand-made ``split`` of ``backbone``, from which a recipe rebuilds it: each part (a
     submodule or an ``nn.Sequential`` of submodules) as its path(s) in ``named_modules()``, and the split's fields."""
     if not isinstance(backbone, nn.Module) or not isinstance(split, BackboneSplit):
-        kinds = f"{type(backbone).__name__} and {type(split).__name__}"
-        raise TypeError(f"describe_split takes the backbone (an nn.Module) and a BackboneSplit, but got {kinds}")
+        raise TypeError(f"describe_split takes an nn.Module and a BackboneSplit, not {type(backbone)}, {type(split)}")
     split.validate()
     paths = {id(module): name for name, module in backbone.named_modules() if name}
 
@@ -282,9 +281,8 @@ def strip_state_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
 def _structure(model: nn.Module) -> dict[tuple[str, bool], str]:
     rows = {(name, False): f"{type(m).__qualname__}({m.extra_repr()})" for name, m in model.named_modules()}
     rows.update({(key, True): f"tensor{tuple(t.shape)}" for key, t in model.state_dict().items()})
-    for attr in ("layout", "num_prefix_tokens", "pooling", "preset", "num_subnetworks"):
-        rows[(f"<{attr}>", False)] = f"attribute({getattr(model, attr, None)!r})"
-    return rows
+    attrs = ("layout", "num_prefix_tokens", "pooling", "preset", "num_subnetworks")
+    return rows | {(f"<{a}>", False): f"attribute({getattr(model, a, None)!r})" for a in attrs}
 
 
 def check_recipe(model: MIMOWrapper, recipe: ModelRecipe) -> MIMOWrapper:
@@ -315,10 +313,8 @@ def save_model(
         raise TypeError(f"model must be a MIMOWrapper, but got {type(model).__name__}")
     if recipe is None:
         if builder is None:
-            raise TypeError(
-                "save_model needs the backbone's builder (builder='torchvision:resnet18', builder_kwargs={...}) or "
-                "recipe=ModelRecipe(...); save a model no builder makes with save_checkpoint"
-            )
+            hint = "builder='torchvision:resnet18', builder_kwargs={...}) or recipe=ModelRecipe(...)"
+            raise TypeError(f"save_model needs the backbone's builder ({hint}; else use save_checkpoint")
         recipe = ModelRecipe.of(inner, builder, builder_kwargs, transforms=transforms, split=split)
     elif builder is not None or builder_kwargs is not None or split is not None or transforms:
         raise TypeError("give recipe= or builder= (with builder_kwargs, transforms, split), not both")
@@ -335,7 +331,7 @@ def save_model(
 
 def model_from_recipe(checkpoint: Mapping[str, Any], *, map_location: Any = None) -> MIMOWrapper:
     """The model of a loaded checkpoint dict with ``"model"`` and ``"recipe"``, weights loaded strictly (else a
-    RecipeError): eval mode, the tensors' dtype if they share one, on ``map_location`` (default: the tensors')."""
+    RecipeError), in eval mode, on ``map_location`` (default: where the tensors are)."""
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"checkpoint must be a dict, but got {type(checkpoint).__name__}")
     if "recipe" not in checkpoint or not isinstance(checkpoint.get("model"), Mapping):
@@ -352,8 +348,6 @@ def model_from_recipe(checkpoint: Mapping[str, Any], *, map_location: Any = None
     if size > 4 * held + 1_000_000:  # a backbone may hold more than the wrapper keeps (auxiliary heads)
         raise RecipeError(f"its recipe builds a backbone of {size:,} parameters but the checkpoint holds {held:,}")
     model = recipe.build()
-    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
-    model = model.to(dtype=dtypes.pop()) if len(dtypes) == 1 else model
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # missing or unexpected keys, shapes

@@ -1,9 +1,8 @@
 """Checkpoint files: plain values only, loaded with ``weights_only=True`` and never more, a digest checked first.
 
-A file is the zip archive ``torch.save`` writes of ``{"format": FORMAT, "format_version": FORMAT_VERSION,
-**entries}``; its last 92 bytes, the archive's comment, are ``mixshare_layers:sha256-file:<hex>``, the SHA-256 of
-every byte before them with the two comment-length bytes as zeros (version 1: ``...:sha256-4mib:<hex>``, the SHA-256
-of the SHA-256s of 4 MiB blocks). Zip readers ignore the comment.
+A file is the zip archive ``torch.save`` writes of ``{"format": FORMAT, "format_version": FORMAT_VERSION, **entries}``
+ending with its comment ``mixshare_layers:sha256-file:<hex>``: the SHA-256 of every byte before it, the comment's
+length counted as zeros (version 1: ``...:sha256-4mib:<hex>``, the SHA-256 of the SHA-256s of 4 MiB blocks).
 """
 
 from __future__ import annotations
@@ -48,9 +47,6 @@ class CheckpointError(ValueError):
         self.path, self.reason, self.hint, self.damaged = os.fspath(path), reason, hint, damaged
         super().__init__(f"checkpoint {self.path}: {reason}" + (f"; {hint}" if hint else ""))
 
-    def __str__(self) -> str:  # the message, not the errno fields of OSError (the not-found subclass)
-        return str(self.args[0])
-
     def __reduce__(self) -> tuple[Any, ...]:  # crosses process boundaries (DataLoader workers) intact
         return (type(self), (self.path, self.reason, self.hint), {"damaged": self.damaged})
 
@@ -61,9 +57,8 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 def _damaged(path: str, reason: str) -> CheckpointError:
     prev, hint = previous_checkpoint_path(path), "use an earlier copy of it (nothing was loaded from this one)"
-    with contextlib.suppress(OSError):
-        if prev.is_file() and not os.path.samefile(prev, path):
-            hint = f"the previous checkpoint {prev} is kept next to it: use that file instead"
+    if prev.is_file():
+        hint = f"the previous checkpoint {prev} is kept next to it: use that file instead"
     return CheckpointError(path, reason, hint, damaged=True)
 
 
@@ -239,8 +234,7 @@ def load_checkpoint(
     """Load a checkpoint file safely: its digest checked, then ``torch.load(..., weights_only=True)``, never more.
 
     A file of :func:`save_checkpoint` comes back as it was given; a dict of plain values with no ``format`` entry
-    (another program's weights) loads too, unverified, unless ``require_digest``. Anything else (a damaged file,
-    Python objects, a foreign ``format`` tag, a newer version, torch < 2.6 ...) raises a one-line
+    (another program's weights) loads too, unverified, unless ``require_digest``. Anything else raises a one-line
     :class:`CheckpointError` (:class:`CheckpointNotFoundError` for a missing file) that says what to do.
     """
     p = os.fspath(path)
@@ -285,8 +279,7 @@ def load_checkpoint(
 
 
 def verify_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """Check a file's digest without unpickling anything: True if it matches, False if the file carries none, a
-    :class:`CheckpointError` if it differs (the file is damaged) or the file cannot be read."""
+    """Check a file's digest, unpickling nothing: True if it matches, False if it has none, else a CheckpointError."""
     fh, size = _open(os.fspath(path))
     with fh:
         return _check_digest(fh, size, os.fspath(path))
