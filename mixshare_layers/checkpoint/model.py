@@ -33,7 +33,8 @@ __all__ = [
     "save_model", "strip_state_prefixes",
 ]  # fmt: skip
 
-RECIPE_FORMAT, RECIPE_VERSION = "mixshare_layers.recipe", 1
+RECIPE_FORMAT = "mixshare_layers.recipe"
+RECIPE_VERSION = 1
 WRN_BUILDER = "mixshare_layers.models.wide_resnet"
 _LOADING = (
     "weights", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "checkpoint_path",
@@ -194,8 +195,7 @@ class ModelRecipe:
         if any(t not in _TRANSFORMS for t in transforms):
             raise RecipeError(f"recipe transforms must be a list of {sorted(_TRANSFORMS)}, but got {self.transforms!r}")
         if not isinstance(self.overrides, Mapping) or not isinstance(self.split, (Mapping, type(None))):
-            kinds = f"{type(self.overrides).__name__} and {type(self.split).__name__}"
-            raise RecipeError(f"recipe overrides and split must be dicts (split may be None), but got {kinds}")
+            raise RecipeError(f"recipe overrides and split must be dicts: {self.overrides!r:.40}, {self.split!r:.40}")
         object.__setattr__(self, "builder_kwargs", _builder_kwargs(self.builder_kwargs))
         object.__setattr__(self, "overrides", dict(self.overrides))
         object.__setattr__(self, "transforms", transforms)

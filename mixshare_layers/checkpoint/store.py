@@ -29,14 +29,15 @@ __all__ = [
     "plain_value_problem", "previous_checkpoint_path", "save_checkpoint", "verify_checkpoint",
 ]  # fmt: skip
 
-FORMAT, FORMAT_VERSION, MIN_TORCH_VERSION = "mixshare_layers.checkpoint", 2, (2, 6)
+FORMAT = "mixshare_layers.checkpoint"
+FORMAT_VERSION = 2
+MIN_TORCH_VERSION = (2, 6)
 RESERVED_KEYS = ("format", "format_version")
 CONVERT = "python -m mixshare_layers.checkpoint convert"
 _TAG, _TREE_TAG = b"mixshare_layers:sha256-file:", b"mixshare_layers:sha256-4mib:"  # format versions 2 and 1
 _TRAILER_SIZE, _BLOCK = len(_TAG) + 64, 4 << 20  # the archive comment; the read size (version 1's block)
 _PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device, torch.Tensor, nn.Parameter)
 _TRUE = ("1", "y", "yes", "true")  # what torch counts as a set TORCH_FORCE_* variable
-_DATA_ONLY = ("argparse.Namespace", "types.SimpleNamespace", "pathlib.", "numpy.")  # what convert rebuilds safely
 
 
 class CheckpointError(ValueError):
@@ -203,7 +204,7 @@ def _require_safe_loading(path: str) -> None:
     if tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) < MIN_TORCH_VERSION:
         reason = f"not loaded: torch {torch.__version__} cannot load a file without the risk of running code from it"
         raise CheckpointError(path, reason, "upgrade to torch >= 2.6 (>= 2.10 for files from other people)")
-    if all(os.getenv(f"TORCH_FORCE_{no}WEIGHTS_ONLY_LOAD", "").lower() in _TRUE for no in ("", "NO_")):
+    if all(os.getenv(f"TORCH_FORCE_{v}WEIGHTS_ONLY_LOAD", "").lower() in _TRUE for v in ("", "NO_")):
         reason = "not loaded: TORCH_FORCE_WEIGHTS_ONLY_LOAD and TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD are both set"
         raise CheckpointError(path, reason, "unset TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
 
@@ -221,7 +222,7 @@ def _load_error(path: str, err: Exception, fh: IO[bytes]) -> CheckpointError:  #
         return _damaged(path, f"is truncated or damaged ({type(err).__name__}: {text.split('. ')[0]})")
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     hint = f"they are plain data: convert the file once (no code runs) with `{CONVERT} {path} NEW.pt`"
-    if not all(name.startswith(_DATA_ONLY) for name in names):  # see mixshare_layers.checkpoint.convert
+    if not all(n.startswith(("argparse.Namespace", "types.SimpleNamespace", "pathlib.", "numpy.")) for n in names):
         hint = "only if you trust its source, convert it in Python: save_checkpoint(NEW, to_plain(torch.load(PATH, "
         hint += "weights_only=False))), which runs its code"
     reason = f"refused: it stores Python objects ({shown}) that only a full unpickle, able to run code, would rebuild"
