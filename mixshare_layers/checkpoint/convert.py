@@ -44,10 +44,9 @@ def _data_only_objects() -> list[Any]:
 
 
 def to_plain(value: Any, where: str = "checkpoint") -> Any:
-    """``value`` made of plain values: Namespaces and dataclasses as dicts, modules and optimisers as their
-    ``state_dict()``, numpy arrays as tensors, numpy scalars as Python numbers, paths as strings, sets as sorted lists;
-    a TypeError names what has no plain form. E.g. ``{"args": Namespace(tags={"b", "a"})}`` -> ``{"args": {"tags":
-    ["a", "b"]}}``."""
+    """``value`` made of plain values (a TypeError names what has none): Namespaces and dataclasses as dicts, modules
+    and optimisers as their ``state_dict()``, numpy arrays as tensors, numpy scalars as Python numbers, paths as
+    strings, sets as sorted lists (``{"args": Namespace(a={"y", "x"})}`` becomes ``{"args": {"a": ["x", "y"]}}``)."""
     if type(value) in (*store._PLAIN, torch.Size):
         return value
     if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):
@@ -62,9 +61,9 @@ def to_plain(value: Any, where: str = "checkpoint") -> Any:
         return str(value)
     if isinstance(value, dict):
         out = {to_plain(k, f"{where} key {k!r}"): to_plain(v, f"{where}[{k!r}]") for k, v in value.items()}
-        bad = next((k for k in out if type(k) not in (str, int)), None)
-        if bad is not None:
-            raise TypeError(f"{where} has the key {bad!r} of type {store._type_name(bad)}: keys must be str or int")
+        bad = [k for k in out if type(k) not in (str, int)]
+        if bad:
+            raise TypeError(f"{where} has the key {bad[0]!r} of type {store._type_name(bad[0])}: keys are str or int")
         return out
     if isinstance(value, (list, tuple)):
         items = [to_plain(sub, f"{where}[{i}]") for i, sub in enumerate(value)]
