@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mixshare_layers.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
+from mixshare_layers.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint, store
 
 
 class CodeRunner:
@@ -54,7 +54,8 @@ CASES = {
     "code_running_pickle": r"refused: it stores Python objects \(builtins\.exec\)",
     "namespace_config": r"refused: it stores Python objects \(argparse\.Namespace\)",
     "pickle_stream": "pickle stream",
-    "newer_format_version": "format version 2 by a newer mixshare_layers",
+    "newer_format_version": f"format version {FORMAT_VERSION + 1} by a newer mixshare_layers",
+    "foreign_format": r"has the format tag 'something\.else', not 'mixshare_layers\.checkpoint'",
     "not_a_dict": "holds a list, not a dict",
     "a_folder": "is a folder, not a file",
     "missing_model": "lacks|no 'model'|state_dict under 'model'",
@@ -75,7 +76,7 @@ def make_case(name: str, good: Path, target: Path, marker: Path) -> None:
     elif name == "flipped_tensor_byte":
         target.write_bytes(_flip_tensor_byte(data, good_checkpoint))
     elif name == "digest_cut_off":
-        target.write_bytes(data[: -len(b"mixshare_layers:sha256-4mib:") - 64])
+        target.write_bytes(data[: -store._TRAILER_SIZE])
     elif name == "code_running_pickle":
         code_running_checkpoint(target, marker, epoch=1)
     elif name == "namespace_config":
@@ -86,6 +87,8 @@ def make_case(name: str, good: Path, target: Path, marker: Path) -> None:
         target.write_bytes(pickle.dumps({"model": {}}))
     elif name == "newer_format_version":
         torch.save({**good_checkpoint, "format": FORMAT, "format_version": FORMAT_VERSION + 1}, target)
+    elif name == "foreign_format":  # the library's keys under another program's tag
+        torch.save({**good_checkpoint, "format": "something.else", "format_version": FORMAT_VERSION}, target)
     elif name == "not_a_dict":
         torch.save(list(good_checkpoint["model"].values()), target)
     elif name == "a_folder":

@@ -261,16 +261,14 @@ def test_code_running_checkpoint_never_runs(tmp_path, capsys, monkeypatch):
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-def test_checkpoint_without_config_reads_the_config_json_next_to_it(tmp_path):
-    """examples/cifar100_wrn.py's checkpoints from before they held their config: settings from config.json."""
+def test_checkpoint_of_an_older_script_version_is_refused_in_one_line(tmp_path):
+    """examples/cifar100_wrn.py's checkpoints from before they held their config (format tag 1, settings only in
+    config.json) are refused, with what to do; a converted one still lacks the settings, and says so."""
     model = MIMOWrapper(wide_resnet(10, 1, 10), 2, preset="mixshare", fadeout_end=0.5)
     torch.save({"format": 1, "model": model.state_dict(), "epoch": 1}, tmp_path / "checkpoint.pt")  # no digest
-    run_config = dict(CONFIG, fadeout_end=0.5, alpha=None, dataset="synthetic")  # null fields: the preset's value
-    (tmp_path / "config.json").write_text(json.dumps(run_config))
-    loaded, config = load_wrn_checkpoint(tmp_path / "checkpoint.pt")
-    assert loaded.config.fadeout_end == 0.5 and config["method"] == "mixshare"
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match=r"holds no config and the config\.json next to it cannot be read"):
+    (tmp_path / "config.json").write_text(json.dumps(dict(CONFIG, fadeout_end=0.5, dataset="synthetic")))
+    with pytest.raises(CheckpointError, match=r"has the format tag 1, not 'mixshare_layers\.checkpoint'.*convert"):
         load_wrn_checkpoint(tmp_path / "checkpoint.pt")
+    converted = convert_checkpoint(tmp_path / "checkpoint.pt", tmp_path / "converted.pt")
+    with pytest.raises(CheckpointError, match=r"records no recipe .* and no config; save it with .*save_model"):
+        load_wrn_checkpoint(converted)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import os
 import pathlib
 import pickle
@@ -121,29 +123,28 @@ def test_every_flipped_byte_is_caught(tmp_path: Path) -> None:
         load_checkpoint(bad)
 
 
-def _reference_digest(data: bytes, block: int) -> str:
-    """The documented digest, computed directly: SHA-256 of the blocks' SHA-256s, comment length counted as zeros."""
-    import hashlib
-
-    body = bytearray(data[: -store._TRAILER_SIZE])
-    assert bytes(body[-2:]) == store._TRAILER_SIZE.to_bytes(2, "little")  # the archive's comment length
-    body[-2:] = b"\0\0"
+def _reference_digest(body: bytes, block: int | None = None) -> str:
+    """The documented digest, computed directly: the SHA-256 of the bytes before the archive comment, its length
+    counted as zeros; ``block``: format version 1's, the SHA-256 of the SHA-256s of ``block``-byte blocks."""
+    body = body[:-2] + b"\0\0"
+    if block is None:
+        return hashlib.sha256(body).hexdigest()
     top = hashlib.sha256()
     for start in range(0, len(body), block):
-        top.update(hashlib.sha256(bytes(body[start : start + block])).digest())
+        top.update(hashlib.sha256(body[start : start + block]).digest())
     return top.hexdigest()
 
 
 @pytest.mark.parametrize("block", [2, 3, 5, 64, 1000, 4 << 20])
-def test_digest_matches_its_definition_at_every_block_size(tmp_path: Path, monkeypatch, block: int) -> None:
-    # small blocks put block boundaries everywhere, in particular inside the archive's last bytes
+def test_digest_matches_its_definition_at_every_read_size(tmp_path: Path, monkeypatch, block: int) -> None:
+    # small reads put their boundaries everywhere, in particular inside the archive's last bytes
     monkeypatch.setattr(store, "_BLOCK", block)
     for n in range(0, 40, 13 if block < 64 else 3):
         path = save_checkpoint(tmp_path / f"ck{n}.pt", {"w": torch.arange(float(n)), "name": "x" * n})
         data = path.read_bytes()
-        size = len(data) - store._TRAILER_SIZE
-        assert data[-store._TRAILER_SIZE :].startswith(store._TAG)
-        assert data[-store._TRAILER_SIZE + len(store._TAG) :].decode() == _reference_digest(data, block), (n, size)
+        body, trailer = data[: -store._TRAILER_SIZE], data[-store._TRAILER_SIZE :]
+        assert body[-2:] == store._TRAILER_SIZE.to_bytes(2, "little")  # the archive comment's length
+        assert trailer == store._TAG + _reference_digest(body).encode(), n
         assert verify_checkpoint(path) and torch.equal(load_checkpoint(path)["w"], torch.arange(float(n)))
     flipped = bytearray(data)
     flipped[len(flipped) // 3] ^= 1
@@ -152,13 +153,53 @@ def test_digest_matches_its_definition_at_every_block_size(tmp_path: Path, monke
         verify_checkpoint(path)
 
 
-def test_large_checkpoint_spans_many_blocks(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(store, "_BLOCK", 4096)  # a 1 MB file: 256 blocks, hashed on the pool while written
+def _version_1_file(path: Path, payload: dict, block: int) -> Path:
+    """A file as format version 1 wrote it: the tree digest of ``block``-byte blocks in the archive comment."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "format_version": 1, **payload}, buf)
+    body = buf.getvalue()
+    assert body[-22:-18] == b"PK\x05\x06" and body[-2:] == b"\0\0"  # the end record, no comment yet
+    body = body[:-2] + store._TRAILER_SIZE.to_bytes(2, "little")
+    path.write_bytes(body + store._TREE_TAG + _reference_digest(body, block).encode())
+    return path
+
+
+@pytest.mark.parametrize("block", [3, 64, 4 << 20])
+def test_version_1_files_still_load(tmp_path: Path, monkeypatch, block: int) -> None:
+    monkeypatch.setattr(store, "_BLOCK", block)  # version 1 hashed blocks of this size (4 MiB in every real file)
+    payload = {"model": {"w": torch.arange(300.0)}, "epoch": 4}
+    path = _version_1_file(tmp_path / "v1.pt", payload, block)
+    assert verify_checkpoint(path) is True
+    _same(load_checkpoint(path, require_digest=True), payload)
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    path.write_bytes(damaged)
+    with pytest.raises(CheckpointError, match="do not match the SHA-256 digest"):
+        load_checkpoint(path)
+
+
+def test_large_checkpoint_spans_many_reads(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(store, "_BLOCK", 4096)  # a 256 kB file: 64 reads when it is verified
     payload = {"model": {f"w{i}": torch.randn(1000, generator=torch.Generator().manual_seed(i)) for i in range(64)}}
     path = save_checkpoint(tmp_path / "big.pt", payload)
     data = path.read_bytes()
-    assert data[-64:].decode() == _reference_digest(data, 4096)
+    assert data[-64:].decode() == _reference_digest(data[: -store._TRAILER_SIZE])
     _same(load_checkpoint(path), payload)
+
+
+def test_foreign_format_tag_is_refused(tmp_path: Path) -> None:
+    entries = {"model": {"w": torch.ones(2)}, "epoch": 1}
+    for tag in ("something.else", 1):  # another program's tag; an older script's
+        path = tmp_path / f"{tag}.pt"
+        torch.save({"format": tag, "format_version": FORMAT_VERSION, **entries}, path)
+        expected = rf"has the format tag {re.escape(repr(tag))}, not 'mixshare_layers\.checkpoint'.*convert"
+        with pytest.raises(CheckpointError, match=expected) as info:
+            load_checkpoint(path)
+        assert str(path) in _one_line(info.value) and not info.value.damaged
+        converted = load_checkpoint(convert_checkpoint(path, tmp_path / f"{tag}-converted.pt"))
+        assert converted["source_format"] == tag and converted["epoch"] == 1
+    torch.save(entries, tmp_path / "untagged.pt")  # no tag at all (other tools): plain weights, loaded unverified
+    _same(load_checkpoint(tmp_path / "untagged.pt"), entries)
 
 
 def _flip_in_tensor_data(data: bytes, value: torch.Tensor) -> bytes:
@@ -203,17 +244,12 @@ def test_a_failed_write_leaves_the_old_file(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, {"epoch": 2}, keep_previous=True)
     monkeypatch.undo()
-    # a file that does not verify when read back (a byte lost on the way): it never replaces the old one
-    real_save = store._save_with_digest
 
-    def save_then_damage(payload, fh):
-        digest = real_save(payload, fh)
-        fh.seek(-1, os.SEEK_END)
-        fh.write(b"x")
-        return digest
+    def not_an_archive(obj, f, *args, **kwargs):  # no zip end record: no place for the digest
+        f.write(b"PK\x03\x04" + bytes(40))
 
-    monkeypatch.setattr(store, "_save_with_digest", save_then_damage)
-    with pytest.raises(CheckpointError, match="do not match the SHA-256 digest"):
+    monkeypatch.setattr(torch, "save", not_an_archive)
+    with pytest.raises(RuntimeError, match="without the expected end record"):
         save_checkpoint(path, {"epoch": 3}, keep_previous=True)
     monkeypatch.undo()
     assert path.read_bytes() == before and load_checkpoint(path) == {"epoch": 1}
@@ -289,10 +325,13 @@ def _case_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     cases["namespace_config"] = (path, r"refused: it stores Python objects \(argparse\.Namespace\).*convert .*NEW\.pt")
     path = tmp_path / "code.pt"
     torch.save({"model": CodeRunner(tmp_path / "marker")}, path)
-    cases["code_running_pickle"] = (path, r"refused: .*builtins\.exec.*--trusted")
+    cases["code_running_pickle"] = (path, r"refused: .*builtins\.exec.*only if you trust its source.*to_plain")
     path = tmp_path / "future.pt"
     torch.save({"format": FORMAT, "format_version": FORMAT_VERSION + 1}, path)
-    cases["newer_format_version"] = (path, "format version 2 by a newer mixshare_layers")
+    cases["newer_format_version"] = (path, f"format version {FORMAT_VERSION + 1} by a newer mixshare_layers")
+    path = tmp_path / "foreign.pt"
+    torch.save({"format": "something.else", "format_version": FORMAT_VERSION, "epoch": 1}, path)
+    cases["foreign_format"] = (path, r"has the format tag 'something\.else', not 'mixshare_layers\.checkpoint'")
     path = tmp_path / "list.pt"
     torch.save([torch.ones(1)], path)
     cases["not_a_dict"] = (path, "holds a list, not a dict")
@@ -310,7 +349,7 @@ def _case_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 CASES = (
     "empty", "truncated", "random_bytes", "text", "flipped_tensor_byte", "digest_cut_off", "plain_pickle",
     "legacy_torch_format", "namespace_config", "code_running_pickle", "newer_format_version", "not_a_dict",
-    "our_format_without_digest", "a_folder", "missing", "dangling_link",
+    "our_format_without_digest", "foreign_format", "a_folder", "missing", "dangling_link",
 )  # fmt: skip
 
 
@@ -358,7 +397,7 @@ def test_code_never_runs_whatever_the_environment(tmp_path: Path, monkeypatch: p
             monkeypatch.setenv(key, value)
         with pytest.raises(CheckpointError, match="refused"):
             load_checkpoint(path)
-        with pytest.raises(CheckpointError, match="add --trusted"):
+        with pytest.raises(CheckpointError, match=r"refused: .*builtins\.exec.*only if you trust its source"):
             convert_checkpoint(path, tmp_path / "converted.pt")
         assert not marker.exists()
     monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
@@ -407,12 +446,14 @@ def test_convert_data_only_objects_without_running_code(tmp_path: Path) -> None:
         convert_checkpoint(dst, dst, overwrite=True)
 
 
-def test_convert_trusted_module(tmp_path: Path) -> None:
+def test_a_trusted_file_is_converted_by_its_owner(tmp_path: Path) -> None:
     net = torch.nn.Linear(3, 2)
     torch.save({"model": net, "epoch": 5}, tmp_path / "pickled_module.pt")  # a whole module: needs a full unpickle
-    with pytest.raises(CheckpointError, match="add --trusted"):
+    with pytest.raises(CheckpointError, match=r"torch\.nn\.modules\.linear\.Linear.*to_plain\(torch\.load\(PATH"):
         convert_checkpoint(tmp_path / "pickled_module.pt", tmp_path / "out.pt")
-    out = convert_checkpoint(tmp_path / "pickled_module.pt", tmp_path / "out.pt", trusted=True)
+    assert not (tmp_path / "out.pt").exists()
+    # what the message says to do, in the owner's code (the library itself never unpickles)
+    out = save_checkpoint(tmp_path / "out.pt", to_plain(torch.load(tmp_path / "pickled_module.pt", weights_only=False)))
     new = load_checkpoint(out)
     assert new["epoch"] == 5 and torch.equal(new["model"]["weight"], net.weight.detach())
 
@@ -434,7 +475,7 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "bad.pt").write_bytes(good.read_bytes()[:-1])
     assert main(["verify", str(good), str(tmp_path / "ns.pt"), str(tmp_path / "bad.pt")]) == 2
     out, err = capsys.readouterr()
-    assert out.splitlines() == [f"{good}: ok, digest verified, 1 tensors (0.0 MB), entries: model"]
+    assert out.splitlines() == [f"{good}: ok, digest verified, entries: model"]
     errors = err.splitlines()
     assert len(errors) == 2 and "ns.pt: refused" in errors[0] and "bad.pt: is damaged" in errors[1]
     assert main(["convert", str(tmp_path / "ns.pt"), str(tmp_path / "ns2.pt")]) == 0

@@ -316,10 +316,8 @@ def test_timm_tags_are_allowed():
         ({"pretrained_cfg": "in1k"}, "would load or download"),
         ({"cache_dir": "/tmp"}, "would load or download"),
         ({"norm_layer": nn.BatchNorm2d}, r"\['norm_layer'\] has type type, but builder arguments are plain"),
-        ({"sizes": [1, {"a": 1}]}, r"\['sizes'\]\[1\] has type dict"),
-        ({"rate": float("nan")}, "must be finite"),
+        ({"sizes": [1, {2, 3}]}, r"\['sizes'\]\[1\] has type set"),
         ({"__class__": 1}, "keys must be Python identifiers"),
-        ({"big": list(range(5000))}, "lists of more than 4096 values"),
     ],
 )
 def test_builder_arguments_are_plain_and_load_nothing(kwargs, message):
@@ -344,16 +342,16 @@ def test_defaults_of_loading_arguments_are_dropped():
         ({"overrides": {"alpah": 1.0}}, "unknown option"),
         ({"pretrained": "yes"}, "pretrained must be a bool"),
         ({"transforms": ["os.system"]}, "transforms must be a list of"),
-        ({"split": {"encoder": "stem", "core": "__class__.__init__", "classifier": "fc"}}, "must be a module path"),
-        ({"split": {"encoder": "stem", "core": "body", "classifier": "fc", "layout": "nhwc"}}, "layout must be one"),
-        ({"split": {"encoder": "stem"}}, r"missing \['core', 'classifier'\]"),
+        ({"split": {"encoder": "conv1", "core": "__class__.__init__", "classifier": "fc"}}, r"names \['__class__"),
+        ({"split": {"encoder": "conv1", "core": "layer1", "classifier": "fc", "layout": "nhwc"}}, "layout must be one"),
+        ({"split": {"encoder": "conv1"}}, r"split\['core'\] names \[None\], which the built backbone does not have"),
     ],
 )
 def test_malformed_recipes_are_refused(change, message):
     data = ModelRecipe(WRN_BUILDER, WRN_KWARGS).to_dict()
     data.update(change)
-    with pytest.raises(RecipeError, match=message):
-        ModelRecipe.from_dict(data)
+    with pytest.raises(RecipeError, match=message):  # when it is read, or at the latest when it builds its model
+        ModelRecipe.from_dict(data).build()
 
 
 def test_a_recipe_that_does_not_fit_its_weights(tmp_path, capsys):

@@ -31,9 +31,8 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError
-from ..checkpoint.files import folder_problem
+from ..checkpoint.files import folder_problem, write_json
 from ..wrapper import MIMOWrapper
-from ._io import write_json
 from .checkpoint import load_wrn_checkpoint
 from .sharing import classifier_influence, encoder_influence, sharing_rate
 from .variance import feature_variance_influence

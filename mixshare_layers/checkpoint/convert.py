@@ -1,22 +1,13 @@
-"""Converting, once and on purpose, a checkpoint that :func:`~mixshare_layers.checkpoint.load_checkpoint` refuses.
-
-:func:`convert_checkpoint` (command line: ``python -m mixshare_layers.checkpoint convert SRC DST``) rewrites a file
-into the plain format of :mod:`mixshare_layers.checkpoint.store`, with its digest:
-
-* by default nothing runs: the file is read with ``weights_only=True`` plus a fixed list of data-only classes
-  (:func:`data_only_globals`: ``argparse.Namespace``, ``types.SimpleNamespace``, ``pathlib`` paths, numpy arrays,
-  scalars and dtypes), which become dicts, strings, tensors and Python numbers;
-* ``trusted=True`` (``--trusted``) unpickles the file completely, which runs any code it holds: only for a file you
-  made yourself or whose source you trust. Modules and optimisers found in it are stored as their ``state_dict()``.
-
-This is the only place in the package that may unpickle arbitrary objects, and only when asked to by name.
+"""Converting a file that stores data objects (``argparse.Namespace``, numpy values, paths): read with
+``weights_only=True`` plus those classes, so no code runs. If you trust a file that stores other objects, convert it
+in your own code: ``save_checkpoint(new, to_plain(torch.load(old, weights_only=False)))``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import enum
 import importlib
 import os
 import pathlib
@@ -26,209 +17,103 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from .store import (
-    FORMAT,
-    RESERVED_KEYS,
-    CheckpointError,
-    _load_error,
-    _open,
-    _require_safe_loading,
-    _type_name,
-    save_checkpoint,
-)
+from . import store
+from .store import FORMAT, RESERVED_KEYS, save_checkpoint
 
-__all__ = ["convert_checkpoint", "data_only_globals", "to_plain"]
-
-_NUMPY_NAMES = ("_reconstruct", "scalar")  # in numpy.core.multiarray (numpy 1) / numpy._core.multiarray (numpy 2)
-_PATH_CLASSES = (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath)
+__all__ = ["convert_checkpoint", "to_plain"]
 
 
 def _data_only_objects() -> list[Any]:
-    """The classes / functions the safe conversion lets the weights-only unpickler call (``(obj, name)`` pairs)."""
-    objects: list[Any] = [argparse.Namespace, types.SimpleNamespace, *_PATH_CLASSES]
+    """What the safe conversion lets the unpickler build: classes, and ``(function, name)`` pairs of numpy's."""
+    objects: list[Any] = [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath, pathlib.WindowsPath]
+    objects += [pathlib.PurePosixPath, pathlib.PureWindowsPath]
     try:
         import numpy as np
     except ImportError:  # numpy is optional for torch
         return objects
-    core = getattr(np, "_core", None)
-    multiarray = getattr(core, "multiarray", None) if core is not None else None
-    if multiarray is None:  # numpy 1
-        multiarray = importlib.import_module("numpy.core.multiarray")
-    for name in _NUMPY_NAMES:  # a file names the module of the numpy that wrote it: accept both spellings
-        target = getattr(multiarray, name)
-        objects += [(target, f"numpy.core.multiarray.{name}"), (target, f"numpy._core.multiarray.{name}")]
-    objects += [np.ndarray, np.dtype]
-    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25: one class per dtype
-    if dtypes is not None:
-        for attr in dir(dtypes):
-            cls = getattr(dtypes, attr)
-            if isinstance(cls, type) and attr.endswith("DType") and attr != "ObjectDType":
-                objects.append((cls, f"numpy.dtypes.{attr}"))
-    return objects
-
-
-def data_only_globals() -> frozenset[str]:
-    """The names of the classes the safe conversion accepts (e.g. ``"argparse.Namespace"``).
-
-    Example:
-        >>> "argparse.Namespace" in data_only_globals()
-        True
-    """
-    names = set()
-    for item in _data_only_objects():
-        if isinstance(item, tuple):
-            names.add(item[1])
-        else:
-            names.add(f"{item.__module__}.{item.__qualname__}")
-    return frozenset(names)
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None)  # numpy 2; numpy 1 has numpy.core
+    multiarray = multiarray or importlib.import_module("numpy.core.multiarray")
+    for name in ("_reconstruct", "scalar"):  # a file names the module of the numpy that wrote it: both spellings
+        objects += [(getattr(multiarray, name), f"numpy.{core}.multiarray.{name}") for core in ("core", "_core")]
+    for name, cls in vars(getattr(np, "dtypes", types.SimpleNamespace())).items():  # numpy >= 1.25: a class per dtype
+        if isinstance(cls, type) and name.endswith("DType") and name != "ObjectDType":
+            objects.append((cls, f"numpy.dtypes.{name}"))
+    return [*objects, np.ndarray, np.dtype]
 
 
 def to_plain(value: Any, where: str = "checkpoint") -> Any:
-    """``value`` rebuilt from plain values only: Namespaces and dataclasses become dicts, numpy arrays tensors, ...
-
-    Conversions: ``argparse.Namespace`` / ``types.SimpleNamespace`` / dataclass instances / named tuples -> ``dict``;
-    ``pathlib`` paths -> ``str``; enum members -> their value; sets -> sorted lists; numpy arrays -> tensors; numpy
-    scalars -> Python numbers; tensor subclasses -> tensors; ``nn.Module`` / optimisers -> their ``state_dict()``.
-
-    Args:
-        value: a loaded checkpoint or part of one.
-        where: how to name ``value`` in errors.
-
-    Raises:
-        TypeError: something with no plain form (the message names where it is).
-
-    Example:
-        >>> import argparse
-        >>> to_plain({"args": argparse.Namespace(lr=0.1, tags={"b", "a"})})
-        {'args': {'lr': 0.1, 'tags': ['a', 'b']}}
-    """
-    if isinstance(value, torch.Tensor):
-        return value if type(value) in (torch.Tensor, torch.nn.Parameter) else value.as_subclass(torch.Tensor)
-    if type(value) in (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device):
+    """``value`` made of plain values (a TypeError names what has none): Namespaces and dataclasses as dicts, modules
+    and optimisers as their ``state_dict()``, numpy arrays as tensors, numpy scalars as Python numbers, paths as
+    strings, sets as sorted lists (``{"args": Namespace(a={"y", "x"})}`` becomes ``{"args": {"a": ["x", "y"]}}``)."""
+    if type(value) in (*store._PLAIN, torch.Size):
         return value
-    if isinstance(value, enum.Enum):
-        return to_plain(value.value, where)
+    if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):
+        value = dict(vars(value))
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    elif isinstance(value, (nn.Module, torch.optim.Optimizer)):
+        value = value.state_dict()
+    if isinstance(value, torch.Tensor):
+        return value.as_subclass(torch.Tensor)
+    if isinstance(value, pathlib.PurePath):
+        return str(value)
     if isinstance(value, dict):
-        out: dict[Any, Any] = {}
-        for key, sub in value.items():
-            plain_key = to_plain(key, f"{where} key {key!r}")
-            if type(plain_key) not in (str, int):
-                raise TypeError(f"{where} has the key {key!r} of type {_type_name(key)}: keys must be str or int")
-            out[plain_key] = to_plain(sub, f"{where}[{key!r}]")
+        out = {to_plain(k, f"{where} key {k!r}"): to_plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+        bad = [k for k in out if type(k) not in (str, int)]
+        if bad:
+            raise TypeError(f"{where} has the key {bad[0]!r} of type {store._type_name(bad[0])}: keys are str or int")
         return out
-    if isinstance(value, tuple) and hasattr(value, "_asdict"):  # a named tuple
-        return to_plain(dict(value._asdict()), where)
-    if isinstance(value, torch.Size):
-        return torch.Size(value)
     if isinstance(value, (list, tuple)):
         items = [to_plain(sub, f"{where}[{i}]") for i, sub in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
     if isinstance(value, (set, frozenset)):
         items = [to_plain(sub, f"{where} item") for sub in value]
-        try:
-            return sorted(items)
-        except TypeError:
-            return items
-    if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):
-        return to_plain(dict(vars(value)), where)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_plain({f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, where)
-    if isinstance(value, pathlib.PurePath):
-        return str(value)
-    if isinstance(value, (torch.nn.Module, torch.optim.Optimizer)):
-        return to_plain(value.state_dict(), where)
-    numpy_value = _from_numpy(value, where)
-    if numpy_value is not _NOT_NUMPY:
-        return numpy_value
-    raise TypeError(f"{where} has type {_type_name(value)}, which has no plain form: convert it by hand")
+        with contextlib.suppress(TypeError):
+            items.sort()
+        return items
+    if type(value).__module__.split(".")[0] == "numpy":
+        import numpy as np
 
-
-_NOT_NUMPY = object()
-
-
-def _from_numpy(value: Any, where: str) -> Any:
-    module = type(value).__module__
-    if not module.startswith("numpy"):
-        return _NOT_NUMPY
-    import numpy as np
-
-    if isinstance(value, np.ndarray):
-        if value.dtype.hasobject:
+        if isinstance(value, np.ndarray) and value.dtype.hasobject:
             raise TypeError(f"{where} is a numpy array of Python objects, which has no plain form")
-        return torch.from_numpy(np.ascontiguousarray(value)).clone()
-    if isinstance(value, np.generic):
-        return to_plain(value.item(), where)
-    if isinstance(value, np.dtype):
-        return str(value)
-    return _NOT_NUMPY
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(value)).clone()
+        if isinstance(value, np.generic):
+            return to_plain(value.item(), where)
+        if isinstance(value, np.dtype):
+            return str(value)
+    raise TypeError(f"{where} has type {store._type_name(value)}, which has no plain form: convert it by hand")
 
 
 def convert_checkpoint(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    *,
-    trusted: bool = False,
-    overwrite: bool = False,
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False,
     log: Callable[[str], object] | None = None,
-) -> Path:
-    """Rewrite the checkpoint ``src`` as ``dst`` in the plain format, with its digest.
-
-    ``dst`` is written by :func:`~mixshare_layers.checkpoint.store.save_checkpoint`.
-
-    Args:
-        src: the file to convert (it is not changed).
-        dst: the new file.
-        trusted: unpickle ``src`` completely, running whatever code it holds. Only for files you trust.
-        overwrite: replace ``dst`` if it exists (refused otherwise).
-        log: called with a line describing each conversion made (e.g. ``print``).
-
-    Returns:
-        ``Path(dst)``.
-
-    Raises:
-        CheckpointError: ``src`` cannot be read, or (without ``trusted``) stores objects other than data.
-        FileExistsError: ``dst`` exists and ``overwrite`` is False.
-        TypeError: something in ``src`` has no plain form.
-        ValueError: ``src`` and ``dst`` are the same file.
-    """
+) -> Path:  # fmt: skip
+    """Rewrite the file ``src`` as the checkpoint ``dst`` (:func:`to_plain` values, a digest; ``dst`` replaced only
+    with ``overwrite``). Another program's ``format`` entries become ``source_format...`` (``log``: a line each)."""
     src_p, dst_p = os.fspath(src), Path(dst)
-    _require_safe_loading(src_p)
-    fh, _ = _open(src_p)
-    if dst_p.exists():
-        if os.path.samefile(src_p, dst_p):
-            fh.close()
-            raise ValueError(f"convert into a new file: {dst_p} is the file being converted")
-        if not overwrite:
-            fh.close()
-            raise FileExistsError(f"{dst_p} exists: choose another name (or overwrite=True / --overwrite)")
+    store._require_safe_loading(src_p)
+    fh, _ = store._open(src_p)
     with fh:
+        if dst_p.exists() and os.path.samefile(src_p, dst_p):
+            raise ValueError(f"convert into a new file: {dst_p} is the file being converted")
+        if dst_p.exists() and not overwrite:
+            raise FileExistsError(f"{dst_p} exists: choose another name (or overwrite=True / --overwrite)")
         try:
-            if trusted:
-                obj = torch.load(fh, map_location="cpu", weights_only=False)  # asked for by name: see docstring
-            else:
-                with torch.serialization.safe_globals(_data_only_objects()):
-                    obj = torch.load(fh, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_data_only_objects()):
+                obj = torch.load(fh, map_location="cpu", weights_only=True)
         except Exception as err:
-            error = _load_error(src_p, err, fh)
-            if trusted or "refused" not in error.reason:
-                raise error from None
-            raise CheckpointError(
-                src_p,
-                error.reason.replace(", able to run code,", ""),
-                "if you made this file yourself or trust its source, add --trusted (trusted=True), which runs "
-                "what it holds",
-            ) from None
-    if isinstance(obj, (torch.nn.Module, torch.optim.Optimizer)):
-        obj = obj.state_dict()
-    if not isinstance(obj, dict):
-        raise TypeError(f"{src_p} holds a {_type_name(obj)}: a checkpoint is a dict of named entries")
+            raise store._load_error(src_p, err, fh) from None
     plain = to_plain(obj)
+    if not isinstance(plain, dict):
+        raise TypeError(f"{src_p} holds a {store._type_name(obj)}: a checkpoint is a dict of named entries")
     if plain.get("format") == FORMAT:
         plain = {k: v for k, v in plain.items() if k not in RESERVED_KEYS}
-    for key in RESERVED_KEYS:  # another program's own format marker: kept under another name
+    for key in RESERVED_KEYS:  # another program's (or an older script's) format marker, kept under another name
         if key in plain:
             plain[f"source_{key}"] = plain.pop(key)
             if log is not None:
                 log(f"{key!r} renamed 'source_{key}'")
-    return save_checkpoint(dst_p, plain)  # replaces dst atomically
+    return save_checkpoint(dst_p, plain)
