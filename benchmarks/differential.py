@@ -92,7 +92,7 @@ from mixshare_layers.data import Normalize, SyntheticImageDataset, random_crop_f
 from mixshare_layers.evaluation.metrics import EnsembleMetrics, collapsed_members  # noqa: E402
 from mixshare_layers.functional import cutmix_probability, sample_mix_params  # noqa: E402
 from mixshare_layers.functional.loss import mimo_cross_entropy, rebalanced_weights  # noqa: E402
-from mixshare_layers.models import wide_resnet  # noqa: E402
+from mixshare_layers.models import mixmo_init_, torch_init_, wide_resnet  # noqa: E402
 from mixshare_layers.presets import get_preset  # noqa: E402
 
 METHODS = ("mimo", "mixmo", "unmix", "unmix-aligned", "mixshare", "mixshare-partial")
@@ -107,6 +107,8 @@ RECIPES: dict[str, dict[str, Any]] = {
                     warmup=0.05),
     "fast": dict(depth=10, width=1, members=2, steps=1500, batch=32, repetition=2, lr=0.05, weight_decay=6e-4,
                  warmup=0.05),
+    "long": dict(depth=10, width=1, members=2, steps=6000, batch=32, repetition=2, lr=0.05, weight_decay=6e-4,
+                 warmup=0.05),  # "fast" trained 4 times longer
     "tiny": dict(depth=10, width=1, members=2, steps=30, batch=16, repetition=2, lr=0.05, weight_decay=6e-4,
                  warmup=0.1),
 }  # fmt: skip
@@ -187,17 +189,38 @@ def mix_to_info(mix: ref.Mix, dtype: torch.dtype = torch.float32) -> MixInfo:
                    cutmix=torch.tensor(mix.cutmix), height=h, width=w)  # fmt: skip
 
 
+def _linear_he(module: nn.Module) -> None:
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            mixmo_init_(sub)
+
+
+def _conv_he(module: nn.Module) -> None:
+    for sub in module.modules():
+        if isinstance(sub, (nn.Conv2d, nn.BatchNorm2d)):
+            mixmo_init_(sub)
+
+
+#: the initialisations compared (``--init``), as the library's WRN takes them; the reference has the same four
+LIBRARY_INITS: dict[str, Any] = {
+    "mixmo": "mixmo",
+    "torch": "torch",
+    "torch-convs": lambda m: (torch_init_(m), _linear_he(m)),  # PyTorch's convolutions, He-normal heads
+    "torch-heads": lambda m: (torch_init_(m), _conv_he(m)),  # He-normal convolutions, PyTorch's heads
+}
+
+
 def library_model(cfg: TrainConfig, num_classes: int, seed: int, dtype: torch.dtype = torch.float32) -> MIMOWrapper:
     """The library's network for a run, built from the seed as a user would (backbone, then wrapper)."""
     torch.manual_seed(seed)
-    backbone = wide_resnet(cfg.depth, cfg.width, num_classes=num_classes)
+    backbone = wide_resnet(cfg.depth, cfg.width, num_classes=num_classes, init=LIBRARY_INITS[cfg.init])
     return MIMOWrapper(backbone, cfg.members, preset=cfg.preset).to(dtype)
 
 
 def reference_model(cfg: TrainConfig, num_classes: int, seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(seed)
     enc_init = cfg.method()["encoder_init"]
-    return ref.ReferenceMIMO(num_classes, cfg.members, cfg.depth, cfg.width, enc_init).to(dtype)
+    return ref.ReferenceMIMO(num_classes, cfg.members, cfg.depth, cfg.width, enc_init, cfg.init).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -443,7 +466,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Train and evaluate one (implementation, method, seed, swaps) run; returns its record."""
     torch.set_num_threads(1)
     data = load_task(job["task"])
-    cfg = TrainConfig(preset=job["method"], **RECIPES[job["recipe"]])
+    cfg = TrainConfig(preset=job["method"], init=job.get("init", "mixmo"), **RECIPES[job["recipe"]])
     t0 = time.perf_counter()
     if job["impl"] == "library":
         model = train_library(cfg, data, job["seed"], job["swaps"])
@@ -552,6 +575,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--swap", nargs="*", default=[], choices=SWAPS, help="components taken from the other side")
     p.add_argument("--task", choices=sorted(TASKS), default="hard24")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="fast")
+    p.add_argument("--init", choices=sorted(LIBRARY_INITS), default="mixmo", help="initialisation of both sides")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--label", default="current", help="name of the library version measured (kept in each run)")
     p.add_argument("--out", default="runs/differential")
@@ -563,13 +587,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
     swaps = tuple(s for s in SWAPS if s in args.swap)
     impls = ("library", "reference") if args.impl == "both" else (args.impl,)
-    jobs = [dict(impl=impl, method=m, seed=s, swaps=list(swaps), task=args.task, recipe=args.recipe, label=args.label)
-            for m in args.methods for s in args.seeds for impl in impls]  # fmt: skip
+    jobs = [dict(impl=impl, method=m, seed=s, swaps=list(swaps), task=args.task, recipe=args.recipe, label=args.label,
+                 init=args.init) for m in args.methods for s in args.seeds for impl in impls]  # fmt: skip
 
     def key(r: dict[str, Any]) -> tuple:
         # the reference does not depend on the library version: its runs serve every label
         label = r.get("label", "current") if r["impl"] == "library" or r["swaps"] else "-"
-        return (r["impl"], r["method"], r["seed"], tuple(r["swaps"]), r["task"], r["recipe"], label)
+        return (r["impl"], r["method"], r["seed"], tuple(r["swaps"]), r["task"], r["recipe"], r.get("init", "mixmo"),
+                label)
 
     done = {key(r) for r in results}
     todo = [] if args.table_only else [j for j in jobs if key(j) not in done]
@@ -596,8 +621,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             for fut in as_completed([pool.submit(run_one, j) for j in todo]):
                 finished(fut.result())
     mine = [r for r in results if r["task"] == args.task and r["recipe"] == args.recipe
-            and key(r)[-1] in (args.label, "-")]  # fmt: skip
-    header = f"library {args.label!r}; task {args.task} {TASKS[args.task]}, recipe {args.recipe} {RECIPES[args.recipe]}"
+            and r.get("init", "mixmo") == args.init and key(r)[-1] in (args.label, "-")]  # fmt: skip
+    header = (f"library {args.label!r}, init {args.init}; task {args.task} {TASKS[args.task]}, "
+              f"recipe {args.recipe} {RECIPES[args.recipe]}")
     text = header + "\n\n"
     if args.impl == "both":
         text += table(mine, args.methods, ("library", swaps), ("reference", swaps))

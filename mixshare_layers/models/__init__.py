@@ -1,5 +1,21 @@
 """Backbones used in the paper's experiments."""
 
-from .wide_resnet import WideResNet, cifar_resnet, truncated_he_normal_, wide_resnet
+from .wide_resnet import (
+    WRN_INITS,
+    WideResNet,
+    cifar_resnet,
+    mixmo_init_,
+    torch_init_,
+    truncated_he_normal_,
+    wide_resnet,
+)
 
-__all__ = ["WideResNet", "cifar_resnet", "truncated_he_normal_", "wide_resnet"]
+__all__ = [
+    "WRN_INITS",
+    "WideResNet",
+    "cifar_resnet",
+    "mixmo_init_",
+    "torch_init_",
+    "truncated_he_normal_",
+    "wide_resnet",
+]

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from .._checks import check_int
+from .._checks import check_choice, check_int
 from ..adapters import BackboneSplit
+from ..layers.encoder import reset_all_parameters
 
-__all__ = ["WideResNet", "cifar_resnet", "truncated_he_normal_", "wide_resnet"]
+__all__ = [
+    "WRN_INITS",
+    "WideResNet",
+    "cifar_resnet",
+    "mixmo_init_",
+    "torch_init_",
+    "truncated_he_normal_",
+    "wide_resnet",
+]
 
 # std of a standard normal truncated to [-2, 2]; dividing by it keeps He's variance after truncation
 _TRUNC_STD = 0.87962566103423978
@@ -35,13 +45,13 @@ def truncated_he_normal_(weight: Tensor) -> Tensor:
     return nn.init.trunc_normal_(weight, 0.0, std, -2.0 * std, 2.0 * std)
 
 
-def _init_module(module: nn.Module) -> None:
-    """MixMo's WRN initialisation: truncated He-normal weights for every convolution *and linear layer*, zero biases,
-    BatchNorm scale 1 and shift 0.
+def mixmo_init_(module: nn.Module) -> None:
+    """MixMo's WRN initialisation, in place: truncated He-normal (fan-in) weights for every convolution *and linear
+    layer*, zero biases, BatchNorm scale 1 and shift 0.
 
-    The classifier matters: PyTorch's default ``nn.Linear`` initialisation (uniform with bound ``1 / sqrt(D)``, a
-    standard deviation 2.45 times smaller, and random biases) made MixMo's subnetworks much weaker (issue 12; see
-    docs/reproducing.md, "Differential runs").
+    Compared with PyTorch's defaults (:func:`torch_init_`), its weights are about 2.45 times larger (standard
+    deviation ``sqrt(2 / fan_in)`` against ``1 / sqrt(3 fan_in)``) and its biases start at zero; docs/reproducing.md
+    ("Initialisation") measures both.
     """
     for sub in module.modules():
         if isinstance(sub, (nn.Conv2d, nn.Linear)):
@@ -51,6 +61,16 @@ def _init_module(module: nn.Module) -> None:
         elif isinstance(sub, nn.BatchNorm2d):
             nn.init.ones_(sub.weight)
             nn.init.zeros_(sub.bias)
+
+
+def torch_init_(module: nn.Module) -> None:
+    """PyTorch's default initialisation, in place: ``reset_parameters()`` of every submodule that has one
+    (convolutions and linear layers: Kaiming-uniform with ``a = sqrt(5)``, uniform biases; BatchNorm 1 and 0)."""
+    reset_all_parameters(module)
+
+
+#: the named initialisations of :class:`WideResNet` (``init=``)
+WRN_INITS: dict[str, Callable[[nn.Module], None]] = {"torch": torch_init_, "mixmo": mixmo_init_}
 
 
 class PreActBlock(nn.Module):
@@ -79,14 +99,15 @@ class WideResNet(nn.Module):
     """WRN-depth-width for 32x32 images (Zagoruyko & Komodakis), pre-activation, no dropout, no biases.
 
     Widths 16 / 16w / 32w / 64w, strides 1 / 2 / 2, ``(depth - 4) / 6`` blocks per stage, final BN-ReLU, global
-    average pooling and a linear classifier; MixMo's initialisation: truncated He-normal (fan-in) for every
-    convolution and for the classifier, zero classifier bias.
+    average pooling and a linear classifier.
 
     Args:
         depth: 6n + 4 (28 in the paper).
         width: widening factor w (2 in the paper).
         num_classes: K.
         in_channels: image channels.
+        init: the initialisation, ``"torch"`` or ``"mixmo"`` (:data:`WRN_INITS`) or a function of the module; it is
+            also the split's ``reinit``, which draws a wrapper's independent encoder copies and its M heads.
 
     Shape:
         - Input: ``(B, in_channels, 32, 32)`` (any size divisible by 4 works).
@@ -99,8 +120,23 @@ class WideResNet(nn.Module):
         (torch.Size([2, 10]), torch.Size([2, 64, 8, 8]))
     """
 
-    def __init__(self, depth: int = 28, width: int = 2, num_classes: int = 100, in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        depth: int = 28,
+        width: int = 2,
+        num_classes: int = 100,
+        in_channels: int = 3,
+        *,
+        init: str | Callable[[nn.Module], None] = "mixmo",
+    ) -> None:
         super().__init__()
+        if isinstance(init, str):
+            self.initializer = WRN_INITS[check_choice("init", init, WRN_INITS)]
+        elif callable(init):
+            self.initializer = init
+        else:
+            raise TypeError(f"init must be one of {sorted(WRN_INITS)} or a callable, but got {type(init).__name__}")
+        self.init = init if isinstance(init, str) else getattr(init, "__name__", "custom")
         depth = check_int("depth", depth, minimum=10)
         if (depth - 4) % 6:
             raise ValueError(f"depth must be 6n + 4 (e.g. 10, 16, 22, 28, 40), but got {depth}")
@@ -123,7 +159,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(in_planes, num_classes)
         self.num_features = in_planes
-        _init_module(self)
+        self.initializer(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Final feature maps ``(B, 64w, 8, 8)`` for 32x32 inputs."""
@@ -140,14 +176,21 @@ class WideResNet(nn.Module):
     def mimo_split(self) -> BackboneSplit:
         """Encoder = first conv, core = the three stages and the final BN-ReLU, classifier = ``fc``.
 
-        ``reinit`` is this network's initialiser, so that a :class:`~mixshare_layers.MIMOWrapper` gives its
-        independent encoders and its M heads MixMo's truncated He-normal initialisation.
+        ``reinit`` is this network's initialiser (``init``), so that a :class:`~mixshare_layers.MIMOWrapper` gives
+        its independent encoders and its M heads the same initialisation as the rest of the network.
         """
         core = nn.Sequential(self.layer1, self.layer2, self.layer3, self.bn, self.relu)
-        return BackboneSplit(encoder=self.conv1, core=core, classifier=self.fc, reinit=_init_module)
+        return BackboneSplit(encoder=self.conv1, core=core, classifier=self.fc, reinit=self.initializer)
 
 
-def wide_resnet(depth: int = 28, width: int = 2, num_classes: int = 100, in_channels: int = 3) -> WideResNet:
+def wide_resnet(
+    depth: int = 28,
+    width: int = 2,
+    num_classes: int = 100,
+    in_channels: int = 3,
+    *,
+    init: str | Callable[[nn.Module], None] = "mixmo",
+) -> WideResNet:
     """MixMo's CIFAR WRN-depth-width (see :class:`WideResNet`).
 
     Args:
@@ -155,13 +198,15 @@ def wide_resnet(depth: int = 28, width: int = 2, num_classes: int = 100, in_chan
         width: widening factor w (2 in the paper).
         num_classes: K.
         in_channels: image channels.
+        init: ``"torch"`` (PyTorch's defaults, :func:`torch_init_`), ``"mixmo"`` (MixMo's truncated He-normal,
+            :func:`mixmo_init_`) or your own function of the module, also used for the M encoder copies and heads.
 
     Example:
         >>> net = wide_resnet(28, 2, num_classes=100)
         >>> sum(p.numel() for p in net.parameters())
         1479220
     """
-    return WideResNet(depth, width, num_classes, in_channels)
+    return WideResNet(depth, width, num_classes, in_channels, init=init)
 
 
 def cifar_resnet(model: nn.Module) -> nn.Module:

@@ -62,14 +62,25 @@ class ReferenceMIMO(nn.Module):
         width: widening factor.
         encoder_init: ``"independent"`` (each encoder its own draw) or ``"aligned"`` (every encoder a copy of the
             first one).
+        init: ``"mixmo"`` (truncated He-normal for convolutions and heads), ``"torch"`` (the modules as PyTorch
+            builds them), ``"torch-convs"`` (PyTorch's convolutions, He-normal heads) or ``"torch-heads"``
+            (He-normal convolutions, PyTorch's heads).
     """
 
+    INITS = ("mixmo", "torch", "torch-convs", "torch-heads")
+
     def __init__(
-        self, num_classes: int, num_members: int = 2, depth: int = 16, width: int = 1, encoder_init: str = "independent"
+        self,
+        num_classes: int,
+        num_members: int = 2,
+        depth: int = 16,
+        width: int = 1,
+        encoder_init: str = "independent",
+        init: str = "mixmo",
     ) -> None:
         super().__init__()
-        if (depth - 4) % 6 or encoder_init not in ("independent", "aligned"):
-            raise ValueError(f"bad depth {depth} or encoder_init {encoder_init!r}")
+        if (depth - 4) % 6 or encoder_init not in ("independent", "aligned") or init not in self.INITS:
+            raise ValueError(f"bad depth {depth}, encoder_init {encoder_init!r} or init {init!r}")
         self.num_members = num_members
         n = (depth - 4) // 6
         self.encoders = nn.ModuleList(nn.Conv2d(3, 16, 3, 1, 1, bias=False) for _ in range(num_members))
@@ -81,9 +92,10 @@ class ReferenceMIMO(nn.Module):
         self.core = nn.Sequential(*stages, nn.BatchNorm2d(cin), nn.ReLU())
         self.heads = nn.ModuleList(nn.Linear(cin, num_classes) for _ in range(num_members))
         # MixMo's initialisation: truncated He-normal for every convolution and linear layer, zero biases,
-        # BatchNorm scale 1 and shift 0
+        # BatchNorm scale 1 and shift 0 (the modules start with PyTorch's defaults: "torch" keeps them)
+        he = {"mixmo": (nn.Conv2d, nn.Linear), "torch": (), "torch-convs": (nn.Linear,), "torch-heads": (nn.Conv2d,)}
         for mod in self.modules():
-            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            if isinstance(mod, he[init]):
                 truncated_he_normal(mod.weight)
                 if mod.bias is not None:
                     nn.init.zeros_(mod.bias)

@@ -34,6 +34,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 6e-4
     warmup: float = 0.05
+    init: str = "mixmo"  # initialisation, see ReferenceMIMO
     overrides: dict[str, Any] = field(default_factory=dict)  # preset fields to change
 
     def method(self) -> dict[str, Any]:
@@ -91,7 +92,8 @@ def train(
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     num_classes = int(labels.max()) + 1
-    model = ReferenceMIMO(num_classes, cfg.members, cfg.depth, cfg.width, method["encoder_init"]).to(dtype)
+    model = ReferenceMIMO(num_classes, cfg.members, cfg.depth, cfg.width, method["encoder_init"], cfg.init)
+    model = model.to(dtype)
     if "init" in hooks:
         hooks["init"](model)
     mean, std = channel_stats(images)
