@@ -35,7 +35,7 @@ def test_wrn_structure_and_final_maps(depth, width):
 
 def test_wrn_init_is_truncated_he_normal():
     torch.manual_seed(0)
-    w = wide_resnet(10, 4).layer3[0].conv1.weight.detach()
+    w = wide_resnet(10, 4, init="mixmo").layer3[0].conv1.weight.detach()
     std = math.sqrt(2.0 / w[0].numel())
     assert float(w.abs().max()) <= 2 * std / 0.87962566103423978 + 1e-6  # truncated at two standard deviations
     assert abs(float(w.std()) / std - 1) < 0.05  # He's variance kept after truncation
@@ -45,16 +45,52 @@ def test_wrn_classifier_and_mimo_heads_follow_mixmo_init():
     """MixMo's WRN: truncated He-normal (fan-in) classifier with zero bias, and so are the M heads of a wrapper
     (independent draws), not nn.Linear's default (issue 12: that left MixMo's members 15-20 points weaker)."""
     torch.manual_seed(0)
-    fc = wide_resnet(10, 4, num_classes=100).fc
+    fc = wide_resnet(10, 4, num_classes=100, init="mixmo").fc
     std = math.sqrt(2.0 / 256)
     assert not fc.bias.detach().any()
     assert float(fc.weight.detach().abs().max()) <= 2 * std / 0.87962566103423978 + 1e-6
     assert abs(float(fc.weight.detach().std()) / std - 1) < 0.05
-    heads = MIMOWrapper(wide_resnet(10, 4, num_classes=100), 3, preset="mixmo").heads
+    heads = MIMOWrapper(wide_resnet(10, 4, num_classes=100, init="mixmo"), 3, preset="mixmo").heads
     w = heads.weight.detach()
     assert not heads.bias.detach().any() and not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
     assert all(abs(float(w[i].std()) / std - 1) < 0.05 for i in range(3))
     assert float(w.abs().max()) <= 2 * std / 0.87962566103423978 + 1e-6
+
+
+def test_wrn_torch_init_is_pytorchs_default_everywhere_it_draws():
+    """init="torch": Kaiming-uniform (a = sqrt(5)) weights, bound 1 / sqrt(fan_in), uniform biases; the wrapper's
+    independent encoder copies and its M heads are drawn the same way (the split's reinit)."""
+    torch.manual_seed(0)
+    net = wide_resnet(10, 4, num_classes=100, init="torch")
+    conv = net.layer3[0].conv1.weight.detach()
+    bound = 1 / math.sqrt(conv[0].numel())
+    assert float(conv.abs().max()) <= bound and abs(float(conv.std()) / (bound / math.sqrt(3)) - 1) < 0.05
+    assert net.fc.bias.detach().any() and float(net.fc.bias.detach().abs().max()) <= 1 / math.sqrt(256)
+    model = MIMOWrapper(net, 3, preset="mixmo")
+    w = model.heads.weight.detach()
+    assert not torch.equal(w[0], w[1]) and float(w.abs().max()) <= 1 / math.sqrt(256)
+    assert all(abs(float(w[i].std()) / (1 / math.sqrt(3 * 256)) - 1) < 0.05 for i in range(3))
+    kernels = model.encoder.kernels().detach()
+    assert not torch.equal(kernels[0], kernels[1]) and float(kernels.abs().max()) <= 1 / math.sqrt(27)
+
+
+def test_wrn_init_choices_and_custom_initialiser():
+    calls = []
+
+    def mine(module: torch.nn.Module) -> None:
+        calls.append(type(module).__name__)
+        for sub in module.modules():
+            if isinstance(sub, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.zeros_(sub.weight)
+
+    net = wide_resnet(10, 1, num_classes=5, init=mine)
+    assert calls == ["WideResNet"] and not net.fc.weight.detach().any() and net.init == "mine"
+    MIMOWrapper(net, 2, preset="mixmo")
+    assert calls.count("Linear") == 2  # one draw per head, with the backbone's initialiser
+    with pytest.raises(ValueError, match="init must be one of"):
+        wide_resnet(10, 1, init="he")
+    with pytest.raises(TypeError, match=r"init must be one of .* or a callable, but got int"):
+        wide_resnet(10, 1, init=3)  # type: ignore[arg-type]
 
 
 def test_wrn_errors():
