@@ -1,0 +1,1 @@
+"""Benchmark and check scripts of the repository (run as ``python -m benchmarks.<name>``)."""
