@@ -245,8 +245,9 @@ def _lockstep(preset: str, offset: float, m: int = 2, seed: int = 0) -> dict:
     return seen
 
 
-# the progress buffer and the fadeout strength are float32 in the library: 1e-8-level differences
-LOCKSTEP_TOL = 1e-7
+# the progress buffer and the fadeout strength are float32 in the library: differences up to 3e-8 (logits, during
+# fadeout), about 1e-15 elsewhere
+LOCKSTEP_TOL = 1e-6
 
 
 @pytest.mark.parametrize("offset", [0.0, 0.2, 0.95])
@@ -337,8 +338,9 @@ def test_the_wrappers_sampler_draws_like_the_reference(preset):
             owners.append(int(owner[0]))
             torch.testing.assert_close(info.ratios, info.masks_at().mean(dim=(2, 3)), rtol=0, atol=1e-12)
             torch.testing.assert_close(info.ratios[:, owners[-1]], info.box_area(), rtol=0, atol=1e-12)
-        n = len(owners)
-        assert abs(sum(o == 0 for o in owners) - n / 2) < 4.5 * math.sqrt(n / 4), owners
+        for who, found in (("library", owners), ("reference", [mix.owner for mix in their_cut])):
+            n = len(found)
+            assert abs(sum(o == 0 for o in found) - n / 2) < 4.5 * math.sqrt(n / 4), (who, found)
         # the owner's realised area: the same distribution (mean within 4.5 standard errors of the difference,
         # quartiles within 0.04; its mean is about 0.31 at 32x32 with Beta(2, 2) because of the clipping)
         a = torch.cat([info.ratios[:, int(info.inside[0].argmax())] for info in my_cut])
@@ -370,8 +372,9 @@ def test_the_wrappers_batcher_builds_rows_like_the_reference(preset):
 
     Exact: 2B rows, each image exactly twice per member, labels that follow their images, at least
     ``round(input_repetition * 2B)`` rows with one image in every member. In distribution (200 batches of 32 images
-    each): the mean number of such rows within 5 standard errors of the difference plus 0.1 (about 1 chance row per
-    batch without input repetition; 6.4 + about 0.9 with 10 %), and the per-member shuffles uncorrelated.
+    each): the mean number of such rows within 5 standard errors of the difference plus 0.1 (about 2 rows per batch
+    by chance without input repetition, since each image appears twice; 6 + about 1.8 with 10 %), and the
+    per-member shuffles uncorrelated outside the repeated rows.
     """
     method = ref.PRESETS[preset]
     b, n_batches = 32, 200
@@ -396,10 +399,11 @@ def test_the_wrappers_batcher_builds_rows_like_the_reference(preset):
     a, c = torch.tensor(same_lib, dtype=torch.float64), torch.tensor(same_ref, dtype=torch.float64)
     se = math.sqrt(a.var() / n_batches + c.var() / n_batches)
     assert abs(float(a.mean() - c.mean())) < 5 * se + 0.1, (float(a.mean()), float(c.mean()))
-    # a row correlation of independent shuffles has standard deviation ~ 1 / sqrt(64): its mean over 200 batches
-    # is within 0.04 of 0 (0.04 = 4.5 standard errors) unless the members share their permutation
+    # the row correlation of the members' images: about the input-repetition share (those rows are identical), as
+    # independent shuffles give the other rows (measured: -0.01 without input repetition, 0.09-0.11 with 10 %;
+    # the standard error of the mean over 200 batches is about 0.01); 1 if the members share one permutation
     for corr in (corr_lib, corr_ref):
-        assert abs(sum(corr) / len(corr) - (shared / (2 * b))) < 0.04 + 0.02, sum(corr) / len(corr)
+        assert abs(sum(corr) / len(corr) - shared / (2 * b)) < 0.06, sum(corr) / len(corr)
 
 
 def test_batch_repetition_gives_each_copy_its_own_augmentation():
