@@ -285,17 +285,35 @@ def apply_mutation(mutation: Mutation, tree: Path) -> None:
 
 
 _FAILURE = re.compile(r"^(FAILED|ERROR) (\S+)", re.M)
+# pytest in the copy, after checking that the library it imports is the copy's own (an installed or editable one
+# elsewhere would make every mutation look uncaught, and a failed import would make every one look caught)
+_FOREIGN_LIBRARY = 97
+_RUN_PYTEST = (
+    "import pathlib, sys\n"
+    "try:\n"
+    "    import mixshare_layers\n"
+    "except Exception as exc:\n"
+    "    print(f'mixshare_layers does not import: {exc!r}')\n"
+    f"    sys.exit({_FOREIGN_LIBRARY})\n"
+    "where = pathlib.Path(mixshare_layers.__file__).resolve()\n"
+    "if pathlib.Path.cwd().resolve() not in where.parents:\n"
+    "    print(f'mixshare_layers imported from {where}')\n"
+    f"    sys.exit({_FOREIGN_LIBRARY})\n"
+    "import pytest\n"
+    "sys.exit(pytest.main(sys.argv[1:]))\n"
+)
 
 
 def run_tests(tree: Path, files: Sequence[str] = DEFAULT_FILES, timeout: float = 900.0) -> dict[str, Any]:
     """Run ``pytest -x -q`` on ``files`` in ``tree`` with ``PYTHONPATH`` = ``tree`` and one thread.
 
     Returns ``{"returncode", "failed" (the first failing test's id or ""), "seconds", "timed_out", "output"}``.
-    Raises ``RuntimeError`` for a pytest usage or internal error, or when no test was collected.
+    Raises ``RuntimeError`` for a pytest usage or internal error, when no test was collected, or when the copy
+    imports a ``mixshare_layers`` other than its own.
     """
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rfE", *files]
+    cmd = [sys.executable, "-c", _RUN_PYTEST, "-x", "-q", "-p", "no:cacheprovider", "-rfE", *files]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
@@ -305,6 +323,8 @@ def run_tests(tree: Path, files: Sequence[str] = DEFAULT_FILES, timeout: float =
                 "output": out[-4000:]}  # fmt: skip
     seconds = time.perf_counter() - start
     output = proc.stdout + proc.stderr
+    if proc.returncode == _FOREIGN_LIBRARY:
+        raise RuntimeError(f"the copy in {tree} does not run its own mixshare_layers: {output.strip()[-500:]}")
     if proc.returncode not in (0, 1, 2):
         raise RuntimeError(f"pytest exited with status {proc.returncode} in {tree}:\n{output[-4000:]}")
     found = _FAILURE.search(output)
@@ -329,16 +349,9 @@ def check_mutation(mutation: Mutation, files: Sequence[str] = DEFAULT_FILES, tim
 
 
 def check_baseline(files: Sequence[str] = DEFAULT_FILES, timeout: float = 900.0) -> dict[str, Any]:
-    """Run the slice on an unmutated copy; raises ``RuntimeError`` unless it passes with the copy's library."""
+    """Run the slice on an unmutated copy; raises ``RuntimeError`` unless it passes."""
     with tempfile.TemporaryDirectory(prefix="mixshare-mutation-") as tmp:
-        tree = copy_repo(Path(tmp) / "repo")
-        env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-        probe = subprocess.run([sys.executable, "-c", "import mixshare_layers; print(mixshare_layers.__file__)"],
-                               cwd=tree, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-        where = Path(probe.stdout.strip() or ".").resolve()
-        if probe.returncode != 0 or tree.resolve() not in where.parents:
-            raise RuntimeError(f"the copy does not import its own mixshare_layers (got {where}): {probe.stderr}")
-        run = run_tests(tree, files, timeout)
+        run = run_tests(copy_repo(Path(tmp) / "repo"), files, timeout)
     if run["returncode"] != 0:
         raise RuntimeError(
             f"the unmutated copy fails its tests ({run['failed'] or 'timed out'}): fix that first\n{run['output']}"

@@ -67,6 +67,14 @@ def test_a_snippet_that_no_longer_matches_raises(tmp_path):
     assert (tree / "pkg" / "mod.py").read_text(encoding="utf-8") == "x = 7\ny = 2\ny = 2\n"
 
 
+def test_a_copy_that_runs_another_library_is_refused(tmp_path):
+    """Tests run against any other mixshare_layers (or none) would make the mutations look uncaught (or caught)."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_nothing.py").write_text("def test_nothing():\n    pass\n", encoding="utf-8")
+    with pytest.raises(RuntimeError, match="does not run its own mixshare_layers"):
+        mutations.run_tests(tmp_path, ["tests/test_nothing.py"], timeout=300)
+
+
 def test_the_working_tree_is_never_mutated():
     with pytest.raises(ValueError, match="refusing to mutate the working tree"):
         mutations.apply_mutation(mutations.MUTATIONS[0], mutations.ROOT)
