@@ -109,6 +109,19 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the mimo / mixmo / unmix presets get aligned encoders",
     ),
     Mutation(
+        "wrapper-aligned-encoders", "mixshare_layers/wrapper.py",
+        "            init=cfg.encoder_init,\n",
+        '            init="aligned",\n',
+        "the wrapper gives every preset aligned encoders, whatever its encoder_init says",
+    ),
+    Mutation(
+        "wrapper-mixing-values", "mixshare_layers/wrapper.py",
+        "            alpha=cfg.alpha,\n            cutmix_prob=cfg.cutmix_prob,\n",
+        "            alpha=1.0 if cfg.alpha == 2.0 else cfg.alpha,\n"
+        "            cutmix_prob=0.9 if cfg.cutmix_prob == 0.5 else cfg.cutmix_prob,\n",
+        "the wrapper's mixer draws λ from Beta(1, 1) and, where the preset says 0.5, uses CutMix with probability 0.9",
+    ),
+    Mutation(
         "mixmo-alpha-1-cutmix-0.9", "mixshare_layers/presets.py",
         '    "mixmo": _MIXMO,\n',
         '    "mixmo": _MIXMO.replace(alpha=1.0, cutmix_prob=0.9),\n',
