@@ -575,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--swap", nargs="*", default=[], choices=SWAPS, help="components taken from the other side")
     p.add_argument("--task", choices=sorted(TASKS), default="hard24")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="fast")
-    p.add_argument("--init", choices=sorted(LIBRARY_INITS), default="mixmo", help="initialisation of both sides")
+    p.add_argument("--init", choices=sorted(LIBRARY_INITS), default="torch", help="initialisation of both sides (default: the library's)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--label", default="current", help="name of the library version measured (kept in each run)")
     p.add_argument("--out", default="runs/differential")
