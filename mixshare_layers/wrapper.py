@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -181,7 +181,7 @@ class MIMOWrapper(nn.Module):
                 "averages its features (timm: timm.create_model(name, global_pool='avg', class_token=False) for a "
                 "ViT)."
             )
-        self.pooling: HeadPooling = parts.pooling  # the layout and P are the unmixer's (properties below)
+        self.pooling = cast(HeadPooling, parts.pooling)  # checked with the split; layout and P: the unmixer's
         self.preprocess = parts.preprocess
         self.encoder = MultiEncoder(
             parts.encoder,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -134,22 +135,22 @@ def fold(model: nn.Module) -> FoldedMIMO:
         TypeError: ``model`` is not a ``MIMOWrapper``.
     """
     # a MIMOWrapper, recognised by its parts (this module is below the wrapper: it must not import it)
-    parts = getattr(model, "encoder", None), getattr(model, "heads", None)
-    if not (isinstance(parts[0], MultiEncoder) and isinstance(parts[1], MultiHead)):
+    encoders, heads = getattr(model, "encoder", None), getattr(model, "heads", None)
+    if not (isinstance(encoders, MultiEncoder) and isinstance(heads, MultiHead)):
         raise TypeError(f"model must be a MIMOWrapper, but got {type(model).__name__}")
-    encoder = model.encoder.folded()
+    wrapper: Any = model  # its other attributes, read by name
     # linear heads and norm + linear heads fold into one (norm and) linear layer; other heads stay as they are
-    stacked = fold_heads(model.heads) if model.heads.is_linear or model.pooling != "head" else None
-    head: nn.Module = copy.deepcopy(model.heads) if stacked is None else stacked
+    stacked = fold_heads(heads) if heads.is_linear or wrapper.pooling != "head" else None
+    head: nn.Module = copy.deepcopy(heads) if stacked is None else stacked
     folded = FoldedMIMO(
-        encoder,
-        copy.deepcopy(model.core),
+        encoders.folded(),
+        copy.deepcopy(wrapper.core),
         head,
-        model.num_subnetworks,
-        layout=model.layout,
-        num_prefix_tokens=model.num_prefix_tokens,
-        pooling=model.pooling,
-        preprocess=copy.deepcopy(model.preprocess),
+        wrapper.num_subnetworks,
+        layout=wrapper.layout,
+        num_prefix_tokens=wrapper.num_prefix_tokens,
+        pooling=wrapper.pooling,
+        preprocess=copy.deepcopy(wrapper.preprocess),
     )
     return folded.eval()
 
