@@ -4,7 +4,7 @@
 
 The wrapper is the public entry point of a forward pass: it checks the images it is given and the features its core
 returns, once, and its own layers take them as they are (``Unmixer(..., check_inputs=False)``, the unchecked forms
-of :mod:`mixshare_layers.functional`).
+of ``mixshare_layers.functional``).
 """
 
 from __future__ import annotations

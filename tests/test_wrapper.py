@@ -398,13 +398,17 @@ def test_a_tokens_forward_checks_the_features_once(monkeypatch, pooling):
     import mixshare_layers.functional.layout as layout_module
     import mixshare_layers.functional.mixing as mixing_module
     import mixshare_layers.functional.unmixing as unmixing_module
+    import mixshare_layers.layers.mixer as mixer_module
     import mixshare_layers.layers.unmixer as unmixer_module
     import mixshare_layers.wrapper as wrapper_module
 
     unmixing = {} if pooling == "avg" else {"unmix_mode": "none"}
     model = MIMOWrapper(split=token_split(pooling), num_subnetworks=2, preset="mixshare", **unmixing)
     core_checks = _count_calls(monkeypatch, wrapper_module, "check_core_features")
+    # the mixer's two public steps (make_params, then apply) check what each is given, so that replacing
+    # make_params replays a recorded mix; mix() itself does not check again
     encoding_checks = _count_calls(monkeypatch, CutMixMixer, "_check")
+    mix_checks = _count_calls(monkeypatch, mixer_module, "_check_mix_inputs")
     again = [
         _count_calls(monkeypatch, unmixer_module, "check_features"),
         _count_calls(monkeypatch, layout_module, "check_features"),
@@ -414,7 +418,7 @@ def test_a_tokens_forward_checks_the_features_once(monkeypatch, pooling):
     ]
     monkeypatch.setattr(wrapper_module, "BackboneSplit", None)  # no split is built per call
     out = model(_x(3, 2, 3, 16, 16))
-    assert out.logits.shape == (3, 2, 5) and core_checks == [1] and encoding_checks == [1]
+    assert out.logits.shape == (3, 2, 5) and core_checks == [1] and encoding_checks == [2] and mix_checks == [1]
     logits = model.eval()(_x(3, 3, 16, 16))
     assert logits.shape == (3, 2, 5) and core_checks == [2]
     assert [c[0] for c in again] == [0, 0, 0, 0, 0]

@@ -25,7 +25,8 @@ class CutMixMixer(nn.Module):
     """Mix M encodings into one: ``scale * sum_i m_i * e_i`` with CutMix or linear masks.
 
     Training draws a fresh mix per call (:meth:`make_params`) and applies it (:meth:`apply`); both steps are
-    available separately so a mix can be replayed. Evaluation returns the plain sum of the encodings and the identity
+    available separately so a mix can be replayed (and :meth:`forward` calls them, so replacing ``make_params``
+    replays a recorded mix inside a network). Evaluation returns the plain sum of the encodings and the identity
     :class:`MixInfo` (every member covers the whole map).
 
     Args:
@@ -117,15 +118,16 @@ class CutMixMixer(nn.Module):
         progress: Tensor | float = 0.0,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, MixInfo]:
-        self._check(encodings)
         if not self.training:
+            self._check(encodings)
             b, m, _, h, w = self._channels_first(encodings).shape
             info = MixInfo.identity(b, m, h, w, device=encodings.device)
             return encodings.sum(dim=1), info
-        info = self._draw(encodings, progress, generator)
-        return self._mix_with(encodings, info), info
+        # the two public steps, each checking what it is given: a replay replaces make_params (e.g. with a recorded
+        # draw), whose MixInfo apply then checks against the encodings
+        info = self.make_params(encodings, progress, generator)
+        return self.apply(encodings, info), info
 
-    # the two steps on encodings already checked
     def _draw(self, encodings: Tensor, progress: Tensor | float, generator: torch.Generator | None) -> MixInfo:
         b, _, _, h, w = self._channels_first(encodings).shape
         # a constant probability stays a Python float (no ops); a ramped one is a tensor on the progress's device
