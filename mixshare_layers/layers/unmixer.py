@@ -146,9 +146,14 @@ class Unmixer(nn.Module):
         )
 
     def _check(self, features: object, info: object) -> None:
-        """The features in this module's layout, floating, from the batch ``info`` describes."""
+        """The features in this module's layout (a patch token at least), floating, from the batch ``info``
+        describes."""
         features = check_features("features", features, self.layout)
         check_floating("features", features)
+        p = self.num_prefix_tokens
+        if self.layout == "tokens" and features.shape[1] <= p:
+            shape = tuple(features.shape)
+            raise ValueError(f"features of shape {shape} have no patch token after their {p} prefix tokens")
         info = check_mix_info("info", info)
         check_device("features", features, info.inside.device, "the MixInfo")
         if features.shape[0] != info.inside.shape[0]:
