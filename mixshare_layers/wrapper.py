@@ -396,29 +396,27 @@ class MIMOWrapper(nn.Module):
             encodings = self.encoder(x)  # (B, M, C', H', W')
             progress = self._training_progress()  # the progress buffer (advanced on device with total_steps)
             mixed, info = self.mixer(encodings, progress, generator)
-            features = self._core(mixed)  # (B, D, h, w), (B, h, w, D) or (B, P + h w, D), checked
+            unmixer = self.unmixer  # it keeps the layout and P
+            features = self._core(mixed, unmixer)  # (B, D, h, w), (B, h, w, D) or (B, P + h w, D), checked
             if self.pooling == "avg":
-                pooled = self.unmixer(features, info, progress, check_inputs=False)  # (B, M, D)
-            else:
-                pooled = self._head_input(features)  # one input shared by every head
+                pooled = unmixer(features, info, progress, check_inputs=False)  # (B, M, D)
+            else:  # one input shared by every head
+                pooled = _head_input(features, unmixer.layout, self.pooling, unmixer.num_prefix_tokens)
             info = info._replace(loss_weights=rebalanced_weights(info.ratios, self.config.rebalance_root))
             return MIMOOutput(self.heads(pooled), info)
         if x.dim() not in (4, 5) or (x.dim() == 5 and x.shape[1] != m):
             raise ValueError(f"x must have shape (B, C, H, W) or (B, M={m}, C, H, W), but got {tuple(x.shape)}")
         mixed = self.encoder(x) if x.dim() == 4 else self.encoder(x).sum(dim=1)  # (B, C, H, W): one convolution
-        return self.heads(self._head_input(self._core(mixed)))  # one pooled vector shared by every head
-
-    def _head_input(self, features: Tensor) -> Tensor:
-        """The heads' shared input from checked features: the grid average, the class token, or the features."""
         unmixer = self.unmixer
-        return _head_input(features, unmixer.layout, self.pooling, unmixer.num_prefix_tokens)
+        features = self._core(mixed, unmixer)
+        # one input shared by every head: the grid average, the class token, or the features themselves
+        return self.heads(_head_input(features, unmixer.layout, self.pooling, unmixer.num_prefix_tokens))
 
-    def _core(self, mixed: Tensor) -> Tensor:
-        """The core's features, checked here once: the unmixer and the pooling take them as they are."""
+    def _core(self, mixed: Tensor, unmixer: Unmixer) -> Tensor:
+        """The core's features, checked here once (in ``unmixer``'s layout): what reads them takes them as they are."""
         features = self.core(mixed)
         if self.pooling == "head":  # the heads read the features as they are (even several maps, in a list)
             return features
-        unmixer = self.unmixer
         return check_core_features(features, unmixer.layout, unmixer.num_prefix_tokens, mixed.shape[0])
 
     def fold(self) -> nn.Module:
