@@ -459,4 +459,3 @@ class MIMOWrapper(nn.Module):
     def estimator_major(logits: Tensor) -> Tensor:
         """torch-uncertainty's layout: ``(B, M, K) -> (M * B, K)``, members in contiguous blocks."""
         return to_estimator_major(logits)
-
