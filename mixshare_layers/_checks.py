@@ -17,8 +17,11 @@ import numbers
 import operator
 import os
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 import torch
+
+from .vocabulary import VALUE_CHECK_MODES, ValueCheckMode
 
 __all__ = [
     "VALUE_CHECK_MODES",
@@ -30,7 +33,7 @@ __all__ = [
     "check_fraction",
     "check_images",
     "check_int",
-        "check_ndim",
+    "check_ndim",
     "check_num_subnetworks",
     "check_real",
     "check_shape",
@@ -41,12 +44,21 @@ __all__ = [
     "values_checked",
 ]
 
-VALUE_CHECK_MODES = ("cpu", "always", "never")
-_value_checks = os.environ.get("MIXSHARE_VALUE_CHECKS", "cpu").strip().lower() or "cpu"
-if _value_checks not in VALUE_CHECK_MODES:  # a typo in the environment must not silently turn checks off
+_Word = TypeVar("_Word", bound=str)
+
+
+def _value_checks_from_environment() -> ValueCheckMode:
+    """``MIXSHARE_VALUE_CHECKS`` (default ``"cpu"``); a typo must not silently turn the checks off."""
+    mode = os.environ.get("MIXSHARE_VALUE_CHECKS", "cpu").strip().lower() or "cpu"
+    for known in VALUE_CHECK_MODES:
+        if mode == known:
+            return known
     raise ValueError(
-        f"MIXSHARE_VALUE_CHECKS must be one of {', '.join(map(repr, VALUE_CHECK_MODES))}, but got {_value_checks!r}"
+        f"MIXSHARE_VALUE_CHECKS must be one of {', '.join(map(repr, VALUE_CHECK_MODES))}, but got {mode!r}"
     )
+
+
+_value_checks: ValueCheckMode = _value_checks_from_environment()
 
 
 def set_value_checks(mode: str) -> None:
@@ -72,7 +84,7 @@ def set_value_checks(mode: str) -> None:
     _value_checks = check_choice("mode", mode, VALUE_CHECK_MODES)
 
 
-def get_value_checks() -> str:
+def get_value_checks() -> ValueCheckMode:
     """The current mode of :func:`set_value_checks`."""
     return _value_checks
 
@@ -176,13 +188,17 @@ def check_fraction(name: str, value: object) -> float:
     return check_real(name, value, low=0.0, high=1.0, low_inclusive=False)
 
 
-def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
-    """Check that ``value`` is one of the strings in ``choices`` (the message lists them)."""
-    choices = tuple(choices)
-    if not isinstance(value, str) or value not in choices:
-        valid = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{name} must be one of {valid}, but got {value!r}")
-    return value
+def check_choice(name: str, value: object, choices: Iterable[_Word]) -> _Word:
+    """Check that ``value`` is one of the strings in ``choices`` (the message lists them); returns it.
+
+    ``choices`` is usually a tuple of :mod:`mixshare_layers.vocabulary`, whose ``Literal`` type the result takes.
+    """
+    words = tuple(choices)
+    for word in words:
+        if isinstance(value, str) and value == word:
+            return word
+    valid = ", ".join(repr(c) for c in words)
+    raise ValueError(f"{name} must be one of {valid}, but got {value!r}")
 
 
 # -- tensors -------------------------------------------------------------------------------------------------------

@@ -217,7 +217,8 @@ class MixInfo(NamedTuple):
         )
 
 
-def check_mix_info(name: str, info: object) -> None:
-    """Check that ``info`` is a :class:`MixInfo` (e.g. not the ``(logits, info)`` pair)."""
+def check_mix_info(name: str, info: object) -> MixInfo:
+    """Check that ``info`` is a :class:`MixInfo` (e.g. not the ``(logits, info)`` pair); returns it."""
     if not isinstance(info, MixInfo):
         raise TypeError(f"{name} must be a MixInfo (the mix_info of a training output), but got {type(info).__name__}")
+    return info

@@ -20,8 +20,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 
 from ._checks import check_bool, check_choice, check_fraction, check_real
-from .layers.encoder import ENCODER_INITS
-from .layers.unmixer import POOLINGS, UNMIX_MODES
+from .vocabulary import ENCODER_INITS, UNMIX_MODES, UNMIX_REDUCTIONS
 
 __all__ = ["PRESETS", "MIMOConfig", "get_preset"]
 
@@ -31,15 +30,19 @@ class MIMOConfig:
     """Every hyper-parameter a preset fixes (see the module docstring for the table).
 
     Attributes:
-        encoder_init: ``"independent" | "aligned" | "colinear"`` (:class:`~mixshare_layers.MultiEncoder`).
+        encoder_init: ``"independent" | "aligned" | "colinear"`` (:data:`~mixshare_layers.vocabulary.EncoderInit`,
+            :class:`~mixshare_layers.MultiEncoder`).
         alpha: Dirichlet concentration of the mixing ratios (``<= 0``: exactly ``1 / M``).
         cutmix_prob: probability of CutMix per batch (else linear mixing).
         cutmix_ramp: end fraction of training over which ``cutmix_prob`` falls to 0.
         shuffle_roles: shuffle the box owner per batch.
-        unmix_mode: ``"none" | "full" | "partial" | "fadeout"`` (:class:`~mixshare_layers.Unmixer`).
+        unmix_mode: ``"none" | "full" | "partial" | "fadeout"`` (:data:`~mixshare_layers.vocabulary.UnmixMode`,
+            :class:`~mixshare_layers.Unmixer`).
         unmix_fraction: channel share for partial unmixing.
         fadeout_end: progress at which fadeout stops unmixing.
-        unmix_pooling: ``"mean"`` (masked average) or ``"sum"``.
+        unmix_pooling: how unmixing reduces each member's masked features, ``"mean"`` (masked average) or ``"sum"``
+            (:data:`~mixshare_layers.vocabulary.UnmixReduction`; the ``pooling`` of :class:`~mixshare_layers.Unmixer`,
+            not the head's pooling of a backbone split).
         rebalance_root: MixMo's loss-weight root r (``None``: weight 1 for every member).
         input_repetition: share of rows whose M inputs are the same image (:class:`~mixshare_layers.MIMOBatcher`).
 
@@ -81,7 +84,7 @@ class MIMOConfig:
         }
         check_choice("encoder_init", self.encoder_init, ENCODER_INITS)
         check_choice("unmix_mode", self.unmix_mode, UNMIX_MODES)
-        check_choice("unmix_pooling", self.unmix_pooling, POOLINGS)
+        check_choice("unmix_pooling", self.unmix_pooling, UNMIX_REDUCTIONS)
         for name, value in real.items():
             object.__setattr__(self, name, value)  # frozen dataclass: the documented way to normalise a field
 

@@ -1,10 +1,17 @@
-"""``MIMOWrapper``: any backbone (CNN or vision transformer) as a MIMO / MixMo / MixShare network."""
+"""Longer than 450 lines: one class that a user reads whole (its construction checks, forward and progress schedule).
+
+``MIMOWrapper``: any backbone (CNN or vision transformer) as a MIMO / MixMo / MixShare network.
+
+The wrapper is the public entry point of a forward pass: it checks the images it is given and the features its core
+returns, once, and its own layers take them as they are (``Unmixer(..., check_inputs=False)``, the unchecked forms
+of ``mixshare_layers.functional``).
+"""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -18,10 +25,11 @@ from ._checks import (
     check_tensor,
     values_checked,
 )
-from .adapters import BackboneSplit, split_backbone
-from .adapters.split import no_unmixing_reason
-from .functional.ensemble import ENSEMBLE_RULES, ensemble_probs, to_estimator_major
-from .functional.layout import check_features
+from .adapters import BackboneSplit
+from .adapters.registry import resolve_split
+from .adapters.split import check_core_features, no_unmixing_reason
+from .functional.ensemble import ensemble_probs, to_estimator_major
+from .functional.layout import _head_input
 from .functional.loss import rebalanced_weights
 from .layers.batcher import MIMOBatcher
 from .layers.encoder import MultiEncoder
@@ -30,7 +38,8 @@ from .layers.loss import MIMOLoss
 from .layers.mixer import CutMixMixer
 from .layers.unmixer import Unmixer
 from .mix_info import MixInfo
-from .presets import PRESETS, MIMOConfig, get_preset
+from .presets import MIMOConfig, get_preset
+from .vocabulary import ENSEMBLE_RULES, FeatureLayout, HeadPooling
 
 __all__ = ["MIMOOutput", "MIMOWrapper", "ProgressWarning"]
 
@@ -77,8 +86,8 @@ class MIMOWrapper(nn.Module):
         backbone: the network to wrap. May be ``None`` when ``split`` is a
             :class:`~mixshare_layers.BackboneSplit`.
         num_subnetworks: M.
-        preset: one of ``"mimo"``, ``"mixmo"``, ``"unmix"``, ``"unmix-aligned"``, ``"mixshare"``,
-            ``"mixshare-partial"`` (table in :mod:`mixshare_layers.presets`).
+        preset: a key of :data:`~mixshare_layers.PRESETS`: ``"mimo"``, ``"mixmo"``, ``"unmix"``, ``"unmix-aligned"``,
+            ``"mixshare"`` or ``"mixshare-partial"`` (the table in :mod:`mixshare_layers.presets`).
         split: a :class:`~mixshare_layers.BackboneSplit`, or a function of the backbone returning one.
         pretrained: (a bool) start as the backbone: aligned/colinear encoder copies are scaled to sum to the
             original first layer and every head is a copy of the backbone's head, so that in eval mode every member
@@ -149,11 +158,9 @@ class MIMOWrapper(nn.Module):
         **overrides: object,
     ) -> None:
         super().__init__()
-        m = check_num_subnetworks(num_subnetworks)
-        self.num_subnetworks = m
-        check_choice("preset", preset, PRESETS)
+        self.num_subnetworks = m = check_num_subnetworks(num_subnetworks)
+        self.config: MIMOConfig = get_preset(preset, **overrides)  # checks the name and the overrides
         self.preset = preset
-        self.config: MIMOConfig = get_preset(preset, **overrides)
         self.pretrained = check_bool("pretrained", pretrained)
         if self.pretrained and self.config.encoder_init == "independent":
             raise ValueError(
@@ -162,7 +169,7 @@ class MIMOWrapper(nn.Module):
                 "encoder_init='aligned' (or 'colinear') to keep it, or pretrained=False (the core keeps the "
                 "backbone's weights; encoders and heads start afresh)"
             )
-        parts = _resolve_split(backbone, split)
+        parts = resolve_split(backbone, split)
         name = type(backbone).__name__ if backbone is not None else "the split's backbone"
         cfg = self.config
         reason = no_unmixing_reason(parts, name)
@@ -174,9 +181,7 @@ class MIMOWrapper(nn.Module):
                 "averages its features (timm: timm.create_model(name, global_pool='avg', class_token=False) for a "
                 "ViT)."
             )
-        self.layout = parts.layout
-        self.num_prefix_tokens = parts.num_prefix_tokens
-        self.pooling = parts.pooling
+        self.pooling = cast(HeadPooling, parts.pooling)  # checked with the split; layout and P: the unmixer's
         self.preprocess = parts.preprocess
         self.encoder = MultiEncoder(
             parts.encoder,
@@ -205,8 +210,8 @@ class MIMOWrapper(nn.Module):
             backend=backend,
         )
         # without pretrained weights the heads start like the backbone's own head: one draw of the split's reinit
-        # each (MixMo's truncated He-normal with zero bias for the library's WRN); nn.Linear's default left MixMo's
-        # members 15-20 points weaker (issue 12)
+        # each (MixMo's truncated He-normal with zero bias for the library's WRN, far better for MixMo's members
+        # than nn.Linear's default)
         self.heads = MultiHead.from_module(
             parts.classifier,
             m,
@@ -228,6 +233,16 @@ class MIMOWrapper(nn.Module):
     # ---------------------------------------------------------------------------------------------------------
     def extra_repr(self) -> str:
         return f"num_subnetworks={self.num_subnetworks}, preset={self.preset!r}, pretrained={self.pretrained}"
+
+    @property
+    def layout(self) -> FeatureLayout:
+        """The core's output layout (:data:`~mixshare_layers.vocabulary.FeatureLayout`), kept by the unmixer."""
+        return self.unmixer.layout
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """``P``, the prefix tokens before the patch grid (``layout="tokens"``), kept by the unmixer."""
+        return self.unmixer.num_prefix_tokens
 
     @property
     def num_classes(self) -> int | None:
@@ -381,44 +396,28 @@ class MIMOWrapper(nn.Module):
             encodings = self.encoder(x)  # (B, M, C', H', W')
             progress = self._training_progress()  # the progress buffer (advanced on device with total_steps)
             mixed, info = self.mixer(encodings, progress, generator)
-            features = self._core(mixed)  # (B, D, h, w), (B, h, w, D) or (B, P + h w, D)
+            unmixer = self.unmixer  # it keeps the layout and P
+            features = self._core(mixed, unmixer)  # (B, D, h, w), (B, h, w, D) or (B, P + h w, D), checked
             if self.pooling == "avg":
-                pooled = self.unmixer(features, info, progress)  # (B, M, D)
-            else:
-                pooled = self._pool(features)  # one input shared by every head
+                pooled = unmixer(features, info, progress, check_inputs=False)  # (B, M, D)
+            else:  # one input shared by every head
+                pooled = _head_input(features, unmixer.layout, self.pooling, unmixer.num_prefix_tokens)
             info = info._replace(loss_weights=rebalanced_weights(info.ratios, self.config.rebalance_root))
             return MIMOOutput(self.heads(pooled), info)
-        if x.dim() == 5:
-            if x.shape[1] != m:
-                raise ValueError(f"x must have shape (B, C, H, W) or (B, M={m}, C, H, W), but got {tuple(x.shape)}")
-            mixed = self.encoder(x).sum(dim=1)
-        elif x.dim() == 4:
-            mixed = self.encoder(x)  # the summed encoders, one convolution
-        else:
+        if x.dim() not in (4, 5) or (x.dim() == 5 and x.shape[1] != m):
             raise ValueError(f"x must have shape (B, C, H, W) or (B, M={m}, C, H, W), but got {tuple(x.shape)}")
-        features = self._core(mixed)
-        return self.heads(self._pool(features))  # one pooled vector shared by every head
+        mixed = self.encoder(x) if x.dim() == 4 else self.encoder(x).sum(dim=1)  # (B, C, H, W): one convolution
+        unmixer = self.unmixer
+        features = self._core(mixed, unmixer)
+        # one input shared by every head: the grid average, the class token, or the features themselves
+        return self.heads(_head_input(features, unmixer.layout, self.pooling, unmixer.num_prefix_tokens))
 
-    def _pool(self, features: Tensor) -> Tensor:
-        """The heads' shared input: the grid average, the class token, or the features themselves."""
-        if self.layout == "channels_first" and self.pooling == "avg":
-            return features.mean(dim=(2, 3))
-        return self.split().pool(features)
-
-    def _core(self, mixed: Tensor) -> Tensor:
+    def _core(self, mixed: Tensor, unmixer: Unmixer) -> Tensor:
+        """The core's features, checked here once (in ``unmixer``'s layout): what reads them takes them as they are."""
         features = self.core(mixed)
         if self.pooling == "head":  # the heads read the features as they are (even several maps, in a list)
             return features
-        try:
-            return check_features("features", features, self.layout)
-        except (TypeError, ValueError):
-            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-            expected = {
-                "channels_first": "spatial feature maps (B, D, h, w)",
-                "channels_last": "channels-last feature maps (B, h, w, D)",
-                "tokens": "tokens (B, P + h w, D)",
-            }[self.layout]
-            raise ValueError(f"the core must return {expected} (before global pooling), but returned {shape}") from None
+        return check_core_features(features, unmixer.layout, unmixer.num_prefix_tokens, mixed.shape[0])
 
     def fold(self) -> nn.Module:
         """A module computing this network's eval-mode logits in one pass (:func:`mixshare_layers.deploy.fold`).
@@ -460,25 +459,3 @@ class MIMOWrapper(nn.Module):
     def estimator_major(logits: Tensor) -> Tensor:
         """torch-uncertainty's layout: ``(B, M, K) -> (M * B, K)``, members in contiguous blocks."""
         return to_estimator_major(logits)
-
-
-def _resolve_split(
-    backbone: nn.Module | None, split: BackboneSplit | Callable[[nn.Module], BackboneSplit] | None
-) -> BackboneSplit:
-    if split is None:
-        if backbone is None:
-            raise TypeError(
-                "backbone is None: give a backbone to wrap, or split=BackboneSplit(encoder=..., core=..., "
-                "classifier=...)"
-            )
-        return split_backbone(backbone)
-    if isinstance(split, BackboneSplit):
-        return split.validate()
-    if callable(split):
-        if backbone is None:
-            raise TypeError("split is a function of the backbone, but backbone is None")
-        parts = split(backbone)
-        if not isinstance(parts, BackboneSplit):
-            raise TypeError(f"split(backbone) must return a BackboneSplit, but got {type(parts).__name__}")
-        return parts.validate()
-    raise TypeError(f"split must be a BackboneSplit or a callable, but got {type(split).__name__}")

@@ -70,6 +70,7 @@ CORE_MODULES = (
     "mixshare_layers.evaluation.selective",
     "mixshare_layers.evaluation.temperature",
     "mixshare_layers.layers.unmixer",
+    "mixshare_layers.vocabulary",
     "mixshare_layers.wrapper",
 )
 
@@ -147,6 +148,7 @@ def test_import_with_only_torch_and_einops():
         "mixshare_layers.evaluation.shift",
         "mixshare_layers.layers",
         "mixshare_layers.deploy",
+        "mixshare_layers.vocabulary",
     ],
 )
 def test_all_names_exist(module):

@@ -59,6 +59,10 @@ def test_layout_errors():
         grid_mean(_x(2, 2, 3), "tokens", num_prefix_tokens=2)
     with pytest.raises(ValueError, match="num_prefix_tokens=1 is for layout='tokens', not 'channels_last'"):
         Unmixer("full", layout="channels_last", num_prefix_tokens=1)
+    for unmixer in (Unmixer("full", layout="tokens", num_prefix_tokens=2), Unmixer("none", layout="tokens").eval()):
+        p = unmixer.num_prefix_tokens
+        with pytest.raises(ValueError, match=f"features of shape \\(2, {p}, 3\\) have no patch token after their {p}"):
+            unmixer(_x(2, p, 3), _info(2, 2, 4, 4))
 
 
 def _unmixer_cases():

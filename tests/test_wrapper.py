@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixshare_layers import BackboneSplit, MIMOLoss, MIMOOutput, MIMOWrapper, UnsupportedBackboneError
+from mixshare_layers import BackboneSplit, CutMixMixer, MIMOLoss, MIMOOutput, MIMOWrapper, UnsupportedBackboneError
 from mixshare_layers.functional import ensemble_probs, mix, rebalanced_weights, unmix_pool
 from mixshare_layers.models import wide_resnet
 
@@ -340,6 +340,104 @@ def test_errors():
     pooled = tiny_split()._replace(core=nn.Sequential(nn.Flatten(), nn.LazyLinear(12)))
     with pytest.raises(ValueError, match=r"the core must return spatial feature maps \(B, D, h, w\).*\(2, 12\)"):
         MIMOWrapper(split=pooled)(_x(2, 2, 3, 8, 8))
+
+
+class _Patches(nn.Module):
+    """A 4x4 patch embedding with a channels-last output (B, h, w, C)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class _Tokens(nn.Module):
+    """(B, h, w, C) -> a class token and the patch grid, (B, 1 + h w, C); ``drop`` tokens fewer at the end."""
+
+    def __init__(self, drop: int = 0, batch: slice = slice(None)) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.zeros(1, 1, 8))
+        self.lin = nn.Linear(8, 8)
+        self.drop, self.batch = drop, batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.flatten(1, 2)
+        out = self.lin(torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1))
+        return out[self.batch, : out.shape[1] - self.drop]
+
+
+def token_split(pooling: str = "avg", core: nn.Module | None = None) -> BackboneSplit:
+    return BackboneSplit(
+        encoder=_Patches(),
+        core=_Tokens() if core is None else core,
+        classifier=nn.Linear(8, 5),
+        layout="tokens",
+        num_prefix_tokens=1,
+        pooling=pooling,
+        encoding_layout="channels_last",
+    )
+
+
+def _count_calls(monkeypatch, owner, name: str) -> list[int]:
+    calls = [0]
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("pooling", ["avg", "token"])
+def test_a_tokens_forward_checks_the_features_once(monkeypatch, pooling):
+    import mixshare_layers.adapters.split as split_module
+    import mixshare_layers.functional.layout as layout_module
+    import mixshare_layers.functional.mixing as mixing_module
+    import mixshare_layers.functional.unmixing as unmixing_module
+    import mixshare_layers.layers.mixer as mixer_module
+    import mixshare_layers.layers.unmixer as unmixer_module
+    import mixshare_layers.wrapper as wrapper_module
+
+    unmixing = {} if pooling == "avg" else {"unmix_mode": "none"}
+    model = MIMOWrapper(split=token_split(pooling), num_subnetworks=2, preset="mixshare", **unmixing)
+    core_checks = _count_calls(monkeypatch, wrapper_module, "check_core_features")
+    # the mixer's two public steps (make_params, then apply) check what each is given, so that replacing
+    # make_params replays a recorded mix; mix() itself does not check again
+    encoding_checks = _count_calls(monkeypatch, CutMixMixer, "_check")
+    mix_checks = _count_calls(monkeypatch, mixer_module, "_check_mix_inputs")
+    again = [
+        _count_calls(monkeypatch, unmixer_module, "check_features"),
+        _count_calls(monkeypatch, layout_module, "check_features"),
+        _count_calls(monkeypatch, unmixing_module, "_check_unmix_inputs"),
+        _count_calls(monkeypatch, mixing_module, "_check_mix_inputs"),
+        _count_calls(monkeypatch, split_module.BackboneSplit, "pool"),
+    ]
+    monkeypatch.setattr(wrapper_module, "BackboneSplit", None)  # no split is built per call
+    out = model(_x(3, 2, 3, 16, 16))
+    assert out.logits.shape == (3, 2, 5) and core_checks == [1] and encoding_checks == [2] and mix_checks == [1]
+    logits = model.eval()(_x(3, 3, 16, 16))
+    assert logits.shape == (3, 2, 5) and core_checks == [2]
+    assert [c[0] for c in again] == [0, 0, 0, 0, 0]
+
+
+def test_the_core_output_is_checked_in_one_place():
+    model = MIMOWrapper(split=token_split(), num_subnetworks=2, preset="mixshare")
+    with pytest.raises(ValueError, match=r"the core must return tokens \(B, P \+ h w, D\) with P = 1 .*\(3, 1, 8\)"):
+        MIMOWrapper(split=token_split(core=_Tokens(drop=16)), num_subnetworks=2)(_x(3, 2, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"for the batch of 3, but returned \(2, 17, 8\)"):
+        MIMOWrapper(split=token_split(core=_Tokens(batch=slice(1, None))), num_subnetworks=2)(_x(3, 2, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"for the batch of 3, but returned \(2, 17, 8\)"):
+        MIMOWrapper(split=token_split(core=_Tokens(batch=slice(1, None))), num_subnetworks=2).eval()(_x(3, 3, 16, 16))
+    # the layout and P have one owner: the unmixer; the wrapper reads them from there
+    assert (model.layout, model.num_prefix_tokens, model.pooling) == ("tokens", 1, "avg")
+    assert (model.unmixer.layout, model.unmixer.num_prefix_tokens) == ("tokens", 1)
+    assert model.split() == token_split()._replace(
+        encoder=model.encoder, core=model.core, classifier=model.heads, reinit=None
+    )
 
 
 # -- CUDA: no host synchronisation, so the whole training step records in a CUDA graph -------------------------------

@@ -158,3 +158,28 @@ def split_backbone(backbone: nn.Module) -> BackboneSplit:
         if matches(backbone):
             return _check(adapter(backbone), adapter.__name__)
     raise UnsupportedBackboneError(f"no adapter knows how to split a {type(backbone).__name__}. " + HOW_TO)
+
+
+def resolve_split(
+    backbone: nn.Module | None, split: BackboneSplit | Callable[[nn.Module], BackboneSplit] | None
+) -> BackboneSplit:
+    """The checked split of ``MIMOWrapper(backbone, split=split)``: ``split`` itself, ``split(backbone)``, or, when
+    ``split`` is ``None``, :func:`split_backbone` of the backbone.
+
+    Raises:
+        TypeError: no backbone where one is needed, or a ``split`` that is not a split or a function returning one.
+    """
+    if split is None:
+        if backbone is None:
+            raise TypeError(
+                "backbone is None: give a backbone to wrap, or split=BackboneSplit(encoder=..., core=..., "
+                "classifier=...)"
+            )
+        return split_backbone(backbone)
+    if isinstance(split, BackboneSplit):
+        return split.validate()
+    if not callable(split):
+        raise TypeError(f"split must be a BackboneSplit or a callable, but got {type(split).__name__}")
+    if backbone is None:
+        raise TypeError("split is a function of the backbone, but backbone is None")
+    return _check(split(backbone), "split(backbone)")

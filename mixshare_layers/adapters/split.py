@@ -8,13 +8,17 @@ from typing import NamedTuple
 import torch  # noqa: F401 - the doctests run in this module's namespace
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_int
-from ..functional.layout import FEATURE_LAYOUTS, check_features, grid_mean
-from ..layers.mixer import ENCODING_LAYOUTS
+from .._checks import check_choice, check_floating, check_int
+from ..functional.layout import head_input
+from ..vocabulary import ENCODING_LAYOUTS, FEATURE_LAYOUTS, HEAD_POOLINGS, FeatureLayout, HeadPooling
 
-__all__ = ["HEAD_POOLINGS", "BackboneSplit", "UnsupportedBackboneError"]
+__all__ = ["HEAD_POOLINGS", "BackboneSplit", "UnsupportedBackboneError", "check_core_features", "check_feature_format"]
 
-HEAD_POOLINGS = ("avg", "token", "head")
+_CORE_OUTPUTS = {  # what a core must return, in words, for the error message
+    "channels_first": "spatial feature maps (B, D, h, w)",
+    "channels_last": "channels-last feature maps (B, h, w, D)",
+    "tokens": "tokens (B, P + h w, D)",
+}
 
 
 class UnsupportedBackboneError(TypeError):
@@ -48,16 +52,19 @@ class BackboneSplit(NamedTuple):
             head (the M heads, unless ``pretrained``), one independent draw per copy; ``None``: their
             ``reset_parameters()`` (PyTorch's default initialisation). Give the backbone's own scheme here: how the
             heads start matters for MixMo (docs/reproducing.md, "Differential runs").
-        layout: the core's output: ``"channels_first"`` ``(B, D, h, w)``, ``"channels_last"`` ``(B, h, w, D)`` or
-            ``"tokens"`` ``(B, P + h w, D)`` (:mod:`mixshare_layers.functional.layout`).
+        layout: the core's output (:data:`~mixshare_layers.vocabulary.FeatureLayout`): ``"channels_first"``
+            ``(B, D, h, w)``, ``"channels_last"`` ``(B, h, w, D)`` or ``"tokens"`` ``(B, P + h w, D)``
+            (:mod:`mixshare_layers.functional.layout`).
         num_prefix_tokens: ``P``: class / register / distillation tokens in front of the patch grid (tokens only).
-        pooling: how the head reads the features: ``"avg"``, the global average of the grid (prefix tokens left
-            out), which unmixing generalises to a per-member masked average; ``"token"``, the first prefix token
-            (a class token: no spatial map, so no unmixing); ``"head"``, the head takes the features as they are
-            and pools them itself (attention pooling, a flattening MLP, a 1x1-conv classifier applied before the
-            pooling): no unmixing either.
-        encoding_layout: the encoder's output: ``"channels_first"`` ``(B, C', H', W')`` (convolutions) or
-            ``"channels_last"`` ``(B, H', W', C')``. The inputs are mixed there, on the ``H' x W'`` grid.
+        pooling: how the head reads the features (:data:`~mixshare_layers.vocabulary.HeadPooling`; not the
+            unmixing reduction): ``"avg"``, the global average of the grid (prefix tokens left out), which unmixing
+            generalises to a per-member masked average; ``"token"``, the first prefix token (a class token: no
+            spatial map, so no unmixing); ``"head"``, the head takes the features as they are and pools them itself
+            (attention pooling, a flattening MLP, a 1x1-conv classifier applied before the pooling): no unmixing
+            either.
+        encoding_layout: the encoder's output (:data:`~mixshare_layers.vocabulary.EncodingLayout`):
+            ``"channels_first"`` ``(B, C', H', W')`` (convolutions) or ``"channels_last"`` ``(B, H', W', C')``.
+            The inputs are mixed there, on the ``H' x W'`` grid.
         preprocess: an optional parameter-free module applied to every image before the encoder (torchvision's
             Inception ``transform_input``), shared by the members.
 
@@ -113,30 +120,17 @@ class BackboneSplit(NamedTuple):
                 "split.preprocess must be parameter-free (it is shared by the members, before their encoders); put "
                 "learnable layers in the encoder"
             )
-        check_choice("split.layout", self.layout, FEATURE_LAYOUTS)
-        check_choice("split.pooling", self.pooling, HEAD_POOLINGS)
+        check_feature_format(self.layout, self.num_prefix_tokens, self.pooling, prefix="split.")
         check_choice("split.encoding_layout", self.encoding_layout, ENCODING_LAYOUTS)
-        p = check_int("split.num_prefix_tokens", self.num_prefix_tokens, minimum=0)
-        if p and self.layout != "tokens":
-            raise ValueError(f"split.num_prefix_tokens={p} is for layout='tokens', but split.layout={self.layout!r}")
-        if self.pooling == "token" and (self.layout != "tokens" or p < 1):
-            raise ValueError(
-                "split.pooling='token' reads the first prefix token: it needs layout='tokens' and num_prefix_tokens "
-                f">= 1, but got layout={self.layout!r}, num_prefix_tokens={p}"
-            )
         return self
 
     def pool(self, features: Tensor) -> Tensor:
         """The head's input from the core's features, as the backbone computes it (eval; no unmixing).
 
-        ``"avg"``: the grid average ``(B, D)``; ``"token"``: the first token ``(B, D)``; ``"head"``: the features.
+        ``"avg"``: the grid average ``(B, D)``; ``"token"``: the first token ``(B, D)``; ``"head"``: the features
+        (:func:`~mixshare_layers.functional.layout.head_input`).
         """
-        if self.pooling == "head":
-            return features
-        check_features("features", features, self.layout)
-        if self.pooling == "token":
-            return features[:, 0]
-        return grid_mean(features, self.layout, num_prefix_tokens=self.num_prefix_tokens)
+        return head_input(features, self.layout, self.pooling, num_prefix_tokens=self.num_prefix_tokens)
 
     def features(self, images: Tensor) -> Tensor:
         """The core's features of a batch of images ``(B, C, H, W)`` (one encoder, no mixing)."""
@@ -146,6 +140,66 @@ class BackboneSplit(NamedTuple):
     def logits(self, images: Tensor) -> Tensor:
         """The backbone's logits through its parts: ``head(pool(core(encoder(preprocess(images)))))``."""
         return self.classifier(self.pool(self.features(images)))
+
+
+def check_feature_format(
+    layout: object, num_prefix_tokens: object, pooling: object, *, prefix: str = ""
+) -> tuple[FeatureLayout, int, HeadPooling]:
+    """Check how features are laid out and read (each word, and that they fit together); returns them.
+
+    Args:
+        layout: one of :data:`~mixshare_layers.vocabulary.FEATURE_LAYOUTS`.
+        num_prefix_tokens: ``P >= 0``; more than 0 only for ``"tokens"``.
+        pooling: one of :data:`~mixshare_layers.vocabulary.HEAD_POOLINGS`; ``"token"`` needs tokens and ``P >= 1``.
+        prefix: put before the names in messages (``"split."`` for a :class:`BackboneSplit`'s fields).
+
+    Example:
+        >>> check_feature_format("tokens", 1, "token")
+        ('tokens', 1, 'token')
+    """
+    lay = check_choice(f"{prefix}layout", layout, FEATURE_LAYOUTS)
+    pool = check_choice(f"{prefix}pooling", pooling, HEAD_POOLINGS)
+    p = check_int(f"{prefix}num_prefix_tokens", num_prefix_tokens, minimum=0)
+    if p and lay != "tokens":
+        raise ValueError(f"{prefix}num_prefix_tokens={p} is for layout='tokens', but {prefix}layout={lay!r}")
+    if pool == "token" and (lay != "tokens" or p < 1):
+        raise ValueError(
+            f"{prefix}pooling='token' reads the first prefix token: it needs layout='tokens' and num_prefix_tokens "
+            f">= 1, but got layout={lay!r}, num_prefix_tokens={p}"
+        )
+    return lay, p, pool
+
+
+def check_core_features(features: object, layout: str, num_prefix_tokens: int, batch_size: int) -> Tensor:
+    """Check what a core returned for a batch of ``batch_size``: floating features in ``layout`` (a token sequence
+    with at least one patch token after its ``num_prefix_tokens``); returns them.
+
+    This is where a wrapped (or folded) network checks its features, once: what reads them afterwards (unmixing,
+    the pooling of the heads' input) takes them as they are. ``layout`` and ``num_prefix_tokens`` are trusted
+    (checked when the network was built, :func:`check_feature_format`).
+
+    Raises:
+        ValueError: not a tensor, or not of the layout's rank, batch size or number of tokens.
+        TypeError: an integer tensor.
+
+    Example:
+        >>> check_core_features(torch.zeros(2, 1 + 4, 8), "tokens", 1, 2).shape
+        torch.Size([2, 5, 8])
+    """
+    rank = 3 if layout == "tokens" else 4
+    if (
+        not isinstance(features, Tensor)
+        or features.dim() != rank
+        or features.shape[0] != batch_size
+        or (layout == "tokens" and features.shape[1] <= num_prefix_tokens)
+    ):
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        tokens = f" with P = {num_prefix_tokens} and h w >= 1" if layout == "tokens" else ""
+        raise ValueError(
+            f"the core must return {_CORE_OUTPUTS[layout]}{tokens} (before global pooling) for the batch of "
+            f"{batch_size}, but returned {shape}"
+        )
+    return check_floating("features", features)
 
 
 def _describe(module: nn.Module) -> str:

@@ -148,4 +148,4 @@ def plot_influence(
     ax.tick_params(labelsize=7)
     fig.tight_layout()
 
-    return save_figure(fig, path, formats)
+    return save_figure(fig, path, list(formats))

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int
+from ..vocabulary import FEATURE_LAYOUTS
 
 __all__ = ["default_variance_layers", "feature_variance_influence"]
 
@@ -195,7 +196,7 @@ def feature_variance_influence(
     captured: dict[str, Tensor] = {}
 
     layout = getattr(model, "layout", "channels_first") if layout is None else layout
-    check_choice("layout", layout, ("channels_first", "channels_last", "tokens"))
+    check_choice("layout", layout, FEATURE_LAYOUTS)
     channels_last = layout == "channels_last"
 
     def make_hook(name: str):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .._checks import check_ndim
-from ..adapters import BackboneSplit
+from ..adapters.split import check_core_features, check_feature_format
+from ..functional.layout import _head_input
 from ..layers.encoder import MultiEncoder
 from ..layers.head import MultiHead
 from . import heads as head_patterns
@@ -39,9 +41,10 @@ class FoldedMIMO(nn.Module):
             D (shared by the members, see :func:`fold_heads`); or a :class:`~mixshare_layers.MultiHead` of generic
             heads (output ``(B, M, K)``).
         num_subnetworks: M.
-        layout: the core's output layout (``"channels_first"``, ``"channels_last"``, ``"tokens"``).
+        layout: the core's output layout (:data:`~mixshare_layers.vocabulary.FeatureLayout`).
         num_prefix_tokens: prefix tokens in front of the patch grid (tokens).
-        pooling: ``"avg"`` (grid average), ``"token"`` (first token) or ``"head"`` (the heads read the features).
+        pooling: how the heads read the features (:data:`~mixshare_layers.vocabulary.HeadPooling`): ``"avg"`` (grid
+            average), ``"token"`` (first token) or ``"head"`` (the heads read the features).
         preprocess: the split's parameter-free image transform, if any.
 
     Attributes:
@@ -96,12 +99,7 @@ class FoldedMIMO(nn.Module):
         self.head = head
         self.num_subnetworks = num_subnetworks
         self.preprocess = preprocess
-        # validated like a split (the encoder and head fields are only placeholders here)
-        self._split = BackboneSplit(
-            nn.Identity(), nn.Identity(), nn.Identity(), layout=layout, num_prefix_tokens=num_prefix_tokens,
-            pooling=pooling,
-        ).validate()  # fmt: skip
-        self.layout, self.num_prefix_tokens, self.pooling = layout, num_prefix_tokens, pooling
+        self.layout, self.num_prefix_tokens, self.pooling = check_feature_format(layout, num_prefix_tokens, pooling)
 
     def extra_repr(self) -> str:
         extra = "" if self.layout == "channels_first" else f", layout={self.layout!r}"
@@ -113,10 +111,9 @@ class FoldedMIMO(nn.Module):
         if self.preprocess is not None:
             x = self.preprocess(x)
         features = self.core(self.encoder(x))
-        if self.layout == "channels_first" and self.pooling == "avg":
-            pooled = features.mean(dim=(2, 3))
-        else:
-            pooled = self._split.pool(features)
+        if self.pooling != "head":  # checked once here; the heads read features of any form with "head"
+            features = check_core_features(features, self.layout, self.num_prefix_tokens, x.shape[0])
+        pooled = _head_input(features, self.layout, self.pooling, self.num_prefix_tokens)
         if self.stacked:
             logits = self.head(pooled)  # (B, M * K)
             return logits.unflatten(-1, (self.num_subnetworks, -1))  # (B, M, K)
@@ -138,22 +135,22 @@ def fold(model: nn.Module) -> FoldedMIMO:
         TypeError: ``model`` is not a ``MIMOWrapper``.
     """
     # a MIMOWrapper, recognised by its parts (this module is below the wrapper: it must not import it)
-    parts = getattr(model, "encoder", None), getattr(model, "heads", None)
-    if not (isinstance(parts[0], MultiEncoder) and isinstance(parts[1], MultiHead)):
+    encoders, heads = getattr(model, "encoder", None), getattr(model, "heads", None)
+    if not (isinstance(encoders, MultiEncoder) and isinstance(heads, MultiHead)):
         raise TypeError(f"model must be a MIMOWrapper, but got {type(model).__name__}")
-    encoder = model.encoder.folded()
+    wrapper: Any = model  # its other attributes, read by name
     # linear heads and norm + linear heads fold into one (norm and) linear layer; other heads stay as they are
-    stacked = fold_heads(model.heads) if model.heads.is_linear or model.pooling != "head" else None
-    head: nn.Module = copy.deepcopy(model.heads) if stacked is None else stacked
+    stacked = fold_heads(heads) if heads.is_linear or wrapper.pooling != "head" else None
+    head: nn.Module = copy.deepcopy(heads) if stacked is None else stacked
     folded = FoldedMIMO(
-        encoder,
-        copy.deepcopy(model.core),
+        encoders.folded(),
+        copy.deepcopy(wrapper.core),
         head,
-        model.num_subnetworks,
-        layout=model.layout,
-        num_prefix_tokens=model.num_prefix_tokens,
-        pooling=model.pooling,
-        preprocess=copy.deepcopy(model.preprocess),
+        wrapper.num_subnetworks,
+        layout=wrapper.layout,
+        num_prefix_tokens=wrapper.num_prefix_tokens,
+        pooling=wrapper.pooling,
+        preprocess=copy.deepcopy(wrapper.preprocess),
     )
     return folded.eval()
 

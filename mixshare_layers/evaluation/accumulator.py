@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_int, check_real
-from ..functional.ensemble import ENSEMBLE_RULES
+from ..vocabulary import ENSEMBLE_RULES, TEMPERATURE_MODES
 from ._common import accumulation_dtype, all_gather_cat, distributed_world
 from .calibration import (
     adaptive_calibration_error_from_confidences,
@@ -19,7 +19,7 @@ from .calibration import (
 from .metrics import ECE_BINS, EnsembleMetrics, _check_logits_targets
 from .scores import UNCERTAINTY_SCORES, uncertainty_scores
 from .selective import aurc
-from .temperature import TEMPERATURE_MODES, tempered_log_probs
+from .temperature import tempered_log_probs
 
 __all__ = ["UncertaintyMetrics"]
 

@@ -10,14 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int, check_real
-from ..functional.ensemble import ENSEMBLE_RULES
+from ..vocabulary import ENSEMBLE_RULES, TEMPERATURE_MODES
 from ._common import all_gather_cat
 from .accumulator import UncertaintyMetrics
 from .metrics import ECE_BINS
 from .ood import ood_detection_metrics
 from .scores import UNCERTAINTY_SCORES, uncertainty_scores
 from .shift import CORRUPTIONS, SEVERITIES, corrupt
-from .temperature import TEMPERATURE_MODES, fit_temperature
+from .temperature import fit_temperature
 
 __all__ = ["METRIC_UNITS", "evaluate_uncertainty", "flatten_report"]
 

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_int, check_ndim, check_real
-from ..functional.ensemble import ENSEMBLE_RULES, ensemble_log_probs
+from ..functional.ensemble import ensemble_log_probs
+from ..vocabulary import ENSEMBLE_RULES
 
 __all__ = [
     "ECE_BINS",

@@ -27,11 +27,10 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_ndim, check_real
-from ..functional.ensemble import ENSEMBLE_RULES, ensemble_log_probs
+from ..functional.ensemble import ensemble_log_probs
+from ..vocabulary import ENSEMBLE_RULES, TEMPERATURE_MODES
 
 __all__ = ["TEMPERATURE_MODES", "fit_temperature", "tempered_log_probs"]
-
-TEMPERATURE_MODES = ("ensemble", "members")
 
 
 def tempered_log_probs(

@@ -7,7 +7,7 @@ from .ensemble import (
     from_estimator_major,
     to_estimator_major,
 )
-from .layout import FEATURE_LAYOUTS, as_maps, check_features, from_maps, grid_mean, token_grid
+from .layout import FEATURE_LAYOUTS, as_maps, check_features, from_maps, grid_mean, head_input, token_grid
 from .loss import mimo_cross_entropy, rebalanced_weights
 from .mixing import cutmix_probability, mix, mix_reference, sample_mix_params
 from .random import sample_dirichlet, sample_gamma
@@ -25,6 +25,7 @@ __all__ = [
     "from_maps",
     "global_pool",
     "grid_mean",
+    "head_input",
     "mimo_cross_entropy",
     "mix",
     "mix_reference",

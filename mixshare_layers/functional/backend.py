@@ -26,10 +26,9 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice
+from ..vocabulary import BACKENDS
 
 __all__ = ["BACKENDS", "ENV_VAR", "resolve_backend", "triton_available", "use_triton"]
-
-BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "MIXSHARE_BACKEND"
 
 # Read once at import: the Triton interpreter must be chosen before triton itself is imported anyway.

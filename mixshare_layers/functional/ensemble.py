@@ -7,10 +7,9 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_ndim
+from ..vocabulary import ENSEMBLE_RULES
 
 __all__ = ["ENSEMBLE_RULES", "ensemble_log_probs", "ensemble_probs", "from_estimator_major", "to_estimator_major"]
-
-ENSEMBLE_RULES = ("prob", "logit")
 
 
 def ensemble_log_probs(logits: Tensor, rule: str = "prob") -> Tensor:

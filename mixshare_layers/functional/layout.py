@@ -9,9 +9,13 @@ A backbone's features come in one of three layouts:
 
 Every masked op of the library works on ``(B, C, h, w)`` maps of any strides, so a layout is only a way of viewing a
 tensor: :func:`as_maps` returns the grid as a ``(B, C, h, w)`` *view* (a permutation of the strides, never a copy),
-and :func:`grid_mean` the global average of the grid (prefix tokens left out). The patch grid of a token sequence
-has no shape of its own; :func:`token_grid` recovers it from the number of patches and the aspect ratio of the grid
-the mix was drawn on (the encoder's output).
+:func:`grid_mean` the global average of the grid (prefix tokens left out), and :func:`head_input` what a backbone's
+head reads (:data:`~mixshare_layers.vocabulary.HeadPooling`). The patch grid of a token sequence has no shape of its
+own; :func:`token_grid` recovers it from the number of patches and the aspect ratio of the grid the mix was drawn on
+(the encoder's output).
+
+The public functions check their arguments; the layers, which have checked the features once on entry, call the
+unchecked forms (``_as_maps``, ``_grid_mean``, ``_head_input``).
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ import math
 from torch import Tensor
 
 from .._checks import check_choice, check_int, check_ndim
+from ..vocabulary import ENCODING_LAYOUTS, FEATURE_LAYOUTS, HEAD_POOLINGS
 
-__all__ = ["FEATURE_LAYOUTS", "as_maps", "check_features", "from_maps", "grid_mean", "token_grid"]
+__all__ = ["FEATURE_LAYOUTS", "as_maps", "check_features", "from_maps", "grid_mean", "head_input", "token_grid"]
 
-FEATURE_LAYOUTS = ("channels_first", "channels_last", "tokens")
 _SHAPES = {"channels_first": "(B, C, h, w)", "channels_last": "(B, h, w, C)", "tokens": "(B, N, C)"}
 
 
@@ -81,7 +85,7 @@ def as_maps(
 
     Args:
         features: ``(B, C, h, w)``, ``(B, h, w, C)`` or ``(B, P + h w, C)``, as ``layout`` says.
-        layout: one of :data:`FEATURE_LAYOUTS`.
+        layout: one of :data:`~mixshare_layers.vocabulary.FEATURE_LAYOUTS`.
         num_prefix_tokens: ``P`` (tokens only).
         grid: ``(h, w)`` of the patch grid (tokens only; see :func:`token_grid`).
 
@@ -98,10 +102,8 @@ def as_maps(
         True
     """
     check_features("features", features, layout)
-    if layout == "channels_first":
-        return features
-    if layout == "channels_last":
-        return features.permute(0, 3, 1, 2)
+    if layout != "tokens":
+        return _as_maps(features, layout)
     n = features.shape[1]
     p = check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
     if grid is None:
@@ -112,7 +114,16 @@ def as_maps(
             f"features of shape {tuple(features.shape)} hold {n} tokens, but num_prefix_tokens={p} and a {h}x{w} "
             f"patch grid make {p + h * w}"
         )
-    return features[:, p:].unflatten(1, (h, w)).permute(0, 3, 1, 2)
+    return _as_maps(features, layout, p, grid)
+
+
+def _as_maps(features: Tensor, layout: str, num_prefix_tokens: int = 0, grid: tuple[int, int] = (0, 0)) -> Tensor:
+    """:func:`as_maps` of arguments already checked (``grid`` fits the tokens after the prefix)."""
+    if layout == "channels_first":
+        return features
+    if layout == "channels_last":
+        return features.permute(0, 3, 1, 2)
+    return features[:, num_prefix_tokens:].unflatten(1, grid).permute(0, 3, 1, 2)
 
 
 def from_maps(maps: Tensor, layout: str) -> Tensor:
@@ -129,7 +140,7 @@ def from_maps(maps: Tensor, layout: str) -> Tensor:
         True
     """
     check_ndim("maps", maps, 4, "(B, C, h, w)")
-    check_choice("layout", layout, ("channels_first", "channels_last"))
+    check_choice("layout", layout, ENCODING_LAYOUTS)
     return maps if layout == "channels_first" else maps.permute(0, 2, 3, 1)
 
 
@@ -138,7 +149,7 @@ def grid_mean(features: Tensor, layout: str, *, num_prefix_tokens: int = 0) -> T
 
     Args:
         features: ``(B, C, h, w)``, ``(B, h, w, C)`` or ``(B, P + h w, C)``, as ``layout`` says.
-        layout: one of :data:`FEATURE_LAYOUTS`.
+        layout: one of :data:`~mixshare_layers.vocabulary.FEATURE_LAYOUTS`.
         num_prefix_tokens: ``P`` (tokens only).
 
     Example:
@@ -148,11 +159,59 @@ def grid_mean(features: Tensor, layout: str, *, num_prefix_tokens: int = 0) -> T
         tensor([[1., 1.]])
     """
     check_features("features", features, layout)
+    p = check_int("num_prefix_tokens", num_prefix_tokens, minimum=0) if layout == "tokens" else 0
+    if layout == "tokens" and features.shape[1] <= p:
+        raise ValueError(f"features of shape {tuple(features.shape)} have no patch token after their {p} prefix tokens")
+    return _grid_mean(features, layout, p)
+
+
+def _grid_mean(features: Tensor, layout: str, num_prefix_tokens: int = 0) -> Tensor:
+    """:func:`grid_mean` of arguments already checked."""
     if layout == "channels_first":
         return features.mean(dim=(2, 3))
     if layout == "channels_last":
         return features.mean(dim=(1, 2))
-    p = check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
-    if features.shape[1] <= p:
-        raise ValueError(f"features of shape {tuple(features.shape)} have no patch token after their {p} prefix tokens")
-    return features[:, p:].mean(dim=1)
+    return features[:, num_prefix_tokens:].mean(dim=1)
+
+
+def head_input(features: Tensor, layout: str, pooling: str = "avg", *, num_prefix_tokens: int = 0) -> Tensor:
+    """What a backbone's head reads from the core's features (in eval, where nothing is unmixed).
+
+    Args:
+        features: ``(B, C, h, w)``, ``(B, h, w, C)`` or ``(B, P + h w, C)``, as ``layout`` says; with
+            ``pooling="head"``, anything the head reads (even a list of maps).
+        layout: one of :data:`~mixshare_layers.vocabulary.FEATURE_LAYOUTS`.
+        pooling: one of :data:`~mixshare_layers.vocabulary.HEAD_POOLINGS`: ``"avg"``, the grid average ``(B, C)``
+            (prefix tokens left out); ``"token"``, the first token ``(B, C)``; ``"head"``, the features themselves.
+        num_prefix_tokens: ``P`` (tokens only).
+
+    Example:
+        >>> import torch
+        >>> tokens = torch.cat([torch.full((1, 1, 2), 9.0), torch.ones(1, 4, 2)], dim=1)
+        >>> head_input(tokens, "tokens", "token", num_prefix_tokens=1)  # the class token
+        tensor([[9., 9.]])
+        >>> head_input(tokens, "tokens", "avg", num_prefix_tokens=1)  # the average of the patch tokens
+        tensor([[1., 1.]])
+    """
+    check_choice("pooling", pooling, HEAD_POOLINGS)
+    if pooling == "head":
+        check_choice("layout", layout, FEATURE_LAYOUTS)
+        return features
+    if pooling == "token":
+        check_features("features", features, layout)
+        if layout != "tokens" or features.shape[1] < 1:
+            raise ValueError(
+                f"pooling='token' reads the first token of a token sequence, but got layout={layout!r} and features "
+                f"of shape {tuple(features.shape)}"
+            )
+        return features[:, 0]
+    return grid_mean(features, layout, num_prefix_tokens=num_prefix_tokens)
+
+
+def _head_input(features: Tensor, layout: str, pooling: str, num_prefix_tokens: int = 0) -> Tensor:
+    """:func:`head_input` of arguments already checked."""
+    if pooling == "head":
+        return features
+    if pooling == "token":
+        return features[:, 0]
+    return _grid_mean(features, layout, num_prefix_tokens)

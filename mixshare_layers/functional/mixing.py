@@ -90,10 +90,36 @@ def sample_mix_params(
         >>> bool(torch.allclose(info.masks_at().mean(dim=(2, 3)), info.ratios))  # λ = the realised mask mean
         True
     """
-    batch_size = check_int("batch_size", batch_size, minimum=0)
-    m = check_int("num_subnetworks", num_subnetworks, minimum=1)
-    height = check_int("height", height, minimum=1)
-    width = check_int("width", width, minimum=1)
+    return _sample_mix_params(
+        check_int("batch_size", batch_size, minimum=0),
+        check_int("num_subnetworks", num_subnetworks, minimum=1),
+        check_int("height", height, minimum=1),
+        check_int("width", width, minimum=1),
+        alpha=alpha,
+        cutmix_prob=cutmix_prob,
+        shuffle_roles=shuffle_roles,
+        device=device,
+        dtype=dtype,
+        generator=generator,
+        backend=resolve_backend(backend),
+    )
+
+
+def _sample_mix_params(
+    batch_size: int,
+    m: int,
+    height: int,
+    width: int,
+    *,
+    alpha: float,
+    cutmix_prob: float | Tensor,
+    shuffle_roles: bool,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+    generator: torch.Generator | None,
+    backend: str,
+) -> MixInfo:
+    """:func:`sample_mix_params` of arguments already checked, ``backend`` resolved."""
     if m == 1:  # one member owns the whole map: its mask is 1 everywhere
         return MixInfo.identity(batch_size, 1, height, width, device=device, dtype=dtype)
     work = torch.float64 if dtype == torch.float64 else torch.float32  # compositions exact to the output dtype
@@ -115,7 +141,7 @@ def sample_mix_params(
     pixel = torch.randint(height * width, (batch_size,), device=device, **generator_kwargs(generator))
     coin = torch.rand((), device=device, **generator_kwargs(generator))
     prob = cutmix_prob if isinstance(cutmix_prob, Tensor) else float(cutmix_prob)
-    if batch_size > 0 and use_triton(resolve_backend(backend), lam) and not torch.compiler.is_compiling():
+    if batch_size > 0 and use_triton(backend, lam) and not torch.compiler.is_compiling():
         # everything below in one kernel: on a GPU the about 30 small ops of the torch path cost a launch each
         return triton_ops().finish_mix(lam, owner, pixel, coin, prob, height, width, dtype)
     return finish_mix_reference(lam, owner, pixel, coin, prob, height, width, dtype)
@@ -280,9 +306,15 @@ def mix(encodings: Tensor, info: MixInfo, scale: float | None = None, *, backend
         True
     """
     _check_mix_inputs(encodings, info)
+    scale = float(encodings.shape[1]) if scale is None else check_real("scale", scale)
+    return _mix(encodings, info, scale, resolve_backend(backend))
+
+
+def _mix(encodings: Tensor, info: MixInfo, scale: float, backend: str) -> Tensor:
+    """:func:`mix` of arguments already checked, ``backend`` resolved (what :class:`~mixshare_layers.CutMixMixer`
+    calls)."""
     m = encodings.shape[1]
-    scale = float(m) if scale is None else check_real("scale", scale)
-    if use_triton(resolve_backend(backend), encodings):
+    if use_triton(backend, encodings):
         ops = triton_ops()
         fn = ops.mix if torch.compiler.is_compiling() else ops.mix_eager  # the custom op for the compiler
         return fn(encodings, info.boxes, info.inside, info.outside, info.height, info.width, scale)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_ndim
+from .._checks import check_ndim, check_num_subnetworks
 from ..mix_info import MixInfo, check_mix_info
 from .backend import resolve_backend, triton_ops, use_triton
 
@@ -38,8 +38,12 @@ def global_pool(features: Tensor, num_subnetworks: int) -> Tensor:
         torch.Size([2, 3, 5])
     """
     check_ndim("features", features, 4, "(B, C, h, w)")
-    pooled = features.mean(dim=(2, 3))
-    return pooled.unsqueeze(1).expand(-1, num_subnetworks, -1)
+    return _global_pool(features, check_num_subnetworks(num_subnetworks))
+
+
+def _global_pool(features: Tensor, num_subnetworks: int) -> Tensor:
+    """:func:`global_pool` of arguments already checked."""
+    return features.mean(dim=(2, 3)).unsqueeze(1).expand(-1, num_subnetworks, -1)
 
 
 def _check_unmix_inputs(features: Tensor, info: MixInfo, num_unmixed: int | None) -> None:
@@ -160,9 +164,24 @@ def unmix_pool(
         True
     """
     _check_unmix_inputs(features, info, num_unmixed)
+    backend = resolve_backend(backend)
+    return _unmix_pool(features, info, strength=strength, num_unmixed=num_unmixed, normalize=normalize, backend=backend)
+
+
+def _unmix_pool(
+    features: Tensor,
+    info: MixInfo,
+    *,
+    strength: Tensor | float,
+    num_unmixed: int | None,
+    normalize: bool,
+    backend: str,
+) -> Tensor:
+    """:func:`unmix_pool` of arguments already checked, ``backend`` resolved (what :class:`~mixshare_layers.Unmixer`
+    calls)."""
     _, c, h, w = features.shape
     acc = torch.promote_types(features.dtype, torch.float32)
-    if use_triton(resolve_backend(backend), features):
+    if use_triton(backend, features):
         # one kernel for the whole pooling (the two sums and the M members' averages), one for its gradient
         ops = triton_ops()
         inside, outside, r = info.inside, info.outside, None

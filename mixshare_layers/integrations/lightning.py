@@ -24,7 +24,7 @@ from .._checks import check_choice, check_int, check_real
 from ..evaluation import UNCERTAINTY_SCORES, UncertaintyMetrics, ood_detection_metrics, uncertainty_scores
 from ..evaluation._common import all_gather_cat
 from ..evaluation.metrics import EnsembleMetrics
-from ..functional.ensemble import ENSEMBLE_RULES
+from ..vocabulary import ENSEMBLE_RULES, PROGRESS_GRANULARITIES
 from ..wrapper import MIMOWrapper
 from ._optional import missing
 
@@ -34,8 +34,6 @@ except ImportError as exc:  # tested with the package blocked (tests/test_import
     raise missing("lightning.pytorch", "lightning", __name__, exc) from exc
 
 __all__ = ["PROGRESS_GRANULARITIES", "MIMOLightningModule", "MIMOProgress", "find_mimo_wrappers"]
-
-PROGRESS_GRANULARITIES = ("step", "epoch")
 
 
 def find_mimo_wrappers(module: nn.Module) -> list[MIMOWrapper]:

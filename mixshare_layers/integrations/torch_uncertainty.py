@@ -39,11 +39,12 @@ from torch import Tensor, nn
 from .._checks import check_choice, check_int, check_ndim, check_real
 from ..functional.ensemble import from_estimator_major, to_estimator_major
 from ..mix_info import MixInfo
+from ..vocabulary import PROGRESS_GRANULARITIES
 from ..wrapper import MIMOOutput, MIMOWrapper
 from ._optional import require
 
 _tu_routines = require("torch_uncertainty.routines", "torch-uncertainty", __name__)
-from .lightning import PROGRESS_GRANULARITIES, MIMOProgress  # noqa: E402  (after the check that names the extra)
+from .lightning import MIMOProgress  # noqa: E402  (after the check that names the extra)
 
 ClassificationRoutine: Any = _tu_routines.ClassificationRoutine
 

@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_bool, check_choice, check_images, check_num_subnetworks, check_real
+from ..vocabulary import ENCODER_INITS
 
 __all__ = ["ENCODER_INITS", "MultiEncoder", "reset_all_parameters"]
-
-ENCODER_INITS = ("independent", "aligned", "colinear")
 
 # How the M fused encoders run in training on CUDA: "grouped" (one grouped convolution), "dense" (one convolution
 # with a block-diagonal kernel) or "split" (M plain convolutions, stacked; always used on the CPU). All three compute

@@ -14,19 +14,19 @@ from .._checks import (
     check_real,
 )
 from ..functional.backend import resolve_backend
-from ..functional.mixing import cutmix_probability, mix, sample_mix_params
-from ..mix_info import MixInfo, check_mix_info
+from ..functional.mixing import _check_mix_inputs, _mix, _sample_mix_params, cutmix_probability
+from ..mix_info import MixInfo
+from ..vocabulary import ENCODING_LAYOUTS
 
 __all__ = ["ENCODING_LAYOUTS", "CutMixMixer"]
-
-ENCODING_LAYOUTS = ("channels_first", "channels_last")
 
 
 class CutMixMixer(nn.Module):
     """Mix M encodings into one: ``scale * sum_i m_i * e_i`` with CutMix or linear masks.
 
     Training draws a fresh mix per call (:meth:`make_params`) and applies it (:meth:`apply`); both steps are
-    available separately so a mix can be replayed. Evaluation returns the plain sum of the encodings and the identity
+    available separately so a mix can be replayed (and :meth:`forward` calls them, so replacing ``make_params``
+    replays a recorded mix inside a network). Evaluation returns the plain sum of the encodings and the identity
     :class:`MixInfo` (every member covers the whole map).
 
     Args:
@@ -38,7 +38,8 @@ class CutMixMixer(nn.Module):
             0 keeps it constant. Driven by the ``progress`` passed to :meth:`forward`.
         shuffle_roles: draw the box owner once per batch (else member 0 always owns the box).
         scale: factor of the mix, default M (so training mixes and the test-time sum share a scale).
-        layout: layout of the encodings: ``"channels_first"`` ``(B, M, C, H, W)`` or ``"channels_last"``
+        layout: layout of the encodings (:data:`~mixshare_layers.vocabulary.ENCODING_LAYOUTS`):
+            ``"channels_first"`` ``(B, M, C, H, W)`` or ``"channels_last"``
             ``(B, M, H, W, C)`` (an encoder whose output keeps the channels last); the masks live on the ``H x W``
             grid either way, and the mix is computed on a permuted view (no copy).
         backend: implementation of the mixing, chosen once here: ``"auto"`` (fused Triton kernel for CUDA tensors
@@ -103,13 +104,38 @@ class CutMixMixer(nn.Module):
     ) -> MixInfo:
         """Draw a mix for ``encodings`` ``(B, M, C, H, W)`` (only its shape, device and dtype are used)."""
         self._check(encodings)
+        return self._draw(encodings, progress, generator)
+
+    def apply(self, encodings: Tensor, info: MixInfo) -> Tensor:  # type: ignore[override]
+        """Apply a given mix (deterministic)."""
+        self._check(encodings)
+        _check_mix_inputs(self._channels_first(encodings), info)
+        return self._mix_with(encodings, info)
+
+    def forward(
+        self,
+        encodings: Tensor,
+        progress: Tensor | float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, MixInfo]:
+        if not self.training:
+            self._check(encodings)
+            b, m, _, h, w = self._channels_first(encodings).shape
+            info = MixInfo.identity(b, m, h, w, device=encodings.device)
+            return encodings.sum(dim=1), info
+        # the two public steps, each checking what it is given: a replay replaces make_params (e.g. with a recorded
+        # draw), whose MixInfo apply then checks against the encodings
+        info = self.make_params(encodings, progress, generator)
+        return self.apply(encodings, info), info
+
+    def _draw(self, encodings: Tensor, progress: Tensor | float, generator: torch.Generator | None) -> MixInfo:
         b, _, _, h, w = self._channels_first(encodings).shape
         # a constant probability stays a Python float (no ops); a ramped one is a tensor on the progress's device
         prob: Tensor | float = (
             self.cutmix_prob if self.cutmix_ramp <= 0 else self.current_cutmix_prob(progress).to(encodings.device)
         )
         dtype = encodings.dtype if encodings.dtype in (torch.float32, torch.float64) else torch.float32
-        return sample_mix_params(
+        return _sample_mix_params(
             b,
             self.num_subnetworks,
             h,
@@ -123,26 +149,9 @@ class CutMixMixer(nn.Module):
             backend=self.backend,
         )
 
-    def apply(self, encodings: Tensor, info: MixInfo) -> Tensor:  # type: ignore[override]
-        """Apply a given mix (deterministic)."""
-        self._check(encodings)
-        check_mix_info("info", info)
-        mixed = mix(self._channels_first(encodings), info, self.scale, backend=self.backend)
+    def _mix_with(self, encodings: Tensor, info: MixInfo) -> Tensor:
+        mixed = _mix(self._channels_first(encodings), info, self.scale, self.backend)
         return mixed if self.layout == "channels_first" else mixed.permute(0, 2, 3, 1)
-
-    def forward(
-        self,
-        encodings: Tensor,
-        progress: Tensor | float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, MixInfo]:
-        self._check(encodings)
-        if not self.training:
-            b, m, _, h, w = self._channels_first(encodings).shape
-            info = MixInfo.identity(b, m, h, w, device=encodings.device)
-            return encodings.sum(dim=1), info
-        info = self.make_params(encodings, progress, generator)
-        return self.apply(encodings, info), info
 
     def _channels_first(self, encodings: Tensor) -> Tensor:
         """``(B, M, C, H, W)`` view of the encodings (a permutation of a channels-last tensor's strides)."""

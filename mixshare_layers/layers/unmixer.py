@@ -10,14 +10,14 @@ from torch import Tensor, nn
 
 from .._checks import check_choice, check_device, check_floating, check_fraction, check_int
 from ..functional.backend import resolve_backend
-from ..functional.layout import FEATURE_LAYOUTS, as_maps, check_features, grid_mean, token_grid
-from ..functional.unmixing import global_pool, unmix_pool
+from ..functional.layout import _as_maps, _grid_mean, check_features, token_grid
+from ..functional.unmixing import _global_pool, _unmix_pool
 from ..mix_info import MixInfo, check_mix_info
+from ..vocabulary import FEATURE_LAYOUTS, UNMIX_MODES, UNMIX_REDUCTIONS
 
 __all__ = ["POOLINGS", "UNMIX_MODES", "Unmixer"]
 
-UNMIX_MODES = ("none", "full", "partial", "fadeout")
-POOLINGS = ("mean", "sum")
+POOLINGS = UNMIX_REDUCTIONS  # the older name of the reductions of the ``pooling`` argument
 
 
 class Unmixer(nn.Module):
@@ -30,12 +30,16 @@ class Unmixer(nn.Module):
             ``fadeout_end`` on; the paper fades out by epoch 100 of 300, ``fadeout_end = 1/3``).
         fraction: share of channels unmixed in ``"partial"`` mode, in (0, 1].
         fadeout_end: training progress in (0, 1] at which fadeout reaches no unmixing.
-        pooling: ``"mean"`` divides each member's masked sum by its mask mass (a masked *average*; a member covering
-            the whole map gets the global average, so training and test scales agree; default). ``"sum"`` divides by
+        pooling: how a member's masked features are reduced to a vector, one of
+            :data:`~mixshare_layers.vocabulary.UNMIX_REDUCTIONS` (not the head's pooling of a backbone split):
+            ``"mean"`` divides each member's masked sum by its mask mass (a masked *average*; a member covering the
+            whole map gets the global average, so training and test scales agree; default). ``"sum"`` divides by
             ``h * w`` (the mask-filtered map followed by a plain global average pool).
-        layout: layout of the features (:mod:`mixshare_layers.functional.layout`): ``"channels_first"``
-            ``(B, C, h, w)``, ``"channels_last"`` ``(B, h, w, C)`` or ``"tokens"`` ``(B, P + h w, C)``. The grid is
-            pooled through a strided ``(B, C, h, w)`` view (no copy); prefix tokens take no part in the pooling.
+        layout: layout of the features, one of :data:`~mixshare_layers.vocabulary.FEATURE_LAYOUTS`:
+            ``"channels_first"`` ``(B, C, h, w)``, ``"channels_last"`` ``(B, h, w, C)`` or ``"tokens"``
+            ``(B, P + h w, C)``. The grid is pooled through a strided ``(B, C, h, w)`` view (no copy); prefix tokens
+            take no part in the pooling. Inside a :class:`~mixshare_layers.MIMOWrapper` this module is where the
+            layout and ``num_prefix_tokens`` are kept.
         num_prefix_tokens: ``P``, the class / register / distillation tokens before the patch grid (tokens only).
         backend: implementation of the masked pooling, chosen once here: ``"auto"`` (fused Triton kernel for CUDA
             tensors when triton imports, else torch), ``"torch"`` or ``"triton"``; ``None`` reads
@@ -46,6 +50,10 @@ class Unmixer(nn.Module):
           are brought to ``h x w`` by exact area coverage; a token grid's ``h x w`` has the aspect ratio of the mix
           grid, see :func:`~mixshare_layers.functional.layout.token_grid`).
         - Output: ``(B, M, C)``. In eval mode every subnetwork gets the plain global average of the grid.
+
+    Note:
+        :meth:`forward` checks its arguments (``check_inputs=False`` skips that, for a caller that has checked the
+        features, the batch and the :class:`MixInfo` already, as :class:`~mixshare_layers.MIMOWrapper` does).
 
     Example:
         >>> from mixshare_layers import CutMixMixer
@@ -74,7 +82,7 @@ class Unmixer(nn.Module):
         self.mode = check_choice("mode", mode, UNMIX_MODES)
         self.fraction = check_fraction("fraction", fraction)
         self.fadeout_end = check_fraction("fadeout_end", fadeout_end)
-        self.pooling = check_choice("pooling", pooling, POOLINGS)
+        self.pooling = check_choice("pooling", pooling, UNMIX_REDUCTIONS)
         self._warned_1x1 = False
 
     def extra_repr(self) -> str:
@@ -104,27 +112,22 @@ class Unmixer(nn.Module):
             return torch.zeros_like(p)
         return (p / self.fadeout_end).clamp(0.0, 1.0)
 
-    def forward(self, features: Tensor, info: MixInfo, progress: Tensor | float = 0.0) -> Tensor:
+    def forward(
+        self, features: Tensor, info: MixInfo, progress: Tensor | float = 0.0, *, check_inputs: bool = True
+    ) -> Tensor:
         p = self.num_prefix_tokens
-        check_features("features", features, self.layout)
-        check_floating("features", features)
-        check_mix_info("info", info)
-        check_device("features", features, info.inside.device, "the MixInfo")
+        if check_inputs:
+            self._check(features, info)
         m = info.inside.shape[1]
-        if features.shape[0] != info.inside.shape[0]:
-            raise ValueError(
-                f"features have batch size {features.shape[0]} (shape {tuple(features.shape)}) but the MixInfo "
-                f"describes {info.inside.shape[0]} samples"
-            )
         if self.layout == "channels_first":
-            maps = features  # (today's path, untouched)
+            maps = features
         elif not self.training or self.mode == "none":  # no grid needed: the global average of the grid
-            return grid_mean(features, self.layout, num_prefix_tokens=p).unsqueeze(1).expand(-1, m, -1)
+            return _grid_mean(features, self.layout, p).unsqueeze(1).expand(-1, m, -1)
         else:
-            grid = token_grid(features.shape[1] - p, info.height, info.width) if self.layout == "tokens" else None
-            maps = as_maps(features, self.layout, num_prefix_tokens=p, grid=grid)  # (B, C, h, w) view, no copy
+            grid = token_grid(features.shape[1] - p, info.height, info.width) if self.layout == "tokens" else (0, 0)
+            maps = _as_maps(features, self.layout, p, grid)  # (B, C, h, w) view, no copy
         if not self.training or self.mode == "none":
-            return global_pool(maps, m)
+            return _global_pool(maps, m)
         h, w = maps.shape[-2:]
         if h == 1 and w == 1 and not self._warned_1x1 and not torch.compiler.is_compiling():
             warnings.warn(
@@ -133,7 +136,7 @@ class Unmixer(nn.Module):
                 stacklevel=4,  # the caller of the module (past nn.Module.__call__ and _call_impl)
             )
             self._warned_1x1 = True
-        return unmix_pool(
+        return _unmix_pool(
             maps,
             info,
             strength=self.strength(progress).to(features.device) if self.mode == "fadeout" else 0.0,
@@ -141,3 +144,20 @@ class Unmixer(nn.Module):
             normalize=self.pooling == "mean",
             backend=self.backend,
         )
+
+    def _check(self, features: object, info: object) -> None:
+        """The features in this module's layout (a patch token at least), floating, from the batch ``info``
+        describes."""
+        features = check_features("features", features, self.layout)
+        check_floating("features", features)
+        p = self.num_prefix_tokens
+        if self.layout == "tokens" and features.shape[1] <= p:
+            shape = tuple(features.shape)
+            raise ValueError(f"features of shape {shape} have no patch token after their {p} prefix tokens")
+        info = check_mix_info("info", info)
+        check_device("features", features, info.inside.device, "the MixInfo")
+        if features.shape[0] != info.inside.shape[0]:
+            raise ValueError(
+                f"features have batch size {features.shape[0]} (shape {tuple(features.shape)}) but the MixInfo "
+                f"describes {info.inside.shape[0]} samples"
+            )
