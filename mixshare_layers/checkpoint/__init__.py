@@ -38,6 +38,15 @@ from .recipe import (
     register_builder,
     resolve_builder,
 )
+from .runs import (
+    CHECKPOINT_NAME,
+    RunError,
+    check_run_folder,
+    restore_training,
+    resume_run,
+    rng_state,
+    save_run_checkpoint,
+)
 from .store import (
     FORMAT,
     FORMAT_VERSION,
@@ -52,6 +61,7 @@ from .store import (
 )
 
 __all__ = [
+    "CHECKPOINT_NAME",
     "FORMAT",
     "FORMAT_VERSION",
     "MIN_TORCH_VERSION",
@@ -63,8 +73,10 @@ __all__ = [
     "CheckpointNotFoundError",
     "ModelRecipe",
     "RecipeError",
+    "RunError",
     "builder_names",
     "check_recipe",
+    "check_run_folder",
     "convert_checkpoint",
     "data_only_globals",
     "describe_split",
@@ -75,8 +87,12 @@ __all__ = [
     "previous_checkpoint_path",
     "register_builder",
     "resolve_builder",
+    "restore_training",
+    "resume_run",
+    "rng_state",
     "save_checkpoint",
     "save_model",
+    "save_run_checkpoint",
     "strip_state_prefixes",
     "to_plain",
     "verify_checkpoint",
