@@ -34,9 +34,8 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Tenso
 
 from mixshare_layers import PRESETS, MIMOBatcher, MIMOConfig, MIMOWrapper, get_preset
 from mixshare_layers.analysis import sharing_rates
-from mixshare_layers.checkpoint import WRN_BUILDER, ModelRecipe, runs
+from mixshare_layers.checkpoint import WRN_BUILDER, ModelRecipe, RunError, runs
 from mixshare_layers.checkpoint.files import write_json
-from mixshare_layers.checkpoint.runs import RunError
 from mixshare_layers.data import Normalize, SyntheticImageDataset, load_cifar100, random_crop_flip
 from mixshare_layers.data.ood import load_svhn, synthetic_ood_dataset
 from mixshare_layers.evaluation import CORRUPTIONS, collapsed_members, evaluate_uncertainty, report
@@ -86,7 +85,6 @@ def parse_options(argv: list[str], resume_command: str):
         if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
         return text.lower() in ("1", "true", "yes", "on")
-
     parser = OneLineParser(description=__doc__, allow_abbrev=False, formatter_class=type(
         "Help", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {}))  # fmt: skip
     for key, default in DEFAULTS.items():
@@ -203,18 +201,17 @@ def make_optimizer(args, model, lr: float, steps_per_epoch: int):
     warmup, total = round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch
     milestones = [round(f * total) for f in args.milestones]
 
-    def factor(step: int) -> float:
+    def factor(step: int) -> float:  # of the peak lr, at a step
         warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
         if args.lr_schedule == "step":
             return warm * args.lr_gamma ** sum(step >= m for m in milestones)
         return warm * 0.5 * (1 + math.cos(math.pi * min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)))
-
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # -- the run ----------------------------------------------------------------------------------------------------------
-def main(argv: list[str]) -> dict:
-    """Run the recipe with the command line ``argv``; returns the summary (also saved as summary.json)."""
+def main(argv: list[str]) -> None:
+    """Run the recipe with the command line ``argv``."""
     resume_command = f"python {sys.argv[0]} --resume"
     args, resume_path, checkpoint = parse_options(argv, resume_command)
     overrides = check_options(args)
@@ -227,8 +224,7 @@ def main(argv: list[str]) -> dict:
         torch.zeros(1, device=device).item()
     except (AssertionError, NotImplementedError, RuntimeError) as err:
         raise RunError(f"--device {args.device}: {str(err).splitlines()[0][:150]} (use --device cpu)") from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -256,10 +252,11 @@ def main(argv: list[str]) -> dict:
     tensors = (train_x.to(device), train_y.to(device)) if on_device else (train_x, train_y)
     loader = DataLoader(TensorDataset(*tensors), batch_size=None, sampler=BatchSampler(sampler, unique, drop_last=True),
                         num_workers=0 if on_device else args.workers)  # batches of indices: one indexing per step
-    test, val = tuple(t.to(device) for t in test), val and tuple(t.to(device) for t in val)
+    test, val = (p and tuple(t[rank::world].to(device) for t in p) for p in (test, val))  # a share of them per process
 
     # 2. model; 3. MIMO batching: (B, C, H, W) -> (B * b, M, C, H, W), every repeated copy cropped and flipped
-    model = wide_resnet(args.depth, args.width, num_classes=num_classes)
+    wrn = dict(depth=args.depth, width=args.width, num_classes=num_classes)  # the backbone, as the recipe names it
+    model = wide_resnet(**wrn)
     if args.method != "single":
         model = MIMOWrapper(model, args.num_subnetworks, preset=args.method, **overrides)
     mimo, m = isinstance(model, MIMOWrapper), getattr(model, "num_subnetworks", 1)
@@ -268,7 +265,8 @@ def main(argv: list[str]) -> dict:
     augment = partial(random_crop_flip, padding=4, generator=gens["data"])
     batcher = MIMOBatcher(m, args.batch_repetition, model.config.input_repetition if mimo else 0.0,
                           transform=lambda x: normalize(augment(x)), generator=gens["data"])  # fmt: skip
-    criterion = model.make_loss(args.label_smoothing) if mimo else None
+    criterion = model.make_loss(args.label_smoothing) if mimo else (  # the plain network: its first input only
+        lambda logits, ys: F.cross_entropy(logits, ys[:, 0], label_smoothing=args.label_smoothing))
 
     # 4. SGD and its schedule; the peak lr scales with the unique images of all processes
     lr = args.lr or args.base_lr * unique * world / 128
@@ -289,19 +287,17 @@ def main(argv: list[str]) -> dict:
     config = {**vars(args), "run_name": run_dir.name, "lr_resolved": lr, "steps_per_epoch": steps_per_epoch,
               "world_size": world, "ood_resolved": next(iter(ood), None),
               "mimo_config": dataclasses.asdict(model.config) if mimo else None}  # fmt: skip
-    recipe = mimo and ModelRecipe.of(model, WRN_BUILDER, dict(depth=args.depth, width=args.width, num_classes=num_classes))
+    recipe = mimo and ModelRecipe.of(model, WRN_BUILDER, wrn)  # what rebuilds the model from the checkpoint
     splits = {"test": test} if val is None else {"val": val, "test": test}
     log = report.RunLog(run_dir, list(splits), m, rows=history, tensorboard=args.tensorboard, progress=args.progress,
                         purge_step=start_epoch * steps_per_epoch, enabled=rank == 0)  # fmt: skip
     log.print("config:", *(f"  {k:<20} {config[k]}" for k in sorted(config)), f"run directory: {run_dir}")
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", config)
+        write_json(run_dir / "config.json", config)  # (and the folder)
 
-    def evaluate(data, **shift):  # every process takes every world-th image; the metrics gather them all
-        return evaluate_uncertainty(model, tuple(t[rank::world] for t in data), rule=args.ensemble_rule,
-                                    preprocess=normalize, batch_size=args.eval_batch_size, device=device,
-                                    **({"corruptions": ()} | shift))  # fmt: skip
+    def evaluate(data, **shift):  # each process its share of the images; the metrics gather them all
+        return evaluate_uncertainty(model, data, rule=args.ensemble_rule, preprocess=normalize, device=device,
+                                    batch_size=args.eval_batch_size, **({"corruptions": ()} | shift))  # fmt: skip
 
     def evaluate_splits() -> dict:  # 5. every split's metrics, the members' health, the sharing rates (percent)
         out, sharing = {}, report.sharing_entries(sharing_rates(model) if m > 1 else None)
@@ -324,10 +320,7 @@ def main(argv: list[str]) -> dict:
                 model.set_progress(min(1.0, step / (steps_per_epoch * args.epochs)))
             xs, ys = batcher(xb.to(device, non_blocking=True), yb.to(device))  # (B * b, M, C, H, W), (B * b, M)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                if mimo:
-                    loss = criterion(train_model(xs, generator=gens["mix"]), ys)
-                else:
-                    loss = F.cross_entropy(train_model(xs[:, 0]), ys[:, 0], label_smoothing=args.label_smoothing)
+                loss = criterion(train_model(xs, generator=gens["mix"]) if mimo else train_model(xs[:, 0]), ys)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -396,7 +389,6 @@ def main(argv: list[str]) -> dict:
     if rank == 0:
         write_json(run_dir / "summary.json", summary)
     log.print(report.results_table(summary), *([report.shift_table(shift, config["ood_resolved"])] if shift else []))
-    return summary
 
 
 if __name__ == "__main__":

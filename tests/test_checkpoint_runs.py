@@ -163,6 +163,7 @@ def test_restore_training_puts_states_and_generators_back(tmp_path: Path) -> Non
     assert torch.equal(torch.rand(2, generator=fresh_gens["data"]), expected)
     # saved by two processes, resumed by one: the states load, the generators keep their seeds
     assert not restore_training({**saved, "rng": saved["rng"] * 2}, {"model": fresh}, fresh_gens)
+    assert not restore_training(saved, {"model": fresh}, {"other": torch.Generator()})  # saved with other names
     with pytest.raises(RunError, match=r"^--resume: checkpoint x does not fit the model it is loaded into \(.*size"):
         restore_training(saved, {"model": torch.nn.Linear(3, 5)}, {}, source="--resume: checkpoint x")
 

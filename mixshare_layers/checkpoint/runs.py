@@ -1,15 +1,13 @@
 """A training run's folder: a checkpoint after every epoch, the verified one before it kept, resuming from either.
 
-A run lives in ``RUN/``: ``config.json`` and ``checkpoint.pt``, rewritten by :func:`save_run_checkpoint` with
-``keep_previous=True`` (the verified file it replaces stays as ``checkpoint.prev.pt``). ``--resume`` takes the folder or
-one file: :func:`resume_run` finds and loads it, with its config, and :func:`restore_training` puts the states and
-random generators back. Every problem is a one-line :class:`RunError` that says what to do; for a damaged checkpoint it
-names the previous good file and the exact command that resumes from it.
+``RUN/checkpoint.pt`` is rewritten by :func:`save_run_checkpoint` (the verified file it replaces stays as
+``checkpoint.prev.pt``); :func:`resume_run` loads what ``--resume`` names (the folder or one file) with its config, and
+:func:`restore_training` puts the states and generators back. Problems are one-line :class:`RunError` that say what
+to do: for a damaged checkpoint, the previous good file and the exact command that resumes from it.
 
 Example:
     >>> import tempfile, torch
     >>> run = Path(tempfile.mkdtemp()) / "run"
-    >>> check_run_folder(run, new=True)
     >>> _ = save_run_checkpoint(run, {"config": {"lr": 0.1}, "epoch": 1, "model": {"w": torch.zeros(2)}})
     >>> path, checkpoint, config, verified = resume_run(run, required=("epoch", "model"))
     >>> path.name, checkpoint["epoch"], config, verified
@@ -51,9 +49,8 @@ def _intact(path: Path) -> bool:
 def check_run_folder(
     run_dir: str | os.PathLike[str], *, new: bool, resume_command: str = "--resume", option: str = ""
 ) -> None:
-    """Refuse a run folder that cannot be written or, for a ``new`` run, that already holds a run (the message says
-    how to continue it with ``resume_command``, e.g. ``"python train.py --resume"``). Leaves nothing on disk.
-    ``option``: the command-line option that named the folder, to begin the message with."""
+    """Refuse, leaving nothing on disk, a run folder that cannot be written or, for a ``new`` run, holds one (the
+    message, after ``option``, says how to continue it: ``resume_command``, e.g. ``"python train.py --resume"``)."""
     run, start = Path(run_dir), f"{option}: " if option else ""
     problem = folder_problem(run)
     if problem is not None:
@@ -78,6 +75,16 @@ def _source(path: Path, resume_command: str) -> Path:
     raise RunError(f"{path}: not a run folder (no {CHECKPOINT_NAME}, no {_CONFIG})")
 
 
+def _load(path: Path, resume_command: str) -> tuple[dict[str, Any], bool]:
+    try:
+        return load_checkpoint(path), verify_checkpoint(path)
+    except CheckpointError as err:
+        hint, prev = err.hint, previous_checkpoint_path(err.path)
+        if err.damaged and prev.is_file() and not os.path.samefile(prev, err.path) and _intact(prev):
+            hint = f"the previous checkpoint {prev} is intact: resume from it with {resume_command} {prev}"
+        raise RunError(f"checkpoint {err.path}: {err.reason}" + (f"; {hint}" if hint else "")) from None
+
+
 def _config(checkpoint: Mapping[str, Any], folder: Path) -> dict[str, Any]:
     if isinstance(checkpoint.get("config"), dict):
         return dict(checkpoint["config"])
@@ -98,46 +105,35 @@ def resume_run(
 ) -> tuple[Path, dict[str, Any], dict[str, Any], bool]:
     """What ``--resume source`` continues from: ``(file, checkpoint, config, verified)``.
 
-    ``source`` is a run folder (its ``checkpoint.pt``) or exactly the file to use; the config is the checkpoint's, or
-    the folder's ``config.json`` for older checkpoints; ``verified`` is False for a file without a digest. ``option``:
-    the command-line option that gave ``source``, to begin every message with.
+    ``source`` is a run folder (its ``checkpoint.pt``) or exactly the file to use; the config is the checkpoint's (or
+    for older checkpoints the folder's ``config.json``); ``verified`` is False for a file without a digest.
 
     Raises:
-        RunError: the file is missing, cannot be used (the reason of the
-            :class:`~mixshare_layers.checkpoint.CheckpointError`), lacks an entry of ``required``, or continuing from
-            it would overwrite another intact ``checkpoint.pt`` of its folder. When it is damaged and the previous
-            file verifies, the message ends with the command that resumes from that: ``{resume_command} PREV``.
+        RunError: the file is missing, unusable (the :class:`~mixshare_layers.checkpoint.CheckpointError`'s reason),
+            lacks an entry of ``required``, or continuing from it would overwrite another intact ``checkpoint.pt`` of
+            its folder. A damaged file whose previous one verifies: the message ends with the command that resumes from
+            that, ``{resume_command} PREV``. Every message begins with ``option`` (the option that gave ``source``).
     """
     try:
-        return _resume(Path(source), required, resume_command)
+        path = _source(Path(source), resume_command)
+        checkpoint, verified = _load(path, resume_command)
+        missing = [key for key in required if key not in checkpoint]
+        if missing:
+            raise RunError(f"checkpoint {path} is not a training checkpoint of this run: it lacks {', '.join(missing)}")
+        target = path.parent / CHECKPOINT_NAME
+        if target.exists() and not os.path.samefile(target, path) and _intact(target):
+            raise RunError(f"{path}: the run folder already holds {target}, which continuing from {path.name} would "
+                           f"overwrite: resume from the folder, or move {path.name} into a folder of its own (with a "
+                           f"copy of {_CONFIG})")  # fmt: skip
+        return path, checkpoint, _config(checkpoint, path.parent), verified
     except RunError as err:
         raise RunError(f"{option}: {err}" if option else str(err)) from None
 
 
-def _resume(source: Path, required: Sequence[str], resume_command: str) -> tuple[Path, dict, dict, bool]:
-    path = _source(source, resume_command)
-    try:
-        verified, checkpoint = verify_checkpoint(path), load_checkpoint(path)
-    except CheckpointError as err:
-        hint, prev = err.hint, previous_checkpoint_path(err.path)
-        if err.damaged and prev.is_file() and not os.path.samefile(prev, err.path) and _intact(prev):
-            hint = f"the previous checkpoint {prev} is intact: resume from it with {resume_command} {prev}"
-        raise RunError(f"checkpoint {err.path}: {err.reason}" + (f"; {hint}" if hint else "")) from None
-    missing = [key for key in required if key not in checkpoint]
-    if missing:
-        raise RunError(f"checkpoint {path} is not a training checkpoint of this run: it lacks {', '.join(missing)}")
-    target = path.parent / CHECKPOINT_NAME
-    if target.exists() and not os.path.samefile(target, path) and _intact(target):
-        raise RunError(
-            f"{path}: the run folder already holds {target}, which continuing from {path.name} would overwrite: "
-            f"resume from the folder, or move {path.name} into a folder of its own (with a copy of {_CONFIG})"
-        )
-    return path, checkpoint, _config(checkpoint, path.parent), verified
-
-
-def _process() -> tuple[int, int]:
-    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if initialized else (0, 1)
+def _process() -> tuple[int, int]:  # (rank, world size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def rng_state(generators: Mapping[str, torch.Generator]) -> dict[str, Any]:
@@ -148,10 +144,9 @@ def rng_state(generators: Mapping[str, torch.Generator]) -> dict[str, Any]:
 def restore_training(
     checkpoint: Mapping[str, Any], parts: Mapping[str, Any], generators: Mapping[str, torch.Generator], source: str = ""
 ) -> bool:
-    """Load ``checkpoint[name]`` into each of ``parts`` (a model, an optimizer...; an empty state is skipped) and this
-    process's ``checkpoint["rng"][rank]`` (:func:`save_run_checkpoint`) into the generators. Returns False, generators
-    left as seeded, when another number of processes saved it. Raises RunError when a state does not fit its part
-    (the message begins with ``source``, e.g. ``"--resume: checkpoint run/checkpoint.pt"``)."""
+    """Load ``checkpoint[name]`` into each of ``parts`` (a model, an optimizer...; empty states skipped) and this
+    process's ``checkpoint["rng"][rank]`` into the generators; False (generators left as seeded) when another number
+    of processes, or other generators, saved it. RunError, beginning with ``source``, when a state does not fit."""
     for name, part in parts.items():
         try:
             if checkpoint[name]:
@@ -160,11 +155,12 @@ def restore_training(
             text = " ".join(str(err).split())[:300]
             raise RunError(f"{source or 'the checkpoint'} does not fit the {name} it is loaded into ({text})") from None
     rank, world = _process()
-    if len(checkpoint["rng"]) != world:
+    states = checkpoint["rng"]
+    if len(states) != world or not {"torch", *generators} <= set(states[rank]):  # other processes, or generators
         return False
-    torch.set_rng_state(checkpoint["rng"][rank]["torch"])
+    torch.set_rng_state(states[rank]["torch"])
     for name, g in generators.items():
-        g.set_state(checkpoint["rng"][rank][name])
+        g.set_state(states[rank][name])
     return True
 
 
@@ -173,12 +169,10 @@ def save_run_checkpoint(
 ) -> Path:
     """Write ``RUN/checkpoint.pt``: ``state`` and ``"rng"``, the :func:`rng_state` of every process (rank order).
 
-    The file carries a digest, is verified and replaces the old one atomically; the verified file it replaces stays
-    as ``checkpoint.prev.pt``, and temporary files left by a process killed while saving are removed. In a
-    ``torch.distributed`` run every process calls it (with the same weights), process 0 writes, and all wait for it.
-
-    Raises:
-        RunError: a floating-point tensor of ``state["model"]`` is not finite: nothing is written.
+    It carries a digest, is verified, then replaces the old file, which stays as ``checkpoint.prev.pt`` when it
+    verifies (temporary files of a process killed while saving are removed). In a ``torch.distributed`` run every
+    process calls it with the same weights; process 0 writes, all wait. RunError, nothing written, when a float
+    tensor of ``state["model"]`` is not finite.
     """
     run, (rank, world) = Path(run_dir), _process()
     floats = {k: t for k, t in state.get("model", {}).items() if isinstance(t, torch.Tensor) and t.is_floating_point()}

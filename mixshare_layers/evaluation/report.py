@@ -1,4 +1,5 @@
-"""What a training run shows of its evaluations: metrics.csv rows, TensorBoard tags, printed tables, shift files.
+"""What a training run shows: its log as it trains (:class:`RunLog`: lines, a progress bar, metrics.csv, TensorBoard),
+its evaluations' CSV rows and TensorBoard tags, the end-of-run tables, the summary and the shift files.
 
 The metrics of :mod:`mixshare_layers.evaluation` are fractions and nats per sample (:data:`METRIC_UNITS`). What
 people read shows one unit per kind of quantity, in the name: accuracies, ECE, disagreement, confidence, AUROC /
@@ -21,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import importlib
 import importlib.util
 import io
 import math
@@ -29,7 +31,7 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..checkpoint.files import write_json, write_text
 from .plots import plot_uncertainty_report
@@ -226,7 +228,7 @@ class RunLog:
     ) -> None:
         self.folder, self.splits, self.enabled, self.purge_step = Path(folder), list(splits), enabled, purge_step
         self.columns, self.rows = metrics_columns(num_subnetworks, splits), [dict(r) for r in rows]
-        self.tensorboard, self.writer, self.bar = tensorboard and enabled, None, None
+        self.tensorboard, self.writer, self.bar = tensorboard and enabled, cast(Any, None), cast(Any, None)
         self.progress = progress and enabled and sys.stdout.isatty() and importlib.util.find_spec("tqdm") is not None
 
     def print(self, *lines: str) -> None:
@@ -249,9 +251,8 @@ class RunLog:
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
         """Open epoch ``epoch`` (of ``epochs``, ``steps`` steps long): its progress bar."""
-        if self.progress:
-            from tqdm.auto import tqdm
-
+        if self.progress:  # tqdm, an optional extra
+            tqdm = importlib.import_module("tqdm.auto").tqdm
             self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", leave=False)
 
     def step(self, done: int, step: int, loss: float, lr: float, rows_per_s: float) -> None:
