@@ -95,20 +95,20 @@ def parse_options(argv: list[str], resume_command: str):
             parser.add_argument(flag, action="store_true")
         else:
             kind = boolean if kind is bool else kind
-            parser.add_argument(flag, type=kind, default=default, choices=CHOICES.get(key), help=" ")
+            parser.add_argument(flag, type=kind, default=default, choices=CHOICES.get(key), help="%(default)s")
     for f in dataclasses.fields(MIMOConfig):  # every preset field; None: the preset's value
         kind = {"bool": boolean, "str": str}.get(str(f.type), lambda t: None if t == "none" else float(t))
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, help=f"the preset's {f.name}, overridden")
     args = parser.parse_args(argv)
     if args.quick != args.smoke:
         parser.set_defaults(**(QUICK if args.quick else SMOKE))
-    path = checkpoint = None
-    if args.resume:
-        path, checkpoint, saved, verified = runs.resume_run(args.resume, required=("model", "history", "rng"),
-                                                            resume_command=resume_command, option="--resume")
-        if not verified:
-            print(f"note: {path} carries no digest (written by an older version): its integrity is not checked")
-        parser.set_defaults(**{k: v for k, v in saved.items() if k in vars(args) and k not in RUNTIME})
+    if args.resume and {"--out-dir", "--run-name"} & {a.split("=")[0] for a in argv}:
+        raise RunError("--resume continues the run in its own folder: leave out --out-dir and --run-name")
+    path, checkpoint, saved, verified = runs.resume_run(args.resume, required=("model", "history", "rng"),
+        resume_command=resume_command, option="--resume") if args.resume else (None, None, {}, True)  # fmt: skip
+    if not verified:
+        print(f"note: {path} carries no digest (written by an older version): its integrity is not checked")
+    parser.set_defaults(**{k: v for k, v in saved.items() if k in vars(args) and k not in RUNTIME})
     args = parser.parse_args(argv)
     if path is not None:  # the run goes on in its own folder
         args.out_dir, args.run_name = str(path.parent.parent), path.parent.name

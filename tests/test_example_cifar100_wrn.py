@@ -327,9 +327,11 @@ def test_bad_options(tmp_path: Path) -> None:
         (_args(tmp_path, "y", "--method", "single", "--alpha", "1"), None),
         (_args(tmp_path, "z", "--unmix-mode", "sideways"), None),
         (["--resume", str(tmp_path / "nowhere")], None),
+        (["--resume", str(tmp_path / "nowhere"), "--run-name", "x"], None),
     ])  # fmt: skip
     patterns = [r"--batch-size \(33\) must be a positive multiple", "--method single has no MIMO options, but got"]
-    patterns += ["unmix_mode must be one of", r"--resume: .*nowhere does not exist"]
+    patterns += ["unmix_mode must be one of", r"--resume: .*nowhere does not exist", "--resume continues the run in "
+                 "its own folder: leave out --out-dir and --run-name"]  # fmt: skip
     assert "but got alpha" in procs[1].stderr
     for proc, pattern in zip(procs, patterns, strict=True):
         assert re.search(pattern, _assert_one_line_error(proc)), (pattern, proc.stderr)
