@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mixshare_layers.checkpoint.files import write_text  # noqa: E402
+from mixshare_layers.files import write_text  # noqa: E402
 
 JSON_PATH = ROOT / "benchmarks" / "results" / "backbones.json"
 DOC_PATH = ROOT / "docs" / "backbones.md"

@@ -87,7 +87,7 @@ from reference.train import TrainConfig, channel_stats, epoch_batches, lr_factor
 
 from mixshare_layers import MIMOWrapper, MixInfo  # noqa: E402
 from mixshare_layers.analysis import sharing_rates  # noqa: E402
-from mixshare_layers.checkpoint.files import write_json  # noqa: E402
+from mixshare_layers.files import write_json  # noqa: E402
 from mixshare_layers.data import Normalize, SyntheticImageDataset, random_crop_flip  # noqa: E402
 from mixshare_layers.evaluation.metrics import EnsembleMetrics, collapsed_members  # noqa: E402
 from mixshare_layers.functional import cutmix_probability, sample_mix_params  # noqa: E402

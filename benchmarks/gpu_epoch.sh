@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Seconds per epoch of examples/cifar100_wrn.py (WRN-28-2, M = 2, "mixshare", batch 64 rows = 32 images x bar 2)
-# on CIFAR-shaped synthetic data, with each speed switch, from the script's own --benchmark mode (script loop vs
-# bare step, interleaved). One CIFAR-100 epoch = 50000 images = 100000 rows. Run from the repository root on a
+# on CIFAR-shaped synthetic data, with each speed switch, from benchmarks/train_throughput.py (the script's loop vs
+# the bare step, interleaved). One CIFAR-100 epoch = 50000 images = 100000 rows. Run from the repository root on a
 # CUDA machine: bash benchmarks/gpu_epoch.sh  (results in ${OUT:-benchmarks/results}/epoch_*.log)
 set -u
 cd "$(dirname "$0")/.."
@@ -12,9 +12,8 @@ run() {  # run NAME LIMIT ARGS...
   local name=$1 limit=$2
   shift 2
   echo "=== epoch-time [$name]"
-  timeout --kill-after=10 "$limit" "${PYTHON:-python3}" examples/cifar100_wrn.py --dataset synthetic --synthetic-train "${NTRAIN:-8192}" \
-    --synthetic-test 512 --synthetic-classes 100 --device "${DEVICE:-cuda}" --benchmark "${STEPS:-40}" --out-dir "/tmp/epoch_$name" \
-    --progress 0 "$@" >"$OUTDIR/epoch_$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "${PYTHON:-python3}" benchmarks/train_throughput.py --depth 28 --width 2 --classes 100 \
+    --images "${NTRAIN:-8192}" --device "${DEVICE:-cuda}" --steps "${STEPS:-40}" "$@" >"$OUTDIR/epoch_$name.log" 2>&1
   echo "rc=$?"; python3 - "$OUTDIR/epoch_$name.log" "$name" <<'PY'
 import json, re, sys
 text = open(sys.argv[1]).read()
@@ -29,7 +28,7 @@ PY
 }
 echo "| switches | script rows/s | bare step rows/s | ratio | s per CIFAR epoch (100k rows) |"
 echo "|---|---|---|---|---|"
-run fp32 60 --amp off --channels-last 0
-run bf16 60 --amp bf16 --channels-last 0
-run bf16_cl 60 --amp bf16 --channels-last 1
-run bf16_cl_compile 150 --amp bf16 --channels-last 1 --compile 1
+run fp32 60 --amp off
+run bf16 60 --amp bf16
+run bf16_cl 60 --amp bf16 --channels-last
+run bf16_cl_compile 150 --amp bf16 --channels-last --compile

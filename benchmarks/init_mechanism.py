@@ -33,7 +33,7 @@ from benchmarks.differential import (
     load_task,
     lr_factor,
 )
-from mixshare_layers.checkpoint.files import write_json
+from mixshare_layers.files import write_json
 
 
 def _groups(model: nn.Module) -> dict[str, list[torch.Tensor]]:

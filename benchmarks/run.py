@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mixshare_layers import MIMOLoss, MIMOWrapper  # noqa: E402
-from mixshare_layers.checkpoint.files import write_text  # noqa: E402
+from mixshare_layers.files import write_text  # noqa: E402
 from mixshare_layers.functional import mix, sample_mix_params, unmix_pool  # noqa: E402
 from mixshare_layers.models import wide_resnet  # noqa: E402
 

@@ -33,7 +33,7 @@ import torch
 from mixshare_layers import PRESETS, MIMOWrapper
 from mixshare_layers.analysis import load_wrn_checkpoint
 from mixshare_layers.checkpoint import CheckpointError, load_checkpoint
-from mixshare_layers.checkpoint.files import atomic_write, folder_problem
+from mixshare_layers.files import atomic_write, folder_problem
 from mixshare_layers.models import wide_resnet
 
 DEPTH, WIDTH, CLASSES, M = 28, 2, 100, 2  # defaults; override on the command line

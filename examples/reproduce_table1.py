@@ -318,7 +318,7 @@ def write_table(
     runs: list[dict[str, Any]], out_dir: Path, *, methods: Sequence[str], width: int, description: str
 ) -> dict[str, Path]:
     """Write table1.md, table1.csv and runs.csv under ``out_dir`` from the runs' summaries; returns the paths."""
-    from mixshare_layers.checkpoint.files import write_text
+    from mixshare_layers.files import write_text
 
     rows = aggregate(runs, methods)
     paths = {"markdown": out_dir / "table1.md", "csv": out_dir / "table1.csv", "runs": out_dir / "runs.csv"}
@@ -383,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"argument --seeds: seeds must be in [0, 2**32), got {bad}")
     if args.width is not None and args.width < 1:
         parser.error(f"argument --width: must be >= 1, got {args.width}")
-    from mixshare_layers.checkpoint.files import folder_problem
+    from mixshare_layers.files import folder_problem
 
     out_dir = Path(args.out_dir)
     problem = folder_problem(out_dir)

@@ -34,7 +34,7 @@ CORE_MODULES = (
     "mixshare_layers.layers.batcher",
     "mixshare_layers.checkpoint",
     "mixshare_layers.checkpoint.convert",
-    "mixshare_layers.checkpoint.files",
+    "mixshare_layers.files",
     "mixshare_layers.checkpoint.store",
     "mixshare_layers.data",
     "mixshare_layers.deploy",

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError
-from ..checkpoint.files import folder_problem, write_json
+from ..files import folder_problem, write_json
 from ..wrapper import MIMOWrapper
 from .checkpoint import load_wrn_checkpoint
 from .sharing import classifier_influence, encoder_influence, sharing_rate

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice
-from ..checkpoint.files import save_figure
+from ..files import save_figure
 from .sharing import _check_influence, sharing_rate
 
 __all__ = ["OVERLAP_COLOR", "PLOT_FORMATS", "SORT_ORDERS", "SUBNETWORK_COLORS", "feature_order", "plot_influence"]

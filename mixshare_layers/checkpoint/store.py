@@ -22,7 +22,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from .files import FILE_MODE, fsync_dir, temp_path_in
+from ..files import FILE_MODE, fsync_dir, temp_path_in
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "MIN_TORCH_VERSION", "CheckpointError", "CheckpointNotFoundError", "load_checkpoint",

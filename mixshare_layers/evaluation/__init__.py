@@ -41,6 +41,16 @@ from .metrics import (
 )
 from .ood import ood_detection_metrics
 from .plots import plot_reliability_diagram, plot_uncertainty_report  # matplotlib itself is imported on first use
+from .report import (
+    collapse_warning,
+    results_table,
+    shift_rows,
+    shift_summary,
+    shift_table,
+    summary_metrics,
+    write_csv,
+    write_shift_report,
+)
 from .scores import UNCERTAINTY_SCORES, entropy, uncertainty_scores
 from .selective import aurc, risk_coverage_curve
 from .shift import CORRUPTIONS, SEVERITIES, SEVERITY_PARAMETERS, Corruption, corrupt
@@ -65,6 +75,7 @@ __all__ = [
     "classwise_calibration_bins",
     "classwise_calibration_error",
     "classwise_calibration_error_from_bins",
+    "collapse_warning",
     "collapsed_members",
     "corrupt",
     "disagreement",
@@ -76,7 +87,14 @@ __all__ = [
     "ood_detection_metrics",
     "plot_reliability_diagram",
     "plot_uncertainty_report",
+    "results_table",
     "risk_coverage_curve",
+    "shift_rows",
+    "shift_summary",
+    "shift_table",
+    "summary_metrics",
     "tempered_log_probs",
     "uncertainty_scores",
+    "write_csv",
+    "write_shift_report",
 ]

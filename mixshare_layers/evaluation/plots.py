@@ -13,7 +13,7 @@ from typing import Any
 
 from .._checks import check_choice
 from ..analysis.plots import PLOT_FORMATS, SUBNETWORK_COLORS, _require_matplotlib
-from ..checkpoint.files import save_figure
+from ..files import save_figure
 
 __all__ = ["OOD_SCORES", "plot_reliability_diagram", "plot_uncertainty_report"]
 

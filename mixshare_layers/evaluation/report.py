@@ -1,0 +1,429 @@
+"""What a training run shows: its log as it trains (:class:`RunLog`: lines, a progress bar, metrics.csv, TensorBoard),
+its evaluations' CSV rows and TensorBoard tags, the end-of-run tables, the summary and the shift files.
+
+The metrics of :mod:`mixshare_layers.evaluation` are fractions and nats per sample (:data:`METRIC_UNITS`). What
+people read shows one unit per kind of quantity, in the name: accuracies, ECE, disagreement, confidence, AUROC /
+AUPR / FPR95 and sharing rates in percent (``_pct``), NLL and entropies in nats per image (``_nats``), Brier as is
+(in ``[0, 2]``). CSV cells keep 4 significant digits. A run's summary keeps the keys and units it always had:
+accuracies, disagreement and confidence in percent, ``ece`` a fraction (:func:`summary_metrics`).
+
+Example:
+    >>> import tempfile
+    >>> metrics = {"ensemble_acc": 0.5, "mean_individual_acc": 0.45, "individual_acc": [0.5, 0.4], "nll": 1.2,
+    ...            "ece": 0.031, "brier": 0.6, "disagreement": 0.25, "mean_confidence": 0.52}
+    >>> row = {"epoch": 1, **epoch_columns("test", metrics, sharing_entries({"classifier": 40.0}))}
+    >>> row["test_ece_pct"], row["test_acc_1_pct"], row["classifier_sharing_pct"]
+    (3.1, 40.0, 40.0)
+    >>> tensorboard_scalars(row, ["test"])["test/acc_member_1_pct"]
+    40.0
+    >>> path = write_csv(f"{tempfile.mkdtemp()}/metrics.csv", metrics_columns(2, ["test"]), [row])
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import importlib.util
+import io
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+from ..files import write_json, write_text
+from .plots import plot_uncertainty_report
+
+__all__ = [
+    "EVAL_COLUMNS",
+    "OOD_COLUMNS",
+    "OOD_SCORES",
+    "SHARING_KEYS",
+    "SHIFT_COLUMNS",
+    "RunLog",
+    "collapse_warning",
+    "csv_cell",
+    "epoch_columns",
+    "epoch_line",
+    "finite",
+    "metrics_columns",
+    "results_table",
+    "run_summary",
+    "sharing_entries",
+    "shift_rows",
+    "shift_summary",
+    "shift_table",
+    "summary_metrics",
+    "tensorboard_scalars",
+    "write_csv",
+    "write_shift_report",
+]
+
+# (metric of mixshare_layers.evaluation, column, factor to the column's unit)
+EVAL_COLUMNS = (
+    ("ensemble_acc", "ensemble_acc_pct", 100.0),
+    ("mean_individual_acc", "mean_individual_acc_pct", 100.0),
+    ("nll", "nll_nats", 1.0),
+    ("ece", "ece_pct", 100.0),
+    ("brier", "brier", 1.0),
+    ("disagreement", "disagreement_pct", 100.0),
+    ("mean_confidence", "mean_confidence_pct", 100.0),
+)
+SHIFT_COLUMNS = (
+    *EVAL_COLUMNS[:4],
+    ("adaptive_ece", "adaptive_ece_pct", 100.0),
+    ("brier", "brier", 1.0),
+    ("aurc", "aurc_pct", 100.0),
+    ("mean_confidence", "mean_confidence_pct", 100.0),
+    ("disagreement", "disagreement_pct", 100.0),
+    ("mutual_information", "mutual_information_nats", 1.0),
+)
+OOD_SCORES = (("msp", "max probability"), ("entropy", "entropy"), ("mutual_information", "mutual information"))
+OOD_COLUMNS = (("auroc", "auroc_pct"), ("aupr", "aupr_pct"), ("fpr95", "fpr95_pct"))
+#: the sharing rates of :func:`mixshare_layers.analysis.sharing_rates`, as a run's summary names them (percent)
+SHARING_KEYS = ("classifier_sharing", "encoder_sharing", "classifier_sharing_sum_ratio", "encoder_sharing_sum_ratio")
+_SUMMARY_PERCENT = ("ensemble_acc", "mean_individual_acc", "disagreement", "mean_confidence")
+_MEMBER, _MEMBER_TAG = re.compile(r"^acc_(\d+)_"), r"acc_member_\1_"  # a member's column; its TensorBoard tag
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None and every key made a string, at any depth (strict
+    JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def summary_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A run summary's metrics from evaluation metrics: accuracies (``individual_acc`` a list), disagreement and
+    mean confidence in percent; ``nll`` in nats, ``ece`` a fraction, ``brier`` as is."""
+    out: dict[str, Any] = {key: 100.0 * metrics[key] for key in _SUMMARY_PERCENT}
+    out["individual_acc"] = [100.0 * a for a in metrics["individual_acc"]]
+    out.update({key: metrics[key] for key in ("nll", "ece", "brier")})
+    return out
+
+
+def sharing_entries(rates: Mapping[str, float] | None) -> dict[str, float | None]:
+    """The :data:`SHARING_KEYS` of :func:`mixshare_layers.analysis.sharing_rates`'s result (None where absent)."""
+    rates = rates or {}
+    return {key: rates.get(key.replace("_sharing", "")) for key in SHARING_KEYS}
+
+
+def metrics_columns(num_subnetworks: int, splits: Sequence[str]) -> list[str]:
+    """The columns of metrics.csv: the epoch, then per evaluated split its metrics and members, then sharing."""
+    columns = ["epoch", "step", "lr", "train_loss_nats", "images_per_s", "time_s"]
+    for split in splits:
+        columns += [f"{split}_{column}" for _, column, _ in EVAL_COLUMNS]
+        columns += [f"{split}_acc_{i}_pct" for i in range(num_subnetworks)]
+    return columns + [f"{key}_pct" for key in SHARING_KEYS]
+
+
+def epoch_columns(split: str, metrics: Mapping[str, Any], sharing: Mapping[str, float | None]) -> dict[str, Any]:
+    """One evaluation as metrics.csv cells: ``{split}_<metric>`` in the column's unit, ``{split}_acc_<i>_pct`` per
+    member, and the sharing rates (:func:`sharing_entries`)."""
+    out = {f"{split}_{column}": factor * metrics[key] for key, column, factor in EVAL_COLUMNS}
+    out.update({f"{split}_acc_{i}_pct": 100.0 * a for i, a in enumerate(metrics["individual_acc"])})
+    out.update({f"{key}_pct": value for key, value in sharing.items()})
+    return out
+
+
+def tensorboard_scalars(row: Mapping[str, Any], splits: Sequence[str]) -> dict[str, float]:
+    """The evaluation cells of a metrics.csv row as TensorBoard tags: ``test_nll_nats`` -> ``test/nll_nats``,
+    ``test_acc_0_pct`` -> ``test/acc_member_0_pct``, ``encoder_sharing_pct`` -> ``sharing/encoder_sharing_pct``."""
+    out = {}
+    for column, value in row.items():
+        split, _, name = column.partition("_")
+        if split in splits:
+            out[f"{split}/{_MEMBER.sub(_MEMBER_TAG, name)}"] = value
+        elif column.startswith(SHARING_KEYS[:2]):
+            out[f"sharing/{column}"] = value
+    return {tag: float(v) for tag, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def epoch_line(row: Mapping[str, Any], split: str | None = None, metrics: Mapping[str, Any] | None = None) -> str:
+    """The printed line of an epoch (a metrics.csv row with its ``epoch_time_s``) and of its evaluation, if any."""
+    head = f"epoch {row['epoch']}: loss {row['train_loss_nats']:.4f}"
+    if metrics is None:
+        return f"{head}, {row['images_per_s']:.0f} img/s, {row['epoch_time_s']:.1f} s"
+    members = " / ".join(f"{100 * a:.2f}" for a in metrics["individual_acc"])
+    return (
+        f"{head}, {split} ensemble acc {100 * metrics['ensemble_acc']:.2f} % (members {members} %), NLL "
+        f"{metrics['nll']:.3f}, ECE {100 * metrics['ece']:.2f} %, confidence {100 * metrics['mean_confidence']:.2f} %, "
+        f"lr {row['lr']:.3g}, {row['images_per_s']:.0f} img/s"
+    )
+
+
+def collapse_warning(
+    split: str, member_acc: Sequence[float], collapsed: Sequence[int], num_classes: int
+) -> str | None:
+    """The warning for members that collapsed (:func:`~mixshare_layers.evaluation.collapsed_members`), None when
+    every member is healthy. ``member_acc``: the members' accuracies, fractions."""
+    if not collapsed:
+        return None
+    healthy = [i for i in range(len(member_acc)) if i not in collapsed]
+
+    def listed(ids: Sequence[int], values: bool = False) -> str:
+        return " / ".join(f"{100 * member_acc[i]:.2f}" for i in ids) if values else ", ".join(map(str, ids))
+
+    return (
+        f"WARNING: {split}: member(s) {listed(collapsed)} collapsed: accuracy {listed(collapsed, True)} % near "
+        f"chance ({100 / num_classes:.2f} %) while member(s) {listed(healthy)} reached {listed(healthy, True)} %; the "
+        "ensemble is carried by the healthy ones"
+    )
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell: floats to 4 significant digits (``64.63``, ``0.0125``, ``12350.0``), None empty, else as is."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.4g}")
+    return value
+
+
+def write_csv(path: str | os.PathLike[str], columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write ``rows`` under the header ``columns`` (other keys ignored, missing ones empty), atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({column: csv_cell(row.get(column)) for column in columns})
+    return write_text(path, buf.getvalue())
+
+
+class RunLog:
+    """What a training run shows as it trains: printed lines, a progress bar, ``metrics.csv`` and TensorBoard.
+
+    Only an ``enabled`` log (process 0 of a distributed run) prints or writes, and nothing is written before the first
+    epoch's row or scalar (a run that stops before leaves no trace); metrics.csv is rewritten atomically every epoch.
+
+    Args:
+        folder: the run folder (``metrics.csv``, ``tensorboard/``).
+        splits: the evaluated splits, in the columns' order (:func:`metrics_columns`, :func:`tensorboard_scalars`).
+        num_subnetworks: M (a column per member).
+        rows: the rows so far (a resumed run's history); :attr:`rows` holds them all.
+        tensorboard: log scalars to TensorBoard, when ``torch.utils.tensorboard`` imports (else a note says so).
+        purge_step: the step a resumed run continues from (TensorBoard hides the events the stopped run logged after).
+        progress: a tqdm progress bar per epoch, when tqdm is installed and stdout is a terminal.
+        enabled: False for a process that shows and writes nothing.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        splits: Sequence[str],
+        num_subnetworks: int,
+        *,
+        rows: Sequence[Mapping[str, Any]] = (),
+        tensorboard: bool = True,
+        purge_step: int = 0,
+        progress: bool = True,
+        enabled: bool = True,
+    ) -> None:
+        self.folder, self.splits, self.enabled, self.purge_step = Path(folder), list(splits), enabled, purge_step
+        self.columns, self.rows = metrics_columns(num_subnetworks, splits), [dict(r) for r in rows]
+        self.tensorboard, self.writer, self.bar = tensorboard and enabled, cast(Any, None), cast(Any, None)
+        self.progress = progress and enabled and sys.stdout.isatty() and importlib.util.find_spec("tqdm") is not None
+
+    def print(self, *lines: str) -> None:
+        """Print ``lines`` (one per line) when enabled (nothing for none)."""
+        if self.enabled and lines:
+            print(*lines, sep="\n", flush=True)
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        """Log ``{tag: value}`` at ``step`` to TensorBoard (opened on first use)."""
+        if self.tensorboard and self.writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.print("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+                self.tensorboard = False
+                return
+            self.writer = SummaryWriter(str(self.folder / "tensorboard"), purge_step=self.purge_step or None)
+        for tag, value in values.items() if self.tensorboard else ():
+            self.writer.add_scalar(tag, value, step)
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        """Open epoch ``epoch`` (of ``epochs``, ``steps`` steps long): its progress bar."""
+        if self.progress:  # tqdm, an optional extra
+            tqdm = importlib.import_module("tqdm.auto").tqdm
+            self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", leave=False)
+
+    def step(self, done: int, step: int, loss: float, lr: float, rows_per_s: float) -> None:
+        """``done`` steps into the epoch (global ``step``): the bar, and the ``train/`` scalars."""
+        self.scalars({"train/loss_nats": loss, "train/lr": lr, "train/images_per_s": rows_per_s}, step)
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", img_s=f"{rows_per_s:.0f}")
+
+    def epoch(self, row: Mapping[str, Any], split: str | None = None, metrics: Mapping[str, Any] | None = None) -> None:
+        """Close an epoch: print its line (:func:`epoch_line`), add its metrics.csv ``row`` (with its ``step``, the
+        TensorBoard step of its evaluation's cells) and rewrite the file."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.rows.append(dict(row))
+        if self.enabled:
+            self.print(epoch_line(row, split, metrics))
+            write_csv(self.folder / "metrics.csv", self.columns, self.rows)
+            self.scalars(tensorboard_scalars(row, self.splits), row["step"])
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard files."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def run_summary(
+    evaluation: Mapping[str, Mapping[str, Any]], shift: Mapping[str, Any] | None = None, **run: Any
+) -> dict[str, Any]:
+    """A run's ``summary.json``: the ``"test"`` split's :func:`summary_metrics` with its ``collapsed_members`` and its
+    sharing rates (:data:`SHARING_KEYS`, percent, from its ``"sharing"`` entry), ``val`` (the ``"val"`` split's
+    summary metrics, or None), ``shift`` (:func:`shift_summary`, or None), then the ``run`` entries (the run's
+    settings, ``epochs``, ``steps``, ``train_time_s``, ...)."""
+    test, val = evaluation["test"], evaluation.get("val")
+    return {
+        **summary_metrics(test),
+        "collapsed_members": list(test["collapsed_members"]),
+        **{key: test["sharing"].get(key) for key in SHARING_KEYS},
+        "val": summary_metrics(val) if val is not None else None,
+        "shift": shift_summary(shift) if shift is not None else None,
+        **run,
+    }
+
+
+def results_table(summary: Mapping[str, Any]) -> str:
+    """The end-of-run table of a run's summary (its keys and units: :func:`summary_metrics`)."""
+
+    def rate(key: str) -> str:
+        return "-" if summary.get(key) is None else f"{summary[key]:.1f}"
+
+    rows = [
+        ("method", summary["method"]),
+        ("ensemble accuracy (%)", f"{summary['ensemble_acc']:.2f}"),
+        ("mean individual accuracy (%)", f"{summary['mean_individual_acc']:.2f}"),
+        ("individual accuracies (%)", " / ".join(f"{a:.2f}" for a in summary["individual_acc"])),
+        ("collapsed members", ", ".join(map(str, summary.get("collapsed_members") or [])) or "none"),
+        ("mean confidence (%)", f"{summary['mean_confidence']:.2f}"),
+        (f"NLL (nats, rule {summary['ensemble_rule']})", f"{summary['nll']:.4f}"),
+        ("ECE (%, 15 bins)", f"{100 * summary['ece']:.2f}"),
+        ("Brier (sum over classes)", f"{summary['brier']:.4f}"),
+        ("disagreement (%)", f"{summary['disagreement']:.2f}"),
+        ("classifier sharing (%)", rate("classifier_sharing")),
+        ("encoder sharing (%)", rate("encoder_sharing")),
+        ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
+        ("train time (s), images/s", f"{summary['train_time_s']:.1f}, {summary['images_per_s']:.1f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "+" + "-" * (width + 2) + "+" + "-" * 34 + "+"
+    return "\n".join([line, *(f"| {k:<{width}} | {v:<32} |" for k, v in rows), line])
+
+
+def shift_rows(report: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of shift.csv (clean, each corruption and severity, the means per severity and over all) and of
+    ood.csv (set x score) of an :func:`~mixshare_layers.evaluation.evaluate_uncertainty` report, at temperature 1
+    and, when the report has one, at the fitted temperature."""
+    shift: list[dict[str, Any]] = []
+    ood: list[dict[str, Any]] = []
+    parts = [(1.0, report)]
+    if report.get("calibrated") is not None:
+        parts.append((report["temperature"], report["calibrated"]))
+    for temperature, rep in parts:
+        cells: list[tuple[str, Any, Mapping[str, Any]]] = [("clean", 0, rep["clean"])]
+        for corruption, by_severity in rep["shift"].items():
+            cells += [(corruption, severity, m) for severity, m in by_severity.items()]
+        cells += [("mean", severity, m) for severity, m in rep["shift_by_severity"].items()]
+        if rep["shift_mean"]:
+            cells.append(("mean", "all", rep["shift_mean"]))
+        for name, severity, metrics in cells:
+            row = {"shift": name, "severity": severity, "temperature": temperature}
+            shift.append(row | {col: factor * metrics[key] for key, col, factor in SHIFT_COLUMNS if key in metrics})
+        for name, scores in rep["ood"].items():
+            for score, _ in OOD_SCORES:
+                row = {"ood_set": name, "score": score, "temperature": temperature}
+                ood.append(row | {col: 100.0 * scores[score][key] for key, col in OOD_COLUMNS})
+    return shift, ood
+
+
+def shift_table(report: Mapping[str, Any], ood_name: str | None = None) -> str:
+    """The printed digest of a shift report (temperature 1): accuracy, NLL, ECE and confidence per shift, OOD
+    detection per score, and the fitted temperature's clean NLL and ECE."""
+
+    def line(name: str, m: Mapping[str, Any]) -> str:
+        acc, ece, conf = 100 * m["ensemble_acc"], 100 * m["ece"], 100 * m["mean_confidence"]
+        return f"  {name:<22} {acc:8.2f} {m['nll']:7.3f} {ece:8.2f} {conf:9.2f}"
+
+    lines = [f"distribution shift (test set, corrupted on the fly; rule {report['rule']}):"]
+    lines.append(f"  {'shift':<22} {'acc (%)':>8} {'NLL':>7} {'ECE (%)':>8} {'conf (%)':>9}")
+    lines.append(line("clean", report["clean"]))
+    for corruption, by_severity in report["shift"].items():
+        lines += [line(f"{corruption} {severity}", m) for severity, m in by_severity.items()]
+    if report["shift_mean"]:
+        lines.append(line("mean over corruptions", report["shift_mean"]))
+    for name, scores in report["ood"].items():
+        lines.append(f"OOD detection: {ood_name or name} images (positives) against the test set:")
+        lines.append(f"  {'score':<22} {'AUROC (%)':>10} {'AUPR (%)':>9} {'FPR95 (%)':>10}")
+        for score, label in OOD_SCORES:
+            r = scores[score]
+            lines.append(f"  {label:<22} {100 * r['auroc']:10.2f} {100 * r['aupr']:9.2f} {100 * r['fpr95']:10.2f}")
+    if report.get("temperature") is not None:
+        cal = report["calibrated"]["clean"]
+        lines.append(
+            f"temperature {report['temperature']:.3f} (fitted on the validation split): clean NLL {cal['nll']:.3f}, "
+            f"ECE {100 * cal['ece']:.2f} %"
+        )
+    return "\n".join(lines)
+
+
+def shift_summary(report: Mapping[str, Any]) -> dict[str, Any]:
+    """A run summary's digest of a shift report: ``clean``, ``corruption_mean`` and ``calibrated_clean`` as
+    ``{ensemble_acc_pct, mean_individual_acc_pct, nll_nats, ece_pct}``, ``ood`` as ``{set: {score: {auroc_pct,
+    aupr_pct, fpr95_pct}}}``, and the ``temperature`` (None without a validation split)."""
+
+    def digest(m: Mapping[str, Any]) -> dict[str, Any]:
+        return {col: factor * m[key] for key, col, factor in SHIFT_COLUMNS[:4] if key in m}
+
+    ood = {
+        name: {score: {col: 100.0 * scores[score][key] for key, col in OOD_COLUMNS} for score, _ in OOD_SCORES}
+        for name, scores in report["ood"].items()
+    }
+    calibrated = report.get("calibrated")
+    return finite(
+        {
+            "clean": digest(report["clean"]),
+            "corruption_mean": digest(report["shift_mean"]) if report["shift_mean"] else None,
+            "ood": ood,
+            "temperature": report.get("temperature"),
+            "calibrated_clean": digest(calibrated["clean"]) if calibrated else None,
+        }
+    )
+
+
+SHIFT_CSV = ["shift", "severity", "temperature", *(col for _, col, _ in SHIFT_COLUMNS)]
+OOD_CSV = ["ood_set", "score", "temperature", *(col for _, col in OOD_COLUMNS)]
+
+
+def write_shift_report(
+    folder: str | os.PathLike[str], report: Mapping[str, Any], *, title: str | None = None, **extra: Any
+) -> list[Path]:
+    """Write a shift report into ``folder``, every file atomically; returns the files.
+
+    ``uncertainty.json``: the report and the ``extra`` entries (fractions and nats, as its ``units`` say; strict
+    JSON), ``shift.csv`` and ``ood.csv`` (:func:`shift_rows`; the latter only with OOD sets) and, when matplotlib
+    is installed, ``uncertainty.png`` (:func:`~mixshare_layers.evaluation.plot_uncertainty_report`).
+    """
+    folder = Path(folder)
+    written = [write_json(folder / "uncertainty.json", finite({**report, **extra}))]
+    rows, ood_rows = shift_rows(report)
+    written.append(write_csv(folder / "shift.csv", SHIFT_CSV, rows))
+    if ood_rows:
+        written.append(write_csv(folder / "ood.csv", OOD_CSV, ood_rows))
+    if importlib.util.find_spec("matplotlib") is not None:
+        written += plot_uncertainty_report(report, folder / "uncertainty", title=title)
+    return written
