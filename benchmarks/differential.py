@@ -87,9 +87,9 @@ from reference.train import TrainConfig, channel_stats, epoch_batches, lr_factor
 
 from mixshare_layers import MIMOWrapper, MixInfo  # noqa: E402
 from mixshare_layers.analysis import sharing_rates  # noqa: E402
-from mixshare_layers.files import write_json  # noqa: E402
 from mixshare_layers.data import Normalize, SyntheticImageDataset, random_crop_flip  # noqa: E402
 from mixshare_layers.evaluation.metrics import EnsembleMetrics, collapsed_members  # noqa: E402
+from mixshare_layers.files import write_json  # noqa: E402
 from mixshare_layers.functional import cutmix_probability, sample_mix_params  # noqa: E402
 from mixshare_layers.functional.loss import mimo_cross_entropy, rebalanced_weights  # noqa: E402
 from mixshare_layers.models import mixmo_init_, torch_init_, wide_resnet  # noqa: E402
@@ -575,7 +575,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--swap", nargs="*", default=[], choices=SWAPS, help="components taken from the other side")
     p.add_argument("--task", choices=sorted(TASKS), default="hard24")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="fast")
-    p.add_argument("--init", choices=sorted(LIBRARY_INITS), default="torch", help="initialisation of both sides (default: the library's)")
+    p.add_argument("--init", choices=sorted(LIBRARY_INITS), default="torch",
+                   help="initialisation of both sides (default: the library's)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--label", default="current", help="name of the library version measured (kept in each run)")
     p.add_argument("--out", default="runs/differential")

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from mixshare_layers import MIMOBatcher, MIMOWrapper
-from mixshare_layers.files import write_json
 from mixshare_layers.data import Normalize, SyntheticImageDataset, random_crop_flip
+from mixshare_layers.files import write_json
 from mixshare_layers.models import wide_resnet
 
 

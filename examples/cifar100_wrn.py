@@ -35,10 +35,10 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Tenso
 from mixshare_layers import PRESETS, MIMOBatcher, MIMOConfig, MIMOWrapper, get_preset
 from mixshare_layers.analysis import sharing_rates
 from mixshare_layers.checkpoint import WRN_BUILDER, ModelRecipe, RunError, runs
-from mixshare_layers.files import write_json
 from mixshare_layers.data import Normalize, SyntheticImageDataset, load_cifar100, random_crop_flip
 from mixshare_layers.data.ood import load_svhn, synthetic_ood_dataset
 from mixshare_layers.evaluation import CORRUPTIONS, collapsed_members, evaluate_uncertainty, report
+from mixshare_layers.files import write_json
 from mixshare_layers.models import wide_resnet
 
 # Every option (--batch-size sets batch_size) and its default: the paper's recipe, in the order the page uses them

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 
 from mixshare_layers import MIMOWrapper, SyntheticImageDataset
-from mixshare_layers.files import write_json
 from mixshare_layers.data import Normalize, random_crop_flip, synthetic_ood_dataset
 from mixshare_layers.evaluation import evaluate_uncertainty
+from mixshare_layers.files import write_json
 from mixshare_layers.integrations.torch_uncertainty import MIMOClassificationRoutine
 from mixshare_layers.models import wide_resnet
 

@@ -56,10 +56,10 @@ from torch import Tensor, nn
 
 from mixshare_layers import PRESETS, MIMOLoss, MIMOWrapper, SyntheticImageDataset
 from mixshare_layers.analysis import sharing_rates
-from mixshare_layers.files import write_json
 from mixshare_layers.data import Normalize, random_crop_flip
 from mixshare_layers.evaluation import fit_temperature, tempered_log_probs
 from mixshare_layers.evaluation.metrics import EnsembleMetrics
+from mixshare_layers.files import write_json
 
 # -- defaults (every one is a command-line option) ------------------------------------------------------------------
 METHOD, M, REPETITION = "mixshare", 2, 2
