@@ -14,7 +14,9 @@ of the same Python with ``--method``, ``--seed``, ``--out-dir <out>/runs`` and `
 results are read from the ``summary.json`` it writes in ``<out>/runs/<method>-s<seed>/``. By default that script's
 defaults are the paper's schedule (CIFAR-100, WRN-28-2, 300 epochs, batch 64 with repetition 2); ``--quick`` uses a
 small schedule on the built-in synthetic data sized for a 2-core CPU (see ``QUICK``). Arguments after ``--`` go to
-every run unchanged (``-- --data-dir ~/data --download --amp bf16``).
+every run unchanged (``-- --data-dir ~/data --download --amp bf16``). The WRN starts from PyTorch's default
+initialisation (the library's default, chosen by measurement: docs/reproducing.md, "Initialisation"); ``-- --init
+mixmo`` trains every row from the truncated He-normal initialisation of MixMo's code, as the paper did.
 
 Resuming: a run whose ``summary.json`` exists is not trained again; a run with a ``checkpoint.pt`` but no summary
 is continued with ``--resume``. Re-running the same command after an interruption finishes the table.
@@ -36,6 +38,7 @@ Usage:
     python examples/reproduce_table1.py -- --data-dir ~/data --download      # the paper's setting (GPU: days)
     python examples/reproduce_table1.py --width 5 -- --data-dir ~/data       # the WRN-28-5 columns
     python examples/reproduce_table1.py --quick --seeds 0 1                  # CPU, synthetic data
+    python examples/reproduce_table1.py --quick -- --init mixmo              # the paper code's initialisation
 """
 
 from __future__ import annotations
