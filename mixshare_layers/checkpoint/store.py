@@ -68,6 +68,13 @@ def previous_checkpoint_path(path: str | os.PathLike[str]) -> Path:
     return Path(path).with_name(f"{Path(path).stem}.prev{Path(path).suffix}")
 
 
+def _intact(path: str | os.PathLike[str]) -> bool:  # a file whose digest verifies (False: missing, none, damaged)
+    try:
+        return Path(path).is_file() and verify_checkpoint(path)
+    except (CheckpointError, OSError):
+        return False
+
+
 def _type_name(value: object) -> str:
     cls = type(value)
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
@@ -82,8 +89,7 @@ def plain_value_problem(value: object, where: str = "checkpoint") -> str | None:
     """Why ``value`` is not plain (e.g. ``"checkpoint['config'] has type argparse.Namespace"``), or None if it is.
 
     Plain, with exactly these types: tensors, ``str``, ``bytes``, ``int``, ``float``, ``complex``, ``bool``,
-    ``None``, ``torch.dtype``, ``torch.device``, and dicts (``str`` or ``int`` keys), lists and tuples of them.
-    """
+    ``None``, ``torch.dtype``, ``torch.device``, and dicts (``str`` or ``int`` keys), lists and tuples of them."""
     stack: list[tuple[Any, str, int]] = [(value, where, 0)]
     while stack:
         item, name, depth = stack.pop()
@@ -145,8 +151,7 @@ def save_checkpoint(
 
     The file is written next to ``path``, its digest appended, flushed, then renamed onto ``path``: a crash leaves
     the old file or the new one, complete. With ``keep_previous``, the file being replaced, if its digest verifies,
-    becomes :func:`previous_checkpoint_path` first (a hard link, or a copy): an intact earlier file always exists.
-    """
+    becomes :func:`previous_checkpoint_path` first (a hard link, or a copy): an intact earlier file always exists."""
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"checkpoint must be a dict of named entries, but got {_type_name(checkpoint)}")
     if any(k in checkpoint for k in RESERVED_KEYS):
@@ -165,10 +170,7 @@ def save_checkpoint(
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, FILE_MODE)
-        keep = False
-        with contextlib.suppress(CheckpointError, OSError):  # a damaged file is replaced, never kept as the fallback
-            keep = keep_previous and target.is_file() and verify_checkpoint(target)
-        if keep:
+        if keep_previous and _intact(target):  # a damaged file is replaced, never kept as the fallback
             try:
                 os.link(target, f"{tmp}.prev")  # same bytes, no copy: `target` is only ever replaced by a rename
             except OSError:  # no hard links on this file system
@@ -236,8 +238,7 @@ def load_checkpoint(
 
     A file of :func:`save_checkpoint` comes back as it was given; a dict of plain values with no ``format`` entry
     (another program's weights) loads too, unverified, unless ``require_digest``. Anything else raises a one-line
-    :class:`CheckpointError` (:class:`CheckpointNotFoundError` for a missing file) that says what to do.
-    """
+    :class:`CheckpointError` (:class:`CheckpointNotFoundError` for a missing file) that says what to do."""
     p = os.fspath(path)
     _require_safe_loading(p)
     fh, size = _open(p)
