@@ -2,8 +2,7 @@
 
 A checkpoint holds tensors and plain values only and is only ever loaded with ``torch.load(..., weights_only=True)``
 (:mod:`~mixshare_layers.checkpoint.store`, :mod:`~mixshare_layers.checkpoint.convert`); a wrapped model is saved with
-the recipe that rebuilds it (:mod:`~mixshare_layers.checkpoint.model`). ``python -m mixshare_layers.checkpoint``.
-"""
+the recipe that rebuilds it (:mod:`~mixshare_layers.checkpoint.model`). ``python -m mixshare_layers.checkpoint``."""
 
 from .convert import convert_checkpoint, to_plain  # noqa: I001  (grouped, not one name a line)
 from .model import (

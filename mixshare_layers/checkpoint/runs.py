@@ -148,8 +148,7 @@ def restore_training(
     states = checkpoint["rng"]
     if len(states) != world or not {"torch", *generators} <= set(states[rank]):  # other processes, or generators
         return False
-    torch.set_rng_state(states[rank]["torch"])
-    for name, g in generators.items():
+    for name, g in {"torch": torch.default_generator, **generators}.items():  # "torch": torch.set_rng_state's
         g.set_state(states[rank][name])
     return True
 

@@ -2,8 +2,7 @@
 
 A file is the zip archive ``torch.save`` writes of ``{"format": FORMAT, "format_version": FORMAT_VERSION, **entries}``
 ending with its comment ``mixshare_layers:sha256-file:<hex>``: the SHA-256 of every byte before it, the comment's
-length counted as zeros (version 1: ``...:sha256-4mib:<hex>``, the SHA-256 of the SHA-256s of 4 MiB blocks).
-"""
+length counted as zeros (version 1: ``...:sha256-4mib:<hex>``, the SHA-256 of the SHA-256s of 4 MiB blocks)."""
 
 from __future__ import annotations
 
