@@ -25,11 +25,9 @@ from ..presets import get_preset
 from ..wrapper import MIMOWrapper
 from .store import CheckpointError, _one_line, load_checkpoint, plain_value_problem, save_checkpoint
 
-__all__ = [
-    "RECIPE_FORMAT", "RECIPE_VERSION", "WRN_BUILDER", "BuilderHandle", "ModelRecipe", "RecipeError", "builder_names",
-    "check_recipe", "describe_split", "load_model", "model_from_recipe", "register_builder", "resolve_builder",
-    "save_model", "strip_state_prefixes",
-]  # fmt: skip
+__all__ = ["RECIPE_FORMAT", "RECIPE_VERSION", "WRN_BUILDER", "BuilderHandle", "ModelRecipe", "RecipeError",
+           "builder_names", "check_recipe", "describe_split", "load_model", "model_from_recipe", "register_builder",
+           "resolve_builder", "save_model", "strip_state_prefixes"]  # fmt: skip
 
 RECIPE_FORMAT = "mixshare_layers.recipe"
 RECIPE_VERSION = 1

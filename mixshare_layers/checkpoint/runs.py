@@ -51,13 +51,19 @@ def check_run_folder(
         raise RunError(f"{start}{run} already holds a run: continue it with {resume_command} {run}, or pick another")
 
 
-def _source(path: Path, resume_command: str) -> Path:
+def _load(path: Path, resume_command: str) -> tuple[Path, dict[str, Any], bool]:
+    """The file that ``--resume path`` names, loaded, and whether its digest verified; else a RunError."""
+    file = path / CHECKPOINT_NAME if path.is_dir() else path
+    if os.path.lexists(file):  # a dangling link gets the loader's message
+        try:
+            return file, load_checkpoint(file), _intact(file)  # it loaded: its digest matched, or it has none
+        except CheckpointError as err:
+            hint, prev = err.hint, previous_checkpoint_path(err.path)
+            if err.damaged and prev.is_file() and not os.path.samefile(prev, err.path) and _intact(prev):
+                hint = f"the previous checkpoint {prev} is intact: resume from it with {resume_command} {prev}"
+            raise RunError(f"checkpoint {err.path}: {err.reason}" + (f"; {hint}" if hint else "")) from None
     if not path.is_dir():
-        if path.exists() or path.is_symlink():
-            return path
         raise RunError(f"{path} does not exist: give a run folder or a checkpoint file")
-    if (path / CHECKPOINT_NAME).exists() or (path / CHECKPOINT_NAME).is_symlink():
-        return path / CHECKPOINT_NAME
     if (path / _PREVIOUS).is_file():
         raise RunError(f"{path}: the folder has no {CHECKPOINT_NAME}, only {_PREVIOUS} (the one before): resume from "
                        f"it with {resume_command} {path / _PREVIOUS}")  # fmt: skip
@@ -65,16 +71,6 @@ def _source(path: Path, resume_command: str) -> Path:
         raise RunError(f"{path}: the run has a {_CONFIG} but no {CHECKPOINT_NAME}: it stopped before finishing its "
                        "first epoch, so there is nothing to resume; start it again or delete the folder")  # fmt: skip
     raise RunError(f"{path}: not a run folder (no {CHECKPOINT_NAME}, no {_CONFIG})")
-
-
-def _load(path: Path, resume_command: str) -> tuple[dict[str, Any], bool]:
-    try:
-        return load_checkpoint(path), _intact(path)  # it loaded: its digest matched, or it has none
-    except CheckpointError as err:
-        hint, prev = err.hint, previous_checkpoint_path(err.path)
-        if err.damaged and prev.is_file() and not os.path.samefile(prev, err.path) and _intact(prev):
-            hint = f"the previous checkpoint {prev} is intact: resume from it with {resume_command} {prev}"
-        raise RunError(f"checkpoint {err.path}: {err.reason}" + (f"; {hint}" if hint else "")) from None
 
 
 def _config(checkpoint: Mapping[str, Any], folder: Path) -> dict[str, Any]:
@@ -105,8 +101,7 @@ def resume_run(
             overwrite another intact ``checkpoint.pt`` of its folder; for a damaged file whose previous one verifies,
             the message ends with the command that resumes from that, ``{resume_command} PREV``."""
     try:
-        path = _source(Path(source), resume_command)
-        checkpoint, verified = _load(path, resume_command)
+        path, checkpoint, verified = _load(Path(source), resume_command)
         missing = [key for key in required if key not in checkpoint]
         if missing:
             raise RunError(f"checkpoint {path} is not a training checkpoint of this run: it lacks {', '.join(missing)}")

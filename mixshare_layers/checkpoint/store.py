@@ -23,10 +23,9 @@ from torch import nn
 
 from ..files import FILE_MODE, fsync_dir, temp_path_in
 
-__all__ = [
-    "FORMAT", "FORMAT_VERSION", "MIN_TORCH_VERSION", "CheckpointError", "CheckpointNotFoundError", "load_checkpoint",
-    "plain_value_problem", "previous_checkpoint_path", "save_checkpoint", "verify_checkpoint",
-]  # fmt: skip
+__all__ = ["FORMAT", "FORMAT_VERSION", "MIN_TORCH_VERSION", "CheckpointError", "CheckpointNotFoundError",
+           "load_checkpoint", "plain_value_problem", "previous_checkpoint_path", "save_checkpoint",
+           "verify_checkpoint"]  # fmt: skip
 
 FORMAT = "mixshare_layers.checkpoint"
 FORMAT_VERSION = 2
