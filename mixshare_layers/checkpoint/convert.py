@@ -73,7 +73,6 @@ def to_plain(value: Any, where: str = "checkpoint") -> Any:
         return items
     if type(value).__module__.split(".")[0] == "numpy":
         import numpy as np
-
         if isinstance(value, np.ndarray) and value.dtype.hasobject:
             raise TypeError(f"{where} is a numpy array of Python objects, which has no plain form")
         if isinstance(value, np.ndarray):

@@ -32,10 +32,8 @@ __all__ = ["RECIPE_FORMAT", "RECIPE_VERSION", "WRN_BUILDER", "BuilderHandle", "M
 RECIPE_FORMAT = "mixshare_layers.recipe"
 RECIPE_VERSION = 1
 WRN_BUILDER = "mixshare_layers.models.wide_resnet"
-_LOADING = (
-    "weights", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "checkpoint_path",
-    "cache_dir", "progress", "device", "dtype",
-)  # fmt: skip  # builder arguments that load or download weights, or place the model
+_LOADING = ("weights", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args",
+            "checkpoint_path", "cache_dir", "progress", "device", "dtype")  # they load weights or place the model
 _NAME = re.compile(r"\S{1,200}")
 _PARTS = ("encoder", "core", "classifier", "preprocess")
 _FIELDS = ("layout", "num_prefix_tokens", "pooling", "encoding_layout")
@@ -57,8 +55,7 @@ def _builder_kwargs(kwargs: object) -> dict[str, Any]:
             raise RecipeError(f"builder_kwargs has the key {key!r}: keys must be Python identifiers")
         if key in _LOADING and value is not None and value is not False:  # their defaults are not recorded
             raise RecipeError(f"builder_kwargs[{key!r}]={value!r} would load or download weights: the file has them")
-        problem = plain_value_problem(value, f"builder_kwargs[{key!r}]")
-        if problem is not None:
+        if (problem := plain_value_problem(value, f"builder_kwargs[{key!r}]")) is not None:
             raise RecipeError(f"{problem}, but builder arguments are plain values: register a builder that makes it")
     return {key: value for key, value in kwargs.items() if key not in _LOADING}
 
@@ -261,12 +258,7 @@ NO_RECIPE_HINT = (
 
 def strip_state_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
     """``state`` without the key prefixes of ``torch.compile`` (``_orig_mod.``) and ``DataParallel`` (``module.``)."""
-    out = {}
-    for key, value in state.items():
-        while key.startswith(("_orig_mod.", "module.")):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
+    return {re.sub(r"^(_orig_mod\.|module\.)+", "", key): value for key, value in state.items()}
 
 
 def _structure(model: nn.Module) -> dict[tuple[str, bool], str]:

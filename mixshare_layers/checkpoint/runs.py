@@ -44,8 +44,7 @@ def check_run_folder(
     """Refuse, leaving nothing on disk, a run folder that cannot be written or, for a ``new`` run, holds one (the
     message, after ``option``, says how to continue it: ``resume_command``, e.g. ``"python train.py --resume"``)."""
     run, start = Path(run_dir), f"{option}: " if option else ""
-    problem = folder_problem(run)
-    if problem is not None:
+    if (problem := folder_problem(run)) is not None:
         raise RunError(f"{start}cannot write the run folder {run}: {problem}")
     if new and any((run / name).exists() for name in (CHECKPOINT_NAME, _PREVIOUS)):
         raise RunError(f"{start}{run} already holds a run: continue it with {resume_command} {run}, or pick another")
@@ -97,9 +96,8 @@ def resume_run(
     for older checkpoints the folder's ``config.json``); ``verified`` is False for a file without a digest.
 
     Raises:
-        RunError: (beginning with ``option``) the file is missing, unusable, lacks an entry of ``required``, or would
-            overwrite another intact ``checkpoint.pt`` of its folder; for a damaged file whose previous one verifies,
-            the message ends with the command that resumes from that, ``{resume_command} PREV``."""
+        RunError: (beginning with ``option``) the file is missing, unusable, lacks a ``required`` entry, or would
+            overwrite another intact ``checkpoint.pt``; a damaged one's ends ``{resume_command} PREV`` (PREV intact)."""
     try:
         path, checkpoint, verified = _load(Path(source), resume_command)
         missing = [key for key in required if key not in checkpoint]

@@ -117,17 +117,6 @@ def _digest(fh: IO[bytes], length: int, tree: bool = False) -> bytes:
     return top.hexdigest().encode()
 
 
-def _save_with_digest(payload: dict[str, Any], fh: IO[bytes]) -> None:
-    torch.save(payload, fh)
-    size = fh.seek(-22, os.SEEK_END) + 22
-    end = fh.read()
-    if end[:4] != b"PK\x05\x06" or end[-2:] != b"\0\0":  # the zip end record, without a comment yet
-        raise RuntimeError("torch.save wrote an archive without the expected end record: cannot add the digest")
-    digest = _digest(fh, size)
-    fh.seek(size - 2)
-    fh.write(_TRAILER_SIZE.to_bytes(2, "little") + _TAG + digest)
-
-
 def _check_digest(fh: IO[bytes], size: int, path: str) -> bool:
     """True if the file carries a digest and it matches; False if it carries none; CheckpointError if it differs."""
     fh.seek(max(0, size - _TRAILER_SIZE - 2))
@@ -155,8 +144,7 @@ def save_checkpoint(
     if any(k in checkpoint for k in RESERVED_KEYS):
         raise ValueError(f"checkpoint must not hold the keys {list(RESERVED_KEYS)}: save_checkpoint writes them")
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}
-    problem = plain_value_problem(payload)
-    if problem is not None:
+    if (problem := plain_value_problem(payload)) is not None:
         store = "store vars(obj) for a Namespace, .tolist() or a tensor for numpy values, state_dict() for a module"
         raise TypeError(f"{problem}, but a checkpoint holds plain values only, so that it loads safely: {store}")
     target = Path(path)
@@ -164,7 +152,14 @@ def save_checkpoint(
     fd, tmp = temp_path_in(target)
     try:
         with os.fdopen(fd, "w+b") as fh:
-            _save_with_digest(payload, fh)
+            torch.save(payload, fh)
+            size = fh.seek(-22, os.SEEK_END) + 22
+            end = fh.read()
+            if end[:4] != b"PK\x05\x06" or end[-2:] != b"\0\0":  # the zip end record, without a comment yet
+                raise RuntimeError("torch.save wrote an archive without the expected end record: cannot add the digest")
+            digest = _digest(fh, size)
+            fh.seek(size - 2)
+            fh.write(_TRAILER_SIZE.to_bytes(2, "little") + _TAG + digest)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, FILE_MODE)
@@ -258,8 +253,7 @@ def load_checkpoint(
             raise _load_error(p, err, fh) from None
     if not isinstance(obj, dict):
         raise CheckpointError(p, f"holds a {_type_name(obj)}, not a dict of named entries", "give a checkpoint file")
-    problem = plain_value_problem(obj)
-    if problem is not None:  # possible only for classes allow-listed with torch.serialization.add_safe_globals
+    if (problem := plain_value_problem(obj)) is not None:  # only classes given to torch's add_safe_globals get here
         raise CheckpointError(p, f"refused: {problem}, not a plain value", f"convert it once with `{CONVERT}`")
     if "format" not in obj:
         return obj
