@@ -1,7 +1,6 @@
 """Converting a file that stores data objects (``argparse.Namespace``, numpy values, paths): read with
 ``weights_only=True`` plus those classes, so no code runs. If you trust a file that stores other objects, convert it
-in your own code: ``save_checkpoint(new, to_plain(torch.load(old, weights_only=False)))``.
-"""
+in your own code: ``save_checkpoint(new, to_plain(torch.load(old, weights_only=False)))``."""
 
 from __future__ import annotations
 
@@ -19,8 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import store
-from .store import FORMAT, RESERVED_KEYS, save_checkpoint
+from .store import _PLAIN, FORMAT, RESERVED_KEYS, _load_error, _open, _require_safe_loading, _type_name, save_checkpoint
 
 __all__ = ["convert_checkpoint", "to_plain"]
 
@@ -47,7 +45,7 @@ def to_plain(value: Any, where: str = "checkpoint") -> Any:
     """``value`` made of plain values (a TypeError names what has none): Namespaces and dataclasses as dicts, modules
     and optimisers as their ``state_dict()``, numpy arrays as tensors, numpy scalars as Python numbers, paths as
     strings, sets as sorted lists (``{"args": Namespace(a={"y", "x"})}`` becomes ``{"args": {"a": ["x", "y"]}}``)."""
-    if type(value) in (*store._PLAIN, torch.Size):
+    if type(value) in (*_PLAIN, torch.Size):
         return value
     if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):
         value = dict(vars(value))
@@ -63,7 +61,7 @@ def to_plain(value: Any, where: str = "checkpoint") -> Any:
         out = {to_plain(k, f"{where} key {k!r}"): to_plain(v, f"{where}[{k!r}]") for k, v in value.items()}
         bad = [k for k in out if type(k) not in (str, int)]
         if bad:
-            raise TypeError(f"{where} has the key {bad[0]!r} of type {store._type_name(bad[0])}: keys are str or int")
+            raise TypeError(f"{where} has the key {bad[0]!r} of type {_type_name(bad[0])}: keys are str or int")
         return out
     if isinstance(value, (list, tuple)):
         items = [to_plain(sub, f"{where}[{i}]") for i, sub in enumerate(value)]
@@ -75,7 +73,6 @@ def to_plain(value: Any, where: str = "checkpoint") -> Any:
         return items
     if type(value).__module__.split(".")[0] == "numpy":
         import numpy as np
-
         if isinstance(value, np.ndarray) and value.dtype.hasobject:
             raise TypeError(f"{where} is a numpy array of Python objects, which has no plain form")
         if isinstance(value, np.ndarray):
@@ -84,7 +81,7 @@ def to_plain(value: Any, where: str = "checkpoint") -> Any:
             return to_plain(value.item(), where)
         if isinstance(value, np.dtype):
             return str(value)
-    raise TypeError(f"{where} has type {store._type_name(value)}, which has no plain form: convert it by hand")
+    raise TypeError(f"{where} has type {_type_name(value)}, which has no plain form: convert it by hand")
 
 
 def convert_checkpoint(
@@ -94,8 +91,8 @@ def convert_checkpoint(
     """Rewrite the file ``src`` as the checkpoint ``dst`` (:func:`to_plain` values, a digest; ``dst`` replaced only
     with ``overwrite``). Another program's ``format`` entries become ``source_format...`` (``log``: a line each)."""
     src_p, dst_p = os.fspath(src), Path(dst)
-    store._require_safe_loading(src_p)
-    fh, _ = store._open(src_p)
+    _require_safe_loading(src_p)
+    fh, _ = _open(src_p)
     with fh:
         if dst_p.exists() and os.path.samefile(src_p, dst_p):
             raise ValueError(f"convert into a new file: {dst_p} is the file being converted")
@@ -105,10 +102,10 @@ def convert_checkpoint(
             with torch.serialization.safe_globals(_data_only_objects()):
                 obj = torch.load(fh, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise store._load_error(src_p, err, fh) from None
+            raise _load_error(src_p, err, fh) from None
     plain = to_plain(obj)
     if not isinstance(plain, dict):
-        raise TypeError(f"{src_p} holds a {store._type_name(obj)}: a checkpoint is a dict of named entries")
+        raise TypeError(f"{src_p} holds a {_type_name(obj)}: a checkpoint is a dict of named entries")
     if plain.get("format") == FORMAT:
         plain = {k: v for k, v in plain.items() if k not in RESERVED_KEYS}
     for key in RESERVED_KEYS:  # another program's (or an older script's) format marker, kept under another name

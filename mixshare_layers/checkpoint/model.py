@@ -1,10 +1,9 @@
 """A wrapped model in a checkpoint, with the recipe that rebuilds it from an allowlist of builders and plain values.
 
-A checkpoint is untrusted data, so a recipe never names code to import: its ``builder`` is
-``"mixshare_layers.models.wide_resnet"``, ``"torchvision:<name>"`` (a classification model), ``"timm:<name>"`` (of
-``timm.list_models()``, or ``<name>.<tag>``), or a name registered in this process (:func:`register_builder`). Its
-arguments are plain values, never ones that load weights (``weights``, ``pretrained`` ...): the checkpoint holds them.
-"""
+A checkpoint is untrusted data, so a recipe never names code to import: its ``builder`` is ``WRN_BUILDER``,
+``"torchvision:<name>"`` (a classification model), ``"timm:<name>"`` (of ``timm.list_models()``, or ``<name>.<tag>``)
+or a name registered in this process (:func:`register_builder`). Its arguments are plain values, never ones that load
+weights (``weights``, ``pretrained`` ...): the checkpoint holds them."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import importlib
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +25,15 @@ from ..presets import get_preset
 from ..wrapper import MIMOWrapper
 from .store import CheckpointError, _one_line, load_checkpoint, plain_value_problem, save_checkpoint
 
-__all__ = [
-    "RECIPE_FORMAT", "RECIPE_VERSION", "WRN_BUILDER", "BuilderHandle", "ModelRecipe", "RecipeError", "builder_names",
-    "check_recipe", "describe_split", "load_model", "model_from_recipe", "register_builder", "resolve_builder",
-    "save_model", "strip_state_prefixes",
-]  # fmt: skip
+__all__ = ["RECIPE_FORMAT", "RECIPE_VERSION", "WRN_BUILDER", "BuilderHandle", "ModelRecipe", "RecipeError",
+           "builder_names", "check_recipe", "describe_split", "load_model", "model_from_recipe", "register_builder",
+           "resolve_builder", "save_model", "strip_state_prefixes"]  # fmt: skip
 
 RECIPE_FORMAT = "mixshare_layers.recipe"
 RECIPE_VERSION = 1
 WRN_BUILDER = "mixshare_layers.models.wide_resnet"
-_LOADING = (
-    "weights", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "checkpoint_path",
-    "cache_dir", "progress", "device", "dtype",
-)  # fmt: skip  # builder arguments that load or download weights, or place the model
+_LOADING = ("weights", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args",
+            "checkpoint_path", "cache_dir", "progress", "device", "dtype")  # they load weights or place the model
 _NAME = re.compile(r"\S{1,200}")
 _PARTS = ("encoder", "core", "classifier", "preprocess")
 _FIELDS = ("layout", "num_prefix_tokens", "pooling", "encoding_layout")
@@ -56,21 +50,17 @@ def _builder_kwargs(kwargs: object) -> dict[str, Any]:
     """``kwargs``, its keys identifiers and its values plain (as in a checkpoint), without the loading arguments."""
     if not isinstance(kwargs, Mapping):
         raise RecipeError(f"builder_kwargs must be a dict of keyword arguments, but got {type(kwargs).__name__}")
-    out = {}
     for key, value in kwargs.items():
         if not isinstance(key, str) or not key.isidentifier() or key.startswith("__"):
             raise RecipeError(f"builder_kwargs has the key {key!r}: keys must be Python identifiers")
         if key in _LOADING and value is not None and value is not False:  # their defaults are not recorded
             raise RecipeError(f"builder_kwargs[{key!r}]={value!r} would load or download weights: the file has them")
-        problem = plain_value_problem(value, f"builder_kwargs[{key!r}]")
-        if problem is not None:
+        if (problem := plain_value_problem(value, f"builder_kwargs[{key!r}]")) is not None:
             raise RecipeError(f"{problem}, but builder arguments are plain values: register a builder that makes it")
-        if key not in _LOADING:
-            out[key] = value
-    return out
+    return {key: value for key, value in kwargs.items() if key not in _LOADING}
 
 
-@dataclass(eq=False)
+@dataclasses.dataclass(eq=False)
 class BuilderHandle:
     """What :func:`register_builder` returns: :meth:`remove` unregisters the builder."""
 
@@ -113,10 +103,8 @@ def resolve_builder(name: str) -> Callable[..., nn.Module]:
     if name.startswith("mixshare_layers."):
         raise RecipeError(f"builder {name!r} is not one of the library's ({WRN_BUILDER})")
     if family not in ("torchvision", "timm"):
-        raise RecipeError(
-            f"builder {name!r} is not registered in this process: a checkpoint never names code to run, so call "
-            f"mixshare_layers.checkpoint.register_builder({name!r}, your_function) in your code before loading it"
-        )
+        hint = f"call mixshare_layers.checkpoint.register_builder({name!r}, your_function) before loading it"
+        raise RecipeError(f"builder {name!r} is not registered in this process (files name no code to run): {hint}")
     try:
         lib = importlib.import_module(family)
     except ImportError:
@@ -169,7 +157,7 @@ def _split_from(backbone: nn.Module, description: Mapping[str, Any]) -> Backbone
     return BackboneSplit(**{p: part(p) for p in _PARTS}, **{f: description[f] for f in _FIELDS if f in description})
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ModelRecipe:
     """How to build a :class:`~mixshare_layers.MIMOWrapper` again: ``builder(**builder_kwargs)``, changed in place by
     ``transforms`` (``"mixshare_layers.models.cifar_resnet"``), split as the adapters find or as :func:`describe_split`
@@ -182,10 +170,10 @@ class ModelRecipe:
     """
 
     builder: str
-    builder_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    builder_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     num_subnetworks: int = 2
     preset: str = "mixshare"
-    overrides: Mapping[str, Any] = field(default_factory=dict)
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     pretrained: bool = False
     transforms: Sequence[str] = ()
     split: Mapping[str, Any] | None = None
@@ -270,12 +258,7 @@ NO_RECIPE_HINT = (
 
 def strip_state_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
     """``state`` without the key prefixes of ``torch.compile`` (``_orig_mod.``) and ``DataParallel`` (``module.``)."""
-    out = {}
-    for key, value in state.items():
-        while key.startswith(("_orig_mod.", "module.")):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
+    return {re.sub(r"^(_orig_mod\.|module\.)+", "", key): value for key, value in state.items()}
 
 
 def _structure(model: nn.Module) -> dict[tuple[str, bool], str]:
@@ -305,8 +288,7 @@ def save_model(
 ) -> Path:  # fmt: skip
     """Save a :class:`~mixshare_layers.MIMOWrapper` (a ``torch.compile`` or DDP shell is removed) as ``{"model":
     state_dict, "recipe": recipe.to_dict(), **extra}``: ``recipe``, or ``ModelRecipe.of(model, builder, ...)``. With
-    ``check``, :func:`check_recipe` first, so that a wrong recipe is refused now rather than when the file is loaded.
-    """
+    ``check``, :func:`check_recipe` first, so that a wrong recipe is refused now rather than when the file is loaded."""
     inner = getattr(model, "_orig_mod", model)
     inner = inner if isinstance(inner, MIMOWrapper) else getattr(inner, "module", inner)
     if not isinstance(inner, MIMOWrapper):

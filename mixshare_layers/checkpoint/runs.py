@@ -1,9 +1,8 @@
 """A training run's folder: a checkpoint after every epoch, the verified one before it kept, resuming from either.
 
-``RUN/checkpoint.pt`` is rewritten by :func:`save_run_checkpoint` (the verified file it replaces stays as
-``checkpoint.prev.pt``); :func:`resume_run` loads what ``--resume`` names (the folder or one file) with its config, and
-:func:`restore_training` puts the states and generators back. Problems are one-line :class:`RunError` that say what
-to do: for a damaged checkpoint, the previous good file and the exact command that resumes from it.
+:func:`save_run_checkpoint` rewrites ``RUN/checkpoint.pt``, :func:`resume_run` loads what ``--resume`` names (the
+folder or one file) with its config, :func:`restore_training` puts the states and generators back. Problems are
+one-line :class:`RunError` that say what to do (for a damaged file, the command that resumes from the previous one).
 
 Example:
     >>> import tempfile, torch
@@ -26,7 +25,7 @@ import torch
 import torch.distributed
 
 from ..files import folder_problem
-from .store import CheckpointError, load_checkpoint, previous_checkpoint_path, save_checkpoint, verify_checkpoint
+from .store import CheckpointError, _intact, _one_line, load_checkpoint, previous_checkpoint_path, save_checkpoint
 
 __all__ = ["CHECKPOINT_NAME", "RunError", "check_run_folder", "restore_training", "resume_run", "rng_state",
            "save_run_checkpoint"]  # fmt: skip
@@ -39,33 +38,31 @@ class RunError(ValueError):
     """A run folder or checkpoint a script cannot go on from; the message is one line that says what to do."""
 
 
-def _intact(path: Path) -> bool:
-    try:
-        return verify_checkpoint(path)
-    except CheckpointError:
-        return False
-
-
 def check_run_folder(
     run_dir: str | os.PathLike[str], *, new: bool, resume_command: str = "--resume", option: str = ""
 ) -> None:
     """Refuse, leaving nothing on disk, a run folder that cannot be written or, for a ``new`` run, holds one (the
     message, after ``option``, says how to continue it: ``resume_command``, e.g. ``"python train.py --resume"``)."""
     run, start = Path(run_dir), f"{option}: " if option else ""
-    problem = folder_problem(run)
-    if problem is not None:
+    if (problem := folder_problem(run)) is not None:
         raise RunError(f"{start}cannot write the run folder {run}: {problem}")
     if new and any((run / name).exists() for name in (CHECKPOINT_NAME, _PREVIOUS)):
         raise RunError(f"{start}{run} already holds a run: continue it with {resume_command} {run}, or pick another")
 
 
-def _source(path: Path, resume_command: str) -> Path:
+def _load(path: Path, resume_command: str) -> tuple[Path, dict[str, Any], bool]:
+    """The file that ``--resume path`` names, loaded, and whether its digest verified; else a RunError."""
+    file = path / CHECKPOINT_NAME if path.is_dir() else path
+    if os.path.lexists(file):  # a dangling link gets the loader's message
+        try:
+            return file, load_checkpoint(file), _intact(file)  # it loaded: its digest matched, or it has none
+        except CheckpointError as err:
+            hint, prev = err.hint, previous_checkpoint_path(err.path)
+            if err.damaged and prev.is_file() and not os.path.samefile(prev, err.path) and _intact(prev):
+                hint = f"the previous checkpoint {prev} is intact: resume from it with {resume_command} {prev}"
+            raise RunError(f"checkpoint {err.path}: {err.reason}" + (f"; {hint}" if hint else "")) from None
     if not path.is_dir():
-        if path.exists() or path.is_symlink():
-            return path
         raise RunError(f"{path} does not exist: give a run folder or a checkpoint file")
-    if (path / CHECKPOINT_NAME).exists() or (path / CHECKPOINT_NAME).is_symlink():
-        return path / CHECKPOINT_NAME
     if (path / _PREVIOUS).is_file():
         raise RunError(f"{path}: the folder has no {CHECKPOINT_NAME}, only {_PREVIOUS} (the one before): resume from "
                        f"it with {resume_command} {path / _PREVIOUS}")  # fmt: skip
@@ -73,16 +70,6 @@ def _source(path: Path, resume_command: str) -> Path:
         raise RunError(f"{path}: the run has a {_CONFIG} but no {CHECKPOINT_NAME}: it stopped before finishing its "
                        "first epoch, so there is nothing to resume; start it again or delete the folder")  # fmt: skip
     raise RunError(f"{path}: not a run folder (no {CHECKPOINT_NAME}, no {_CONFIG})")
-
-
-def _load(path: Path, resume_command: str) -> tuple[dict[str, Any], bool]:
-    try:
-        return load_checkpoint(path), verify_checkpoint(path)
-    except CheckpointError as err:
-        hint, prev = err.hint, previous_checkpoint_path(err.path)
-        if err.damaged and prev.is_file() and not os.path.samefile(prev, err.path) and _intact(prev):
-            hint = f"the previous checkpoint {prev} is intact: resume from it with {resume_command} {prev}"
-        raise RunError(f"checkpoint {err.path}: {err.reason}" + (f"; {hint}" if hint else "")) from None
 
 
 def _config(checkpoint: Mapping[str, Any], folder: Path) -> dict[str, Any]:
@@ -94,7 +81,7 @@ def _config(checkpoint: Mapping[str, Any], folder: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise RunError(f"the checkpoint holds no config (written by an older version) and {path} is missing") from None
     except (OSError, ValueError) as err:
-        raise RunError(f"{path} cannot be read ({' '.join(str(err).split())})") from None
+        raise RunError(f"{path} cannot be read ({_one_line(err)})") from None
     if not isinstance(config, dict):
         raise RunError(f"{path} does not hold a config (a JSON object)")
     return config
@@ -109,14 +96,10 @@ def resume_run(
     for older checkpoints the folder's ``config.json``); ``verified`` is False for a file without a digest.
 
     Raises:
-        RunError: the file is missing, unusable (the :class:`~mixshare_layers.checkpoint.CheckpointError`'s reason),
-            lacks an entry of ``required``, or continuing from it would overwrite another intact ``checkpoint.pt`` of
-            its folder. A damaged file whose previous one verifies: the message ends with the command that resumes from
-            that, ``{resume_command} PREV``. Every message begins with ``option`` (the option that gave ``source``).
-    """
+        RunError: (beginning with ``option``) the file is missing, unusable, lacks a ``required`` entry, or would
+            overwrite another intact ``checkpoint.pt``; a damaged one's ends ``{resume_command} PREV`` (PREV intact)."""
     try:
-        path = _source(Path(source), resume_command)
-        checkpoint, verified = _load(path, resume_command)
+        path, checkpoint, verified = _load(Path(source), resume_command)
         missing = [key for key in required if key not in checkpoint]
         if missing:
             raise RunError(f"checkpoint {path} is not a training checkpoint of this run: it lacks {', '.join(missing)}")
@@ -152,14 +135,13 @@ def restore_training(
             if checkpoint[name]:
                 part.load_state_dict(checkpoint[name])
         except (RuntimeError, ValueError, KeyError, TypeError) as err:
-            text = " ".join(str(err).split())[:300]
-            raise RunError(f"{source or 'the checkpoint'} does not fit the {name} it is loaded into ({text})") from None
+            what = f"{source or 'the checkpoint'} does not fit the {name} it is loaded into"
+            raise RunError(f"{what} ({_one_line(err)})") from None
     rank, world = _process()
     states = checkpoint["rng"]
     if len(states) != world or not {"torch", *generators} <= set(states[rank]):  # other processes, or generators
         return False
-    torch.set_rng_state(states[rank]["torch"])
-    for name, g in generators.items():
+    for name, g in {"torch": torch.default_generator, **generators}.items():  # "torch": torch.set_rng_state's
         g.set_state(states[rank][name])
     return True
 
@@ -169,11 +151,9 @@ def save_run_checkpoint(
 ) -> Path:
     """Write ``RUN/checkpoint.pt``: ``state`` and ``"rng"``, the :func:`rng_state` of every process (rank order).
 
-    It carries a digest, is verified, then replaces the old file, which stays as ``checkpoint.prev.pt`` when it
-    verifies (temporary files of a process killed while saving are removed). In a ``torch.distributed`` run every
-    process calls it with the same weights; process 0 writes, all wait. RunError, nothing written, when a float
-    tensor of ``state["model"]`` is not finite.
-    """
+    The file it replaces stays as ``checkpoint.prev.pt`` if its digest verifies; a killed save's temporary files are
+    removed. In a ``torch.distributed`` run every process calls it with the same weights; process 0 writes, all wait.
+    RunError, nothing written, when a float tensor of ``state["model"]`` is not finite."""
     run, (rank, world) = Path(run_dir), _process()
     floats = {k: t for k, t in state.get("model", {}).items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
     bad = [k for k, t in floats.items() if not bool(t.isfinite().all())]

@@ -2,8 +2,7 @@
 
 A file is the zip archive ``torch.save`` writes of ``{"format": FORMAT, "format_version": FORMAT_VERSION, **entries}``
 ending with its comment ``mixshare_layers:sha256-file:<hex>``: the SHA-256 of every byte before it, the comment's
-length counted as zeros (version 1: ``...:sha256-4mib:<hex>``, the SHA-256 of the SHA-256s of 4 MiB blocks).
-"""
+length counted as zeros (version 1: ``...:sha256-4mib:<hex>``, the SHA-256 of the SHA-256s of 4 MiB blocks)."""
 
 from __future__ import annotations
 
@@ -24,10 +23,9 @@ from torch import nn
 
 from ..files import FILE_MODE, fsync_dir, temp_path_in
 
-__all__ = [
-    "FORMAT", "FORMAT_VERSION", "MIN_TORCH_VERSION", "CheckpointError", "CheckpointNotFoundError", "load_checkpoint",
-    "plain_value_problem", "previous_checkpoint_path", "save_checkpoint", "verify_checkpoint",
-]  # fmt: skip
+__all__ = ["FORMAT", "FORMAT_VERSION", "MIN_TORCH_VERSION", "CheckpointError", "CheckpointNotFoundError",
+           "load_checkpoint", "plain_value_problem", "previous_checkpoint_path", "save_checkpoint",
+           "verify_checkpoint"]  # fmt: skip
 
 FORMAT = "mixshare_layers.checkpoint"
 FORMAT_VERSION = 2
@@ -68,6 +66,13 @@ def previous_checkpoint_path(path: str | os.PathLike[str]) -> Path:
     return Path(path).with_name(f"{Path(path).stem}.prev{Path(path).suffix}")
 
 
+def _intact(path: str | os.PathLike[str]) -> bool:  # a file whose digest verifies (False: missing, none, damaged)
+    try:
+        return Path(path).is_file() and verify_checkpoint(path)
+    except (CheckpointError, OSError):
+        return False
+
+
 def _type_name(value: object) -> str:
     cls = type(value)
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
@@ -82,8 +87,7 @@ def plain_value_problem(value: object, where: str = "checkpoint") -> str | None:
     """Why ``value`` is not plain (e.g. ``"checkpoint['config'] has type argparse.Namespace"``), or None if it is.
 
     Plain, with exactly these types: tensors, ``str``, ``bytes``, ``int``, ``float``, ``complex``, ``bool``,
-    ``None``, ``torch.dtype``, ``torch.device``, and dicts (``str`` or ``int`` keys), lists and tuples of them.
-    """
+    ``None``, ``torch.dtype``, ``torch.device``, and dicts (``str`` or ``int`` keys), lists and tuples of them."""
     stack: list[tuple[Any, str, int]] = [(value, where, 0)]
     while stack:
         item, name, depth = stack.pop()
@@ -113,17 +117,6 @@ def _digest(fh: IO[bytes], length: int, tree: bool = False) -> bytes:
     return top.hexdigest().encode()
 
 
-def _save_with_digest(payload: dict[str, Any], fh: IO[bytes]) -> None:
-    torch.save(payload, fh)
-    size = fh.seek(-22, os.SEEK_END) + 22
-    end = fh.read()
-    if end[:4] != b"PK\x05\x06" or end[-2:] != b"\0\0":  # the zip end record, without a comment yet
-        raise RuntimeError("torch.save wrote an archive without the expected end record: cannot add the digest")
-    digest = _digest(fh, size)
-    fh.seek(size - 2)
-    fh.write(_TRAILER_SIZE.to_bytes(2, "little") + _TAG + digest)
-
-
 def _check_digest(fh: IO[bytes], size: int, path: str) -> bool:
     """True if the file carries a digest and it matches; False if it carries none; CheckpointError if it differs."""
     fh.seek(max(0, size - _TRAILER_SIZE - 2))
@@ -145,15 +138,13 @@ def save_checkpoint(
 
     The file is written next to ``path``, its digest appended, flushed, then renamed onto ``path``: a crash leaves
     the old file or the new one, complete. With ``keep_previous``, the file being replaced, if its digest verifies,
-    becomes :func:`previous_checkpoint_path` first (a hard link, or a copy): an intact earlier file always exists.
-    """
+    becomes :func:`previous_checkpoint_path` first (a hard link, or a copy): an intact earlier file always exists."""
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"checkpoint must be a dict of named entries, but got {_type_name(checkpoint)}")
     if any(k in checkpoint for k in RESERVED_KEYS):
         raise ValueError(f"checkpoint must not hold the keys {list(RESERVED_KEYS)}: save_checkpoint writes them")
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}
-    problem = plain_value_problem(payload)
-    if problem is not None:
+    if (problem := plain_value_problem(payload)) is not None:
         store = "store vars(obj) for a Namespace, .tolist() or a tensor for numpy values, state_dict() for a module"
         raise TypeError(f"{problem}, but a checkpoint holds plain values only, so that it loads safely: {store}")
     target = Path(path)
@@ -161,14 +152,18 @@ def save_checkpoint(
     fd, tmp = temp_path_in(target)
     try:
         with os.fdopen(fd, "w+b") as fh:
-            _save_with_digest(payload, fh)
+            torch.save(payload, fh)
+            size = fh.seek(-22, os.SEEK_END) + 22
+            end = fh.read()
+            if end[:4] != b"PK\x05\x06" or end[-2:] != b"\0\0":  # the zip end record, without a comment yet
+                raise RuntimeError("torch.save wrote an archive without the expected end record: cannot add the digest")
+            digest = _digest(fh, size)
+            fh.seek(size - 2)
+            fh.write(_TRAILER_SIZE.to_bytes(2, "little") + _TAG + digest)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, FILE_MODE)
-        keep = False
-        with contextlib.suppress(CheckpointError, OSError):  # a damaged file is replaced, never kept as the fallback
-            keep = keep_previous and target.is_file() and verify_checkpoint(target)
-        if keep:
+        if keep_previous and _intact(target):  # a damaged file is replaced, never kept as the fallback
             try:
                 os.link(target, f"{tmp}.prev")  # same bytes, no copy: `target` is only ever replaced by a rename
             except OSError:  # no hard links on this file system
@@ -236,8 +231,7 @@ def load_checkpoint(
 
     A file of :func:`save_checkpoint` comes back as it was given; a dict of plain values with no ``format`` entry
     (another program's weights) loads too, unverified, unless ``require_digest``. Anything else raises a one-line
-    :class:`CheckpointError` (:class:`CheckpointNotFoundError` for a missing file) that says what to do.
-    """
+    :class:`CheckpointError` (:class:`CheckpointNotFoundError` for a missing file) that says what to do."""
     p = os.fspath(path)
     _require_safe_loading(p)
     fh, size = _open(p)
@@ -259,8 +253,7 @@ def load_checkpoint(
             raise _load_error(p, err, fh) from None
     if not isinstance(obj, dict):
         raise CheckpointError(p, f"holds a {_type_name(obj)}, not a dict of named entries", "give a checkpoint file")
-    problem = plain_value_problem(obj)
-    if problem is not None:  # possible only for classes allow-listed with torch.serialization.add_safe_globals
+    if (problem := plain_value_problem(obj)) is not None:  # only classes given to torch's add_safe_globals get here
         raise CheckpointError(p, f"refused: {problem}, not a plain value", f"convert it once with `{CONVERT}`")
     if "format" not in obj:
         return obj
