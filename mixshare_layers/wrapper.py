@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ._checks import (
     check_bool,
     check_choice,
+    check_floating,
     check_int,
     check_num_subnetworks,
     check_real,
@@ -31,6 +32,7 @@ from .adapters.split import check_core_features, no_unmixing_reason
 from .functional.ensemble import ensemble_probs, to_estimator_major
 from .functional.layout import _head_input
 from .functional.loss import rebalanced_weights
+from .functional.temperature import check_bounds, check_labels, search_temperature, tempered_probs
 from .layers.batcher import MIMOBatcher
 from .layers.encoder import MultiEncoder
 from .layers.head import MultiHead
@@ -140,6 +142,7 @@ class MIMOWrapper(nn.Module):
     progress: Tensor
     num_steps: Tensor
     total_steps: Tensor
+    temperature: Tensor  #: ``(2,)``: the temperature of each ensemble rule (``ENSEMBLE_RULES`` order), see calibrate
 
     #: A preset whose schedule reads progress (fadeout, CutMix ramp) warns (:class:`ProgressWarning`) after this many
     #: training forwards with an unchanged progress and no ``total_steps``; ``None`` disables the warning.
@@ -224,6 +227,7 @@ class MIMOWrapper(nn.Module):
         # the total-steps mode (set_total_steps): training forwards done, and the total (0: progress set by hand)
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("total_steps", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("temperature", torch.ones(len(ENSEMBLE_RULES), device=device))
         self._steps_drive_progress = False  # mirrors total_steps > 0 on the host, so forward never reads the buffer
         self._stale_forwards = 0  # training forwards since progress last changed (eager mode, progress set by hand)
         self._last_progress: float | None = 0.0
@@ -360,6 +364,7 @@ class MIMOWrapper(nn.Module):
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
         for name in ("num_steps", "total_steps"):  # a state dict written before these buffers: progress by hand
             state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        state_dict.setdefault(prefix + "temperature", torch.ones_like(self.temperature))  # ... and uncalibrated
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         total = state_dict[prefix + "total_steps"]
         if isinstance(total, Tensor) and total.device.type != "meta":
@@ -426,6 +431,8 @@ class MIMOWrapper(nn.Module):
         linear heads one ``nn.Linear`` with ``M * K`` outputs; the result is a copy in eval mode, ready for
         ``torch.export`` / ONNX.
 
+        It keeps the temperatures of :meth:`calibrate` and has the same ``predict``.
+
         Shape:
             - Input: ``(B, C, H, W)``; output: logits ``(B, M, K)``, equal to ``self.eval()(x)``.
         """
@@ -435,12 +442,65 @@ class MIMOWrapper(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, x: Tensor, rule: str = "prob") -> Tensor:
+    def calibrate(
+        self, images: Tensor, labels: Tensor, *, batch_size: int = 256, bounds: tuple[float, float] = (0.05, 20.0)
+    ) -> dict[str, float]:
+        """Fit one temperature per ensemble rule on held-out data and keep them in the model.
+
+        Runs the model in eval mode (its mode is restored afterwards) on ``images`` in batches, then fits, for each
+        rule, the ``T`` minimising the NLL of ``softmax(log p_ens / T)``
+        (:func:`~mixshare_layers.evaluation.fit_temperature`'s ``mode="ensemble"``: golden-section search on
+        ``log T``, float64, deterministic). The temperatures go into the ``temperature`` buffer, so the state dict,
+        ``save_model`` / ``load_model`` and :meth:`fold` carry them; :meth:`predict` uses them. The logits of
+        ``forward`` stay the members' own.
+
+        Args:
+            images: held-out images as :meth:`predict` takes them, ``(N, C, H, W)`` (or ``(N, M, C, H, W)``);
+                never the test set.
+            labels: their class indices ``(N,)`` in ``[0, K)``.
+            batch_size: images per forward pass.
+            bounds: the search interval of ``T`` (a ``RuntimeWarning`` says when the optimum lies on its edge).
+
+        Returns:
+            ``{"prob": T, "logit": T}``.
+        """
+        images = check_tensor("images", images, "(N, C, H, W) or (N, M, C, H, W)", stack_dim=_STACK)
+        if images.dim() not in (4, 5) or images.shape[0] == 0:
+            raise ValueError(
+                f"images must be a non-empty batch of shape (N, C, H, W) or (N, M, C, H, W), but got "
+                f"{tuple(images.shape)}"
+            )
+        check_floating("images", images, "floating-point images, as predict takes them")
+        against = f"images of shape {tuple(images.shape)}"
+        labels = check_labels("labels", labels, images.shape[0], self.num_classes, against)
+        batch_size, bounds = check_int("batch_size", batch_size, minimum=1), check_bounds(bounds)
+        was_training = self.training
+        self.eval()
+        try:
+            logits = torch.cat([cast(Tensor, self(x)) for x in images.split(batch_size)])
+        finally:
+            self.train(was_training)
+        if self.num_classes is None:  # a generic head: K is known now
+            check_labels("labels", labels, images.shape[0], logits.shape[-1], against)
+        if not bool(logits.isfinite().all()):
+            raise ValueError(f"the model's logits on images are not all finite (NaN or inf): check {against}")
+        fitted: dict[str, float] = {}
+        for rule in ENSEMBLE_RULES:  # a warning points at the caller, past this and torch.no_grad's frame
+            fitted[rule] = search_temperature(logits, labels, rule, "ensemble", bounds, stacklevel=4)
+        self.temperature.copy_(torch.tensor([fitted[rule] for rule in ENSEMBLE_RULES]))
+        return fitted
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, rule: str = "prob", *, calibrated: bool = True) -> Tensor:
         """Ensemble probabilities ``(B, K)`` in eval mode (the module's mode is restored afterwards).
 
-        ``rule="prob"`` averages member probabilities (default); ``"logit"`` averages logits (MixMo).
+        ``rule="prob"`` averages member probabilities (default); ``"logit"`` averages logits (MixMo). With
+        ``calibrated`` (default), at the temperature :meth:`calibrate` fitted for the rule,
+        ``softmax(log p_ens / T)`` (``T = 1`` until then: the probabilities as they are); ``calibrated=False``: the
+        raw probabilities.
         """
         check_choice("rule", rule, ENSEMBLE_RULES)
+        check_bool("calibrated", calibrated)
         was_training = self.training
         self.eval()
         try:
@@ -448,7 +508,8 @@ class MIMOWrapper(nn.Module):
         finally:
             self.train(was_training)
         assert isinstance(logits, Tensor)
-        return ensemble_probs(logits, rule)
+        t = self.temperature[ENSEMBLE_RULES.index(cast(Any, rule))]
+        return tempered_probs(logits, rule, t) if calibrated and bool(t != 1) else ensemble_probs(logits, rule)
 
     @staticmethod
     def ensemble(logits: Tensor, rule: str = "prob") -> Tensor:

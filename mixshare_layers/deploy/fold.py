@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_ndim
+from .._checks import check_bool, check_choice, check_ndim
 from ..adapters.split import check_core_features, check_feature_format
+from ..functional.ensemble import ENSEMBLE_RULES, ensemble_probs
 from ..functional.layout import _head_input
+from ..functional.temperature import tempered_probs
 from ..layers.encoder import MultiEncoder
 from ..layers.head import MultiHead
 from . import heads as head_patterns
@@ -46,6 +48,8 @@ class FoldedMIMO(nn.Module):
         pooling: how the heads read the features (:data:`~mixshare_layers.vocabulary.HeadPooling`): ``"avg"`` (grid
             average), ``"token"`` (first token) or ``"head"`` (the heads read the features).
         preprocess: the split's parameter-free image transform, if any.
+        temperature: the temperature of each ensemble rule, ``(2,)`` in ``ENSEMBLE_RULES`` order (a buffer, used by
+            :meth:`predict`); default ones.
 
     Attributes:
         stacked: whether ``head`` is a stacked form (its ``(B, M * K)`` output viewed as ``(B, M, K)``) rather than
@@ -53,7 +57,8 @@ class FoldedMIMO(nn.Module):
 
     Shape:
         - Input: ``(B, C, H, W)``.
-        - Output: logits ``(B, M, K)``: ``ensemble_probs(logits)`` gives the ensemble prediction.
+        - Output: logits ``(B, M, K)``: :meth:`predict` (or ``ensemble_probs(logits)``, uncalibrated) gives the
+          ensemble prediction.
 
     Example:
         >>> from mixshare_layers import MIMOWrapper
@@ -64,6 +69,8 @@ class FoldedMIMO(nn.Module):
         >>> torch.allclose(folded(x), model(x), atol=1e-5)
         True
     """
+
+    temperature: Tensor
 
     def __init__(
         self,
@@ -76,6 +83,7 @@ class FoldedMIMO(nn.Module):
         num_prefix_tokens: int = 0,
         pooling: str = "avg",
         preprocess: nn.Module | None = None,
+        temperature: Tensor | None = None,
     ) -> None:
         super().__init__()
         linear = None if isinstance(head, MultiHead) else _stacked_linear(head)
@@ -100,6 +108,16 @@ class FoldedMIMO(nn.Module):
         self.num_subnetworks = num_subnetworks
         self.preprocess = preprocess
         self.layout, self.num_prefix_tokens, self.pooling = check_feature_format(layout, num_prefix_tokens, pooling)
+        if temperature is None:
+            temperature = torch.ones(len(ENSEMBLE_RULES), device=next((p.device for p in head.parameters()), None))
+        elif not isinstance(temperature, Tensor) or temperature.shape != (len(ENSEMBLE_RULES),):
+            got = tuple(temperature.shape) if isinstance(temperature, Tensor) else type(temperature).__name__
+            raise ValueError(f"temperature must be a tensor of shape ({len(ENSEMBLE_RULES)},), but got {got}")
+        self.register_buffer("temperature", temperature.detach().clone())
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        state_dict.setdefault(prefix + "temperature", torch.ones_like(self.temperature))  # saved uncalibrated
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         extra = "" if self.layout == "channels_first" else f", layout={self.layout!r}"
@@ -119,12 +137,32 @@ class FoldedMIMO(nn.Module):
             return logits.unflatten(-1, (self.num_subnetworks, -1))  # (B, M, K)
         return self.head(pooled)
 
+    def predict(self, x: Tensor, rule: str = "prob", *, calibrated: bool = True) -> Tensor:
+        """Ensemble probabilities ``(B, K)``, as ``MIMOWrapper.predict``: at the rule's temperature (the wrapper's
+        ``calibrate``; ``softmax(log p_ens / T)``, read on the device only), or raw with ``calibrated=False``. Like
+        ``forward`` it sets no grad mode of its own, so a module whose ``forward`` calls it exports as it is.
+
+        Example:
+            >>> from mixshare_layers import MIMOWrapper
+            >>> from mixshare_layers.models import wide_resnet
+            >>> model = MIMOWrapper(wide_resnet(10, 1, num_classes=10), num_subnetworks=2).eval()
+            >>> x = torch.randn(3, 3, 32, 32)
+            >>> torch.allclose(model.fold().predict(x, "logit"), model.predict(x, "logit"), atol=1e-5)
+            True
+        """
+        check_choice("rule", rule, ENSEMBLE_RULES)
+        logits = self(x)
+        if not check_bool("calibrated", calibrated):
+            return ensemble_probs(logits, rule)
+        return tempered_probs(logits, rule, self.temperature[ENSEMBLE_RULES.index(cast(Any, rule))])
+
 
 @torch.no_grad()
 def fold(model: nn.Module) -> FoldedMIMO:
     """Fold a :class:`~mixshare_layers.MIMOWrapper` into a :class:`FoldedMIMO` (also ``model.fold()``).
 
     The result is an independent copy (the model is not modified) in eval mode, on the model's device and dtype.
+    It keeps the model's temperatures (``MIMOWrapper.calibrate``) for its :meth:`~FoldedMIMO.predict`.
     Its output equals ``model.eval()(x)`` up to float rounding (the summed kernel is summed once instead of per call,
     the norm + linear heads' affine is folded into one linear layer, see :func:`fold_heads`).
 
@@ -151,6 +189,7 @@ def fold(model: nn.Module) -> FoldedMIMO:
         num_prefix_tokens=wrapper.num_prefix_tokens,
         pooling=wrapper.pooling,
         preprocess=copy.deepcopy(wrapper.preprocess),
+        temperature=getattr(wrapper, "temperature", None),
     )
     return folded.eval()
 

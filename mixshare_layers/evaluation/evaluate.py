@@ -152,9 +152,10 @@ def evaluate_uncertainty(
       :data:`~mixshare_layers.evaluation.UNCERTAINTY_SCORES`, in-distribution = the clean test set;
     - ``"shift"``: ``{corruption: {severity: metrics}}``; ``"shift_by_severity"``: ``{severity: mean over the
       corruptions}``; ``"shift_mean"``: the mean over every corruption and severity (float metrics only);
-    - ``"calibrated"``: the same five entries at the fitted / given temperature (absent without one);
-    - ``"temperature"`` (``None`` without one), ``"temperature_mode"``, ``"rule"``, ``"num_subnetworks"``,
-      ``"seed"``, ``"units"`` (:data:`METRIC_UNITS`).
+    - ``"calibrated"``: the same five entries at the fitted / given / model's temperature (absent without one);
+    - ``"temperature"`` (``None`` without one), ``"temperature_source"`` (``"val"``, ``"given"``, ``"model"`` or
+      ``None``), ``"temperature_mode"``, ``"rule"``, ``"num_subnetworks"``, ``"seed"``, ``"units"``
+      (:data:`METRIC_UNITS`).
 
     Args:
         model: returns logits ``(B, M, K)`` in eval mode (a :class:`~mixshare_layers.MIMOWrapper`), or ``(B, K)``
@@ -167,7 +168,9 @@ def evaluate_uncertainty(
             name to such data for several sets (a single set is named ``"ood"``).
         val: labelled validation data (never the test set) to fit the temperature on, as ``test``.
         temperature: a temperature to use instead of fitting one; ``None`` with ``val``: fitted by
-            :func:`~mixshare_layers.evaluation.fit_temperature`; ``None`` without ``val``: no calibrated results.
+            :func:`~mixshare_layers.evaluation.fit_temperature`; ``None`` without ``val``: the model's own for
+            ``rule`` when it holds fitted ones (``MIMOWrapper.calibrate``, a ``temperature`` buffer not all ones)
+            and ``temperature_mode="ensemble"`` (the mode it was fitted in), else no calibrated results.
         temperature_mode: ``"ensemble"`` (``T`` divides the ensemble's log-probabilities after ``rule``) or
             ``"members"`` (``T`` divides every member's logits).
         temperature_bounds: the search interval of the fit (a warning says when the optimum lies on its edge).
@@ -215,8 +218,12 @@ def evaluate_uncertainty(
     for s in severities:
         if isinstance(s, bool) or not isinstance(s, int) or s not in SEVERITIES:
             raise ValueError(f"severities must be integers in 1..{len(SEVERITIES)}, but got {s!r}")
+    source = "given" if temperature is not None else "val" if val is not None else None
     if temperature is not None:
         temperature = check_real("temperature", temperature, low=0.0, low_inclusive=False)
+    elif val is None and temperature_mode == "ensemble":
+        temperature = _model_temperature(model, rule)
+        source = None if temperature is None else "model"
     if device is None:
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -237,9 +244,18 @@ def evaluate_uncertainty(
         return _evaluate(
             model, test, ood_sets, val, temperature, temperature_mode, temperature_bounds, corruptions, severities,
             rule, preprocess, batch_size, device, seed, num_bins,
-        )  # fmt: skip
+        ) | {"temperature_source": source}  # fmt: skip
     finally:
         model.train(was_training)
+
+
+def _model_temperature(model: nn.Module, rule: str) -> float | None:
+    """The temperature a calibrated model keeps for ``rule`` (``MIMOWrapper.calibrate``, also on a folded model);
+    ``None`` when it has none or they are all ones (never fitted)."""
+    stored = getattr(model, "temperature", None)
+    if not isinstance(stored, Tensor) or stored.shape != (len(ENSEMBLE_RULES),) or bool((stored == 1).all()):
+        return None
+    return float(stored[ENSEMBLE_RULES.index(rule)])
 
 
 def _evaluate(
