@@ -207,7 +207,7 @@ class RunLog:
         folder: the run folder (``metrics.csv``, ``tensorboard/``).
         splits: the evaluated splits, in the columns' order (:func:`metrics_columns`, :func:`tensorboard_scalars`).
         num_subnetworks: M (a column per member).
-        rows: the rows so far (a resumed run's history); :attr:`rows` holds them all.
+        rows: the rows so far (a resumed run's history); ``self.rows`` holds them all.
         tensorboard: log scalars to TensorBoard, when ``torch.utils.tensorboard`` imports (else a note says so).
         purge_step: the step a resumed run continues from (TensorBoard hides the events the stopped run logged after).
         progress: a tqdm progress bar per epoch, when tqdm is installed and stdout is a terminal.
