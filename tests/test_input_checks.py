@@ -1,5 +1,5 @@
 """Bad input to every public entry point gets a TypeError / ValueError naming the argument, the value and what was
-expected (issue 11, section 3); NumPy scalars and 0-dim tensors are accepted where a number is; the value-check
+expected; NumPy scalars and 0-dim tensors are accepted where a number is; the value-check
 switch; ignore_index."""
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def test_wrn_init_is_truncated_he_normal():
 
 def test_wrn_classifier_and_mimo_heads_follow_mixmo_init():
     """MixMo's WRN: truncated He-normal (fan-in) classifier with zero bias, and so are the M heads of a wrapper
-    (independent draws), not nn.Linear's default (issue 12: that left MixMo's members 15-20 points weaker)."""
+    (independent draws), not nn.Linear's default (that left MixMo's members 15-20 points weaker)."""
     torch.manual_seed(0)
     fc = wide_resnet(10, 4, num_classes=100, init="mixmo").fc
     std = math.sqrt(2.0 / 256)

@@ -8,7 +8,7 @@ import pytest
 
 from mixshare_layers import PRESETS, MIMOConfig, get_preset
 
-# The table of issue 2 (section 2f) and of mixshare_layers.presets, field by field.
+# The preset table of the README and of mixshare_layers.presets, field by field.
 EXPECTED = {
     "mimo": {
         "encoder_init": "independent",

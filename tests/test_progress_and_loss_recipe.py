@@ -1,4 +1,4 @@
-"""API traps (issue 11, section 4): the loss takes the preset's weighting from the output, progress can drive itself
+"""API traps: the loss takes the preset's weighting from the output, progress can drive itself
 (total-steps mode, on device) and a forgotten progress warns; the wrapper shares the backbone's core."""
 
 from __future__ import annotations
