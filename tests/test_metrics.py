@@ -136,7 +136,8 @@ def test_errors() -> None:
 
 
 def test_collapsed_members_flags_near_chance_members_only_when_another_learned():
-    # a quick Table 1 MixMo run before the heads' initialisation was fixed: 98.8 / 0.4 % with 20 classes (below the 5 % of chance)
+    # a quick Table 1 MixMo run before the heads' initialisation was fixed: 98.8 / 0.4 % with 20 classes
+    # (below the 5 % of chance)
     assert collapsed_members([0.988, 0.004], 20) == [1]
     assert collapsed_members(torch.tensor([0.02, 0.70, 0.011]), 100) == [0, 2]  # tensors too, any M
     assert collapsed_members([0.80, 0.71], 20) == []  # two learning members: healthy, however unequal
