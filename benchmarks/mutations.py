@@ -38,6 +38,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from mixshare_layers.files import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # what a copy holds (folders are copied without caches and stored results)
@@ -292,9 +294,7 @@ def apply_mutation(mutation: Mutation, tree: Path) -> None:
         raise SnippetError(f"mutation {mutation.name!r}: {path} does not exist")
     text = path.read_text(encoding="utf-8")
     _count(mutation, text, path)
-    tmp = path.with_name(f".{path.name}.mutation-tmp")
-    tmp.write_text(text.replace(mutation.old, mutation.new), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text.replace(mutation.old, mutation.new))
 
 
 _FAILURE = re.compile(r"^(FAILED|ERROR) (\S+)", re.M)
@@ -382,17 +382,6 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", metavar="NAME", help="run these mutations (default: all)")
@@ -425,9 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{sys.version.split()[0]}, {time.perf_counter() - started:.0f} s in all", flush=True)  # fmt: skip
     if args.out:
         rows = [{k: v for k, v in r.items() if k != "output"} for r in results]
-        _atomic_write(args.out, json.dumps({"files": args.files, "results": rows}, indent=1) + "\n")
+        write_text(args.out, json.dumps({"files": args.files, "results": rows}, indent=1) + "\n")
     if args.markdown:
-        _atomic_write(args.markdown, text)
+        write_text(args.markdown, text)
     if uncaught:
         print(f"uncaught: {', '.join(uncaught)}", file=sys.stderr)
     return 1 if uncaught else 0
