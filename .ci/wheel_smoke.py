@@ -34,7 +34,8 @@ def main(repo: Path) -> None:
     for extra_pkg in ("torchvision", "timm", "matplotlib", "onnx", "tqdm", "tensorboard"):
         if importlib.util.find_spec(extra_pkg) is not None:
             raise SystemExit(f"{extra_pkg} is installed: the environment is not the bare wheel's")
-    modules = ("functional", "models", "data", "analysis", "metrics", "deploy", "uncertainty", "shift", "integrations")
+    modules = ("functional", "layers", "models", "data", "analysis", "evaluation", "deploy", "checkpoint", "files",
+               "vocabulary", "integrations")
     for name in modules:
         importlib.import_module(f"mixshare_layers.{name}")
     if not (location.parent / "py.typed").is_file():
