@@ -74,7 +74,7 @@ def trace(init: str, seed: int, recipe: str, every: int) -> dict[str, Any]:
         before = {k: [t.detach().clone() for t in ts] for k, ts in groups.items()} if logged else None
         opt.step()
         if before is not None:
-            row: dict[str, Any] = {"step": step, "loss": float(loss)}
+            row: dict[str, Any] = {"step": step, "loss": float(loss.detach())}
             for k, ts in groups.items():
                 delta = [t.detach() - b for t, b in zip(ts, before[k], strict=True)]
                 row[f"{k} norm"] = _norm(ts)
