@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixshare_layers import PRESETS, BackboneSplit, MIMOConfig, MIMOWrapper, MixInfo
+from benchmarks.differential import mix_to_info
+from mixshare_layers import PRESETS, BackboneSplit, MIMOConfig, MIMOWrapper
 from mixshare_layers.deploy import fold
 from mixshare_layers.models import wide_resnet
 
@@ -127,21 +128,6 @@ def test_the_wrapper_builds_its_parts_from_the_preset(preset):
 SIZE, ROWS, CLASSES = 16, 16, 5  # 16x16 images: 4x4 final maps, so a box edge can cut a final cell
 
 
-def _info(mix: ref.Mix, dtype: torch.dtype) -> MixInfo:
-    """The library's description of a reference draw."""
-    b, m = mix.lam.shape
-    lam = torch.from_numpy(mix.lam).to(dtype)
-    if mix.cutmix:
-        inside = F.one_hot(torch.full((b,), mix.owner), m).to(dtype)
-        others = lam * (1 - inside)
-        outside = others / others.sum(dim=1, keepdim=True)
-    else:
-        inside = outside = lam
-    h, w = mix.masks.shape[-2:]
-    return MixInfo(boxes=torch.from_numpy(mix.boxes), inside=inside, outside=outside, ratios=mix.ratios.to(dtype),
-                   cutmix=torch.tensor(mix.cutmix), height=h, width=w)  # fmt: skip
-
-
 @torch.no_grad()
 def _copy_weights(lib: MIMOWrapper, other: ref.ReferenceMIMO) -> None:
     """Library -> reference: the cores tensor by tensor (same registration order), encoders and heads by member."""
@@ -204,7 +190,7 @@ def _lockstep(preset: str, offset: float, m: int = 2, seed: int = 0) -> dict:
             seen["cut_cells"] += int((mix.boxes % (SIZE // 4) != 0).any())
         else:
             seen["linear"] += 1
-        info = _info(mix, dtype)
+        info = mix_to_info(mix, dtype)
         lib.set_progress(progress)
         lib.mixer.make_params = lambda enc, progress=0.0, generator=None, info=info: info  # type: ignore[method-assign]
         out = lib(x)
@@ -358,7 +344,8 @@ def test_the_wrapper_mixes_with_scale_m_and_the_masks(preset):
         model = _wrapper(preset, m).double()
         enc = torch.randn(4, m, 16, 8, 8, generator=torch.Generator().manual_seed(m), dtype=torch.float64)
         own = model.mixer.make_params(enc, 0.0, generator=torch.Generator().manual_seed(3))
-        drawn = [_info(ref.draw_mix(np.random.default_rng(m), 4, m, 8, 8, 2.0, cut), torch.float64) for cut in (1, 0)]
+        draws = [ref.draw_mix(np.random.default_rng(m), 4, m, 8, 8, 2.0, cut) for cut in (1, 0)]
+        drawn = [mix_to_info(d, torch.float64) for d in draws]
         assert bool(drawn[0].cutmix) and not bool(drawn[1].cutmix)
         for info in (own, *drawn):
             expected = m * (info.masks_at()[:, :, None] * enc).sum(dim=1)
@@ -470,7 +457,7 @@ def test_loss_weights_follow_the_reference_root(preset):
     method = ref.PRESETS[preset]
     for m in (2, 3):
         model = _wrapper(preset, m).double()
-        info = _info(ref.draw_mix(np.random.default_rng(m), 6, m, 32, 32, 2.0, 1.0), torch.float64)
+        info = mix_to_info(ref.draw_mix(np.random.default_rng(m), 6, m, 32, 32, 2.0, 1.0), torch.float64)
         lam = info.ratios
         assert float((lam.max(dim=1).values - lam.min(dim=1).values).min()) > 0.01  # unequal shares in every row
         model.mixer.make_params = lambda enc, progress=0.0, generator=None, info=info: info  # type: ignore[method-assign]
