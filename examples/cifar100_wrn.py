@@ -44,7 +44,8 @@ from mixshare_layers.models import wide_resnet
 # Every option (--batch-size sets batch_size) and its default: the paper's recipe, in the order the page uses them
 DEFAULTS = dict(
     dataset="cifar100", data_dir="./data", download=False, data_path="device", workers=4, synthetic_train=50000,
-    synthetic_test=10000, synthetic_classes=100, synthetic_size=32, synthetic_noise=2.5, data_seed=0, val_split=0.0,
+    synthetic_test=10000, synthetic_classes=100, synthetic_size=32, synthetic_noise=2.5, synthetic_object_size=1.0,
+    synthetic_clutter=0.0, data_seed=0, val_split=0.0,
     method="mixshare", num_subnetworks=2, depth=28, width=2, init="torch",  # + every MIMOConfig field (None: preset's)
     batch_size=64, batch_repetition=2,  # rows per step and process, counting the repeats: 32 images, each twice
     epochs=300, base_lr=0.1, lr=None, momentum=0.9, nesterov=True, weight_decay=6e-4, warmup_epochs=1.0,
@@ -60,7 +61,8 @@ CHOICES = dict(dataset=("cifar100", "synthetic"), data_path=("device", "loader")
 RANGES = {  # where every number must lie, checked once on the options as resolved (a resumed run's with those given)
     "[1, inf)": "epochs batch_size batch_repetition num_subnetworks width eval_batch_size log_every synthetic_train "
                 "synthetic_test", "[2, inf)": "synthetic_classes", "[4, inf)": "synthetic_size",
-    "[0, inf)": "stop_epoch eval_every workers ood_samples threads weight_decay warmup_epochs synthetic_noise",
+    "[0, inf)": "stop_epoch eval_every workers ood_samples threads weight_decay warmup_epochs synthetic_noise "
+                "synthetic_clutter", "(0, 1]": "synthetic_object_size",
     "(0, inf)": "lr base_lr lr_gamma", "[0, 4294967296)": "seed data_seed", "[0, 1)": "momentum val_split",
     "[0, 1]": "label_smoothing",
 }  # fmt: skip
@@ -179,7 +181,8 @@ def load_data(args, rank: int, say):
                        "--download") from None  # fmt: skip
     num_classes = 100 if args.dataset == "cifar100" else args.synthetic_classes
     if args.dataset == "synthetic":
-        kw = dict(image_size=args.synthetic_size, noise=args.synthetic_noise, seed=args.data_seed)
+        kw = dict(image_size=args.synthetic_size, noise=args.synthetic_noise, object_size=args.synthetic_object_size,
+                  clutter=args.synthetic_clutter, seed=args.data_seed)
         train = SyntheticImageDataset(args.synthetic_train, num_classes, train=True, **kw)
         test_set = SyntheticImageDataset(args.synthetic_test, num_classes, train=False, **kw)
         train_x, train_y, test = train.data, train.targets, (test_set.data, test_set.targets)
