@@ -52,6 +52,7 @@ DEFAULTS = dict(
     lr_schedule="step", milestones=[0.25, 0.5, 0.75], lr_gamma=0.1, label_smoothing=0.0, seed=0, log_every=25,
     ensemble_rule="prob", eval_every=10, eval_batch_size=500, shift_eval=True, ood="auto", ood_samples=0,
     shift_corruptions=["gaussian_noise", "gaussian_blur", "jpeg_compression", "contrast"], shift_severities=[1, 3, 5],
+    calibrate=True, baseline=False,
     out_dir="runs", run_name=None, tensorboard=True, progress=True, quick=False, smoke=False, resume=None,
     stop_epoch=0, threads=0, device="auto", amp="off", channels_last=False, compile=False,
 )  # fmt: skip
@@ -67,12 +68,13 @@ RANGES = {  # where every number must lie, checked once on the options as resolv
     "[0, 1]": "label_smoothing",
 }  # fmt: skip
 # --quick: the README's run, minutes on a 2-core CPU (cosine: 5 epochs of the paper's steps would end at lr / 1000)
-QUICK = dict(dataset="synthetic", synthetic_train=4000, synthetic_test=1000, synthetic_classes=10, depth=10, width=1,
-             epochs=5, eval_every=1, lr_schedule="cosine", val_split=0.1)  # fmt: skip
+QUICK = dict(dataset="synthetic", synthetic_train=5000, synthetic_test=2000, synthetic_classes=40, synthetic_size=24,
+             synthetic_noise=1.0, synthetic_object_size=0.5833, synthetic_clutter=0.7, depth=10, width=1, epochs=10,
+             eval_every=2, lr_schedule="cosine", val_split=0.1, baseline=True)  # fmt: skip
 SMOKE = dict(dataset="synthetic", synthetic_train=96, synthetic_test=64, synthetic_classes=10, synthetic_size=16,
              depth=10, width=1, epochs=1, batch_size=32, eval_every=0, eval_batch_size=64, tensorboard=False,
              progress=False, shift_eval=False)  # fmt: skip
-RUNTIME = ("resume", "stop_epoch", "quick", "smoke", "device", "threads")  # how to run: not restored by --resume
+RUNTIME = ("resume", "stop_epoch", "quick", "smoke", "device", "threads", "baseline")  # how to run: not restored
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -98,6 +100,7 @@ def parse_options(argv: list[str], resume_command: str):
         else:
             kind = boolean if kind is bool else kind
             parser.add_argument(flag, type=kind, default=default, choices=CHOICES.get(key), help="%(default)s")
+    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="as --calibrate false")
     for f in dataclasses.fields(MIMOConfig):  # every preset field; None: the preset's value
         kind = {"bool": boolean, "str": str}.get(str(f.type), lambda t: None if t == "none" else float(t))
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, help=f"the preset's {f.name}, overridden")
@@ -112,6 +115,8 @@ def parse_options(argv: list[str], resume_command: str):
         print(f"note: {path} carries no digest (written by an older version): its integrity is not checked")
     parser.set_defaults(**{k: v for k, v in saved.items() if k in vars(args) and k not in RUNTIME})
     args = parser.parse_args(argv)
+    if args.resume and "--baseline" not in [a.split("=")[0] for a in argv]:  # (on with --quick) a run goes on alone
+        args.baseline = False
     if path is not None:  # the run goes on in its own folder
         args.out_dir, args.run_name = str(path.parent.parent), path.parent.name
     return args, path, checkpoint
@@ -139,6 +144,10 @@ def check_options(args) -> dict:
         "--ood synthetic needs --dataset synthetic": args.ood == "synthetic" and args.dataset != "synthetic",
         f"--run-name must be a plain folder name, got {name!r}": name in ("", ".", "..") or "/" in (name or ""),
         "--quick and --smoke are exclusive: pick one": args.quick and args.smoke,
+        "--baseline trains the plain backbone beside a MIMO method: pick a --method other than single":
+            args.baseline and args.method == "single",
+        "--baseline trains a new run beside this one: leave it out with --resume (resume each run alone)":
+            args.baseline and args.resume,
     }  # fmt: skip
     for message, bad in problems.items():
         if bad:
@@ -214,7 +223,7 @@ def make_optimizer(args, model, lr: float, steps_per_epoch: int):
 
 # -- the run ----------------------------------------------------------------------------------------------------------
 def main(argv: list[str]) -> None:
-    """Run the recipe with the command line ``argv``."""
+    """Run the recipe with the command line ``argv``: the method, and with --baseline first the plain backbone."""
     resume_command = f"python {sys.argv[0]} --resume"
     args, resume_path, checkpoint = parse_options(argv, resume_command)
     overrides = check_options(args)
@@ -234,18 +243,40 @@ def main(argv: list[str]) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(dist.destroy_process_group)
         atexit.register(gc.collect)  # (first) free DDP's reducer: gloo's teardown during interpreter exit can abort
+    data = load_data(args, rank, say)  # the same images for both trainings
+    plan = [(args, overrides)]
+    if args.baseline:  # the plain backbone first, same recipe and steps, in a folder of its own
+        single = argparse.Namespace(**{**vars(args), "method": "single", "run_name": args.run_name and
+                                       f"{args.run_name}-single"})  # fmt: skip
+        plan.insert(0, (single, {}))
+    progress = report.Progress(len(plan), enabled=args.progress and rank == 0)
+    try:
+        summaries = [train(a, over, data, device, progress, resume_command, resume_path, checkpoint)
+                     for a, over in plan]  # fmt: skip
+    finally:
+        progress.close()
+    if len(summaries) > 1:
+        say(f"\nthe plain backbone and {args.method} (M = {args.num_subnetworks}), the same recipe and "
+            f"{summaries[0]['steps']} steps each, on the test split:", report.comparison_table(summaries), sep="\n")
+
+
+def train(args, overrides: dict, data, device: torch.device, progress, resume_command: str, resume_path, checkpoint):
+    """Train one network with the options ``args`` (2. to 6.) and return its summary."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     box = [args.run_name or f"{args.method}-wrn{args.depth}-{args.width}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"]
     if world > 1:  # rank 0's clock names the run
         dist.broadcast_object_list(box, src=0)
     run_dir = Path(args.out_dir) / box[0]
     runs.check_run_folder(run_dir, new=checkpoint is None, resume_command=resume_command,
                           option="--resume" if checkpoint else "--out-dir")  # fmt: skip
+    progress.start_run(args.method)
+    say = progress.write if rank == 0 else lambda *lines: None
 
     # 1. data; per process, a generator for the augmentation and one for the mixing masks
     torch.manual_seed(args.seed)
     seed = 1000 * args.seed + 2 * rank
     gens = {"data": torch.Generator(device).manual_seed(seed), "mix": torch.Generator(device).manual_seed(seed + 1)}
-    (train_x, train_y), val, test, ood, num_classes = load_data(args, rank, say)
+    (train_x, train_y), val, test, ood, num_classes = data
     unique = args.batch_size // args.batch_repetition  # unique images per step and process
     sampler = DistributedSampler(TensorDataset(train_y), world, rank, seed=args.seed, drop_last=True)  # order per epoch
     steps_per_epoch = len(sampler) // unique
@@ -255,6 +286,7 @@ def main(argv: list[str]) -> None:
     tensors = (train_x.to(device), train_y.to(device)) if on_device else (train_x, train_y)
     loader = DataLoader(TensorDataset(*tensors), batch_size=None, sampler=BatchSampler(sampler, unique, drop_last=True),
                         num_workers=0 if on_device else args.workers)  # batches of indices: one indexing per step
+    val_all = val and tuple(t.to(device) for t in val)  # every process fits the temperature on all of them
     test, val = (p and tuple(t[rank::world].to(device) for t in p) for p in (test, val))  # a share of them per process
 
     # 2. model; 3. MIMO batching: (B, C, H, W) -> (B * b, M, C, H, W), every repeated copy cropped and flipped
@@ -292,7 +324,7 @@ def main(argv: list[str]) -> None:
               "mimo_config": dataclasses.asdict(model.config) if mimo else None}  # fmt: skip
     recipe = mimo and ModelRecipe.of(model, WRN_BUILDER, wrn)  # what rebuilds the model from the checkpoint
     splits = {"test": test} if val is None else {"val": val, "test": test}
-    log = report.RunLog(run_dir, list(splits), m, rows=history, tensorboard=args.tensorboard, progress=args.progress,
+    log = report.RunLog(run_dir, list(splits), m, rows=history, tensorboard=args.tensorboard, progress=progress,
                         purge_step=start_epoch * steps_per_epoch, enabled=rank == 0)  # fmt: skip
     log.print("config:", *(f"  {k:<20} {config[k]}" for k in sorted(config)), f"run directory: {run_dir}")
     if rank == 0:
@@ -311,7 +343,7 @@ def main(argv: list[str]) -> None:
             log.print(*([warning] if warning else []))
         return out
 
-    step, last, stopped_early = start_epoch * steps_per_epoch, {}, False
+    step, last, stopped_early, state = start_epoch * steps_per_epoch, {}, False, None
     train_time = history[-1]["time_s"] if history else 0.0
     model.train()
     for epoch in range(start_epoch, args.epochs):
@@ -367,11 +399,17 @@ def main(argv: list[str]) -> None:
             break
 
     last = last or evaluate_splits()  # a finished run resumed, or stopped early: the weights as they are
+    if mimo and args.calibrate and val_all and state is not None and not stopped_early:  # T becomes part of the model
+        fitted = model.calibrate(normalize(val_all[0]), val_all[1], batch_size=args.eval_batch_size)
+        log.print(f"calibrated on {len(val_all[1])} validation images: temperature {fitted[args.ensemble_rule]:.3f}")
+        saved_at = (runs.save_run_checkpoint(run_dir, {**state, "model": model.state_dict()}, gens), saved_at[1])
+    ms_per_image = test_pass_ms(model, normalize(test[0]), args.eval_batch_size)
     shift = None
     if args.shift_eval and not stopped_early:  # the test set corrupted on the fly, and the OOD set
-        t_shift = time.perf_counter()
-        shift = evaluate(test, ood={k: x[rank::world] for k, x in ood.items()} or None, val=val, seed=args.data_seed,
-                         corruptions=args.shift_corruptions, severities=args.shift_severities)  # fmt: skip
+        t_shift = time.perf_counter()  # at the model's temperature; the plain network's fitted here (--calibrate)
+        shift = evaluate(test, ood={k: x[rank::world] for k, x in ood.items()} or None, seed=args.data_seed,
+                         val=val if args.calibrate and not mimo else None, corruptions=args.shift_corruptions,
+                         severities=args.shift_severities)  # fmt: skip
         if rank == 0:
             report.write_shift_report(run_dir, shift, title=f"{args.method}: clean, corrupted and OOD test images",
                                       ood_set=config["ood_resolved"], corruption_seed=args.data_seed)  # fmt: skip
@@ -383,7 +421,8 @@ def main(argv: list[str]) -> None:
         last, shift, **{k: config[k] for k in ("ensemble_rule", "method", "seed", "depth", "width", "dataset")},
         epochs=log.rows[-1]["epoch"] if log.rows else 0, steps=step, num_subnetworks=m, world_size=world,
         run_dir=str(run_dir), train_time_s=train_time, stopped_early=stopped_early,
-        images_per_s=step * args.batch_size * world / max(train_time, 1e-9),
+        images_per_s=step * args.batch_size * world / max(train_time, 1e-9), test_ms_per_image=ms_per_image,
+        parameters=sum(p.numel() for p in model.parameters()),
     )  # fmt: skip
     if world > 1:  # the largest difference of any weight between processes (0: they hold the same model)
         spread = torch.cat([t.double().flatten() for t in model.state_dict().values() if t.is_floating_point()])
@@ -392,6 +431,22 @@ def main(argv: list[str]) -> None:
     if rank == 0:
         write_json(run_dir / "summary.json", summary)
     log.print(report.results_table(summary), *([report.shift_table(shift, config["ood_resolved"])] if shift else []))
+    return summary
+
+
+@torch.no_grad()
+def test_pass_ms(model, images, batch_size: int) -> float:
+    """Milliseconds per image of one pass over ``images`` in eval mode (the cost of a prediction, all M members)."""
+    was_training = model.training
+    model.eval()
+    model(images[:batch_size])  # once before the clock: first-call allocations
+    t0 = time.perf_counter()
+    for chunk in images.split(batch_size):
+        model(chunk)
+    if images.device.type == "cuda":
+        torch.cuda.synchronize(images.device)
+    model.train(was_training)
+    return 1000 * (time.perf_counter() - t0) / len(images)
 
 
 if __name__ == "__main__":

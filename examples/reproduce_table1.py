@@ -98,9 +98,9 @@ QUICK = [
     "--tensorboard", "false",
 ]  # fmt: skip
 METRICS = (
-    ("ensemble_acc", "ens. acc. (%)"),
-    ("mean_individual_acc", "ind. acc. (%)"),
-    ("classifier_sharing", "classifier share rate (%)"),
+    ("ensemble_acc_pct", "ens. acc. (%)"),
+    ("mean_individual_acc_pct", "ind. acc. (%)"),
+    ("classifier_sharing_pct", "classifier share rate (%)"),
 )
 
 
@@ -207,7 +207,7 @@ def collapsed_in(summary: dict[str, Any]) -> list[int] | None:
     """
     if summary.get("collapsed_members") is not None:
         return [int(i) for i in summary["collapsed_members"]]
-    accs = summary.get("individual_acc")
+    accs = summary.get("individual_acc_pct")
     cfg_path = Path(summary.get("run_dir", "")) / "config.json"
     if not accs or not cfg_path.is_file():
         return None
@@ -227,7 +227,7 @@ def collapse_note(runs: list[dict[str, Any]]) -> str:
         return "No run had a collapsed member (accuracy near chance while another member learned)."
     items = []
     for r in bad:
-        accs = " / ".join(f"{a:.1f}" for a in r.get("individual_acc") or [])
+        accs = " / ".join(f"{a:.1f}" for a in r.get("individual_acc_pct") or [])
         members = ", ".join(str(i) for i in r["collapsed_members"])
         items.append(f"`{r['method']}` seed {r['seed']} (member {members}; member accuracies {accs} %)")
     return "Runs with a collapsed member (accuracy near chance while another member learned): " + "; ".join(items) + "."
@@ -241,7 +241,7 @@ def aggregate(runs: list[dict[str, Any]], methods: Sequence[str]) -> list[dict[s
         mine = [r for r in runs if r["method"] == method]
         row: dict[str, Any] = {"method": method, "runs": len(mine), "seeds": " ".join(str(r["seed"]) for r in mine)}
         row["collapsed_seeds"] = " ".join(str(r["seed"]) for r in mine if r.get("collapsed_members"))
-        for key, _ in (*METRICS, ("classifier_sharing_sum_ratio", ""), ("encoder_sharing", "")):
+        for key, _ in (*METRICS, ("classifier_sharing_sum_ratio_pct", ""), ("encoder_sharing_pct", "")):
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r.get(key) for r in mine])
         rows.append(row)
     return rows
@@ -259,7 +259,7 @@ def render_markdown(rows: list[dict[str, Any]], width: int, description: str) ->
     for row in rows:
         m = row["method"]
         cells = [fmt(row[f"{k}_mean"], row[f"{k}_std"]) for k, _ in METRICS]
-        cells.append(fmt(row["classifier_sharing_sum_ratio_mean"], row["classifier_sharing_sum_ratio_std"]))
+        cells.append(fmt(row["classifier_sharing_sum_ratio_pct_mean"], row["classifier_sharing_sum_ratio_pct_std"]))
         ref = paper.get(m)
         ref_text = " / ".join(fmt(*v) for v in ref) if ref else "–"
         collapsed = row.get("collapsed_seeds") or "none"
@@ -277,10 +277,10 @@ def render_markdown(rows: list[dict[str, Any]], width: int, description: str) ->
 def render_csv(rows: list[dict[str, Any]], width: int) -> str:
     paper = PAPER.get(width, PAPER[2])
     cols = ["method", "runs", "seeds", "collapsed_seeds"]
-    for key, _ in (*METRICS, ("classifier_sharing_sum_ratio", ""), ("encoder_sharing", "")):
+    for key, _ in (*METRICS, ("classifier_sharing_sum_ratio_pct", ""), ("encoder_sharing_pct", "")):
         cols += [f"{key}_mean", f"{key}_std"]
-    cols += ["paper_ensemble_acc", "paper_ensemble_acc_std", "paper_mean_individual_acc"]
-    cols += ["paper_mean_individual_acc_std", "paper_classifier_sharing", "paper_classifier_sharing_std"]
+    cols += ["paper_ensemble_acc_pct", "paper_ensemble_acc_pct_std", "paper_mean_individual_acc_pct"]
+    cols += ["paper_mean_individual_acc_pct_std", "paper_classifier_sharing_pct", "paper_classifier_sharing_pct_std"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     writer.writeheader()
@@ -290,27 +290,27 @@ def render_csv(rows: list[dict[str, Any]], width: int) -> str:
         if ref:
             (e, es), (i, is_), (s, ss) = ref
             out.update(
-                paper_ensemble_acc=e,
-                paper_ensemble_acc_std=es,
-                paper_mean_individual_acc=i,
-                paper_mean_individual_acc_std=is_,
-                paper_classifier_sharing=s,
-                paper_classifier_sharing_std=ss,
+                paper_ensemble_acc_pct=e,
+                paper_ensemble_acc_pct_std=es,
+                paper_mean_individual_acc_pct=i,
+                paper_mean_individual_acc_pct_std=is_,
+                paper_classifier_sharing_pct=s,
+                paper_classifier_sharing_pct_std=ss,
             )
         writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()})
     return buf.getvalue()
 
 
 def render_runs_csv(runs: list[dict[str, Any]]) -> str:
-    cols = ["method", "seed", "ensemble_acc", "mean_individual_acc", "classifier_sharing"]
-    cols += ["classifier_sharing_sum_ratio", "encoder_sharing", "individual_acc", "collapsed_members"]
+    cols = ["method", "seed", "ensemble_acc_pct", "mean_individual_acc_pct", "classifier_sharing_pct"]
+    cols += ["classifier_sharing_sum_ratio_pct", "encoder_sharing_pct", "individual_acc_pct", "collapsed_members"]
     cols += ["epochs", "steps", "train_time_s", "run_dir"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for run in runs:
         cells = {k: ("" if run.get(k) is None else run.get(k)) for k in cols}
-        for k in ("individual_acc", "collapsed_members"):  # lists as space-separated values
+        for k in ("individual_acc_pct", "collapsed_members"):  # lists as space-separated values
             if isinstance(cells[k], list):
                 cells[k] = " ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in cells[k])
         writer.writerow(cells)
@@ -429,11 +429,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 print(f"[table1] {name}: finished in {time.perf_counter() - t0:.0f} s", flush=True)
             summary["method"], summary["seed"] = method, seed
             summary.setdefault("run_dir", str(run_dir))
-            summary["classifier_sharing_sum_ratio"] = sum_ratio_sharing(Path(summary["run_dir"]))
+            summary["classifier_sharing_sum_ratio_pct"] = sum_ratio_sharing(Path(summary["run_dir"]))
             summary["collapsed_members"] = collapsed_in(summary)
             if summary["collapsed_members"]:
                 bad = ", ".join(map(str, summary["collapsed_members"]))
-                accs = " / ".join(f"{a:.2f}" for a in summary.get("individual_acc") or [])
+                accs = " / ".join(f"{a:.2f}" for a in summary.get("individual_acc_pct") or [])
                 print(f"[table1] {name}: WARNING: member(s) {bad} collapsed (member accuracies {accs} %)", flush=True)
             runs.append(summary)
 
@@ -453,7 +453,9 @@ def read_summary(path: Path) -> dict[str, Any]:
         raise TableError(f"{path} cannot be read ({text}): delete it to run that cell again") from None
     if not isinstance(summary, dict):
         raise TableError(f"{path} does not hold a run summary (a JSON object): delete it to run that cell again")
-    return summary
+    from mixshare_layers.evaluation.report import renamed_summary
+
+    return renamed_summary(summary)  # (a summary written before its keys named their units: renamed)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

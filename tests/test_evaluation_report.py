@@ -37,16 +37,80 @@ def test_collapse_warning_names_the_collapsed_and_the_healthy_members() -> None:
     assert report.collapse_warning("test", [0.988, 0.004], [], num_classes=20) is None
 
 
-def test_summary_metrics_keep_the_summary_units() -> None:
+def test_progress_bar_spans_several_trainings(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tqdm")
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdout", Terminal())
+    monkeypatch.setattr("sys.stderr", Terminal())
+    progress = report.Progress(2)
+    seen = []
+    for run in ("single", "mixshare"):
+        progress.start_run(run)
+        for epoch in (1, 2):
+            progress.start_epoch(epoch, 2, 5)
+            for done in range(1, 6):
+                progress.step(done, loss="1.0")
+                seen.append(progress.bar.n)
+    assert seen == list(range(1, 21)) and progress.bar.total == 20  # one bar: 2 runs x 2 epochs x 5 steps
+    assert progress.bar.desc.startswith("mixshare (2/2) epoch 2/2")
+    progress.close()
+    assert progress.bar is None and not report.Progress(1, enabled=False).enabled
+
+
+def test_summary_metrics_name_their_units() -> None:
     out = report.summary_metrics(METRICS)
-    assert out["ensemble_acc"] == 50.0 and out["individual_acc"] == [50.0, 40.0] and out["disagreement"] == 25.0
-    assert out["mean_confidence"] == 52.0 and out["ece"] == 0.031 and out["nll"] == 1.25 and out["brier"] == 0.6
+    assert out["ensemble_acc_pct"] == 50.0 and out["individual_acc_pct"] == [50.0, 40.0]
+    assert out["disagreement_pct"] == 25.0 and out["mean_confidence_pct"] == 52.0
+    assert out["ece_pct"] == pytest.approx(3.1) and out["nll_nats"] == 1.25 and out["brier"] == 0.6
+    assert all(key == "brier" or key.endswith(("_pct", "_nats")) for key in out)  # every key names its unit
     evaluation = {"test": {**METRICS, "collapsed_members": [], "sharing": report.sharing_entries({"classifier": 7.0})}}
     summary = report.run_summary(evaluation, None, method="mixshare", epochs=3)
-    assert summary["classifier_sharing"] == 7.0 and summary["encoder_sharing"] is None and summary["val"] is None
-    assert summary["shift"] is None and summary["method"] == "mixshare" and summary["epochs"] == 3
+    assert summary["classifier_sharing_pct"] == 7.0 and summary["encoder_sharing_pct"] is None
+    assert summary["shift"] is None and summary["val"] is None and summary["method"] == "mixshare"
     assert report.results_table({**summary, "ensemble_rule": "prob", "steps": 9, "train_time_s": 1.0,
                                  "images_per_s": 2.0}).count("\n") == 15  # fmt: skip
+
+
+def test_renamed_summary_reads_the_keys_of_older_summaries() -> None:
+    old = {"ensemble_acc": 50.0, "individual_acc": [50.0, 40.0], "nll": 1.25, "ece": 0.031, "brier": 0.6,
+           "classifier_sharing": 7.0, "method": "mixmo", "val": {"ensemble_acc": 40.0, "ece": 0.5}}  # fmt: skip
+    new = report.renamed_summary(old)
+    assert new["ensemble_acc_pct"] == 50.0 and new["individual_acc_pct"] == [50.0, 40.0] and new["nll_nats"] == 1.25
+    assert new["ece_pct"] == pytest.approx(3.1) and new["classifier_sharing_pct"] == 7.0 and new["method"] == "mixmo"
+    assert new["val"] == {"ensemble_acc_pct": 40.0, "ece_pct": 50.0} and "ece" not in new
+    evaluation = {"test": {**METRICS, "collapsed_members": [], "sharing": report.sharing_entries(None)}}
+    today = report.run_summary(evaluation, None, method="mixshare")
+    assert report.renamed_summary(today) == today  # today's names pass through unchanged
+
+
+def _summary(method: str, m: int, acc: float, **shift) -> dict:
+    evaluation = {"test": {**METRICS, "ensemble_acc": acc, "collapsed_members": [],
+                           "sharing": report.sharing_entries(None)}}  # fmt: skip
+    return report.run_summary(evaluation, shift or None, method=method, num_subnetworks=m, train_time_s=12.5,
+                              test_ms_per_image=0.25, parameters=1234)  # fmt: skip
+
+
+def test_comparison_table_puts_runs_side_by_side() -> None:
+    table = report.comparison_table([_summary("single", 1, 0.9), _summary("mixshare", 2, 0.925)])
+    lines = table.splitlines()
+    assert "single network" in lines[0] and "mixshare (M = 2)" in lines[0]
+    row = next(line for line in lines if line.startswith("ensemble accuracy (%)"))
+    assert row.split()[-2:] == ["90.00", "92.50"]
+    assert next(line for line in lines if line.startswith("ECE, calibrated")).split()[-2:] == ["-", "-"]  # no shift
+    assert next(line for line in lines if line.startswith("parameters")).split()[-1] == "1,234"
+
+
+def test_shift_table_shows_the_calibrated_ece_per_corruption(shift_report) -> None:
+    with_cal = {**shift_report, "temperature": 0.5, "temperature_source": "model", "calibrated": shift_report}
+    table = report.shift_table(with_cal, "flipped images")
+    assert "ECE cal. (%)" in table and "the model's own" in table
+    assert "ECE cal. (%)" not in report.shift_table({**shift_report, "temperature": None, "calibrated": None})
+    digest = report.shift_summary(with_cal)
+    assert digest["calibrated_corruption_mean"] == digest["corruption_mean"]  # the same metrics at both here
 
 
 def test_metrics_csv_columns_rows_and_tensorboard_tags(tmp_path: Path) -> None:
@@ -76,7 +140,7 @@ def test_run_log_writes_nothing_until_an_epoch_and_only_when_enabled(tmp_path: P
     log.print("hello", "world")
     log.start_epoch(1, 3, 10)  # stdout is not a terminal here: no progress bar
     log.step(5, 5, 2.5, 0.1, 100.0)
-    assert log.bar is None and not folder.exists() and capsys.readouterr().out == "hello\nworld\n"
+    assert log.bar.bar is None and not folder.exists() and capsys.readouterr().out == "hello\nworld\n"
     row = {"epoch": 1, "step": 10, "lr": 0.1, "train_loss_nats": 2.0, "images_per_s": 10.0, "time_s": 1.0,
            "epoch_time_s": 1.0, **report.epoch_columns("test", METRICS, report.sharing_entries(None))}  # fmt: skip
     folder.mkdir()
@@ -115,7 +179,8 @@ def test_shift_rows_table_summary_and_files(shift_report: dict, tmp_path: Path) 
     assert "OOD detection: flipped images images (positives)" in table and "mean over corruptions" in table
     assert "(fitted on the validation split)" in table.splitlines()[-1]
     digest = report.shift_summary(shift_report)
-    assert set(digest) == {"clean", "corruption_mean", "ood", "temperature", "calibrated_clean"}
+    assert set(digest) == {"clean", "corruption_mean", "ood", "temperature", "calibrated_clean",
+                           "calibrated_corruption_mean"}
     assert set(digest["clean"]) == {"ensemble_acc_pct", "mean_individual_acc_pct", "nll_nats", "ece_pct"}
     assert set(digest["ood"]["flipped"]["msp"]) == {"auroc_pct", "aupr_pct", "fpr95_pct"}
     written = report.write_shift_report(tmp_path, shift_report, title="t", ood_set="flipped", corruption_seed=0)

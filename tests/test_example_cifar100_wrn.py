@@ -37,9 +37,10 @@ from mixshare_layers.checkpoint import load_checkpoint, save_checkpoint, verify_
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "examples/cifar100_wrn.py"  # as the user types it, from the repository root
 SUMMARY_KEYS = {
-    "ensemble_acc", "mean_individual_acc", "individual_acc", "nll", "ece", "brier", "disagreement", "mean_confidence",
-    "collapsed_members", "classifier_sharing", "encoder_sharing", "classifier_sharing_sum_ratio",
-    "encoder_sharing_sum_ratio", "ensemble_rule", "epochs", "steps", "method", "seed", "depth", "width",
+    "ensemble_acc_pct", "mean_individual_acc_pct", "individual_acc_pct", "nll_nats", "ece_pct", "brier",
+    "disagreement_pct", "mean_confidence_pct", "test_ms_per_image", "parameters",
+    "collapsed_members", "classifier_sharing_pct", "encoder_sharing_pct", "classifier_sharing_sum_ratio_pct",
+    "encoder_sharing_sum_ratio_pct", "ensemble_rule", "epochs", "steps", "method", "seed", "depth", "width",
     "num_subnetworks", "dataset", "world_size", "run_dir", "train_time_s", "images_per_s", "val", "stopped_early",
     "shift",
 }  # fmt: skip
@@ -117,17 +118,17 @@ def _check_metrics_csv(run: Path, summary: dict) -> None:
     ]  # fmt: skip
     last = list(csv.DictReader((run / "metrics.csv").open()))[-1]
     same_unit = {  # the summary's value, in the CSV's unit
-        "test_ensemble_acc_pct": summary["ensemble_acc"],
-        "test_ece_pct": 100 * summary["ece"],  # a fraction in the summary, percent like every accuracy here
-        "test_disagreement_pct": summary["disagreement"],
-        "test_nll_nats": summary["nll"],
-        "test_mean_confidence_pct": summary["mean_confidence"],
-        "test_acc_1_pct": summary["individual_acc"][1],
-        "encoder_sharing_pct": summary["encoder_sharing"],
+        "test_ensemble_acc_pct": summary["ensemble_acc_pct"],
+        "test_ece_pct": summary["ece_pct"],
+        "test_disagreement_pct": summary["disagreement_pct"],
+        "test_nll_nats": summary["nll_nats"],
+        "test_mean_confidence_pct": summary["mean_confidence_pct"],
+        "test_acc_1_pct": summary["individual_acc_pct"][1],
+        "encoder_sharing_pct": summary["encoder_sharing_pct"],
     }
     for column, value in same_unit.items():
         assert float(last[column]) == pytest.approx(value, rel=6e-4), column
-    assert 0 < summary["mean_confidence"] <= 100
+    assert 0 < summary["mean_confidence_pct"] <= 100
     for column, text in last.items():
         if text and column not in ("epoch", "step"):
             digits = text.lower().split("e")[0].replace("-", "").replace(".", "").lstrip("0").rstrip("0")
@@ -166,9 +167,9 @@ def _check_tensorboard(run: Path, rows: list[dict]) -> None:
 def test_smoke_writes_complete_run_directory(tmp_path: Path) -> None:
     summary = _train(tmp_path, "a", "--epochs", "2", "--eval-every", "1", "--tensorboard", "true", "--threads", "1")
     assert SUMMARY_KEYS <= summary.keys()
-    assert summary["epochs"] == 2 and summary["method"] == "mixshare" and len(summary["individual_acc"]) == 2
-    assert 0.0 <= summary["ensemble_acc"] <= 100.0 and summary["nll"] > 0 and 0.0 <= summary["brier"] <= 2.0
-    assert summary["encoder_sharing"] is not None and summary["classifier_sharing"] is not None
+    assert summary["epochs"] == 2 and summary["method"] == "mixshare" and len(summary["individual_acc_pct"]) == 2
+    assert 0.0 <= summary["ensemble_acc_pct"] <= 100.0 and summary["nll_nats"] > 0 and 0.0 <= summary["brier"] <= 2.0
+    assert summary["encoder_sharing_pct"] is not None and summary["classifier_sharing_pct"] is not None
     assert isinstance(summary["collapsed_members"], list)  # member health, checked at every evaluation
     run = Path(summary["run_dir"])
     assert run == tmp_path / "a"
@@ -222,6 +223,40 @@ def test_a_collapsed_member_is_warned_at_evaluation(tmp_path: Path) -> None:
     assert re.search(r"\| collapsed members +\| 1 ", proc.stdout)
 
 
+def test_baseline_trains_the_plain_backbone_beside_and_the_temperature_travels(tmp_path: Path) -> None:
+    """--baseline: the plain backbone first (its own folder, the same steps), then the method, side by side; the
+    method's temperature, fitted on the validation split, is in its checkpoint and used by its shift report."""
+    args = ["--baseline", "true", "--val-split", "0.25", "--shift-eval", "true", "--shift-corruptions", "contrast",
+            "--shift-severities", "3", "--synthetic-object-size", "0.5", "--synthetic-clutter", "0.7"]  # fmt: skip
+    proc = _run(*_args(tmp_path, "b", *args))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, mixshare = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("b-single", "b"))
+    assert (single["method"], single["num_subnetworks"], mixshare["method"]) == ("single", 1, "mixshare")
+    assert single["steps"] == mixshare["steps"] > 0 and single["parameters"] < mixshare["parameters"]
+    table = proc.stdout[proc.stdout.index("the plain backbone and mixshare (M = 2)"):]
+    assert "single network" in table and "mixshare (M = 2)" in table
+    row = next(line for line in table.splitlines() if line.startswith("ensemble accuracy (%)"))
+    assert row.split()[-2:] == [f"{single['ensemble_acc_pct']:.2f}", f"{mixshare['ensemble_acc_pct']:.2f}"]
+    fitted = float(re.search(r"calibrated on 24 validation images: temperature ([0-9.]+)", proc.stdout)[1])
+    temperature = _ckpt(tmp_path / "b")["model"]["temperature"]  # (prob, logit), in the final checkpoint
+    assert float(temperature[0]) == pytest.approx(fitted, abs=5e-4) and mixshare["shift"]["temperature"] == float(
+        temperature[0])  # fmt: skip
+    uncertainty = json.loads((tmp_path / "b" / "uncertainty.json").read_text())
+    assert uncertainty["temperature_source"] == "model"  # the model's own, not fitted again
+    assert json.loads((tmp_path / "b-single" / "uncertainty.json").read_text())["temperature_source"] == "val"
+    assert "ECE cal. (%)" in proc.stdout and mixshare["shift"]["calibrated_corruption_mean"]["ece_pct"] >= 0
+
+
+def test_no_calibrate_keeps_the_raw_probabilities(tmp_path: Path) -> None:
+    args = ["--val-split", "0.25", "--shift-eval", "true", "--shift-corruptions", "contrast", "--shift-severities", "3"]
+    proc = _run(*_args(tmp_path, "n", *args, "--no-calibrate"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "n" / "summary.json").read_text())
+    assert summary["shift"]["temperature"] is None and summary["shift"]["calibrated_clean"] is None
+    assert torch.equal(_ckpt(tmp_path / "n")["model"]["temperature"], torch.ones(2))
+    assert "calibrated on" not in proc.stdout and not (tmp_path / "n-single").exists()
+
+
 def test_single_method_with_val_split_and_logit_rule(tmp_path: Path) -> None:
     args = ["--method", "single", "--val-split", "0.25", "--ensemble-rule", "logit", "--tensorboard", "true"]
     args += ["--shift-eval", "true", "--shift-corruptions", "pixelate", "--shift-severities", "3"]
@@ -242,9 +277,9 @@ def test_single_method_with_val_split_and_logit_rule(tmp_path: Path) -> None:
     for a, b in zip(raw, scaled, strict=True):  # one network: a temperature never changes its predictions
         assert (a["shift"], a["severity"], a["ensemble_acc_pct"]) == (b["shift"], b["severity"], b["ensemble_acc_pct"])
         assert float(a["mutual_information_nats"]) == 0.0  # no members to disagree
-    assert summary["classifier_sharing"] is None and summary["encoder_sharing"] is None
-    assert len(summary["individual_acc"]) == 1 and summary["disagreement"] == 0.0
-    assert summary["individual_acc"][0] == pytest.approx(summary["ensemble_acc"])
+    assert summary["classifier_sharing_pct"] is None and summary["encoder_sharing_pct"] is None
+    assert len(summary["individual_acc_pct"]) == 1 and summary["disagreement_pct"] == 0.0
+    assert summary["individual_acc_pct"][0] == pytest.approx(summary["ensemble_acc_pct"])
     assert summary["val"] is not None and summary["ensemble_rule"] == "logit"
     assert "heads.weight" not in _ckpt(Path(summary["run_dir"]))["model"]  # the plain backbone
     assert any((tmp_path / "s" / "tensorboard").glob("events.out.tfevents.*"))
@@ -260,7 +295,7 @@ def test_resume_equals_uninterrupted_training(tmp_path: Path) -> None:
     _assert_same_state(a["model"], b["model"])
     _assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
     assert a["scheduler"] == b["scheduler"]
-    for key in ("ensemble_acc", "nll", "ece", "brier"):
+    for key in ("ensemble_acc_pct", "nll_nats", "ece_pct", "brier"):
         assert resumed[key] == straight[key]
     rows = list(csv.DictReader((tmp_path / "stopped" / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
@@ -354,10 +389,10 @@ def test_shift_evaluation_matches_a_recomputation_by_hand(tmp_path: Path) -> Non
     corrupted = [(c, s) for c in ("contrast", "gaussian_noise") for s in ("2", "5")]
     assert cells == [("clean", "0"), *corrupted, ("mean", "2"), ("mean", "5"), ("mean", "all")]
     # the clean row: the numbers of the run's own evaluation, to the CSV's 4 digits
-    assert float(rows[0]["ensemble_acc_pct"]) == pytest.approx(summary["ensemble_acc"], rel=1e-3)
-    assert float(rows[0]["nll_nats"]) == pytest.approx(summary["nll"], rel=1e-3)
-    assert float(rows[0]["ece_pct"]) == pytest.approx(100 * summary["ece"], rel=1e-3)
-    assert summary["shift"]["clean"]["ensemble_acc_pct"] == pytest.approx(summary["ensemble_acc"], rel=1e-9)
+    assert float(rows[0]["ensemble_acc_pct"]) == pytest.approx(summary["ensemble_acc_pct"], rel=1e-3)
+    assert float(rows[0]["nll_nats"]) == pytest.approx(summary["nll_nats"], rel=1e-3)
+    assert float(rows[0]["ece_pct"]) == pytest.approx(summary["ece_pct"], rel=1e-3)
+    assert summary["shift"]["clean"]["ensemble_acc_pct"] == pytest.approx(summary["ensemble_acc_pct"], rel=1e-9)
 
     # by hand: the saved model, the same test images corrupted with the same seed and positions, normalised with
     # the training images' statistics, the ensemble's mean probability in float64
@@ -522,8 +557,8 @@ def test_two_process_ddp_gloo(tmp_path: Path) -> None:
     # the shift evaluation gathers both ranks' halves of the test set: the run's own numbers, on every image
     report = json.loads((run / "uncertainty.json").read_text())
     assert report["clean"]["count"] == report["shift"]["gaussian_blur"]["4"]["count"] == 64
-    assert 100 * report["clean"]["ensemble_acc"] == pytest.approx(summary["ensemble_acc"], rel=1e-9)
-    assert report["clean"]["nll"] == pytest.approx(summary["nll"], rel=1e-6)
+    assert 100 * report["clean"]["ensemble_acc"] == pytest.approx(summary["ensemble_acc_pct"], rel=1e-9)
+    assert report["clean"]["nll"] == pytest.approx(summary["nll_nats"], rel=1e-6)
     assert {"config.json", "metrics.csv", "checkpoint.pt", "summary.json"} <= {p.name for p in run.iterdir()}
     ckpt = _ckpt(run)
     assert len(ckpt["rng"]) == 2  # one RNG state per rank
@@ -708,6 +743,10 @@ BAD_OPTIONS = [
     (["--amp", "fp8"], "--amp"),
     (["--nesterov", "maybe"], "--nesterov"),
     (["--quick"], "--quick"),  # with --smoke
+    (["--baseline", "true", "--method", "single"], "--baseline"),
+    (["--baseline", "true", "--resume", "{tmp}/missing-run"], "--resume"),
+    (["--synthetic-object-size", "0"], "--synthetic-object-size"),
+    (["--synthetic-clutter", "-1"], "--synthetic-clutter"),
     (["--shift-corruptions", "fog"], "--shift-corruptions"),
     (["--shift-severities", "0"], "--shift-severities"),
     (["--shift-severities", "3,1"], "--shift-severities"),

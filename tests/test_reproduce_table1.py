@@ -42,7 +42,7 @@ else:
     run_dir = Path(argv[argv.index("--out-dir") + 1]) / argv[argv.index("--run-name") + 1]
 run_dir.mkdir(parents=True, exist_ok=True)
 (run_dir / "config.json").write_text(json.dumps({"dataset": "synthetic", "depth": 10, "width": 1}))
-summary = {"ensemble_acc": 50.0, "mean_individual_acc": 40.0, "classifier_sharing": 70.0}
+summary = {"ensemble_acc_pct": 50.0, "mean_individual_acc_pct": 40.0, "classifier_sharing_pct": 70.0}
 summary.update(run_dir=str(run_dir), stopped_early=False)
 (run_dir / "summary.json").write_text(json.dumps(summary))
 """
@@ -76,8 +76,8 @@ def _table_of_fake_runs(tmp: Path) -> list[str]:
         for seed, (ens, ind, share) in enumerate(rows):
             collapsed = [1] if (method, seed) == ("mixmo", 2) else []
             accs = [98.8, 0.4] if collapsed else [70.0, 68.0]
-            summary = {"ensemble_acc": ens, "mean_individual_acc": ind, "classifier_sharing": share}
-            summary.update(encoder_sharing=50.0, individual_acc=accs, collapsed_members=collapsed)
+            summary = {"ensemble_acc_pct": ens, "mean_individual_acc_pct": ind, "classifier_sharing_pct": share}
+            summary.update(encoder_sharing_pct=50.0, individual_acc_pct=accs, collapsed_members=collapsed)
             _fake_run(tmp / "runs", method, seed, summary)
     return ["--table-only", "--methods", "mixmo", "unmix-aligned", "--out-dir", str(tmp)]
 
@@ -85,14 +85,14 @@ def _table_of_fake_runs(tmp: Path) -> list[str]:
 def _table_of_odd_runs(tmp: Path) -> list[str]:
     """WRN-28-5 columns; one mixmo run, no mixshare run, and unmix runs whose collapse must be read or recomputed."""
     runs = tmp / "runs"
-    one = {"ensemble_acc": 70.0, "mean_individual_acc": 66.0, "classifier_sharing": 10.0}
-    _fake_run(runs, "mixmo", 0, {**one, "individual_acc": [70.0, 68.0], "collapsed_members": [0]})  # read as given
+    one = {"ensemble_acc_pct": 70.0, "mean_individual_acc_pct": 66.0, "classifier_sharing_pct": 10.0}
+    _fake_run(runs, "mixmo", 0, {**one, "individual_acc_pct": [70.0, 68.0], "collapsed_members": [0]})  # read as given
     # summaries written before the check existed: recomputed from the member accuracies and config.json's classes
     synthetic = {"dataset": "synthetic", "synthetic_classes": 20}
-    _fake_run(runs, "unmix", 0, {**one, "individual_acc": [98.8, 0.4]}, synthetic)
-    _fake_run(runs, "unmix", 1, {**one, "individual_acc": [70.0, 0.9]}, {"dataset": "cifar100"})
-    _fake_run(runs, "unmix", 2, {**one, "individual_acc": [70.0, 60.0]}, {"dataset": "cifar100"})
-    _fake_run(runs, "unmix", 3, {"ensemble_acc": 50.0})  # nothing to judge from
+    _fake_run(runs, "unmix", 0, {**one, "individual_acc_pct": [98.8, 0.4]}, synthetic)
+    _fake_run(runs, "unmix", 1, {**one, "individual_acc_pct": [70.0, 0.9]}, {"dataset": "cifar100"})
+    _fake_run(runs, "unmix", 2, {**one, "individual_acc_pct": [70.0, 60.0]}, {"dataset": "cifar100"})
+    _fake_run(runs, "unmix", 3, {"ensemble_acc_pct": 50.0})  # nothing to judge from
     methods = ["--methods", "mixmo", "mixshare", "unmix"]
     return ["--table-only", "--width", "5", *methods, "--seeds", "0", "1", "2", "3", "--out-dir", str(tmp)]
 
@@ -185,9 +185,9 @@ def test_table_writer_mean_std_and_paper_numbers(outcome):
     rows = list(csv.DictReader(io.StringIO(files["table1.csv"])))
     assert [r["method"] for r in rows] == ["mixmo", "unmix-aligned"]
     ens = [v[0] for v in VALUES["mixmo"]]
-    assert float(rows[0]["ensemble_acc_mean"]) == pytest.approx(statistics.mean(ens))
-    assert float(rows[0]["ensemble_acc_std"]) == pytest.approx(statistics.stdev(ens))
-    assert float(rows[0]["paper_classifier_sharing"]) == 4.9 and rows[0]["runs"] == "3"
+    assert float(rows[0]["ensemble_acc_pct_mean"]) == pytest.approx(statistics.mean(ens))
+    assert float(rows[0]["ensemble_acc_pct_std"]) == pytest.approx(statistics.stdev(ens))
+    assert float(rows[0]["paper_classifier_sharing_pct"]) == 4.9 and rows[0]["runs"] == "3"
     assert len(list(csv.DictReader(io.StringIO(files["runs.csv"])))) == 6
     assert sorted(p.name for p in tables["fake"].iterdir()) == ["runs", "runs.csv", "table1.csv", "table1.md"]
     assert md in results["fake"].out  # the table is also printed
@@ -203,7 +203,7 @@ def test_collapsed_members_are_reported_per_run(outcome):
     assert "| 3 | 2 |" in mixmo and "| 3 | none |" in aligned
     assert "`mixmo` seed 2 (member 1; member accuracies 98.8 / 0.4 %)" in md
     rows = list(csv.DictReader(io.StringIO(files["runs.csv"])))
-    assert rows[2]["collapsed_members"] == "1" and rows[2]["individual_acc"] == "98.80 0.40"
+    assert rows[2]["collapsed_members"] == "1" and rows[2]["individual_acc_pct"] == "98.80 0.40"
     assert rows[0]["collapsed_members"] == ""
     table_rows = list(csv.DictReader(io.StringIO(files["table1.csv"])))
     assert table_rows[0]["collapsed_seeds"] == "2"
@@ -221,7 +221,7 @@ def test_collapsed_in_reads_the_summary_or_recomputes_it(outcome):
     assert rows["unmix", "0"]["collapsed_members"] == "1"  # synthetic data, 20 classes: 0.4 % is chance
     assert rows["unmix", "1"]["collapsed_members"] == "1"  # CIFAR-100: 0.9 % is chance
     assert rows["unmix", "2"]["collapsed_members"] == ""  # 60 % learned
-    assert rows["unmix", "3"]["collapsed_members"] == "" and rows["unmix", "3"]["individual_acc"] == ""  # unknown
+    assert rows["unmix", "3"]["collapsed_members"] == "" and rows["unmix", "3"]["individual_acc_pct"] == ""  # unknown
     warned = [line.split(":")[0] for line in results["odd"].out.splitlines() if "WARNING" in line]
     assert warned == ["[table1] mixmo-s0", "[table1] unmix-s0", "[table1] unmix-s1"]
 
@@ -233,7 +233,7 @@ def test_table_writer_single_run_and_missing_method(outcome):
     assert "| 70.0 | 66.0 | 10.0 |" in md  # one run: no std
     assert "81.9 ± 0.1 / 79.4 ± 0.2 / 8.2 ± 0.1" in md  # WRN-28-5 columns
     row = list(csv.DictReader(io.StringIO(files["table1.csv"])))[1]
-    assert row["method"] == "mixshare" and row["runs"] == "0" and row["ensemble_acc_mean"] == ""
+    assert row["method"] == "mixshare" and row["runs"] == "0" and row["ensemble_acc_pct_mean"] == ""
     assert "[table1] mixshare-s0: not finished, left out (--table-only)" in results["odd"].out
 
 
@@ -243,11 +243,11 @@ def test_mean_std(outcome):
     rows = {r["method"]: r for r in csv.DictReader(io.StringIO(_files(tables["odd"])["table1.csv"]))}
     unmix = rows["unmix"]  # four runs, three with an ensemble accuracy of 70.0 and one of 50.0
     mean, std = statistics.mean([70.0, 70.0, 70.0, 50.0]), statistics.stdev([70.0, 70.0, 70.0, 50.0])
-    assert float(unmix["ensemble_acc_mean"]) == pytest.approx(mean)
-    assert float(unmix["ensemble_acc_std"]) == pytest.approx(std)
-    assert float(unmix["mean_individual_acc_mean"]) == 66.0 and float(unmix["mean_individual_acc_std"]) == 0.0
-    assert unmix["encoder_sharing_mean"] == unmix["encoder_sharing_std"] == ""  # no run has a value
-    assert float(rows["mixmo"]["ensemble_acc_mean"]) == 70.0 and rows["mixmo"]["ensemble_acc_std"] == ""
+    assert float(unmix["ensemble_acc_pct_mean"]) == pytest.approx(mean)
+    assert float(unmix["ensemble_acc_pct_std"]) == pytest.approx(std)
+    assert float(unmix["mean_individual_acc_pct_mean"]) == 66.0 and float(unmix["mean_individual_acc_pct_std"]) == 0.0
+    assert unmix["encoder_sharing_pct_mean"] == unmix["encoder_sharing_pct_std"] == ""  # no run has a value
+    assert float(rows["mixmo"]["ensemble_acc_pct_mean"]) == 70.0 and rows["mixmo"]["ensemble_acc_pct_std"] == ""
 
 
 def test_runs_are_skipped_or_resumed(outcome):
@@ -307,6 +307,6 @@ def test_a_real_run_of_the_training_script_fills_its_cell(outcome):
     run_dir = out / "runs" / "mixmo-s0"
     summary = json.loads((run_dir / "summary.json").read_text())
     (row,) = csv.DictReader(io.StringIO((out / "runs.csv").read_text()))
-    assert row["method"] == "mixmo" and float(row["ensemble_acc"]) == pytest.approx(summary["ensemble_acc"])
+    assert row["method"] == "mixmo" and float(row["ensemble_acc_pct"]) == pytest.approx(summary["ensemble_acc_pct"])
     assert row["run_dir"] == str(run_dir) and summary["epochs"] == 1
-    assert row["classifier_sharing_sum_ratio"] != ""  # read from the run's checkpoint
+    assert row["classifier_sharing_sum_ratio_pct"] != ""  # read from the run's checkpoint

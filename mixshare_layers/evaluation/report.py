@@ -4,8 +4,8 @@ its evaluations' CSV rows and TensorBoard tags, the end-of-run tables, the summa
 The metrics of :mod:`mixshare_layers.evaluation` are fractions and nats per sample (:data:`METRIC_UNITS`). What
 people read shows one unit per kind of quantity, in the name: accuracies, ECE, disagreement, confidence, AUROC /
 AUPR / FPR95 and sharing rates in percent (``_pct``), NLL and entropies in nats per image (``_nats``), Brier as is
-(in ``[0, 2]``). CSV cells keep 4 significant digits. A run's summary keeps the keys and units it always had:
-accuracies, disagreement and confidence in percent, ``ece`` a fraction (:func:`summary_metrics`).
+(in ``[0, 2]``). CSV cells keep 4 significant digits. A run's ``summary.json`` follows the same convention: every
+key names its unit (:func:`summary_metrics`; :data:`SUMMARY_RENAMED` maps the keys of summaries written before).
 
 Example:
     >>> import tempfile
@@ -42,13 +42,17 @@ __all__ = [
     "OOD_SCORES",
     "SHARING_KEYS",
     "SHIFT_COLUMNS",
+    "SUMMARY_RENAMED",
+    "Progress",
     "RunLog",
     "collapse_warning",
+    "comparison_table",
     "csv_cell",
     "epoch_columns",
     "epoch_line",
     "finite",
     "metrics_columns",
+    "renamed_summary",
     "results_table",
     "run_summary",
     "sharing_entries",
@@ -101,11 +105,32 @@ def finite(value: Any) -> Any:
 
 
 def summary_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """A run summary's metrics from evaluation metrics: accuracies (``individual_acc`` a list), disagreement and
-    mean confidence in percent; ``nll`` in nats, ``ece`` a fraction, ``brier`` as is."""
-    out: dict[str, Any] = {key: 100.0 * metrics[key] for key in _SUMMARY_PERCENT}
-    out["individual_acc"] = [100.0 * a for a in metrics["individual_acc"]]
-    out.update({key: metrics[key] for key in ("nll", "ece", "brier")})
+    """A run summary's metrics from evaluation metrics, each key naming its unit: ``ensemble_acc_pct``,
+    ``mean_individual_acc_pct``, ``individual_acc_pct`` (a list), ``disagreement_pct``, ``mean_confidence_pct``,
+    ``ece_pct`` (percent), ``nll_nats`` (nats per image) and ``brier`` (as is, in ``[0, 2]``)."""
+    out: dict[str, Any] = {f"{key}_pct": 100.0 * metrics[key] for key in _SUMMARY_PERCENT}
+    out["individual_acc_pct"] = [100.0 * a for a in metrics["individual_acc"]]
+    out.update(nll_nats=metrics["nll"], ece_pct=100.0 * metrics["ece"], brier=metrics["brier"])
+    return out
+
+
+#: the keys of run summaries written before they named their units, and their names now (``ece`` was a fraction,
+#: ``ece_pct`` is percent: :func:`renamed_summary` converts)
+SUMMARY_RENAMED = {
+    **{key: f"{key}_pct" for key in (*_SUMMARY_PERCENT, "individual_acc", *SHARING_KEYS)},
+    "nll": "nll_nats",
+    "ece": "ece_pct",
+}
+
+
+def renamed_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """A run summary with the keys of :data:`SUMMARY_RENAMED` renamed (``ece`` a fraction becomes ``ece_pct``);
+    one already in today's names is returned as it is (a copy). Also inside its ``"val"`` entry."""
+    out = {SUMMARY_RENAMED.get(k, k): v for k, v in summary.items()}
+    if "ece" in summary and summary["ece"] is not None:
+        out["ece_pct"] = 100.0 * summary["ece"]
+    if isinstance(out.get("val"), Mapping):
+        out["val"] = renamed_summary(out["val"])
     return out
 
 
@@ -197,6 +222,56 @@ def write_csv(path: str | os.PathLike[str], columns: Sequence[str], rows: Sequen
     return write_text(path, buf.getvalue())
 
 
+class Progress:
+    """One progress bar over the steps of one or more trainings run one after the other (``--quick`` trains the plain
+    backbone, then the MixShare network): shown when ``enabled``, tqdm is installed and stdout is a terminal.
+
+    Args:
+        runs: the trainings the bar spans (each as long as the first: same epochs and steps per epoch).
+        enabled: False for a process that shows nothing (or ``--progress false``).
+    """
+
+    def __init__(self, runs: int = 1, *, enabled: bool = True) -> None:
+        self.runs, self.run, self.label, self.base = runs, 0, "", 0
+        self.enabled = enabled and sys.stdout.isatty() and importlib.util.find_spec("tqdm") is not None
+        self.bar = cast(Any, None)
+
+    def start_run(self, label: str) -> None:
+        """The next training, named ``label`` in the bar."""
+        self.run, self.label = self.run + 1, label
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        """Epoch ``epoch`` (of ``epochs``, ``steps`` steps long) of the current training begins."""
+        if not self.enabled:
+            return
+        if self.bar is None:
+            tqdm = importlib.import_module("tqdm.auto").tqdm
+            self.bar = tqdm(total=self.runs * epochs * steps, dynamic_ncols=True)
+        self.base = (max(self.run, 1) - 1) * epochs * steps + (epoch - 1) * steps
+        run = f" ({self.run}/{self.runs})" if self.runs > 1 else ""
+        self.bar.set_description(f"{self.label}{run} epoch {epoch}/{epochs}")
+
+    def step(self, done: int, **postfix: str) -> None:
+        """``done`` steps into the epoch."""
+        if self.bar is not None:
+            self.bar.update(self.base + done - self.bar.n)
+            self.bar.set_postfix(postfix)
+
+    def write(self, *lines: str) -> None:
+        """Print ``lines`` above the bar (or plainly, without one)."""
+        if self.bar is not None:
+            for line in lines:
+                self.bar.write(line)
+        else:
+            print(*lines, sep="\n", flush=True)
+
+    def close(self) -> None:
+        """Close the bar (a new one opens at the next epoch)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class RunLog:
     """What a training run shows as it trains: printed lines, a progress bar, ``metrics.csv`` and TensorBoard.
 
@@ -210,7 +285,8 @@ class RunLog:
         rows: the rows so far (a resumed run's history); ``self.rows`` holds them all.
         tensorboard: log scalars to TensorBoard, when ``torch.utils.tensorboard`` imports (else a note says so).
         purge_step: the step a resumed run continues from (TensorBoard hides the events the stopped run logged after).
-        progress: a tqdm progress bar per epoch, when tqdm is installed and stdout is a terminal.
+        progress: a :class:`Progress` bar shared with other runs, or True for one of this run's own (shown when tqdm
+            is installed and stdout is a terminal), or False.
         enabled: False for a process that shows and writes nothing.
     """
 
@@ -223,18 +299,21 @@ class RunLog:
         rows: Sequence[Mapping[str, Any]] = (),
         tensorboard: bool = True,
         purge_step: int = 0,
-        progress: bool = True,
+        progress: bool | Progress = True,
         enabled: bool = True,
     ) -> None:
         self.folder, self.splits, self.enabled, self.purge_step = Path(folder), list(splits), enabled, purge_step
         self.columns, self.rows = metrics_columns(num_subnetworks, splits), [dict(r) for r in rows]
-        self.tensorboard, self.writer, self.bar = tensorboard and enabled, cast(Any, None), cast(Any, None)
-        self.progress = progress and enabled and sys.stdout.isatty() and importlib.util.find_spec("tqdm") is not None
+        self.tensorboard, self.writer = tensorboard and enabled, cast(Any, None)
+        self.own_bar = not isinstance(progress, Progress)
+        self.bar = Progress(enabled=bool(progress) and enabled) if self.own_bar else cast(Progress, progress)
+        if self.own_bar:
+            self.bar.start_run("")
 
     def print(self, *lines: str) -> None:
-        """Print ``lines`` (one per line) when enabled (nothing for none)."""
+        """Print ``lines`` (one per line, above the progress bar) when enabled (nothing for none)."""
         if self.enabled and lines:
-            print(*lines, sep="\n", flush=True)
+            self.bar.write(*lines)
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         """Log ``{tag: value}`` at ``step`` to TensorBoard (opened on first use)."""
@@ -250,24 +329,17 @@ class RunLog:
             self.writer.add_scalar(tag, value, step)
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        """Open epoch ``epoch`` (of ``epochs``, ``steps`` steps long): its progress bar."""
-        if self.progress:  # tqdm, an optional extra
-            tqdm = importlib.import_module("tqdm.auto").tqdm
-            self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", leave=False)
+        """Open epoch ``epoch`` (of ``epochs``, ``steps`` steps long) on the progress bar."""
+        self.bar.start_epoch(epoch, epochs, steps)
 
     def step(self, done: int, step: int, loss: float, lr: float, rows_per_s: float) -> None:
         """``done`` steps into the epoch (global ``step``): the bar, and the ``train/`` scalars."""
         self.scalars({"train/loss_nats": loss, "train/lr": lr, "train/images_per_s": rows_per_s}, step)
-        if self.bar is not None:
-            self.bar.update(done - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", img_s=f"{rows_per_s:.0f}")
+        self.bar.step(done, loss=f"{loss:.3f}", lr=f"{lr:.4g}", img_s=f"{rows_per_s:.0f}")
 
     def epoch(self, row: Mapping[str, Any], split: str | None = None, metrics: Mapping[str, Any] | None = None) -> None:
         """Close an epoch: print its line (:func:`epoch_line`), add its metrics.csv ``row`` (with its ``step``, the
         TensorBoard step of its evaluation's cells) and rewrite the file."""
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
         self.rows.append(dict(row))
         if self.enabled:
             self.print(epoch_line(row, split, metrics))
@@ -275,7 +347,9 @@ class RunLog:
             self.scalars(tensorboard_scalars(row, self.splits), row["step"])
 
     def close(self) -> None:
-        """Flush and close the TensorBoard files."""
+        """Flush and close the TensorBoard files (and the bar, when it is this run's own)."""
+        if self.own_bar:
+            self.bar.close()
         if self.writer is not None:
             self.writer.close()
 
@@ -284,14 +358,14 @@ def run_summary(
     evaluation: Mapping[str, Mapping[str, Any]], shift: Mapping[str, Any] | None = None, **run: Any
 ) -> dict[str, Any]:
     """A run's ``summary.json``: the ``"test"`` split's :func:`summary_metrics` with its ``collapsed_members`` and its
-    sharing rates (:data:`SHARING_KEYS`, percent, from its ``"sharing"`` entry), ``val`` (the ``"val"`` split's
-    summary metrics, or None), ``shift`` (:func:`shift_summary`, or None), then the ``run`` entries (the run's
-    settings, ``epochs``, ``steps``, ``train_time_s``, ...)."""
+    sharing rates (``<SHARING_KEYS>_pct``, from its ``"sharing"`` entry), ``val`` (the ``"val"`` split's summary
+    metrics, or None), ``shift`` (:func:`shift_summary`, or None), then the ``run`` entries (the run's settings,
+    ``epochs``, ``steps``, ``train_time_s``, ...)."""
     test, val = evaluation["test"], evaluation.get("val")
     return {
         **summary_metrics(test),
         "collapsed_members": list(test["collapsed_members"]),
-        **{key: test["sharing"].get(key) for key in SHARING_KEYS},
+        **{f"{key}_pct": test["sharing"].get(key) for key in SHARING_KEYS},
         "val": summary_metrics(val) if val is not None else None,
         "shift": shift_summary(shift) if shift is not None else None,
         **run,
@@ -299,30 +373,72 @@ def run_summary(
 
 
 def results_table(summary: Mapping[str, Any]) -> str:
-    """The end-of-run table of a run's summary (its keys and units: :func:`summary_metrics`)."""
+    """The end-of-run table of a run's summary (:func:`run_summary`; its keys name their units)."""
 
     def rate(key: str) -> str:
         return "-" if summary.get(key) is None else f"{summary[key]:.1f}"
 
     rows = [
         ("method", summary["method"]),
-        ("ensemble accuracy (%)", f"{summary['ensemble_acc']:.2f}"),
-        ("mean individual accuracy (%)", f"{summary['mean_individual_acc']:.2f}"),
-        ("individual accuracies (%)", " / ".join(f"{a:.2f}" for a in summary["individual_acc"])),
+        ("ensemble accuracy (%)", f"{summary['ensemble_acc_pct']:.2f}"),
+        ("mean individual accuracy (%)", f"{summary['mean_individual_acc_pct']:.2f}"),
+        ("individual accuracies (%)", " / ".join(f"{a:.2f}" for a in summary["individual_acc_pct"])),
         ("collapsed members", ", ".join(map(str, summary.get("collapsed_members") or [])) or "none"),
-        ("mean confidence (%)", f"{summary['mean_confidence']:.2f}"),
-        (f"NLL (nats, rule {summary['ensemble_rule']})", f"{summary['nll']:.4f}"),
-        ("ECE (%, 15 bins)", f"{100 * summary['ece']:.2f}"),
+        ("mean confidence (%)", f"{summary['mean_confidence_pct']:.2f}"),
+        (f"NLL (nats, rule {summary['ensemble_rule']})", f"{summary['nll_nats']:.4f}"),
+        ("ECE (%, 15 bins)", f"{summary['ece_pct']:.2f}"),
         ("Brier (sum over classes)", f"{summary['brier']:.4f}"),
-        ("disagreement (%)", f"{summary['disagreement']:.2f}"),
-        ("classifier sharing (%)", rate("classifier_sharing")),
-        ("encoder sharing (%)", rate("encoder_sharing")),
+        ("disagreement (%)", f"{summary['disagreement_pct']:.2f}"),
+        ("classifier sharing (%)", rate("classifier_sharing_pct")),
+        ("encoder sharing (%)", rate("encoder_sharing_pct")),
         ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
         ("train time (s), images/s", f"{summary['train_time_s']:.1f}, {summary['images_per_s']:.1f}"),
     ]
     width = max(len(k) for k, _ in rows)
     line = "+" + "-" * (width + 2) + "+" + "-" * 34 + "+"
     return "\n".join([line, *(f"| {k:<{width}} | {v:<32} |" for k, v in rows), line])
+
+
+def comparison_table(summaries: Sequence[Mapping[str, Any]]) -> str:
+    """Runs side by side (e.g. the plain backbone and the MixShare network of the same recipe), one column per run:
+    test accuracy of the ensemble and mean member, NLL and ECE at temperature 1 and at the fitted temperature,
+    accuracy and ECE under corruption, OOD detection (max probability) and the cost of training and of one test
+    pass. Rows a run has no value for (no shift evaluation, no temperature) show ``-``."""
+
+    def get(s: Mapping[str, Any], *path: str) -> Any:
+        for key in path:
+            s = s.get(key) if isinstance(s, Mapping) else None  # type: ignore[assignment]
+        return s
+
+    def cell(value: Any, fmt: str) -> str:
+        return "-" if value is None else f"{value:{fmt}}"
+
+    def ood(s: Mapping[str, Any]) -> Any:
+        sets = get(s, "shift", "ood") or {}
+        return get(sets[next(iter(sets))], "msp", "auroc_pct") if sets else None
+
+    rows: list[tuple[str, Any, str]] = [
+        ("ensemble accuracy (%)", lambda s: s["ensemble_acc_pct"], ".2f"),
+        ("mean member accuracy (%)", lambda s: s["mean_individual_acc_pct"], ".2f"),
+        ("NLL (nats)", lambda s: s["nll_nats"], ".3f"),
+        ("NLL, calibrated (nats)", lambda s: get(s, "shift", "calibrated_clean", "nll_nats"), ".3f"),
+        ("ECE (%)", lambda s: s["ece_pct"], ".2f"),
+        ("ECE, calibrated (%)", lambda s: get(s, "shift", "calibrated_clean", "ece_pct"), ".2f"),
+        ("temperature", lambda s: get(s, "shift", "temperature"), ".3f"),
+        ("corrupted accuracy (%)", lambda s: get(s, "shift", "corruption_mean", "ensemble_acc_pct"), ".2f"),
+        ("corrupted ECE, calibrated (%)", lambda s: get(s, "shift", "calibrated_corruption_mean", "ece_pct"), ".2f"),
+        ("OOD AUROC, max prob. (%)", ood, ".2f"),
+        ("parameters", lambda s: s.get("parameters"), ",d"),
+        ("train time (s)", lambda s: s["train_time_s"], ".1f"),
+        ("test pass (ms / image)", lambda s: s.get("test_ms_per_image"), ".3f"),
+    ]
+    names = [s["method"] + (f" (M = {s['num_subnetworks']})" if s["num_subnetworks"] > 1 else " network")
+             for s in summaries]  # fmt: skip
+    width, col = max(len(r[0]) for r in rows), max(14, *(len(n) for n in names))
+    out = [f"{'':<{width}}  " + "  ".join(f"{n:>{col}}" for n in names)]
+    out += [f"{label:<{width}}  " + "  ".join(f"{cell(read(s), fmt):>{col}}" for s in summaries)
+            for label, read, fmt in rows]  # fmt: skip
+    return "\n".join(out)
 
 
 def shift_rows(report: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -352,20 +468,30 @@ def shift_rows(report: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[di
 
 
 def shift_table(report: Mapping[str, Any], ood_name: str | None = None) -> str:
-    """The printed digest of a shift report (temperature 1): accuracy, NLL, ECE and confidence per shift, OOD
-    detection per score, and the fitted temperature's clean NLL and ECE."""
+    """The printed digest of a shift report: accuracy, NLL, ECE and confidence per shift (temperature 1), with the
+    ECE at the fitted temperature beside it when the report has one; OOD detection per score; the temperature."""
+    calibrated = report.get("calibrated")
 
-    def line(name: str, m: Mapping[str, Any]) -> str:
+    def line(name: str, m: Mapping[str, Any], cal: Mapping[str, Any] | None) -> str:
         acc, ece, conf = 100 * m["ensemble_acc"], 100 * m["ece"], 100 * m["mean_confidence"]
-        return f"  {name:<22} {acc:8.2f} {m['nll']:7.3f} {ece:8.2f} {conf:9.2f}"
+        return f"  {name:<22} {acc:8.2f} {m['nll']:7.3f} {ece:8.2f} {conf:9.2f}" + (
+            f" {100 * cal['ece']:13.2f}" if cal is not None else "")  # fmt: skip
+
+    def cal_of(*path: Any) -> Mapping[str, Any] | None:
+        node: Any = calibrated
+        for key in path:
+            node = node[key] if node is not None else None
+        return node
 
     lines = [f"distribution shift (test set, corrupted on the fly; rule {report['rule']}):"]
-    lines.append(f"  {'shift':<22} {'acc (%)':>8} {'NLL':>7} {'ECE (%)':>8} {'conf (%)':>9}")
-    lines.append(line("clean", report["clean"]))
+    lines.append(f"  {'shift':<22} {'acc (%)':>8} {'NLL':>7} {'ECE (%)':>8} {'conf (%)':>9}"
+                 + (f" {'ECE cal. (%)':>13}" if calibrated is not None else ""))  # fmt: skip
+    lines.append(line("clean", report["clean"], cal_of("clean")))
     for corruption, by_severity in report["shift"].items():
-        lines += [line(f"{corruption} {severity}", m) for severity, m in by_severity.items()]
+        lines += [line(f"{corruption} {severity}", m, cal_of("shift", corruption, severity))
+                  for severity, m in by_severity.items()]  # fmt: skip
     if report["shift_mean"]:
-        lines.append(line("mean over corruptions", report["shift_mean"]))
+        lines.append(line("mean over corruptions", report["shift_mean"], cal_of("shift_mean")))
     for name, scores in report["ood"].items():
         lines.append(f"OOD detection: {ood_name or name} images (positives) against the test set:")
         lines.append(f"  {'score':<22} {'AUROC (%)':>10} {'AUPR (%)':>9} {'FPR95 (%)':>10}")
@@ -374,8 +500,10 @@ def shift_table(report: Mapping[str, Any], ood_name: str | None = None) -> str:
             lines.append(f"  {label:<22} {100 * r['auroc']:10.2f} {100 * r['aupr']:9.2f} {100 * r['fpr95']:10.2f}")
     if report.get("temperature") is not None:
         cal = report["calibrated"]["clean"]
+        source = {"model": "the model's own", "val": "fitted on the validation split", "given": "given"}.get(
+            report.get("temperature_source"), "fitted")  # fmt: skip
         lines.append(
-            f"temperature {report['temperature']:.3f} (fitted on the validation split): clean NLL {cal['nll']:.3f}, "
+            f"temperature {report['temperature']:.3f} ({source}): clean NLL {cal['nll']:.3f}, "
             f"ECE {100 * cal['ece']:.2f} %"
         )
     return "\n".join(lines)
@@ -383,8 +511,9 @@ def shift_table(report: Mapping[str, Any], ood_name: str | None = None) -> str:
 
 def shift_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     """A run summary's digest of a shift report: ``clean``, ``corruption_mean`` and ``calibrated_clean`` as
-    ``{ensemble_acc_pct, mean_individual_acc_pct, nll_nats, ece_pct}``, ``ood`` as ``{set: {score: {auroc_pct,
-    aupr_pct, fpr95_pct}}}``, and the ``temperature`` (None without a validation split)."""
+    ``{ensemble_acc_pct, mean_individual_acc_pct, nll_nats, ece_pct}`` (and ``calibrated_corruption_mean``),
+    ``ood`` as ``{set: {score: {auroc_pct, aupr_pct, fpr95_pct}}}``, and the ``temperature`` (None without
+    one)."""
 
     def digest(m: Mapping[str, Any]) -> dict[str, Any]:
         return {col: factor * m[key] for key, col, factor in SHIFT_COLUMNS[:4] if key in m}
@@ -401,6 +530,9 @@ def shift_summary(report: Mapping[str, Any]) -> dict[str, Any]:
             "ood": ood,
             "temperature": report.get("temperature"),
             "calibrated_clean": digest(calibrated["clean"]) if calibrated else None,
+            "calibrated_corruption_mean": digest(calibrated["shift_mean"])
+            if calibrated and calibrated["shift_mean"]
+            else None,
         }
     )
 
