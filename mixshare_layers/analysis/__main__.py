@@ -171,9 +171,17 @@ def _test_images(config: dict[str, Any], args: argparse.Namespace, model: MIMOWr
         seed = int(config.get("data_seed", 0))
         classes = int(config.get("num_classes") or model.num_classes or 10)
         channels = getattr(model.encoder, "input_channels", None) or 3
-        kw = {"noise": float(config.get("synthetic_noise", 2.5))}
-        kw |= {k: float(config[f"synthetic_{k}"]) for k in ("object_size", "clutter") if f"synthetic_{k}" in config}
-        test = SyntheticImageDataset(n, max(2, classes), size, channels, train=False, seed=seed, **kw)
+        test = SyntheticImageDataset(
+            n,
+            max(2, classes),
+            size,
+            channels,
+            train=False,
+            seed=seed,
+            noise=float(config.get("synthetic_noise", 2.5)),
+            object_size=float(config.get("synthetic_object_size", 1.0)),  # the hard variants' settings
+            clutter=float(config.get("synthetic_clutter", 0.0)),
+        )
         images, labels, source = test.data, test.targets, "synthetic"
     elif source.startswith("cifar"):
         root = Path(args.data_root)
