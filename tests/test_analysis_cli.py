@@ -25,6 +25,8 @@ from mixshare_layers.checkpoint import (
     load_model,
     save_checkpoint,
 )
+from mixshare_layers.data import SyntheticImageDataset
+from mixshare_layers.functional import ensemble_log_probs
 from mixshare_layers.models import wide_resnet
 
 CONFIG = {"depth": 10, "width": 1, "num_classes": 10, "method": "mixshare", "num_subnetworks": 2}
@@ -67,6 +69,67 @@ def test_cli_without_plots_or_variance(checkpoint, tmp_path):
     result = main([str(path), "--out", str(out), "--no-plots", "--data", "none"])
     assert sorted(p.name for p in out.iterdir()) == ["sharing.json"]
     assert set(result["rates"]) == {"encoder", "classifier"} and result["figures"] == []
+    assert result["evaluation"] is None
+    result = main([str(path), "--out", str(out), "--no-plots", "--variance-images", "4", "--eval-images", "0"])
+    assert result["evaluation"] is None and "variance:core.0" in result["rates"]
+
+
+# the evaluation's test images: the checkpoint's synthetic test split with a normalisation it records
+EVAL_CONFIG = dict(CONFIG, dataset="synthetic", synthetic_size=16, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+
+
+def _evaluation_reference(model: MIMOWrapper, n: int, rule: str, temperature: float) -> dict[str, float]:
+    """Accuracy and NLL of the model on the first ``n`` synthetic test images, in float64 from its logits."""
+    test = SyntheticImageDataset(n, 10, 16, train=False, seed=0)
+    x = (test.data.float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        ens = ensemble_log_probs(model.eval()(x).double(), rule)
+    tempered = torch.log_softmax(ens / temperature, dim=-1)
+    nll = float(-tempered.gather(1, test.targets.view(-1, 1)).mean())
+    return {"ensemble_acc": float((ens.argmax(1) == test.targets).double().mean()), "nll": nll}
+
+
+@pytest.mark.parametrize("rule", ["prob", "logit"])
+def test_cli_evaluates_raw_and_at_the_checkpoints_stored_temperature(tmp_path, rule, capsys):
+    torch.manual_seed(0)
+    model = MIMOWrapper(wide_resnet(10, 1, 10), 2, preset="mixshare")
+    with torch.no_grad():
+        model.heads.weight.mul_(30.0)  # logits that spread, so that the temperature matters
+        model.temperature.copy_(torch.tensor([0.5, 2.0]))  # as MIMOWrapper.calibrate stores them
+    path = tmp_path / "calibrated.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": EVAL_CONFIG})
+    argv = [str(path), "--out", str(tmp_path / "out"), "--no-plots", "--variance-images", "0"]
+    result = main([*argv, "--eval-images", "48", "--rule", rule])
+    printed = capsys.readouterr().out
+    evaluation = result["evaluation"]
+    t = 0.5 if rule == "prob" else 2.0
+    assert evaluation["temperature"] == t and evaluation["temperature_source"] == "checkpoint"
+    assert (evaluation["data"], evaluation["images"], evaluation["rule"]) == ("synthetic", 48, rule)
+    raw, calibrated = _evaluation_reference(model, 48, rule, 1.0), _evaluation_reference(model, 48, rule, t)
+    for key in ("ensemble_acc", "nll"):
+        assert evaluation["raw"][key] == pytest.approx(raw[key], rel=1e-5, abs=1e-6), key
+        assert evaluation["calibrated"][key] == pytest.approx(calibrated[key], rel=1e-5, abs=1e-6), key
+    assert abs(evaluation["calibrated"]["nll"] - evaluation["raw"]["nll"]) > 1e-2  # the temperature was applied
+    assert evaluation["calibrated"]["ece"] != evaluation["raw"]["ece"]
+    assert json.loads((tmp_path / "out" / "sharing.json").read_text())["evaluation"] == evaluation
+    assert f"calibrated with the checkpoint's stored temperature {t:.4g}: accuracy" in printed
+    assert f"evaluation on 48 synthetic test images (rule {rule!r}): raw accuracy" in printed
+
+
+def test_cli_evaluates_a_model_without_a_fitted_temperature_raw_only(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = MIMOWrapper(wide_resnet(10, 1, 10), 2, preset="mixshare")
+    path = tmp_path / "plain.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": EVAL_CONFIG})
+    result = main([str(path), "--out", str(tmp_path / "out"), "--no-plots", "--variance-images", "0"])
+    evaluation = result["evaluation"]
+    assert evaluation["images"] == 512  # the default
+    assert evaluation["calibrated"] is None and evaluation["temperature"] is None
+    assert evaluation["temperature_source"] is None
+    raw = _evaluation_reference(model, 512, "prob", 1.0)
+    assert evaluation["raw"]["nll"] == pytest.approx(raw["nll"], rel=1e-5)
+    assert evaluation["raw"]["ensemble_acc"] == pytest.approx(raw["ensemble_acc"])
+    assert "the checkpoint holds no fitted temperature: raw only" in capsys.readouterr().out
 
 
 def test_cli_runs_as_a_module(checkpoint, tmp_path):
@@ -210,6 +273,8 @@ def _unwritable_folder(tmp_path):
 BAD_OPTIONS = [
     (["--variance-images", "-1"], "--variance-images"),
     (["--variance-images", "x"], "--variance-images"),
+    (["--eval-images", "-1"], "--eval-images"),
+    (["--rule", "vote"], "--rule"),
     (["--device", "bogus"], "--device"),
     (["--device", "cuda:99"], "--device"),
     (["--layers"], "--layers"),

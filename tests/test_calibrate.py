@@ -13,7 +13,13 @@ from torch import nn
 from mixshare_layers import MIMOWrapper
 from mixshare_layers.checkpoint import WRN_BUILDER, load_model, save_model
 from mixshare_layers.deploy import FoldedMIMO
-from mixshare_layers.evaluation import evaluate_uncertainty, fit_temperature
+from mixshare_layers.evaluation import (
+    calibration_under_shift,
+    corrupt,
+    evaluate_uncertainty,
+    fit_temperature,
+    shift_rows,
+)
 from mixshare_layers.functional import ensemble_log_probs, ensemble_probs
 from mixshare_layers.models import wide_resnet
 
@@ -302,3 +308,47 @@ def test_evaluate_uncertainty_reports_raw_and_calibrated_with_the_models_tempera
     assert given["temperature"] == 2.0 and given["temperature_source"] == "given"
     plain = evaluate_uncertainty(_model(), test, corruptions=())
     assert plain["temperature"] is None and plain["temperature_source"] is None and "calibrated" not in plain
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calibration under shift
+# ---------------------------------------------------------------------------------------------------------------
+def _ece64(probs: torch.Tensor, y: torch.Tensor, num_bins: int = 15) -> float:
+    """The float64 equal-width ECE, bins right-closed: ``(i / n, (i + 1) / n]``."""
+    conf, pred = probs.max(1)
+    hits = (pred == y).double()
+    total = 0.0
+    for i in range(num_bins):
+        inside = (conf > i / num_bins) & (conf <= (i + 1) / num_bins)
+        if inside.any():
+            total += float((conf[inside] - hits[inside]).sum().abs())
+    return total / len(y)
+
+
+def test_calibrated_ece_per_corruption_uses_the_models_temperature(calibrated):
+    model, x, y, _ = calibrated
+    test = (x[:64], y[:64])
+    report = evaluate_uncertainty(model, test, corruptions=("contrast", "gaussian_noise"), severities=(2, 5))
+    assert report["temperature_source"] == "model" and report["temperature"] == float(model.temperature[0])
+    rows = calibration_under_shift(report)
+    assert [(r["shift"], r["severity"]) for r in rows] == [
+        ("clean", 0), ("contrast", 2), ("contrast", 5), ("gaussian_noise", 2), ("gaussian_noise", 5),
+        ("mean", 2), ("mean", 5), ("mean", "all"),
+    ]  # fmt: skip
+    t = model.temperature[0].double()
+    for row in rows[1:5]:
+        corrupted = corrupt(test[0], row["shift"], row["severity"], seed=0, index=torch.arange(64))
+        with torch.no_grad():
+            ens = ensemble_log_probs(model(corrupted).double(), "prob")
+        for key, temperature in (("ece", 1.0), ("calibrated_ece", t)):
+            assert row[key] == pytest.approx(_ece64(torch.softmax(ens / temperature, -1), test[1]), abs=1e-6)
+        assert row["calibrated_ece"] == report["calibrated"]["shift"][row["shift"]][row["severity"]]["ece"]
+        assert abs(row["calibrated_nll"] - row["nll"]) > 0.01  # (not always lower: a shift can undo a calibration)
+    assert rows[-1]["calibrated_ece"] == pytest.approx(sum(r["calibrated_ece"] for r in rows[1:5]) / 4)
+    # shift.csv's rows hold them too: the same shifts again at the model's temperature, ECE in percent
+    shift_csv, _ = shift_rows(report)
+    tempered = {(r["shift"], r["severity"]): r for r in shift_csv if r["temperature"] == report["temperature"]}
+    for row in rows:
+        assert tempered[row["shift"], row["severity"]]["ece_pct"] == pytest.approx(100 * row["calibrated_ece"])
+    plain = calibration_under_shift(evaluate_uncertainty(_model(), test, corruptions=("contrast",), severities=(5,)))
+    assert [r["calibrated_ece"] for r in plain] == [None] * 4 and all(r["ece"] > 0 for r in plain)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from types import SimpleNamespace
 
@@ -211,7 +212,82 @@ def test_module_errors():
         MIMOLightningModule(_model(), optimizer=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="rule must be one of 'prob', 'logit'"):
         MIMOLightningModule(_model(), rule="mean")
+    with pytest.raises(TypeError, match="calibrate must be a bool, but got 'yes'"):
+        MIMOLightningModule(_model(), calibrate="yes")  # type: ignore[arg-type]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = MIMOLightningModule(_model())
     assert [type(c).__name__ for c in module.configure_callbacks()] == ["MIMOProgress"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calibration at the end of every validation epoch
+# ---------------------------------------------------------------------------------------------------------------
+def _seen(loader, batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels of the first ``batches`` batches of ``loader``."""
+    pairs = [b for _, b in zip(range(batches), loader, strict=False)]
+    return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+
+
+def _calibrated_copy(model: MIMOWrapper, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The temperatures ``MIMOWrapper.calibrate`` fits on these images, leaving ``model`` untouched."""
+    other = copy.deepcopy(model)
+    fitted = other.calibrate(images, labels, batch_size=8)
+    assert other.temperature.tolist() == pytest.approx([fitted["prob"], fitted["logit"]], rel=1e-7)
+    return other.temperature
+
+
+def test_validation_fits_the_temperature_calibrate_fits_on_the_batches_it_saw():
+    torch.manual_seed(0)
+    model = _model()
+    with torch.no_grad():  # an untrained core's features barely vary: larger heads bring T inside the bounds
+        model.heads.weight.mul_(20.0)
+    module = MIMOLightningModule(model, batch_repetition=1)
+    images = _data(40, train=False).data.float() / 255
+    g = torch.Generator().manual_seed(1)
+    labels = model.predict(images).argmax(1)  # right, except for a third of random labels: T inside the bounds
+    labels = torch.where(torch.rand(40, generator=g) < 1 / 3, torch.randint(0, 4, (40,), generator=g), labels)
+    val = _loader(torch.utils.data.TensorDataset(images, labels))
+    trainer = _trainer(limit_val_batches=3)  # 24 of the 40 images
+    trainer.validate(module, val, verbose=False)
+    expected = _calibrated_copy(model, *_seen(val, 3))
+    assert torch.equal(model.temperature, expected)  # the same logits, the same float64 search
+    assert (model.temperature < 0.5).all()  # still under-confident members
+    logged = trainer.callback_metrics
+    assert float(logged["val/temperature/prob"]) == pytest.approx(float(expected[0]), rel=1e-6)
+    assert float(logged["val/temperature/logit"]) == pytest.approx(float(expected[1]), rel=1e-6)
+    assert not torch.allclose(expected, _calibrated_copy(model, images, labels))  # it did not use the rest
+    before = model.temperature.clone()
+    trainer.validate(module, val, verbose=False)  # deterministic: the same data gives the same bits
+    assert torch.equal(model.temperature, before)
+    off = MIMOLightningModule(_model(), calibrate=False)
+    _trainer().validate(off, val, verbose=False)
+    assert torch.equal(off.model.temperature, torch.ones(2))
+    assert "val/temperature/prob" not in _trainer().callback_metrics
+
+
+def test_every_checkpoint_holds_the_temperature_of_its_own_weights(tmp_path):
+    class SeesTraining(MIMOLightningModule):
+        def on_train_start(self) -> None:
+            self.at_start = self.model.temperature.clone()  # after the sanity check
+
+    torch.manual_seed(0)
+    module = SeesTraining(_model(), batch_repetition=1)
+    val_loader = _loader(_data(24, train=False))
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    trainer = _trainer(max_epochs=2, enable_checkpointing=True, callbacks=[saver], num_sanity_val_steps=2)
+    trainer.fit(module, _loader(_data(32), shuffle=True), val_loader)
+    assert torch.equal(module.at_start, torch.ones(2))  # the sanity check fitted nothing
+    images, labels = _seen(val_loader, 3)
+    temperatures = []
+    for epoch in (0, 1):
+        state = torch.load(tmp_path / f"epoch={epoch}.ckpt", weights_only=True)["state_dict"]
+        restored = MIMOLightningModule(_model(), calibrate=False)
+        restored.load_state_dict(state)  # strict: the buffer is part of the module's state
+        temperature = restored.model.temperature
+        assert torch.equal(temperature, _calibrated_copy(restored.model, images, labels))
+        temperatures.append(temperature)
+    assert not torch.equal(temperatures[0], temperatures[1])
+    assert torch.equal(temperatures[1], module.model.temperature)
+    restored.model.eval()
+    assert torch.equal(restored.model.predict(images), module.model.predict(images))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import einops
 import pytest
 import torch
@@ -9,18 +12,23 @@ import torch
 pytest.importorskip("torch_uncertainty")
 
 from torch_uncertainty import TUTrainer
+from torch_uncertainty.post_processing import TemperatureScaler
 from torch_uncertainty.routines import ClassificationRoutine
 from torch_uncertainty.transforms import MIMOBatchFormat
 
 from mixshare_layers import MIMOWrapper, SyntheticImageDataset
 from mixshare_layers.data import synthetic_ood_dataset
 from mixshare_layers.evaluation import evaluate_uncertainty
+from mixshare_layers.functional import ensemble_log_probs
 from mixshare_layers.integrations.lightning import MIMOProgress
 from mixshare_layers.integrations.torch_uncertainty import (
+    EnsembleLogits,
     MIMOClassificationRoutine,
     TorchUncertaintyBatchFormat,
     TorchUncertaintyMIMO,
     TorchUncertaintyMIMOLoss,
+    fit_temperature_scaler,
+    to_temperature_scaler,
 )
 from mixshare_layers.models import wide_resnet
 
@@ -183,3 +191,98 @@ def test_routine_arguments():
     routine = MIMOClassificationRoutine(_model(), progress=None)
     assert routine.configure_callbacks() == []
     assert isinstance(routine.format_batch_fn, TorchUncertaintyBatchFormat)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calibration through torch-uncertainty's TemperatureScaler
+# ---------------------------------------------------------------------------------------------------------------
+def _calibration_case(seed: int, confidence: float) -> tuple[MIMOWrapper, torch.Tensor, torch.Tensor]:
+    """A WRN ensemble whose heads read standardised features (so its logits spread like a trained network's,
+    ``confidence`` scaling them), and 400 images labelled by its ensemble except for a quarter of random labels."""
+    torch.manual_seed(seed)
+    model = MIMOWrapper(wide_resnet(10, 1, num_classes=4), 2, "mixshare").eval()
+    pooled: list[torch.Tensor] = []
+    hook = model.heads.register_forward_pre_hook(lambda _, args: pooled.append(args[0]))
+    g = torch.Generator().manual_seed(seed + 100)
+    x = torch.rand(400, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        model(x)
+        hook.remove()
+        mean, std = pooled[0].mean(0), pooled[0].std(0).clamp_min(1e-6)
+        weight = confidence * torch.randn(2, 4, mean.numel()) / mean.numel() ** 0.5 / std
+        model.heads.weight.copy_(weight)
+        model.heads.bias.copy_(-(weight @ mean))
+    y = model.predict(x, calibrated=False).argmax(1)
+    y = torch.where(torch.rand(400, generator=g) < 0.25, torch.randint(0, 4, (400,), generator=g), y)
+    return model, x, y
+
+
+def _mean_nll(model: MIMOWrapper, x: torch.Tensor, y: torch.Tensor, rule: str, t: float) -> float:
+    """The float64 NLL of ``softmax(log p_ens / t)``."""
+    with torch.no_grad():
+        ens = ensemble_log_probs(model(x).double(), rule)
+    return float(-torch.log_softmax(ens / t, -1).gather(1, y.view(-1, 1)).mean())
+
+
+@pytest.mark.parametrize(("seed", "confidence"), [(0, 0.3), (3, 3.0)], ids=["under-confident", "over-confident"])
+@pytest.mark.parametrize("rule", ["prob", "logit"])
+def test_their_scaler_and_calibrate_fit_the_same_temperature(seed, confidence, rule):
+    model, x, y = _calibration_case(seed, confidence)
+    i = ("prob", "logit").index(rule)
+    ours = copy.deepcopy(model).calibrate(x, y)[rule]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    model.train()
+    scaler = fit_temperature_scaler(model, loader, rule)  # their defaults: LBFGS, lr 0.1, 100 iterations
+    assert model.training  # its mode is restored
+    theirs = float(model.temperature[i])
+    assert theirs == pytest.approx(float(scaler.temperature[0].detach()), rel=1e-7)
+    assert float(model.temperature[1 - i]) == 1.0  # the other rule's is left alone
+    model.eval()
+    # both minimise the same NLL: their default LBFGS stops on a loss change under 1e-9 (lr 0.1, float32), about
+    # 0.1-0.2 % of T away from the optimum here, where the NLL is flat (it differs by less than 1e-5 nats)
+    assert abs(math.log(theirs / ours)) < 5e-3, (ours, theirs)
+    assert _mean_nll(model, x, y, rule, theirs) - _mean_nll(model, x, y, rule, ours) < 1e-5
+    # run to convergence (full quasi-Newton steps), theirs meets ours within our search's bracket (5e-5 in log T)
+    fit_temperature_scaler(model, loader, rule, lr=1.0, max_iter=1000)
+    assert abs(math.log(float(model.temperature[i]) / ours)) < 1e-4, (ours, float(model.temperature[i]))
+
+
+def test_their_scaler_holds_our_temperature():
+    model, x, y = _calibration_case(0, 0.3)
+    assert not to_temperature_scaler(model).trained  # T = 1: nothing fitted yet
+    model.calibrate(x[:200], y[:200])
+    for rule in ("prob", "logit"):
+        scaler = to_temperature_scaler(model, rule)
+        assert scaler.trained
+        assert float(scaler.temperature[0].detach()) == pytest.approx(
+            float(model.temperature[("prob", "logit").index(rule)])
+        )
+        probs = scaler(x[200:]).softmax(-1)  # their forward: the tempered ensemble logits
+        torch.testing.assert_close(probs, model.predict(x[200:], rule), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(probs, model.predict(x[200:], rule, calibrated=False), atol=1e-3)
+
+
+def test_calibration_interop_errors(monkeypatch):
+    model, x, y = _calibration_case(0, 0.3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    with pytest.raises(TypeError, match="model must be a MIMOWrapper, but got Linear"):
+        fit_temperature_scaler(torch.nn.Linear(2, 2), loader)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="model must be a MIMOWrapper, but got Linear"):
+        to_temperature_scaler(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rule must be one of 'prob', 'logit'"):
+        fit_temperature_scaler(model, loader, "vote")
+    with pytest.raises(ValueError, match="rule must be one of 'prob', 'logit'"):
+        to_temperature_scaler(model, "vote")
+    with pytest.raises(TypeError, match="sets the scaler's device itself; do not pass it"):
+        fit_temperature_scaler(model, loader, device="cpu")
+    with pytest.raises(ValueError, match=r"needs its model in eval mode \(call \.eval\(\)\)"):
+        EnsembleLogits(model).train()(torch.rand(2, 3, 16, 16))
+
+    def negative(self, dataloader, save_logits=False, progress=True):  # a fit that ends below zero
+        self.inv_temp.data.fill_(-2.0)
+
+    monkeypatch.setattr(TemperatureScaler, "fit", negative)
+    model.eval().temperature.fill_(0.7)
+    with pytest.raises(ValueError, match=r"converged to temperature -0\.5 on this data; nothing was stored"):
+        fit_temperature_scaler(model, loader)
+    assert torch.equal(model.temperature, torch.full((2,), 0.7))

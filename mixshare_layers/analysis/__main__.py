@@ -3,7 +3,10 @@
 Writes, under ``DIR`` (every file atomically):
 
 * ``sharing.json``: the checkpoint's settings, the encoder / classifier sharing rates (both reductions, percent),
-  the App. D variance sharing rate of each probed layer, and the raw ``(M, F)`` influence tables;
+  the App. D variance sharing rate of each probed layer, the raw ``(M, F)`` influence tables, and the
+  ``evaluation`` of the model on test images of its dataset (``--eval-images``): ``raw`` metrics and, when the
+  checkpoint's model holds a fitted temperature (``MIMOWrapper.calibrate``), ``calibrated`` ones at that stored
+  temperature (``temperature_source: "checkpoint"``); without one, ``calibrated`` is ``null`` (raw only);
 * ``encoder_influence.png/.svg`` and ``classifier_influence.png/.svg`` (Fig. 3 / Fig. 5 of the paper);
 * ``variance_<layer>.png/.svg`` for each probed core layer (Fig. 6), unless ``--variance-images 0``.
 
@@ -23,14 +26,15 @@ import argparse
 import importlib.util
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError
+from ..evaluation.evaluate import evaluate_uncertainty
 from ..files import folder_problem, write_json
 from ..wrapper import MIMOWrapper
 from .checkpoint import load_wrn_checkpoint
@@ -75,6 +79,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every option checked before anything is loaded or written (``p.error``: one line, exit code 2)."""
     if args.variance_images < 0:
         p.error(f"argument --variance-images: must be >= 0, but got {args.variance_images}")
+    if args.eval_images < 0:
+        p.error(f"argument --eval-images: must be >= 0, but got {args.eval_images}")
     if args.image_size is not None and args.image_size < 4:
         p.error(f"argument --image-size: must be >= 4, but got {args.image_size}")
     if args.layers is not None and not args.layers:
@@ -87,7 +93,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"argument --out: cannot write to {args.out}: {problem}")
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
         p.error('figures need matplotlib: pip install "mixshare-layers[analysis]", or add --no-plots')
-    if args.data == "cifar100" and args.variance_images > 0:
+    if args.data == "cifar100" and max(args.variance_images, args.eval_images) > 0:
         if not (Path(args.data_root) / "cifar-100-python").is_dir():
             p.error(
                 f"argument --data-root: no CIFAR-100 in {args.data_root!r} (expected a cifar-100-python folder "
@@ -112,11 +118,19 @@ def _parser() -> argparse.ArgumentParser:
         "--data",
         choices=DATA_CHOICES,
         default="auto",
-        help="images for the App. D variance influence: 'auto' = the checkpoint's dataset (synthetic or cifar100; "
-        "cifar100 only when --data-root holds it), 'none' = skip",
+        help="images for the App. D variance influence and the evaluation: 'auto' = the checkpoint's dataset "
+        "(synthetic or cifar100; cifar100 only when --data-root holds it), 'none' = skip both",
     )
     p.add_argument("--data-root", default="./data", help="folder with torchvision's CIFAR-100 (never downloaded)")
     p.add_argument("--variance-images", type=int, default=512, help="test images for the variance (0: skip)")
+    p.add_argument(
+        "--eval-images",
+        type=int,
+        default=512,
+        help="labelled test images to evaluate the model on, raw and at the checkpoint's stored temperature when "
+        "it holds one (0: skip)",
+    )
+    p.add_argument("--rule", choices=("prob", "logit"), default="prob", help="ensemble rule of the evaluation")
     p.add_argument(
         "--image-size",
         type=int,
@@ -135,9 +149,17 @@ def _rates(h: Tensor) -> dict[str, float]:
     return {"mean_ratio": float(sharing_rate(h, "mean-ratio")), "sum_ratio": float(sharing_rate(h, "sum-ratio"))}
 
 
-def _variance_images(config: dict[str, Any], args: argparse.Namespace, model: MIMOWrapper) -> Tensor | None:
-    """Test images ``(N, C, H, W)`` float32, normalised as the checkpoint's training inputs, or None to skip."""
-    n = args.variance_images
+class _TestImages(NamedTuple):
+    images: Tensor  #: ``(N, C, H, W)`` in ``[0, 1]``
+    labels: Tensor  #: ``(N,)``
+    source: str  #: "synthetic" or "cifar100"
+    normalise: Callable[[Tensor], Tensor]  #: the checkpoint's training normalisation (or the images' own)
+
+
+def _test_images(config: dict[str, Any], args: argparse.Namespace, model: MIMOWrapper) -> _TestImages | None:
+    """The first ``max(--variance-images, --eval-images)`` labelled test images of the checkpoint's dataset, or
+    None to skip both."""
+    n = max(args.variance_images, args.eval_images)
     if n == 0 or args.data == "none":
         return None
     dataset = str(config.get("dataset", "synthetic")).lower()
@@ -149,24 +171,40 @@ def _variance_images(config: dict[str, Any], args: argparse.Namespace, model: MI
         seed = int(config.get("data_seed", 0))
         classes = int(config.get("num_classes") or model.num_classes or 10)
         channels = getattr(model.encoder, "input_channels", None) or 3
-        noise = float(config.get("synthetic_noise", 2.5))
-        images = SyntheticImageDataset(n, max(2, classes), size, channels, train=False, seed=seed, noise=noise).data
+        test = SyntheticImageDataset(
+            n,
+            max(2, classes),
+            size,
+            channels,
+            train=False,
+            seed=seed,
+            noise=float(config.get("synthetic_noise", 2.5)),
+            object_size=float(config.get("synthetic_object_size", 1.0)),  # the hard variants' settings
+            clutter=float(config.get("synthetic_clutter", 0.0)),
+        )
+        images, labels, source = test.data, test.targets, "synthetic"
     elif source.startswith("cifar"):
         root = Path(args.data_root)
         if args.data == "auto" and not (root / "cifar-100-python").is_dir():
-            print(f"variance influence skipped: no CIFAR-100 under {root} (give --data-root)", file=sys.stderr)
+            print(
+                f"variance influence and evaluation skipped: no CIFAR-100 under {root} (give --data-root)",
+                file=sys.stderr,
+            )
             return None
         try:
             import torchvision
         except ImportError as exc:
             _fail('--data cifar100 needs torchvision: pip install "mixshare-layers[examples]"', exc)
         try:
-            test = torchvision.datasets.CIFAR100(str(root), train=False, download=False)
+            cifar = torchvision.datasets.CIFAR100(str(root), train=False, download=False)
         except RuntimeError as err:  # torchvision's "not found or corrupted"
             _fail(f"CIFAR-100 in {root} cannot be read ({err}): check --data-root", err)
-        images = torch.from_numpy(test.data[:n]).permute(0, 3, 1, 2).contiguous()
+        images = torch.from_numpy(cifar.data[:n]).permute(0, 3, 1, 2).contiguous()
+        labels, source = torch.tensor(cifar.targets[:n]), "cifar100"
     else:
-        print(f"variance influence skipped: unknown dataset {dataset!r} in the checkpoint", file=sys.stderr)
+        print(
+            f"variance influence and evaluation skipped: unknown dataset {dataset!r} in the checkpoint", file=sys.stderr
+        )
         return None
     x = images.float() / 255.0
     mean = config.get("mean") or config.get("normalize_mean")
@@ -175,7 +213,54 @@ def _variance_images(config: dict[str, Any], args: argparse.Namespace, model: MI
         mean_t, std_t = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-6)
     else:
         mean_t, std_t = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
-    return (x - mean_t.view(1, -1, 1, 1)) / std_t.view(1, -1, 1, 1)
+
+    def normalise(batch: Tensor) -> Tensor:
+        m, s = mean_t.to(batch.device).view(1, -1, 1, 1), std_t.to(batch.device).view(1, -1, 1, 1)
+        return (batch - m) / s
+
+    return _TestImages(x, labels, source, normalise)
+
+
+#: the metrics of the evaluation kept in sharing.json (fractions, nats)
+EVALUATION_METRICS = ("ensemble_acc", "mean_individual_acc", "individual_acc", "nll", "ece", "adaptive_ece", "brier")
+
+
+def _evaluation(model: MIMOWrapper, test: _TestImages, args: argparse.Namespace) -> dict[str, Any]:
+    """The model's metrics on the test images, raw and at the temperature it stores for ``--rule`` (if any)."""
+    n = min(args.eval_images, test.images.shape[0])
+    data = (test.images[:n], test.labels[:n])
+    report = evaluate_uncertainty(
+        model, data, rule=args.rule, corruptions=(), preprocess=test.normalise, device=args.device, batch_size=256
+    )
+
+    def kept(metrics: dict[str, Any]) -> dict[str, Any]:
+        return {k: metrics[k] for k in EVALUATION_METRICS if k in metrics}
+
+    stored = report["temperature_source"] == "model"
+    return {
+        "data": test.source,
+        "images": n,
+        "rule": args.rule,
+        "units": "fractions and nats per sample",
+        "temperature": report["temperature"] if stored else None,
+        "temperature_source": "checkpoint" if stored else None,
+        "raw": kept(report["clean"]),
+        "calibrated": kept(report["calibrated"]["clean"]) if stored else None,
+    }
+
+
+def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
+    def line(m: dict[str, Any]) -> str:
+        return f"accuracy {100 * m['ensemble_acc']:.2f} %, NLL {m['nll']:.4f}, ECE {100 * m['ece']:.2f} %"
+
+    head = f"evaluation on {evaluation['images']} {evaluation['data']} test images (rule {evaluation['rule']!r})"
+    lines = [f"{head}: raw {line(evaluation['raw'])}"]
+    if evaluation["calibrated"] is None:
+        lines.append("  the checkpoint holds no fitted temperature: raw only")
+    else:
+        t = evaluation["temperature"]
+        lines.append(f"  calibrated with the checkpoint's stored temperature {t:.4g}: {line(evaluation['calibrated'])}")
+    return lines
 
 
 def _safe(name: str) -> str:
@@ -203,11 +288,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "encoder": encoder_influence(model),
         "classifier": classifier_influence(model),
     }
-    images = _variance_images(config, args, model)
+    test = _test_images(config, args, model)
+    model.to(args.device)
+    evaluation = None
+    if test is not None and args.eval_images > 0:
+        try:
+            evaluation = _evaluation(model, test, args)
+        except (RuntimeError, AssertionError, TypeError, ValueError) as err:  # the model refuses these images
+            text = " ".join(str(err).split())[:300]
+            _fail(
+                f"the evaluation on {tuple(test.images.shape[1:])} images failed ({type(err).__name__}: {text}): give "
+                "the model's input size with --image-size, or skip it with --eval-images 0",
+                err,
+            )
+    images = None if test is None else test.normalise(test.images[: args.variance_images])
     if images is not None and images.shape[0] >= 2:
         try:
             variance = feature_variance_influence(
-                model.to(args.device), images, layers=args.layers, fixed_input=images[0], device=args.device
+                model, images, layers=args.layers, fixed_input=images[0], device=args.device
             )
         except ValueError as err:  # a --layers name that is not a module of the model, or not a feature map
             if args.layers is None:
@@ -233,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             name: [[round(v, 7) if math.isfinite(v) else None for v in row] for row in h.tolist()]
             for name, h in tables.items()
         },
+        "evaluation": evaluation,
         "figures": [],
     }
     write_json(out / "sharing.json", result)
@@ -263,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     for name, r in result["rates"].items():
         print(f"{name:>24s}: sharing {r['mean_ratio']:6.2f}% (mean ratio)  {r['sum_ratio']:6.2f}% (sum ratio)")
+    if evaluation is not None:
+        print(*_evaluation_lines(evaluation), sep="\n")
     print(f"wrote {out / 'sharing.json'}" + (f" and {len(result['figures'])} figures" if result["figures"] else ""))
     return result
 

@@ -12,7 +12,8 @@
 * :func:`fit_temperature` / :func:`tempered_log_probs`: temperature scaling of the ensemble on a validation split;
 * :class:`UncertaintyMetrics`: all of it, streamed over batches, on device;
 * :func:`evaluate_uncertainty`: clean, OOD and corrupted test sets (:mod:`~mixshare_layers.evaluation.shift`) in one
-  call, :func:`flatten_report` for CSV rows;
+  call, :func:`flatten_report` for CSV rows, :func:`calibration_under_shift` for the ECE per shift, raw and
+  calibrated;
 * :func:`plot_reliability_diagram`, :func:`plot_uncertainty_report`: figures (``analysis`` extra: matplotlib).
 
 Units everywhere (:data:`METRIC_UNITS`): accuracies, calibration errors, AURC, AUROC, AUPR, FPR95 and disagreement
@@ -29,7 +30,7 @@ from .calibration import (
     classwise_calibration_error,
     classwise_calibration_error_from_bins,
 )
-from .evaluate import METRIC_UNITS, evaluate_uncertainty, flatten_report
+from .evaluate import METRIC_UNITS, calibration_under_shift, evaluate_uncertainty, flatten_report
 from .metrics import (
     ECE_BINS,
     EnsembleMetrics,
@@ -72,6 +73,7 @@ __all__ = [
     "aurc",
     "brier_score",
     "calibration_bins",
+    "calibration_under_shift",
     "classwise_calibration_bins",
     "classwise_calibration_error",
     "classwise_calibration_error_from_bins",

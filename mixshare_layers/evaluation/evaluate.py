@@ -19,7 +19,7 @@ from .scores import UNCERTAINTY_SCORES, uncertainty_scores
 from .shift import CORRUPTIONS, SEVERITIES, corrupt
 from .temperature import fit_temperature
 
-__all__ = ["METRIC_UNITS", "evaluate_uncertainty", "flatten_report"]
+__all__ = ["METRIC_UNITS", "calibration_under_shift", "evaluate_uncertainty", "flatten_report"]
 
 #: The unit of every metric of a report (one convention per kind of quantity).
 METRIC_UNITS: Mapping[str, str] = MappingProxyType(
@@ -391,3 +391,47 @@ def flatten_report(
     walk("", report)
     return flat
 
+
+def calibration_under_shift(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """ECE and NLL under every shift of an :func:`evaluate_uncertainty` report, raw and at its temperature.
+
+    One row per shift, in the report's order: ``clean`` (severity 0), each corruption at each severity, then
+    ``mean`` over the corruptions at each severity and over all (severity ``"all"``). A row is ``{"shift",
+    "severity", "ece", "nll", "calibrated_ece", "calibrated_nll"}``: ECE a fraction, NLL in nats; the calibrated
+    pair comes from ``report["calibrated"]`` (the temperature fitted on the validation split, given, or stored in
+    the model: ``report["temperature_source"]``) and is ``None`` when the report has no temperature.
+
+    Example:
+        >>> m = lambda ece, nll: {"ece": ece, "nll": nll}
+        >>> rep = {"clean": m(0.1, 0.5), "shift": {"blur": {5: m(0.3, 1.2)}}, "shift_by_severity": {}, "shift_mean": {}}
+        >>> cal = {**rep, "clean": m(0.02, 0.4), "shift": {"blur": {5: m(0.1, 1.0)}}}
+        >>> rows = calibration_under_shift({**rep, "calibrated": cal})
+        >>> [(r["shift"], r["severity"], r["ece"], r["calibrated_ece"]) for r in rows]
+        [('clean', 0, 0.1, 0.02), ('blur', 5, 0.3, 0.1)]
+    """
+
+    def cells(rep: Mapping[str, Any]) -> list[tuple[str, Any, Mapping[str, Any]]]:
+        out: list[tuple[str, Any, Mapping[str, Any]]] = [("clean", 0, rep["clean"])]
+        for corruption, by_severity in rep["shift"].items():
+            out += [(corruption, severity, m) for severity, m in by_severity.items()]
+        out += [("mean", severity, m) for severity, m in rep["shift_by_severity"].items()]
+        if rep["shift_mean"]:
+            out.append(("mean", "all", rep["shift_mean"]))
+        return out
+
+    calibrated = report.get("calibrated")
+    tempered = cells(calibrated) if calibrated is not None else None
+    rows = []
+    for i, (name, severity, m) in enumerate(cells(report)):
+        c = tempered[i][2] if tempered is not None else None
+        rows.append(
+            {
+                "shift": name,
+                "severity": severity,
+                "ece": m["ece"],
+                "nll": m["nll"],
+                "calibrated_ece": None if c is None else c["ece"],
+                "calibrated_nll": None if c is None else c["nll"],
+            }
+        )
+    return rows

@@ -9,7 +9,8 @@ Needs Lightning 2 (``pip install "mixshare-layers[lightning]"``, the unified ``l
 * :class:`MIMOLightningModule`: training rows from :class:`~mixshare_layers.MIMOBatcher` (batch repetition,
   per-member shuffles, the preset's input repetition), the preset's :class:`~mixshare_layers.MIMOLoss`, evaluation
   of the ensemble with per-member accuracies, disagreement, NLL, ECE, Brier and, in ``test``, the uncertainty
-  metrics and OOD detection of :mod:`mixshare_layers.evaluation`.
+  metrics and OOD detection of :mod:`mixshare_layers.evaluation`; at the end of every validation epoch it fits the
+  model's temperatures on the logits the validation saw (``calibrate=True``), so the checkpoints carry them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_int, check_real
-from ..evaluation import UNCERTAINTY_SCORES, UncertaintyMetrics, ood_detection_metrics, uncertainty_scores
+from .._checks import check_bool, check_choice, check_int, check_real
+from ..evaluation import (
+    UNCERTAINTY_SCORES,
+    UncertaintyMetrics,
+    fit_temperature,
+    ood_detection_metrics,
+    uncertainty_scores,
+)
 from ..evaluation._common import all_gather_cat
 from ..evaluation.metrics import EnsembleMetrics
 from ..vocabulary import ENSEMBLE_RULES, PROGRESS_GRANULARITIES
@@ -121,6 +128,16 @@ class MIMOLightningModule(pl.LightningModule):
     processes before they are computed: ``val/ensemble_acc``, ``val/mean_individual_acc``,
     ``val/individual_acc/<i>`` for every member, ``val/disagreement``, ``val/nll``, ``val/ece``, ``val/brier``.
 
+    Calibration (``calibrate=True``): the validation steps keep the members' logits they compute anyway, and at the
+    end of the validation epoch the model's ``temperature`` buffer gets, for each ensemble rule, the temperature
+    minimising the NLL of ``softmax(log p_ens / T)`` on them, gathered over processes: what
+    :meth:`MIMOWrapper.calibrate` would fit on the same images and labels, without a second pass of the model.
+    Logged: ``val/temperature/prob``, ``val/temperature/logit``. It is done at every validation epoch's end rather
+    than once at the end of the fit, so that every checkpoint Lightning saves after a validation (``ModelCheckpoint``
+    saves after this hook) holds the temperatures of its own weights, the best-k ones included; the fit costs a few
+    hundred float64 passes over the ``(N, M, K)`` logits, nothing beside a validation of the model. The sanity-check
+    validation (a few batches before training) fits nothing.
+
     Test: dataloader 0 is the labelled in-distribution test set and gives ``test/...`` with, besides the above,
     ``adaptive_ece``, ``classwise_ece``, ``aurc``, ``mean_confidence``, ``entropy``, ``mutual_information``,
     ``expected_entropy`` (:class:`~mixshare_layers.evaluation.UncertaintyMetrics`); every further test dataloader
@@ -140,6 +157,8 @@ class MIMOLightningModule(pl.LightningModule):
         label_smoothing: of the loss.
         progress: granularity of the :class:`MIMOProgress` callback this module adds (``"step"`` or ``"epoch"``);
             ``None`` to drive the progress yourself. It replaces a ``MIMOProgress`` given to the trainer.
+        calibrate: fit the model's temperatures at the end of every validation epoch (see above); ``False`` leaves
+            the ``temperature`` buffer as it is.
 
     Shape:
         - Batches: ``(images (B, C, H, W), labels (B,))``; ``forward``: as the model's.
@@ -162,6 +181,7 @@ class MIMOLightningModule(pl.LightningModule):
         rule: str = "prob",
         label_smoothing: float = 0.0,
         progress: str | None = "step",
+        calibrate: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(model, MIMOWrapper):
@@ -174,12 +194,14 @@ class MIMOLightningModule(pl.LightningModule):
         if progress is not None:
             check_choice("progress", progress, PROGRESS_GRANULARITIES)
         self.progress_granularity = progress
+        self.calibrate = check_bool("calibrate", calibrate)
         for name, fn in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, but got {type(fn).__name__}")
         self.optimizer_factory = optimizer or _default_optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._val: EnsembleMetrics | None = None
+        self._calibration: tuple[list[Tensor], list[Tensor]] | None = None  # a validation's logits and labels
         self._test: UncertaintyMetrics | None = None
         self._ood_scores: dict[int, dict[str, list[Tensor]]] = {}
 
@@ -216,16 +238,35 @@ class MIMOLightningModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val = EnsembleMetrics(self.model.num_subnetworks, self.rule, device=self.device)
+        self._calibration = ([], []) if self.calibrate and not self.trainer.sanity_checking else None
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         assert self._val is not None
-        self._val.update(self._eval_logits(batch[0]), batch[1])
+        logits = self._eval_logits(batch[0])
+        self._val.update(logits, batch[1])
+        if self._calibration is not None:
+            self._calibration[0].append(logits)
+            self._calibration[1].append(batch[1])
 
     def on_validation_epoch_end(self) -> None:
         assert self._val is not None
         self._val.all_reduce()
         self._log_metrics("val", self._val.compute())
         self._val = None
+        if self._calibration is not None:
+            self._fit_temperatures(*self._calibration)
+            self._calibration = None
+
+    def _fit_temperatures(self, logits: list[Tensor], labels: list[Tensor]) -> None:
+        """Store in the model, for each rule, the temperature fitted on the validation's logits of every process."""
+        if not logits:
+            return
+        all_logits = all_gather_cat(torch.cat(logits))
+        all_labels = all_gather_cat(torch.cat([y.to(all_logits.device) for y in labels]))
+        fitted = [fit_temperature(all_logits, all_labels, rule) for rule in ENSEMBLE_RULES]  # what calibrate fits
+        self.model.temperature.copy_(torch.tensor(fitted))
+        for rule, t in zip(ENSEMBLE_RULES, fitted, strict=True):
+            self.log(f"val/temperature/{rule}", t, add_dataloader_idx=False)
 
     def on_test_epoch_start(self) -> None:
         m, k = self.model.num_subnetworks, self.model.num_classes

@@ -25,6 +25,18 @@ routine rearranges as ``"(m b) k -> b m k"`` and averages as *probabilities* (so
   which also adds :class:`~mixshare_layers.integrations.lightning.MIMOProgress` to the trainer (progress per step
   from ``global_step / estimated_stepping_batches``). With a plain ``ClassificationRoutine``, pass
   ``MIMOProgress()`` in the ``TUTrainer``'s callbacks.
+
+Calibration goes through torch-uncertainty's own ``TemperatureScaler`` (``torch_uncertainty.post_processing``), which
+divides one network's logits by ``T``. :class:`EnsembleLogits` presents the ensemble as such a network: its
+"logits" are the ensemble's log-probabilities under a rule, so the scaler's ``softmax(log p_ens / T)`` is the
+library's tempered ensemble (``mode="ensemble"`` of :func:`~mixshare_layers.evaluation.fit_temperature`): for
+``rule="prob"`` the temperature divides the log of the mean of the members' probabilities (what torch-uncertainty's
+routines average), for ``rule="logit"`` the mean of the members' logits (classic temperature scaling).
+
+* :func:`fit_temperature_scaler`: fits their scaler (LBFGS on the NLL) and stores its temperature in the model's
+  ``temperature`` buffer, which ``predict``, ``fold``, ``save_model`` and ``evaluate_uncertainty`` then use;
+* :func:`to_temperature_scaler`: their scaler holding the model's stored temperature (e.g. from
+  ``MIMOWrapper.calibrate``), for torch-uncertainty code that takes a ``TemperatureScaler``.
 """
 
 from __future__ import annotations
@@ -37,22 +49,27 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int, check_ndim, check_real
-from ..functional.ensemble import from_estimator_major, to_estimator_major
+from ..functional.ensemble import ensemble_log_probs, from_estimator_major, to_estimator_major
 from ..mix_info import MixInfo
-from ..vocabulary import PROGRESS_GRANULARITIES
+from ..vocabulary import ENSEMBLE_RULES, PROGRESS_GRANULARITIES
 from ..wrapper import MIMOOutput, MIMOWrapper
 from ._optional import require
 
 _tu_routines = require("torch_uncertainty.routines", "torch-uncertainty", __name__)
+_tu_post_processing = require("torch_uncertainty.post_processing", "torch-uncertainty", __name__)
 from .lightning import MIMOProgress  # noqa: E402  (after the check that names the extra)
 
 ClassificationRoutine: Any = _tu_routines.ClassificationRoutine
+TemperatureScaler: Any = _tu_post_processing.TemperatureScaler
 
 __all__ = [
+    "EnsembleLogits",
     "MIMOClassificationRoutine",
     "TorchUncertaintyBatchFormat",
     "TorchUncertaintyMIMO",
     "TorchUncertaintyMIMOLoss",
+    "fit_temperature_scaler",
+    "to_temperature_scaler",
 ]
 
 
@@ -289,3 +306,122 @@ class MIMOClassificationRoutine(ClassificationRoutine):
 
     def configure_callbacks(self) -> Any:
         return [] if self.progress_granularity is None else [MIMOProgress(self.progress_granularity)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calibration with torch-uncertainty's TemperatureScaler
+# ---------------------------------------------------------------------------------------------------------------
+class EnsembleLogits(nn.Module):
+    """A :class:`~mixshare_layers.MIMOWrapper`'s ensemble as one network's logits, for torch-uncertainty's scalers.
+
+    Returns ``log p_ens``, the ensemble's log-probabilities under ``rule``
+    (:func:`~mixshare_layers.functional.ensemble_log_probs`): logits whose softmax is the ensemble, so that a
+    ``TemperatureScaler`` around this module gives ``softmax(log p_ens / T)``, the library's tempered ensemble.
+
+    Args:
+        model: the network (its parameters are this module's); it must be in eval mode when this module is called.
+        rule: ``"prob"`` (mean of member probabilities, as torch-uncertainty's routines ensemble) or ``"logit"``.
+
+    Shape:
+        - Input: ``(B, C, H, W)``; output: ``(B, K)``.
+
+    Example:
+        >>> from mixshare_layers.models import wide_resnet
+        >>> net = EnsembleLogits(MIMOWrapper(wide_resnet(10, 1, num_classes=10), 2).eval())
+        >>> net(torch.randn(4, 3, 32, 32)).detach().exp().sum(-1)  # log-probabilities
+        tensor([1.0000, 1.0000, 1.0000, 1.0000])
+    """
+
+    def __init__(self, model: MIMOWrapper, rule: str = "prob") -> None:
+        super().__init__()
+        if not isinstance(model, MIMOWrapper):
+            raise TypeError(f"model must be a MIMOWrapper, but got {type(model).__name__}")
+        self.model = model
+        self.rule = check_choice("rule", rule, ENSEMBLE_RULES)
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule!r}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.model.training:
+            raise ValueError("EnsembleLogits needs its model in eval mode (call .eval()): it is in training mode")
+        logits = self.model(x)
+        assert isinstance(logits, Tensor)  # eval mode: (B, M, K)
+        return ensemble_log_probs(logits, self.rule)
+
+
+def _device(model: MIMOWrapper) -> torch.device:
+    return model.temperature.device
+
+
+@torch.no_grad()
+def _store(model: MIMOWrapper, rule: str, temperature: float) -> None:
+    model.temperature[ENSEMBLE_RULES.index(rule)] = temperature
+
+
+def fit_temperature_scaler(model: MIMOWrapper, dataloader: Any, rule: str = "prob", **scaler_kwargs: Any) -> Any:
+    """Fit torch-uncertainty's ``TemperatureScaler`` on the ensemble and keep its temperature in the model.
+
+    The scaler wraps :class:`EnsembleLogits` (``model`` in eval mode while it fits; its mode is restored), so it
+    fits the ``T`` of ``softmax(log p_ens / T)`` by its LBFGS on the NLL, the function
+    :meth:`MIMOWrapper.calibrate` minimises by a float64 golden-section search; the two agree to the precision of
+    torch-uncertainty's float32 LBFGS. The temperature goes into ``model.temperature`` for ``rule`` only (the other
+    rule's is left as it is).
+
+    Args:
+        model: the network.
+        dataloader: held-out ``(images, labels)`` batches (never the test set), as the scaler's ``fit`` takes them.
+        rule: the ensemble rule the temperature is for: ``"prob"`` or ``"logit"``.
+        **scaler_kwargs: ``TemperatureScaler``'s ``init_temperature``, ``lr``, ``max_iter``, ``eps``.
+
+    Returns:
+        The fitted ``TemperatureScaler`` (on the model's device).
+
+    Raises:
+        ValueError: the scaler's temperature is not a positive finite number (torch-uncertainty only logs it).
+    """
+    if not isinstance(model, MIMOWrapper):
+        raise TypeError(f"model must be a MIMOWrapper, but got {type(model).__name__}")
+    check_choice("rule", rule, ENSEMBLE_RULES)
+    for key in ("model", "device"):
+        if key in scaler_kwargs:
+            raise TypeError(f"fit_temperature_scaler sets the scaler's {key} itself; do not pass it")
+    scaler = TemperatureScaler(EnsembleLogits(model, rule), device=_device(model), **scaler_kwargs)
+    was_training = model.training
+    model.eval()
+    try:
+        scaler.fit(dataloader, progress=False)
+    finally:
+        model.train(was_training)
+    t = float(scaler.temperature[0].detach())
+    if not 0.0 < t < float("inf"):
+        raise ValueError(
+            f"torch-uncertainty's TemperatureScaler converged to temperature {t} on this data; nothing was stored "
+            "(try another lr or max_iter, or MIMOWrapper.calibrate)"
+        )
+    _store(model, rule, t)
+    return scaler
+
+
+def to_temperature_scaler(model: MIMOWrapper, rule: str = "prob") -> Any:
+    """torch-uncertainty's ``TemperatureScaler`` holding the model's stored temperature for ``rule``.
+
+    The scaler wraps :class:`EnsembleLogits`: ``scaler(x).softmax(-1)`` is ``model.predict(x, rule)`` (model in
+    eval mode). It counts as fitted (``trained``) when the stored temperature is not 1, i.e. after
+    :meth:`MIMOWrapper.calibrate` or :func:`fit_temperature_scaler`.
+
+    Example:
+        >>> from mixshare_layers.models import wide_resnet
+        >>> model = MIMOWrapper(wide_resnet(10, 1, num_classes=10), 2).eval()
+        >>> model.temperature.fill_(0.5)
+        tensor([0.5000, 0.5000])
+        >>> scaler = to_temperature_scaler(model)
+        >>> float(scaler.temperature[0].detach()), scaler.trained
+        (0.5, True)
+    """
+    if not isinstance(model, MIMOWrapper):
+        raise TypeError(f"model must be a MIMOWrapper, but got {type(model).__name__}")
+    t = float(model.temperature[ENSEMBLE_RULES.index(check_choice("rule", rule, ENSEMBLE_RULES))])
+    scaler = TemperatureScaler(EnsembleLogits(model, rule), init_temperature=t, device=_device(model))
+    scaler.trained = t != 1.0
+    return scaler
