@@ -24,7 +24,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..layers.encoder import reset_all_parameters
 from .surgery import head_shell
@@ -67,14 +67,16 @@ class FamilyInit:
 
 # -- torchvision ---------------------------------------------------------------------------------------------------
 def _zero_bias(module: nn.Module) -> None:
-    if getattr(module, "bias", None) is not None:
-        nn.init.zeros_(module.bias)
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, Tensor):
+        nn.init.zeros_(bias)
 
 
 def _norm_one_zero(module: nn.Module, kinds: tuple[type, ...] = (nn.BatchNorm2d, nn.GroupNorm)) -> None:
-    if isinstance(module, kinds) and module.weight is not None:
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+    weight = getattr(module, "weight", None)
+    if isinstance(module, kinds) and isinstance(weight, Tensor):
+        nn.init.ones_(weight)
+        _zero_bias(module)
 
 
 def _resnet(name: str, m: nn.Module) -> None:
@@ -252,10 +254,11 @@ def _timm_scheme(model: nn.Module) -> tuple[str, Callable[..., None] | None, str
     """timm's initialisation of ``model``'s layers: ``(where it comes from, the function, how it is applied)``.
 
     In order: timm's ViT initialisation (``get_init_weights_vit`` of the model's ``weight_init_mode``) for a
-    ``VisionTransformer`` or a model of a timm module that initialises with it (Swin, ViT-relpos, NaFlexViT); timm's EfficientNet initialisation (``efficientnet_init_weights``) for a model of a timm
-    module built on it (EfficientNet, MobileNet v3 / v5, MixNet...); the model's ``_init_weights`` method taking a
-    module; the ``_init_weights(module, name)`` function of the model's timm module (ConvNeXt, RegNet, ResNet v2,
-    CSPNet, ByobNet, MLP-Mixer...); timm ``ResNet``'s rule for convolutions; otherwise PyTorch's defaults alone.
+    ``VisionTransformer`` or a model of a timm module that initialises with it (Swin, ViT-relpos, NaFlexViT);
+    timm's EfficientNet initialisation (``efficientnet_init_weights``) for a model of a timm module built on it
+    (EfficientNet, MobileNet v3 / v5, MixNet...); the model's ``_init_weights`` method taking a module; the
+    ``_init_weights(module, name)`` function of the model's timm module (ConvNeXt, RegNet, ResNet v2, CSPNet,
+    ByobNet, MLP-Mixer...); timm ``ResNet``'s rule for convolutions; otherwise PyTorch's defaults alone.
     The application is ``"named"`` (``fn(module, name)`` on each submodule, children first), ``"module"``
     (``fn(module)`` on each submodule, children first) or ``"whole"`` (``fn(part)`` once).
     """
@@ -273,7 +276,7 @@ def _timm_scheme(model: nn.Module) -> tuple[str, Callable[..., None] | None, str
     if cls.__module__.startswith("timm.") and callable(goog):
         return "timm's efficientnet_init_weights", goog, "whole"
     method = getattr(cls, "_init_weights", None)
-    if callable(method) and _takes_a_module(getattr(model, "_init_weights"), named=False):
+    if callable(method) and _takes_a_module(getattr(model, "_init_weights"), named=False):  # noqa: B009 (typed Any)
         return f"{cls.__name__}._init_weights", method, "method"
     function = getattr(home, "_init_weights", None)
     if cls.__module__.startswith("timm.") and callable(function) and _takes_a_module(function, named=True):

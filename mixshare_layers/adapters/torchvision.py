@@ -205,7 +205,8 @@ def _vit(m: Any) -> BackboneSplit:
 
 
 def _table() -> list[tuple[type, Callable[[Any], BackboneSplit], str]]:
-    """Each class, its split, and its family's initialiser in :data:`~mixshare_layers.adapters.inits.TORCHVISION_INITS`."""
+    """Each class, its split, and its family (its initialiser in
+    :data:`~mixshare_layers.adapters.inits.TORCHVISION_INITS`)."""
     from torchvision import models as tvm
 
     return [

@@ -60,7 +60,7 @@ class _Redraw(NamedTuple):
     PyTorch's defaults) and, for the linear storage, a copy of the head layer it is called on, one copy per draw."""
 
     reinit: Callable[[nn.Module], None] | None
-    template: nn.Module | None
+    template: nn.Linear | None
 
 
 class MultiHead(nn.Module):

@@ -62,8 +62,8 @@ def mixmo_init_(module: nn.Module) -> None:
         elif isinstance(sub, nn.BatchNorm2d):
             nn.init.ones_(sub.weight)
             nn.init.zeros_(sub.bias)
-        elif any(True for _ in sub.parameters(recurse=False)) and callable(getattr(sub, "reset_parameters", None)):
-            sub.reset_parameters()  # any other layer (a head's LayerNorm) as PyTorch constructs it
+        elif callable(reset := getattr(sub, "reset_parameters", None)) and any(True for _ in sub.parameters(False)):
+            reset()  # any other layer with parameters (a head's LayerNorm) as PyTorch constructs it
 
 
 def torch_init_(module: nn.Module) -> None:
