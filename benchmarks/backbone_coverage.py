@@ -443,6 +443,38 @@ def _unmix(rec: dict) -> str:
     return "no: " + str(rec.get("unmix")).replace("|", "\\|")
 
 
+# the page's section on how each split draws its copies (written by hand, kept by every rewrite)
+INITIALISERS = """## Initialisers
+
+Without pretrained weights a wrapper draws its independent encoder copies and its M heads afresh; each built-in split
+draws them with its backbone's own initialiser (the split's `reinit`, `mixshare_layers/adapters/inits.py`), and
+redraws every layer of a copy: each submodule first gets its `reset_parameters()` (a head's LayerNorm back to 1 / 0),
+then the family's rules.
+
+| backbone | convolutions | linear layers | norms |
+|---|---|---|---|
+| the library's WRN | its `init`: PyTorch's defaults (`"torch"`), or truncated He-normal, fan-in, zero bias (`"mixmo"`) | the same | BatchNorm 1 / 0; any other layer PyTorch's |
+| torchvision ResNet | Kaiming-normal, fan-out, ReLU | PyTorch's | BatchNorm / GroupNorm 1 / 0 |
+| torchvision RegNet | normal, std `sqrt(2 / (k k C_out))` | N(0, 0.01), zero bias | BatchNorm 1 / 0 |
+| torchvision EfficientNet | Kaiming-normal, fan-out, zero bias | uniform `+-1 / sqrt(out)`, zero bias | 1 / 0 |
+| torchvision MobileNet v2 / v3 | Kaiming-normal, fan-out, zero bias | N(0, 0.01), zero bias | 1 / 0 |
+| torchvision MNASNet | Kaiming-normal, fan-out, ReLU, zero bias | Kaiming-uniform, fan-out, gain 1, zero bias | BatchNorm 1 / 0 |
+| torchvision ConvNeXt | truncated normal, std 0.02, zero bias | the same | PyTorch's (1 / 0) |
+| torchvision DenseNet | Kaiming-normal, fan-in | PyTorch's weight, zero bias | BatchNorm 1 / 0 |
+| torchvision SqueezeNet | Kaiming-uniform, fan-in, zero bias; the classifier's N(0, 0.01) | - | - |
+| torchvision VGG | Kaiming-normal, fan-out, ReLU, zero bias | N(0, 0.01), zero bias | BatchNorm 1 / 0 |
+| torchvision GoogLeNet / Inception v3 | truncated normal (cut at +-2), std 0.01 / 0.1 (a layer's `stddev` where set) | the same | BatchNorm 1 / 0 |
+| torchvision MaxViT | N(0, 0.02), zero bias | N(0, 0.02), zero bias | BatchNorm 1 / 0 |
+| torchvision Swin | PyTorch's | truncated normal, std 0.02, zero bias | PyTorch's |
+| torchvision ViT | patch projection truncated normal, std `sqrt(1 / fan_in)`, zero bias (a conv stem PyTorch's) | `pre_logits` the same; the final `head` zeros | PyTorch's |
+| torchvision ShuffleNet v2 / AlexNet | PyTorch's | PyTorch's | PyTorch's |
+| timm | timm's own functions for the model, in order: `get_init_weights_vit` of its `weight_init_mode` (ViT, Swin, ViT-relpos, NaFlexViT: linear layers truncated normal, std 0.02, zero bias), `efficientnet_init_weights` (EfficientNet, MobileNet v3 / v5, MixNet...), the model's `_init_weights(module)` method, its timm module's `_init_weights(module, name)` (ConvNeXt, RegNet, ResNet v2, CSPNet, ByobNet...), timm ResNet's convolution rule; otherwise PyTorch's defaults (the split's `reinit.source` says which) | | |
+
+`pretrained=True` copies the backbone's first layer and head instead, so the wrapper starts as exactly the backbone.
+`MultiHead.reset_parameters()` redraws the heads with the same initialiser.
+"""  # noqa: E501 (a markdown table, one row a line)
+
+
 def write_report(data: dict) -> None:
     selected = data.get("selected")  # models measured earlier but no longer selected (a family's choice) are left out
     models = {k: v for k, v in data["models"].items() if selected is None or k in selected}
@@ -496,6 +528,7 @@ def write_report(data: dict) -> None:
             lines.append(f"* `{r['name']}`: {_why(r) or 'see the table'}")
         lines.append("")
     seconds = sum(r.get("wall_s", 0.0) for r in models.values())
+    lines += [*INITIALISERS.splitlines(), ""]
     lines += [
         "## How this was measured",
         "",

@@ -186,12 +186,23 @@ def test_one_training_step_reaches_every_member(case):
     model = MIMOWrapper(copy.deepcopy(net), 2, "mixshare", **c.overrides).train()
     x = _images(2, 2, 3, c.size, c.size, seed=2)
     labels = torch.tensor([[0, 1], [2, 3]])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a small backbone's last maps can be 1x1 (the Unmixer warns once)
-        out = model(x)
-    loss = MIMOLoss(1.0)(out, labels)
-    assert torch.isfinite(loss)
-    loss.backward()
+
+    def step() -> None:
+        model.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a small backbone's last maps can be 1x1 (the Unmixer warns once)
+            out = model(x)
+        loss = MIMOLoss(1.0)(out, labels)
+        assert torch.isfinite(loss)
+        loss.backward()
+
+    step()
+    if not any(bool(p.detach().any()) for p in model.heads.parameters()):
+        # heads that start at zero (torchvision's ViT initialises its head so) pass nothing back on the first step:
+        # one SGD step on them, and the next backward reaches the encoders
+        assert all(p.grad is not None and bool(p.grad.any()) for p in model.heads.parameters() if p.dim() > 1)
+        torch.optim.SGD(model.heads.parameters(), lr=0.1).step()
+        step()
     for p in model.parameters():
         assert p.grad is None or bool(torch.isfinite(p.grad).all()), name
     enc = model.encoder
@@ -600,3 +611,218 @@ def test_several_feature_maps_are_read_by_the_heads():
     out = model.train()(_images(2, 2, 3, 32, 32, seed=1))
     out.logits.sum().backward()
     assert model.heads.members[1].model.head.weight.grad.abs().sum() > 0
+
+
+# -- each split draws its copies with its backbone's own initialiser ------------------------------------------------
+def _assert_same_distribution(drawn: torch.Tensor, reference: torch.Tensor, what: str) -> None:
+    """``drawn`` (several draws, pooled) against ``reference`` (the backbone's own draw): equal where the reference is
+    a constant (zeros, ones), else the same mean and standard deviation up to 6 standard errors of the comparison.
+
+    The standard error of a sample standard deviation over ``n`` values is at most ``std / sqrt(2 n)`` for the
+    distributions drawn here (normal, truncated normal, uniform: kurtosis <= 3), of a mean ``std / sqrt(n)``; 6 of
+    them put a false failure below 1e-8 per check, while the errors this catches (PyTorch's default instead of the
+    family's, a kept pretrained value) are several times larger on the sizes used.
+    """
+    drawn, reference = drawn.detach().double().flatten(), reference.detach().double().flatten()
+    if reference.numel() < 2 or float(reference.std()) == 0.0:
+        assert torch.equal(drawn.unique(), reference.unique()), what
+        return
+    n, r = drawn.numel(), reference.numel()
+    std, ref_std = float(drawn.std()), float(reference.std())
+    assert abs(std / ref_std - 1) <= 6 * (1 / (2 * n) + 1 / (2 * r)) ** 0.5, (what, std, ref_std)
+    assert abs(float(drawn.mean() - reference.mean())) <= 6 * ref_std * (1 / n + 1 / r) ** 0.5, what
+
+
+def _fill(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters all hold 2.5 (biases -0.7), as a pretrained module's would: whatever
+    an initialiser leaves behind shows."""
+    filled = copy.deepcopy(module)
+    with torch.no_grad():
+        for name, p in filled.named_parameters():
+            p.fill_(-0.7 if name.endswith("bias") else 2.5)
+    return filled
+
+
+def _assert_reinit_is_the_backbones_own(split, draws: int = 4) -> None:
+    """Each part of the split (the backbone's own modules, as its constructor drew them) against ``draws`` copies
+    redrawn by the split's reinit, parameter by parameter."""
+    for part in (split.encoder, split.classifier):
+        copies = [_fill(part) for _ in range(draws)]
+        for c in copies:
+            split.reinit(c)
+        for name, reference in part.named_parameters():
+            drawn = torch.stack([c.get_parameter(name) for c in copies])
+            _assert_same_distribution(drawn, reference, f"{type(part).__name__}.{name}")
+
+
+def _tv_regnet() -> nn.Module:
+    from torchvision.models.regnet import BlockParams
+
+    params = BlockParams.from_init_params(depth=2, w_0=16, w_a=8.0, w_m=2.0, group_width=8)
+    return torchvision.models.RegNet(params, num_classes=100)
+
+
+def _tv_convnext_100() -> nn.Module:
+    from torchvision.models.convnext import CNBlockConfig
+
+    return torchvision.models.ConvNeXt([CNBlockConfig(32, 64, 1), CNBlockConfig(64, None, 1)], num_classes=100)
+
+
+TV_FAMILIES = {  # small members of every family the torchvision adapter splits, 100 classes for large head samples
+    "resnet": lambda: torchvision.models.resnet18(num_classes=100),
+    "regnet": _tv_regnet,
+    "efficientnet": lambda: torchvision.models.efficientnet_b0(num_classes=100),
+    "mobilenet": lambda: torchvision.models.mobilenet_v3_small(num_classes=100),
+    "mnasnet": lambda: torchvision.models.mnasnet0_5(num_classes=100),
+    "convnext": _tv_convnext_100,
+    "densenet": lambda: torchvision.models.DenseNet(8, (1, 1), 64, num_classes=100),
+    "shufflenet": lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=100),
+    "squeezenet": lambda: torchvision.models.squeezenet1_1(num_classes=100),
+    "googlenet": lambda: torchvision.models.GoogLeNet(num_classes=100, aux_logits=False, init_weights=True),
+    "maxvit": lambda: torchvision.models.MaxVit((64, 64), 32, 2, [32], [1], 8, 0.0, num_classes=100),
+    "swin": lambda: torchvision.models.SwinTransformer([4, 4], 32, [1, 1], [1, 2], [2, 2], num_classes=100),
+    "vit": lambda: torchvision.models.VisionTransformer(32, 8, 1, 2, 64, 64, representation_size=64, num_classes=100),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TV_FAMILIES))
+def test_torchvision_split_reinit_is_the_familys_own(family):
+    """The split's reinit is the family's, and it draws a first layer and a head as torchvision's constructor does:
+    every parameter, from copies whose values were all overwritten first (a pretrained LayerNorm's too)."""
+    from mixshare_layers.adapters import split_torchvision
+    from mixshare_layers.adapters.inits import TORCHVISION_INITS
+
+    torch.manual_seed(0)
+    split = split_torchvision(TV_FAMILIES[family]())
+    assert split.reinit is TORCHVISION_INITS[family]
+    _assert_reinit_is_the_backbones_own(split)
+
+
+@pytest.mark.parametrize(
+    ("build", "family"),
+    [
+        (lambda: torchvision.models.vgg11_bn(), "vgg"),
+        (lambda: torchvision.models.alexnet(), "alexnet"),
+        (lambda: torchvision.models.inception_v3(init_weights=True), "inception"),
+        (lambda: torchvision.models.efficientnet_v2_s(), "efficientnet"),
+        (lambda: torchvision.models.mobilenet_v2(), "mobilenet"),
+        (lambda: torchvision.models.resnext50_32x4d(), "resnet"),
+        (lambda: torchvision.models.swin_v2_t(), "swin"),
+        (lambda: torchvision.models.maxvit_t(), "maxvit"),
+        (lambda: torchvision.models.vit_b_16(), "vit"),
+    ],
+)
+def test_torchvision_family_of_each_class(build, family):
+    """Every class the adapter splits has its family (built on the meta device: no tensors, no time)."""
+    from mixshare_layers.adapters.torchvision import torchvision_family
+
+    with torch.device("meta"):
+        model = build()
+    assert torchvision_family(model) == family
+
+
+def test_torchvision_rules_of_the_families_too_large_to_build_here():
+    """VGG, AlexNet and Inception v3 (hundreds of MB each), by their constructors' rules: VGG's convolutions
+    Kaiming-normal (fan-out, ReLU) and linear layers N(0, 0.01), zero biases; AlexNet PyTorch's defaults; Inception
+    v3 truncated normal with std 0.1 (a layer's own ``stddev`` where set)."""
+    from mixshare_layers.adapters.inits import TORCHVISION_INITS
+
+    torch.manual_seed(0)
+    conv, linear = _fill(nn.Conv2d(3, 64, 3)), _fill(nn.Linear(512, 100))
+    for part in (conv, linear):
+        TORCHVISION_INITS["vgg"](part)
+    _assert_same_distribution(conv.weight, torch.randn(64 * 27) * (2 / (64 * 9)) ** 0.5, "vgg conv")
+    _assert_same_distribution(linear.weight, torch.randn(51200) * 0.01, "vgg linear")
+    assert not conv.bias.any() and not linear.bias.any()
+    conv = _fill(nn.Conv2d(3, 64, 11))
+    TORCHVISION_INITS["alexnet"](conv)
+    _assert_same_distribution(conv.weight, nn.Conv2d(3, 64, 11).weight, "alexnet conv")
+    _assert_same_distribution(conv.bias, nn.Conv2d(3, 64, 11).bias, "alexnet conv bias")
+    conv, linear = _fill(nn.Conv2d(3, 32, 3, bias=False)), _fill(nn.Linear(2048, 100))
+    linear.stddev = 0.001
+    for part in (conv, linear):
+        TORCHVISION_INITS["inception"](part)
+    _assert_same_distribution(conv.weight, torch.randn(32 * 27) * 0.1, "inception conv")
+    _assert_same_distribution(linear.weight, torch.randn(204800) * 0.001, "inception linear (own stddev)")
+
+
+TIMM_FAMILIES = {  # the source of timm's initialisation each one gets
+    "vit": (_timm_vit(embed_dim=192, depth=1, num_heads=3, num_classes=100), "get_init_weights_vit('')"),
+    "vit-attention-pool": (
+        _timm_vit(embed_dim=64, depth=1, global_pool="map", num_classes=100),
+        "get_init_weights_vit('')",
+    ),
+    "swin": (
+        lambda: timm.create_model(
+            "swin_tiny_patch4_window7_224",
+            img_size=32,
+            embed_dim=32,
+            depths=(1,),
+            num_heads=(2,),
+            window_size=2,
+            num_classes=100,
+        ),
+        "get_init_weights_vit('')",
+    ),
+    "resnet": (lambda: timm.create_model("resnet18d", num_classes=100), "ResNet.init_weights"),
+    "convnext": (lambda: timm.create_model("test_convnext", num_classes=100), "timm.models.convnext._init_weights"),
+    "regnet": (lambda: timm.create_model("regnetx_002", num_classes=100), "timm.models.regnet._init_weights"),
+    "mobilenetv3": (
+        lambda: timm.create_model("mobilenetv3_small_050", num_classes=100),
+        "efficientnet_init_weights",
+    ),
+    "pvt-v2 (a model's _init_weights)": (
+        lambda: timm.create_model("pvt_v2_b0", num_classes=100),
+        "PyramidVisionTransformerV2._init_weights",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TIMM_FAMILIES))
+def test_timm_split_reinit_is_timms_own(family):
+    """The split's reinit is timm's initialisation of the model (the source it names), and it draws the first layer
+    and the head as timm's constructor does, every parameter (norms of the head included)."""
+    from mixshare_layers.adapters import split_timm
+    from mixshare_layers.adapters.inits import TimmInit
+
+    build, source = TIMM_FAMILIES[family]
+    torch.manual_seed(0)
+    split = split_timm(build())
+    assert isinstance(split.reinit, TimmInit) and source in split.reinit.source
+    _assert_reinit_is_the_backbones_own(split)
+
+
+def test_timm_vit_heads_are_drawn_with_std_002():
+    """A ViT's M heads are timm's (truncated normal, std 0.02, zero bias), not ``nn.Linear``'s default (std
+    ``1 / sqrt(3 D)``, 0.042 for D = 192), at construction and after ``reset_parameters()``.
+
+    3 heads of 100 x 192 weights: the sample standard deviation's relative standard error is ``1 / sqrt(2 n)`` =
+    0.29 %, so 2 % is 7 of them, and 0.042 is 110 % away.
+    """
+    torch.manual_seed(0)
+    net = _timm_vit(embed_dim=192, depth=1, num_heads=3, num_classes=100)()
+    heads = MIMOWrapper(net, 3, "mixmo", unmix_mode="none").heads
+    assert heads.is_linear and heads.weight.numel() == 3 * 100 * 192
+    first = heads.weight.detach().clone()
+    for _ in range(2):
+        assert abs(float(heads.weight.detach().std()) / 0.02 - 1) < 0.02
+        assert not heads.bias.detach().any() and not torch.equal(heads.weight[0], heads.weight[1])
+        heads.reset_parameters()
+    assert not torch.equal(heads.weight.detach(), first)
+
+
+def test_pretrained_starts_as_the_backbone_whatever_its_initialiser():
+    """``pretrained=True`` copies the backbone's first layer and head: a torchvision ViT with trained (non-zero)
+    heads and a timm ViT stay exactly the backbone, member by member."""
+    torch.manual_seed(0)
+    tv = TV_FAMILIES["vit"]()
+    with torch.no_grad():
+        for p in tv.heads.parameters():
+            p.normal_()
+    for net in (tv.eval(), _timm_vit()().eval()):
+        x = _images(2, 3, 32, 32, seed=3)
+        model = MIMOWrapper(net, 3, "mixshare", unmix_mode="none", pretrained=True).eval()
+        with torch.no_grad():
+            expected, got = net(x), model(x)
+        for i in range(3):
+            assert _relative(got[:, i], expected) <= TOL

@@ -238,3 +238,27 @@ def test_training_paths_agree_in_float64(monkeypatch, path, bias):
     torch.testing.assert_close(out, want)
     for got, ref in zip(torch.autograd.grad(out, [x, enc.weight], grad), want_grads, strict=True):
         torch.testing.assert_close(got, ref)
+
+
+def test_independent_copies_are_drawn_by_the_backbones_initialiser_entirely():
+    """A fused conv: each of the M kernels Kaiming-normal with fan-out (ResNet's rule, std sqrt(2 / (64 * 49))) and
+    different; a generic template (conv + GroupNorm, its values all overwritten first) redrawn entirely. 3 x 9408
+    weights: 6 standard errors of the standard deviation are 2.5 %; PyTorch's default std would be 0.048 (-> 0.029
+    expected)."""
+    from mixshare_layers.adapters.inits import TORCHVISION_INITS
+
+    reinit = TORCHVISION_INITS["resnet"]
+    torch.manual_seed(0)
+    enc = MultiEncoder(nn.Conv2d(3, 64, 7, bias=False), 3, reinit=reinit)
+    kernels = enc.kernels().detach()
+    n = kernels.numel()
+    assert abs(float(kernels.std()) / (2 / (64 * 49)) ** 0.5 - 1) <= 6 / (2 * n) ** 0.5
+    assert not torch.equal(kernels[0], kernels[1])
+    template = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16))
+    with torch.no_grad():
+        for p in template.parameters():
+            p.fill_(2.5)
+    generic = MultiEncoder(template, 2, reinit=reinit)
+    for copy_ in generic.encoders:
+        assert bool(copy_[1].weight.eq(1).all()) and not copy_[1].bias.any()
+        assert not bool(copy_[0].weight.eq(2.5).any()) and not bool(copy_[0].bias.eq(2.5).any())

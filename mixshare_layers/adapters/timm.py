@@ -24,6 +24,8 @@ per-family attribute names, and on no tracing. :func:`split_timm` runs six phase
    :class:`~mixshare_layers.MultiHead`);
 6. **check**: the split's logits are compared with the model's on the probe batch; any difference refuses the model
    with the figures.
+
+The split's ``reinit`` is timm's own initialisation of the model (:class:`~mixshare_layers.adapters.inits.TimmInit`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .check import check_split, default_tolerance, eval_mode, first_tensor
+from .inits import TimmInit
 from .split import BackboneSplit, UnsupportedBackboneError
 from .surgery import Slot, SplicedCore, completing, head_shell, module_name, same_values, spliced
 
@@ -87,8 +90,11 @@ def split_timm(model: nn.Module, *, image_size: int | tuple[int, int] | None = N
     layout, pooling, p = _find_layout_and_pooling(model, probe, shell)
     head = _build_head(classifier, probe, shell, layout, pooling, p)
     preprocess = nn.Sequential(*encoder.preprocess) if encoder.preprocess else None
-    split = BackboneSplit(encoder.module, core, head, layout=layout, num_prefix_tokens=p, pooling=pooling,
-                          preprocess=preprocess)  # fmt: skip
+    names = {"encoder": encoder.name}
+    if isinstance(head, nn.Linear):  # the model's own classifier layer
+        names["head"] = module_name(model, head)
+    split = BackboneSplit(encoder.module, core, head, reinit=TimmInit(model, names), layout=layout,
+                          num_prefix_tokens=p, pooling=pooling, preprocess=preprocess)  # fmt: skip
     return _check(model, probe, encoder, split)
 
 

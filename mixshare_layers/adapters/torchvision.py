@@ -27,7 +27,9 @@ AlexNet and SqueezeNet heads read the spatial map itself (flattened into an MLP,
 pooling), and the ViT head reads the class token: those keep the heads' own pooling, so mixing works but unmixing
 (the presets that pool per member through the masks) is refused with the reason.
 
-Every split is checked against the model on a probe batch before it is returned.
+Every split is checked against the model on a probe batch before it is returned. Its ``reinit`` is torchvision's
+own initialisation of the model's family (:data:`~mixshare_layers.adapters.inits.TORCHVISION_INITS`), so the copies
+a wrapper draws start as the model's own first layer and head do.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ import torch
 from torch import Tensor, nn
 
 from .check import check_split, probe_images
+from .inits import TORCHVISION_INITS
 from .split import BackboneSplit, UnsupportedBackboneError
 
-__all__ = ["is_torchvision_model", "split_torchvision"]
+__all__ = ["is_torchvision_model", "split_torchvision", "torchvision_family"]
 
 HOW_TO = (
     "Give the split yourself: MIMOWrapper(split=BackboneSplit(encoder=..., core=..., classifier=..., layout=..., "
@@ -201,28 +204,42 @@ def _vit(m: Any) -> BackboneSplit:
     )
 
 
-def _table() -> list[tuple[type, Callable[[Any], BackboneSplit]]]:
+def _table() -> list[tuple[type, Callable[[Any], BackboneSplit], str]]:
+    """Each class, its split, and its family (its initialiser in
+    :data:`~mixshare_layers.adapters.inits.TORCHVISION_INITS`)."""
     from torchvision import models as tvm
 
     return [
-        (tvm.ResNet, _resnet),
-        (tvm.RegNet, _regnet),
-        (tvm.EfficientNet, _features_classifier),
-        (tvm.MobileNetV2, _features_classifier),
-        (tvm.MobileNetV3, _features_classifier),
-        (tvm.MNASNet, _mnasnet),
-        (tvm.ConvNeXt, _convnext),
-        (tvm.DenseNet, _densenet),
-        (tvm.ShuffleNetV2, _shufflenet),
-        (tvm.SqueezeNet, _squeezenet),
-        (tvm.VGG, _vgg),
-        (tvm.AlexNet, _vgg),
-        (tvm.GoogLeNet, _googlenet),
-        (tvm.Inception3, _inception3),
-        (tvm.MaxVit, _maxvit),
-        (tvm.SwinTransformer, _swin),
-        (tvm.VisionTransformer, _vit),
+        (tvm.ResNet, _resnet, "resnet"),
+        (tvm.RegNet, _regnet, "regnet"),
+        (tvm.EfficientNet, _features_classifier, "efficientnet"),
+        (tvm.MobileNetV2, _features_classifier, "mobilenet"),
+        (tvm.MobileNetV3, _features_classifier, "mobilenet"),
+        (tvm.MNASNet, _mnasnet, "mnasnet"),
+        (tvm.ConvNeXt, _convnext, "convnext"),
+        (tvm.DenseNet, _densenet, "densenet"),
+        (tvm.ShuffleNetV2, _shufflenet, "shufflenet"),
+        (tvm.SqueezeNet, _squeezenet, "squeezenet"),
+        (tvm.VGG, _vgg, "vgg"),
+        (tvm.AlexNet, _vgg, "alexnet"),
+        (tvm.GoogLeNet, _googlenet, "googlenet"),
+        (tvm.Inception3, _inception3, "inception"),
+        (tvm.MaxVit, _maxvit, "maxvit"),
+        (tvm.SwinTransformer, _swin, "swin"),
+        (tvm.VisionTransformer, _vit, "vit"),
     ]
+
+
+def torchvision_family(model: nn.Module) -> str | None:
+    """The family of a ``torchvision.models`` classifier (a key of
+    :data:`~mixshare_layers.adapters.inits.TORCHVISION_INITS`), ``None`` for a class the adapter does not know.
+
+    Example:
+        >>> import torchvision
+        >>> torchvision_family(torchvision.models.mobilenet_v3_small())
+        'mobilenet'
+    """
+    return next((family for cls, _, family in _table() if isinstance(model, cls)), None)
 
 
 def _probe_sizes(model: nn.Module) -> list[int | tuple[int, int]]:
@@ -252,10 +269,10 @@ def split_torchvision(model: nn.Module) -> BackboneSplit:
         ['Linear', 'Hardswish', 'Dropout', 'Linear']
     """
     name = type(model).__name__
-    for cls, make in _table():
+    for cls, make, family in _table():
         if isinstance(model, cls):
             try:
-                split = make(model)
+                split = make(model)._replace(reinit=TORCHVISION_INITS[family])
             except (AttributeError, IndexError, TypeError) as exc:
                 raise UnsupportedBackboneError(
                     f"{name} does not have the layout of torchvision's {cls.__name__} ({exc}). " + HOW_TO

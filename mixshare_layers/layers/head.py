@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,14 @@ def _reset(module: nn.Module) -> None:
         reset = getattr(sub, "reset_parameters", None)
         if callable(reset):
             reset()
+
+
+class _Redraw(NamedTuple):
+    """How :meth:`MultiHead.reset_parameters` draws the heads: the initialiser they were built with (``None``:
+    PyTorch's defaults) and, for the linear storage, a copy of the head layer it is called on, one copy per draw."""
+
+    reinit: Callable[[nn.Module], None] | None
+    template: nn.Linear | None
 
 
 class MultiHead(nn.Module):
@@ -116,6 +124,7 @@ class MultiHead(nn.Module):
             self.bias: nn.Parameter | None = nn.Parameter(torch.empty(self.num_subnetworks, self.num_classes, **kw))
         else:
             self.register_parameter("bias", None)
+        self._redraw = _Redraw(None, None)
         self.reset_parameters()
 
     @property
@@ -124,17 +133,30 @@ class MultiHead(nn.Module):
         return self.members is None
 
     def reset_parameters(self) -> None:
-        """Each head initialised independently: like ``nn.Linear`` (uniform with bound ``1 / sqrt(D)``) for linear
-        heads, with each submodule's ``reset_parameters()`` for generic ones."""
+        """Each head drawn again, independently, the way the heads were first drawn: with the initialiser given to
+        :meth:`from_module` (``reinit``, the backbone's own: one call per head, on a copy of the head layer for the
+        linear storage), else like ``nn.Linear`` (uniform with bound ``1 / sqrt(D)``) for linear heads and with each
+        submodule's ``reset_parameters()`` for generic ones."""
+        reinit, template = self._redraw
         if self.members is not None:
             for member in self.members:
-                _reset(member)
+                (reinit or _reset)(member)
             return
-        assert self.weight is not None and self.in_features is not None
-        bound = 1.0 / math.sqrt(self.in_features)
-        nn.init.uniform_(self.weight, -bound, bound)
-        if self.bias is not None:
-            nn.init.uniform_(self.bias, -bound, bound)
+        weight, bias = self.weight, self.bias
+        assert weight is not None and self.in_features is not None
+        if reinit is None or template is None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(weight, -bound, bound)
+            if bias is not None:
+                nn.init.uniform_(bias, -bound, bound)
+            return
+        with torch.no_grad():
+            for i in range(self.num_subnetworks):  # one independent draw of the initialiser per head
+                draw = copy.deepcopy(template)
+                reinit(draw)
+                weight[i].copy_(draw.weight)
+                if bias is not None:
+                    bias[i].copy_(draw.bias)
 
     def extra_repr(self) -> str:
         if self.members is not None:
@@ -184,8 +206,9 @@ class MultiHead(nn.Module):
             copy_weights: every head starts as a copy of ``head`` (a pretrained backbone keeps its function);
                 otherwise each is re-initialised independently (``reinit``, default each submodule's
                 ``reset_parameters()``).
-            reinit: initialiser called on each independent copy (``copy_weights=False``), one draw per head: give
-                the backbone's own scheme (how the heads start matters for MixMo, see docs/reproducing.md); default
+            reinit: initialiser called on each independent copy (``copy_weights=False``), one draw per head, and
+                again by :meth:`reset_parameters`: give the backbone's own scheme (how the heads start matters for
+                MixMo, see docs/reproducing.md), one that redraws every parameter of the head; default
                 ``nn.Linear``'s initialisation for a linear head, each submodule's ``reset_parameters()`` otherwise.
             input_ndim: dims of one head's input after the batch (1 for ``(B, D)`` vectors, 3 for ``(B, C, h, w)``
                 maps, 2 for ``(B, N, C)`` tokens); it tells a shared input ``(B, *S)`` from per-member ones.
@@ -202,7 +225,10 @@ class MultiHead(nn.Module):
         if _runs_as_linear(head) and input_ndim == 1:
             assert isinstance(head, nn.Linear)
             if copy_weights:
-                return cls.from_linear(head, m)
+                copied = cls.from_linear(head, m)
+                if reinit is not None:  # for reset_parameters()
+                    copied._redraw = _Redraw(reinit, copy.deepcopy(head))
+                return copied
             heads = cls(
                 head.in_features,
                 head.out_features,
@@ -212,15 +238,8 @@ class MultiHead(nn.Module):
                 dtype=head.weight.dtype,
             )
             if reinit is not None:  # one independent draw of the backbone's initialiser per head
-                weight, bias = heads.weight, heads.bias
-                assert weight is not None  # the linear storage
-                with torch.no_grad():
-                    for i in range(m):
-                        draw = copy.deepcopy(head)
-                        reinit(draw)
-                        weight[i].copy_(draw.weight)
-                        if bias is not None:
-                            bias[i].copy_(draw.bias)
+                heads._redraw = _Redraw(reinit, copy.deepcopy(head))
+                heads.reset_parameters()
             return heads  # without reinit: initialised like nn.Linear
         obj = cls.__new__(cls)
         nn.Module.__init__(obj)
@@ -229,12 +248,12 @@ class MultiHead(nn.Module):
         obj.register_parameter("weight", None)
         obj.register_parameter("bias", None)
         obj.members = nn.ModuleList(copy.deepcopy(head) for _ in range(m))
+        obj._redraw = _Redraw(reinit, None)
         # a head with an in-place layer (torchvision's Dropout(inplace=True) first) would write into its input, which
         # is shared with the other heads (or a view of the pooled features): each head then gets its own copy
         obj.copy_inputs = any(getattr(sub, "inplace", False) is True for sub in head.modules())
         if not copy_weights:
-            for member in obj.members:
-                (reinit or _reset)(member)
+            obj.reset_parameters()
         first, last = first_layer(head), _last_layer(head)
         obj.in_features = None if first is None else _in_size(first)
         if num_classes is None and last is not None:

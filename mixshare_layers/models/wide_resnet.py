@@ -47,7 +47,8 @@ def truncated_he_normal_(weight: Tensor) -> Tensor:
 
 def mixmo_init_(module: nn.Module) -> None:
     """MixMo's WRN initialisation, in place: truncated He-normal (fan-in) weights for every convolution *and linear
-    layer*, zero biases, BatchNorm scale 1 and shift 0.
+    layer*, zero biases, BatchNorm scale 1 and shift 0; any other layer with parameters (the LayerNorm of a norm +
+    linear head) gets its ``reset_parameters()``, so a module is redrawn entirely.
 
     Compared with PyTorch's defaults (:func:`torch_init_`), its weights are about 2.45 times larger (standard
     deviation ``sqrt(2 / fan_in)`` against ``1 / sqrt(3 fan_in)``) and its biases start at zero; docs/reproducing.md
@@ -61,6 +62,8 @@ def mixmo_init_(module: nn.Module) -> None:
         elif isinstance(sub, nn.BatchNorm2d):
             nn.init.ones_(sub.weight)
             nn.init.zeros_(sub.bias)
+        elif callable(reset := getattr(sub, "reset_parameters", None)) and any(True for _ in sub.parameters(False)):
+            reset()  # any other layer with parameters (a head's LayerNorm) as PyTorch constructs it
 
 
 def torch_init_(module: nn.Module) -> None:
