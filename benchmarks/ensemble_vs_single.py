@@ -108,7 +108,7 @@ def table(out: Path) -> str:
                 m, se = mean_se(d)
                 cells.append(f"{m:+{fmt}} ± {se:{fmt}}" + (" **" if abs(m) > 2 * se else ""))
             diffs.append(f"| {w} | {e} | {len(paired)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", "MixShare - single, paired by seed:", ""] + diffs)
+    return "\n".join([*lines, "", "MixShare - single, paired by seed:", "", *diffs])
 
 
 def main() -> None:

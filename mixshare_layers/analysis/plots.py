@@ -9,45 +9,18 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._checks import check_choice
+from ..figures import OVERLAP_COLOR, PLOT_FORMATS, SUBNETWORK_COLORS, require_matplotlib
 from ..files import save_figure
 from .sharing import _check_influence, sharing_rate
 
 __all__ = ["OVERLAP_COLOR", "PLOT_FORMATS", "SORT_ORDERS", "SUBNETWORK_COLORS", "feature_order", "plot_influence"]
 
-#: One colour per subnetwork (red and blue first, as in the paper), cycled for M > 9.
-SUBNETWORK_COLORS = (
-    "#d62728",
-    "#1f77b4",
-    "#2ca02c",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-)
-#: The colour of the overlap ``min_i h_i`` (orange in the paper).
-OVERLAP_COLOR = "#ff9f1a"
 SORT_ORDERS = ("owner", "sharing", "none")
-PLOT_FORMATS = ("png", "svg", "pdf")
-
-
-def _require_matplotlib() -> Any:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            'plotting needs matplotlib, which is an optional extra: pip install "mixshare-layers[analysis]" '
-            "(or pip install matplotlib)"
-        ) from exc
-    return Figure, FigureCanvasAgg
 
 
 def feature_order(influence: Tensor, sort: str = "owner") -> Tensor:
@@ -121,7 +94,7 @@ def plot_influence(
         check_choice("formats", fmt, PLOT_FORMATS)
     if not formats:
         raise ValueError("formats must name at least one of 'png', 'svg', 'pdf', but got an empty sequence")
-    figure_cls, canvas_cls = _require_matplotlib()
+    figure_cls, canvas_cls = require_matplotlib()
 
     order = feature_order(h, sort)
     h = h[:, order]

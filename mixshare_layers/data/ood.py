@@ -18,10 +18,10 @@ def synthetic_ood_dataset(
 ) -> SyntheticImageDataset:
     """A synthetic OOD set for a model trained on ``reference``: the same kind of images, other classes.
 
-    The images have the reference's size, channels, number of classes, noise, object size and clutter, but their class textures come
-    from another seed, so none of them is a class the model was trained on (a *semantic* shift, the "near-OOD"
-    setting, like CIFAR-10 against CIFAR-100); the labels it carries are the new classes' and mean nothing to the
-    model.
+    The images have the reference's size, channels, number of classes, noise, object size and clutter, but their
+    class textures come from another seed, so none of them is a class the model was trained on (a *semantic* shift,
+    the "near-OOD" setting, like CIFAR-10 against CIFAR-100); the labels it carries are the new classes' and mean
+    nothing to the model.
 
     Args:
         reference: the training (or test) set of the model.

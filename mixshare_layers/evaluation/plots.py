@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .._checks import check_choice
-from ..analysis.plots import PLOT_FORMATS, SUBNETWORK_COLORS, _require_matplotlib
+from ..figures import PLOT_FORMATS, SUBNETWORK_COLORS, require_matplotlib
 from ..files import save_figure
 
 __all__ = ["OOD_SCORES", "plot_reliability_diagram", "plot_uncertainty_report"]
@@ -107,7 +107,7 @@ def plot_reliability_diagram(
     """
     _reliability(metrics)  # checks the input before anything is drawn
     fmts = _formats(formats)
-    figure_cls, canvas_cls = _require_matplotlib()
+    figure_cls, canvas_cls = require_matplotlib()
     fig = figure_cls(figsize=figsize, dpi=dpi)
     canvas_cls(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -170,7 +170,7 @@ def plot_uncertainty_report(
     if not isinstance(report, Mapping) or "clean" not in report:
         raise ValueError("report must be the dict evaluate_uncertainty returned (it has no 'clean' entry)")
     fmts = _formats(formats)
-    figure_cls, canvas_cls = _require_matplotlib()
+    figure_cls, canvas_cls = require_matplotlib()
     shift = report.get("shift") or {}
     ood = report.get("ood") or {}
     panels = 1 + (2 if shift else 0) + (1 if ood else 0)
