@@ -67,6 +67,17 @@ def test_page_code_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     exec(compile(code, str(page), "exec"), {"__name__": f"docs_page_{page.stem}"})
 
 
+def test_readme_usage_runs_and_prints_what_it_says(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's usage block runs, and its last line prints what the comment beside it says."""
+    pytest.importorskip("torchvision")
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    code = textwrap.dedent(_FENCE.search(text).group("body"))
+    promised = code.rstrip().splitlines()[-1].split("#", 1)[1].strip()
+    torch.manual_seed(0)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_usage"})
+    assert capsys.readouterr().out.strip() == promised
+
+
 def _readme_test_command() -> str:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     after = text.split("<!-- test-command -->", 1)[1]
