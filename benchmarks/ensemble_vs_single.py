@@ -13,6 +13,7 @@ corruptions).
 
 Usage:
     python benchmarks/ensemble_vs_single.py --widths 1 2 4 --epochs 10 20 --seeds 0 1 2 --jobs 2 --out runs/evs
+    python benchmarks/ensemble_vs_single.py --methods single mimo --widths 2 --out runs/evs   # another preset
     python benchmarks/ensemble_vs_single.py --table-only --out runs/evs    # tabulate the runs that are there
 
 A run whose ``summary.json`` exists is skipped, so an interrupted sweep continues where it stopped.
@@ -44,7 +45,7 @@ COLUMNS: tuple[tuple[str, Any, str], ...] = (
     ("OOD AUROC (%)", lambda s: s["shift"]["ood"]["synthetic"]["msp"]["auroc_pct"], ".2f"),
     ("train (s)", lambda s: s["train_time_s"], ".0f"),
 )
-METHODS = ("single", "mixshare")
+METHODS = ("single", "mixshare")  # the default pair; any preset can join with --methods
 
 
 def run_name(method: str, width: int, epochs: int, seed: int) -> str:
@@ -87,32 +88,34 @@ def table(out: Path) -> str:
         runs.setdefault((int(w[1:]), int(e[1:])), {}).setdefault(method, {})[int(seed[1:])] = s
     head = "| width | epochs (steps) | method | seeds | " + " | ".join(c for c, _, _ in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (4 + len(COLUMNS))]
-    diffs = ["| width | epochs | seeds | " + " | ".join(c for c, _, _ in COLUMNS) + " |",
-             "|" + "---|" * (3 + len(COLUMNS))]  # fmt: skip
+    diffs = ["| width | epochs | method | seeds | " + " | ".join(c for c, _, _ in COLUMNS) + " |",
+             "|" + "---|" * (4 + len(COLUMNS))]  # fmt: skip
     for (w, e), by_method in sorted(runs.items()):
-        for method in METHODS:
-            got = by_method.get(method, {})
-            if not got:
-                continue
+        order = sorted(by_method, key=lambda name: (name != "single", name))
+        for method in order:
+            got = by_method[method]
             steps = next(iter(got.values()))["steps"]
             cells = []
             for _, read, fmt in COLUMNS:
                 m, se = mean_se([read(s) for s in got.values()])
                 cells.append(f"{m:{fmt}} ± {se:{fmt}}")
             lines.append(f"| {w} | {e} ({steps}) | {method} | {len(got)} | " + " | ".join(cells) + " |")
-        paired = sorted(set(by_method.get("single", {})) & set(by_method.get("mixshare", {})))
-        if len(paired) > 1:
+        for method in order[1:] if order and order[0] == "single" else ():
+            paired = sorted(set(by_method["single"]) & set(by_method[method]))
+            if len(paired) < 2:
+                continue
             cells = []
             for _, read, fmt in COLUMNS:
-                d = [read(by_method["mixshare"][i]) - read(by_method["single"][i]) for i in paired]
+                d = [read(by_method[method][i]) - read(by_method["single"][i]) for i in paired]
                 m, se = mean_se(d)
                 cells.append(f"{m:+{fmt}} ± {se:{fmt}}" + (" **" if abs(m) > 2 * se else ""))
-            diffs.append(f"| {w} | {e} | {len(paired)} | " + " | ".join(cells) + " |")
-    return "\n".join([*lines, "", "MixShare - single, paired by seed:", "", *diffs])
+            diffs.append(f"| {w} | {e} | {method} | {len(paired)} | " + " | ".join(cells) + " |")
+    return "\n".join([*lines, "", "Each method - single, paired by seed (** beyond 2 standard errors):", "", *diffs])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), help="'single' and presets")
     p.add_argument("--widths", type=int, nargs="+", default=[1, 2])
     p.add_argument("--epochs", type=int, nargs="+", default=[10])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -123,7 +126,7 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
-        todo = [(m, w, e, s) for w in args.widths for e in args.epochs for s in args.seeds for m in METHODS]
+        todo = [(m, w, e, s) for w in args.widths for e in args.epochs for s in args.seeds for m in args.methods]
         with ThreadPoolExecutor(args.jobs) as pool:
             for future in [pool.submit(train, args.out, *t, args.extra) for t in todo]:
                 future.result()
