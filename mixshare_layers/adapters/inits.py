@@ -292,7 +292,7 @@ class TimmInit:
 
     Each part is first reset to PyTorch's defaults (every layer as it is constructed: norms back to 1 and 0), then
     timm's own function for the model runs on it, with the layers' names as in the model (some timm functions
-    treat ``head`` layers their own way). Where the function comes from, in order (:attr:`source` says which):
+    treat ``head`` layers their own way). Where the function comes from, in order (its ``source`` says which):
 
     1. a ``VisionTransformer``, or a model of a timm module that initialises with it (Swin, ViT-relpos,
        NaFlexViT): timm's ``get_init_weights_vit`` of its ``weight_init_mode`` (default: ``init_weights_vit_timm``,

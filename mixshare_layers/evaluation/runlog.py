@@ -69,7 +69,7 @@ def metrics_columns(num_subnetworks: int, splits: Sequence[str]) -> list[str]:
 
 def epoch_columns(split: str, metrics: Mapping[str, Any], sharing: Mapping[str, float | None]) -> dict[str, Any]:
     """One evaluation as metrics.csv cells: ``{split}_<metric>`` in the column's unit, ``{split}_acc_<i>_pct`` per
-    member, and the sharing rates (:func:`sharing_entries`)."""
+    member, and the sharing rates (:func:`~mixshare_layers.evaluation.report.sharing_entries`)."""
     out = {f"{split}_{column}": factor * metrics[key] for key, column, factor in EVAL_COLUMNS}
     out.update({f"{split}_acc_{i}_pct": 100.0 * a for i, a in enumerate(metrics["individual_acc"])})
     out.update({f"{key}_pct": value for key, value in sharing.items()})
