@@ -207,8 +207,8 @@ def test_cli_on_a_checkpoint_of_the_example_script(tmp_path):
         [str(run_dir / "checkpoint.pt"), "--out", str(tmp_path / "an"), "--no-plots", "--variance-images", "8"]
     )
     assert result["method"] == "mixshare-partial" and result["num_subnetworks"] == 2
-    assert result["rates"]["classifier"]["mean_ratio"] == pytest.approx(summary["classifier_sharing"], abs=1e-6)
-    assert result["rates"]["encoder"]["mean_ratio"] == pytest.approx(summary["encoder_sharing"], abs=1e-6)
+    assert result["rates"]["classifier"]["mean_ratio"] == pytest.approx(summary["classifier_sharing_pct"], abs=1e-6)
+    assert result["rates"]["encoder"]["mean_ratio"] == pytest.approx(summary["encoder_sharing_pct"], abs=1e-6)
     assert "variance:core.2" in result["rates"]
     assert result["config"]["builder"] == "mixshare_layers.models.wide_resnet"
     loaded, checkpoint = load_model(run_dir / "checkpoint.pt")  # the recipe alone rebuilds the trained model
