@@ -3,13 +3,16 @@
 
 In order: 1. data, 2. model (a WRN in a MIMOWrapper with a preset), 3. MIMO batching (M images per row, each repeated
 copy cropped and flipped on the device), 4. SGD and its schedule, the train loop, 5. evaluation (the members' health
-checked each time; at the end, corrupted test images and an OOD set), 6. the report: a table and <out-dir>/<run-name>/
-with config.json, metrics.csv (_pct: percent, _nats: nats per image), tensorboard/, summary.json, uncertainty.json,
-shift.csv, ood.csv, and checkpoint.pt after every epoch (loads without running code, has a digest and the recipe that
-`python -m mixshare_layers.analysis` rebuilds the model from; the one before it stays as checkpoint.prev.pt).
+checked each time; at the end a temperature fitted on the validation split becomes part of the model, then corrupted
+test images and an OOD set), 6. the report: a table and <out-dir>/<run-name>/ with config.json, metrics.csv,
+tensorboard/, summary.json (every key names its unit: _pct percent, _nats nats per image), uncertainty.json,
+shift.csv, ood.csv, and checkpoint.pt after every epoch (loads without running code, has a digest and the recipe
+that `python -m mixshare_layers.analysis` rebuilds the model from; the one before it stays as checkpoint.prev.pt).
+With --baseline true the plain WRN is trained first with the same recipe and steps (<run-name>-single/), and the two
+are printed side by side: what the ensemble buys.
 
   python examples/cifar100_wrn.py --data-dir ~/data --download               # the paper's setting, 300 epochs
-  python examples/cifar100_wrn.py --quick --threads 2                        # minutes on a CPU, synthetic data
+  python examples/cifar100_wrn.py --quick --threads 2                        # minutes on a CPU: single vs MixShare
   python examples/cifar100_wrn.py --resume runs/mixshare-wrn28-2-s0-...      # continue bitwise as if never stopped
   torchrun --nproc_per_node=4 examples/cifar100_wrn.py --data-dir ~/data     # DistributedDataParallel
 """
