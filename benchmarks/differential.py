@@ -50,10 +50,11 @@ Usage:
     python benchmarks/differential.py --impl library --swap augment --out runs/differential   # per-input crops
     python benchmarks/differential.py --table-only --groups --out runs/differential   # tabulate what is there
 
-Runs are cached in ``<out>/results.json`` (rewritten atomically after every run); a run already there is skipped.
-Each run uses one intra-op thread; ``--jobs`` runs go in parallel (separate processes). To measure another version
-of the library (the "before" tables of docs/reproducing.md), export it and point ``MIXSHARE_DIFF_LIBRARY`` at it,
-with a ``--label`` to keep its runs apart:
+With ``--impl library`` and ``--swap``, the table compares the swapped library with the library as it is (both
+groups' runs in ``--out``). Runs are cached in ``<out>/results.json`` (rewritten atomically after every run); a run
+already there is skipped. Each run uses one intra-op thread; ``--jobs`` runs go in parallel (separate processes).
+To measure another version of the library (the "before" tables of docs/reproducing.md), export it and point
+``MIXSHARE_DIFF_LIBRARY`` at it, with a ``--label`` to keep its runs apart:
 
     git archive <commit> | tar -x -C /tmp/old
     MIXSHARE_DIFF_LIBRARY=/tmp/old python benchmarks/differential.py --label before-fix --methods mixmo ...
@@ -643,6 +644,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     text = header + "\n\n"
     if args.impl == "both":
         text += table(mine, args.methods, ("library", swaps), ("reference", swaps))
+    elif args.impl == "library" and swaps:  # what the swapped components change in the library
+        text += table(mine, args.methods, ("library", swaps), ("library", ()))
     if args.groups:
         same = [r for r in results if r["task"] == args.task and r["recipe"] == args.recipe]
         text += "\n" + group_table(same, args.methods)
