@@ -15,6 +15,9 @@ reference's model with the library's sampler. The components:
     batch     batching + augmentation (library: MIMOBatcher with mixshare_layers.data's random_crop_flip and
               Normalize per repeated copy, the pipeline of examples/cifar100_wrn.py; reference: make_rows + crop/flip
               per input)
+    augment   the augmentation alone, library only: the library's own rows with the reference's augmentation of
+              every member's input on its own (MIMOBatcher(augment="inputs")); with ``batch``, which already
+              holds the reference's augmentation, it is refused
     mix       the mix sampler (library: sample_mix_params through the CutMixMixer; reference: draw_mix)
     schedule  the progress hooks: CutMix probability ramp and fadeout strength
     loss      the loss weights and reduction
@@ -44,12 +47,14 @@ implementations, ``--jobs 2``) 1.5-3 hours.
 Usage:
     python benchmarks/differential.py --out runs/differential                # every method, seeds 0-4, both sides
     python benchmarks/differential.py --methods mixmo --swap init --out runs/differential   # swapped initialisation
+    python benchmarks/differential.py --impl library --swap augment --out runs/differential   # per-input crops
     python benchmarks/differential.py --table-only --groups --out runs/differential   # tabulate what is there
 
-Runs are cached in ``<out>/results.json`` (rewritten atomically after every run); a run already there is skipped.
-Each run uses one intra-op thread; ``--jobs`` runs go in parallel (separate processes). To measure another version
-of the library (the "before" tables of docs/reproducing.md), export it and point ``MIXSHARE_DIFF_LIBRARY`` at it,
-with a ``--label`` to keep its runs apart:
+With ``--impl library`` and ``--swap``, the table compares the swapped library with the library as it is (both
+groups' runs in ``--out``). Runs are cached in ``<out>/results.json`` (rewritten atomically after every run); a run
+already there is skipped. Each run uses one intra-op thread; ``--jobs`` runs go in parallel (separate processes).
+To measure another version of the library (the "before" tables of docs/reproducing.md), export it and point
+``MIXSHARE_DIFF_LIBRARY`` at it, with a ``--label`` to keep its runs apart:
 
     git archive <commit> | tar -x -C /tmp/old
     MIXSHARE_DIFF_LIBRARY=/tmp/old python benchmarks/differential.py --label before-fix --methods mixmo ...
@@ -96,7 +101,7 @@ from mixshare_layers.models import mixmo_init_, torch_init_, wide_resnet  # noqa
 from mixshare_layers.presets import get_preset  # noqa: E402
 
 METHODS = ("mimo", "mixmo", "unmix", "unmix-aligned", "mixshare", "mixshare-partial")
-SWAPS = ("init", "batch", "mix", "schedule", "loss")
+SWAPS = ("init", "batch", "augment", "mix", "schedule", "loss")
 TASKS: dict[str, dict[str, Any]] = {
     "hard": dict(num_classes=40, image_size=32, train=5000, test=2000, noise=1.0, object_size=0.5, clutter=0.7),
     "hard24": dict(num_classes=40, image_size=24, train=5000, test=2000, noise=1.0, object_size=7 / 12, clutter=0.7),
@@ -226,13 +231,15 @@ def reference_model(cfg: TrainConfig, num_classes: int, seed: int, dtype: torch.
 # ----------------------------------------------------------------------------------------------------------------
 # component factories: each returns the named component of one implementation, for a run of the other
 # ----------------------------------------------------------------------------------------------------------------
-def library_batcher(cfg: TrainConfig, data: dict[str, Any], seed: int, dtype: torch.dtype):
+def library_batcher(cfg: TrainConfig, data: dict[str, Any], seed: int, dtype: torch.dtype,
+                    augment: str = "copies"):  # fmt: skip
+    """The library's rows; ``augment`` says where the crop + flip runs (``MIMOBatcher``'s option)."""
     gen = torch.Generator().manual_seed(seed * 1000 + 1)
     normalize = Normalize.from_images(data["train_x"])
     input_rep = get_preset(cfg.preset).input_repetition
     from mixshare_layers import MIMOBatcher
 
-    batcher = MIMOBatcher(cfg.members, cfg.repetition, input_rep,
+    batcher = MIMOBatcher(cfg.members, cfg.repetition, input_rep, augment=augment,
                           transform=lambda x: normalize(random_crop_flip(x, 4, gen)), generator=gen)  # fmt: skip
 
     def batch(indices: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -328,7 +335,10 @@ def train_library(cfg: TrainConfig, data: dict[str, Any], seed: int, swaps: Sequ
     model = library_model(cfg, data["num_classes"], seed, dtype)
     if "init" in swaps:
         copy_weights(reference_model(cfg, data["num_classes"], seed, dtype), model)
-    batch = (reference_batcher if "batch" in swaps else library_batcher)(cfg, data, seed, dtype)
+    if "batch" in swaps:
+        batch = reference_batcher(cfg, data, seed, dtype)
+    else:
+        batch = library_batcher(cfg, data, seed, dtype, augment="inputs" if "augment" in swaps else "copies")
     schedule = (reference_schedule if "schedule" in swaps else library_schedule)(cfg)
     if "schedule" in swaps:  # the library's progress hooks answer with the reference's schedule
         model.mixer.current_cutmix_prob = lambda progress=0.0: torch.tensor(schedule(float(progress))[0])  # type: ignore[method-assign]
@@ -360,7 +370,9 @@ def train_library(cfg: TrainConfig, data: dict[str, Any], seed: int, swaps: Sequ
 
 def train_reference(cfg: TrainConfig, data: dict[str, Any], seed: int, swaps: Sequence[str] = (),
                     dtype: torch.dtype = torch.float32) -> nn.Module:  # fmt: skip
-    """The reference's own loop, with ``swaps`` taken from the library."""
+    """The reference's own loop, with ``swaps`` taken from the library (``augment`` is the library's alone)."""
+    if "augment" in swaps:
+        raise ValueError("swaps may not hold 'augment' for the reference: it has no repeated copies to augment")
     hooks: dict[str, Any] = {}
     if "init" in swaps:
         lib = library_model(cfg, data["num_classes"], seed, dtype)
@@ -583,6 +595,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--groups", action="store_true", help="also print every group of runs (versions, swaps) found")
     args = p.parse_args(argv)
+    if "augment" in args.swap and args.impl != "library":
+        p.error("--swap augment changes the library's batcher only: give --impl library")
+    if {"augment", "batch"} <= set(args.swap):
+        p.error("--swap batch already takes the reference's augmentation: give batch or augment, not both")
     out = Path(args.out)
     path = out / "results.json"
     results: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
@@ -628,6 +644,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     text = header + "\n\n"
     if args.impl == "both":
         text += table(mine, args.methods, ("library", swaps), ("reference", swaps))
+    elif args.impl == "library" and swaps:  # what the swapped components change in the library
+        text += table(mine, args.methods, ("library", swaps), ("library", ()))
     if args.groups:
         same = [r for r in results if r["task"] == args.task and r["recipe"] == args.recipe]
         text += "\n" + group_table(same, args.methods)

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 __all__ = [
+    "AUGMENT_TARGETS",
     "BACKENDS",
     "ENCODER_INITS",
     "ENCODING_LAYOUTS",
@@ -38,6 +39,7 @@ __all__ = [
     "UNMIX_MODES",
     "UNMIX_REDUCTIONS",
     "VALUE_CHECK_MODES",
+    "AugmentTarget",
     "Backend",
     "EncoderInit",
     "EncodingLayout",
@@ -89,6 +91,10 @@ ENSEMBLE_RULES: tuple[EnsembleRule, ...] = get_args(EnsembleRule)
 TemperatureMode = Literal["ensemble", "members"]
 """What temperature scaling divides: the ensemble's log-probabilities, or every member's logits."""
 TEMPERATURE_MODES: tuple[TemperatureMode, ...] = get_args(TemperatureMode)
+
+AugmentTarget = Literal["copies", "inputs"]
+"""What a batcher's transform augments: the repeated copies before the shuffles, or every member's input after."""
+AUGMENT_TARGETS: tuple[AugmentTarget, ...] = get_args(AugmentTarget)
 
 ProgressGranularity = Literal["step", "epoch"]
 """What a trainer measures training progress in: optimizer steps, or epochs."""

@@ -381,7 +381,10 @@ class MIMOWrapper(nn.Module):
         return MIMOLoss("auto", label_smoothing=label_smoothing, ignore_index=ignore_index)
 
     def make_batcher(self, batch_repetition: int = 1, **kwargs: object) -> MIMOBatcher:
-        """A :class:`~mixshare_layers.MIMOBatcher` with this configuration's input repetition."""
+        """A :class:`~mixshare_layers.MIMOBatcher` with this configuration's input repetition.
+
+        The keyword arguments (``transform``, ``augment``, ``generator``) go to the batcher as they are.
+        """
         return MIMOBatcher(self.num_subnetworks, batch_repetition, self.config.input_repetition, **kwargs)  # type: ignore[arg-type]
 
     # ---------------------------------------------------------------------------------------------------------

@@ -96,6 +96,58 @@ def test_batcher_generator_transform_and_empty_batch():
     assert repr(MIMOBatcher(2, 2, 0.1)) == "MIMOBatcher(num_subnetworks=2, batch_repetition=2, input_repetition=0.1)"
 
 
+def _tagging(g: torch.Generator):
+    """A transform that adds one random offset per image in [0, 0.5): every call's draws are told apart."""
+    return lambda batch: batch + 0.5 * torch.rand(batch.shape[0], 1, 1, 1, generator=g, dtype=batch.dtype)
+
+
+@pytest.mark.parametrize("augment", ["copies", "inputs"])
+def test_where_the_transform_runs(augment):
+    b, rep, m = 6, 2, 3
+    x, y = _ids(b)
+    seen = []
+
+    def transform(batch):
+        seen.append(batch.shape)
+        return _tagging(g)(batch)
+
+    g = torch.Generator().manual_seed(0)
+    batcher = MIMOBatcher(m, rep, 0.5, transform=transform, augment=augment, generator=torch.Generator().manual_seed(1))
+    xs, ys = batcher(x, y)
+    assert seen == [torch.Size([b * rep * (m if augment == "inputs" else 1), 2, 3, 3])]  # one call per batch
+    assert xs.shape == (b * rep, m, 2, 3, 3)
+    ids = _row_ids(xs.floor())
+    for i in range(m):  # each member still sees each image b times, with the labels of its images
+        assert torch.bincount(ids[:, i], minlength=b).tolist() == [rep] * b
+    assert torch.equal(ys, (ids * 7) % 10)
+    tags = xs[:, :, 0, 0, 0] - ids  # the offset each input got, (B * b, M)
+    shared = (ids == ids[:, :1]).all(1)
+    assert int(shared.sum()) >= round(0.5 * b * rep)
+    if augment == "copies":
+        # a row of one image carries one augmented copy; each member's b copies of an image are b distinct draws,
+        # and the members draw from the same b * B augmented copies
+        assert torch.equal(xs[shared], xs[shared][:, :1].expand_as(xs[shared]))
+        assert len(set(tags.flatten().tolist())) == b * rep
+        for i in range(1, m):
+            assert sorted(tags[:, i].tolist()) == sorted(tags[:, 0].tolist())
+    else:  # every input its own draw, the rows of one image included
+        assert len(set(tags.flatten().tolist())) == b * rep * m
+        assert all(len(set(r.tolist())) == m for r in tags[shared])
+
+
+def test_the_default_augments_copies_with_the_same_draws_as_before():
+    """``augment="copies"`` (the default) transforms the repeated batch first, then draws the rows."""
+    x, y = _ids(5)
+    g = torch.Generator().manual_seed(4)
+    xs, ys = MIMOBatcher(2, 3, 0.2, transform=_tagging(g), generator=g)(x, y)
+    g2 = torch.Generator().manual_seed(4)
+    repeated = _tagging(g2)(x[torch.arange(5).repeat(3)])
+    idx = MIMOBatcher(2, 3, 0.2, generator=g2).indices(5)
+    assert torch.equal(xs, repeated[idx]) and torch.equal(ys, y.repeat(3)[idx])
+    assert MIMOBatcher(2).augment == "copies"
+    assert repr(MIMOBatcher(2, 2, 0.1, augment="inputs")).endswith("input_repetition=0.1, augment='inputs')")
+
+
 def test_batcher_errors():
     with pytest.raises(ValueError, match="num_subnetworks must be an integer >= 1, but got 0"):
         MIMOBatcher(0)
@@ -105,6 +157,8 @@ def test_batcher_errors():
         MIMOBatcher(2, 1, 1.5)
     with pytest.raises(TypeError, match="transform must be callable, but got int"):
         MIMOBatcher(2, transform=3)
+    with pytest.raises(ValueError, match="augment must be one of 'copies', 'inputs', but got 'members'"):
+        MIMOBatcher(2, augment="members")
     x, y = _ids(4)
     with pytest.raises(ValueError, match=r"y must have shape \(B,\) = \(4,\) to match x, but got \(3,\)"):
         MIMOBatcher(2)(x, y[:3])

@@ -20,6 +20,7 @@ from reference.train import channel_stats
 
 from benchmarks import differential as diff
 from mixshare_layers.functional import sample_mix_params
+from mixshare_layers.vocabulary import AUGMENT_TARGETS
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +169,32 @@ def test_harness_two_seeds_both_implementations_with_swaps(tmp_path, capsys):
     capsys.readouterr()
     diff.main([*args, "--out", str(out)])  # everything cached: nothing trained again
     assert "runs to do" not in capsys.readouterr().out
+
+
+def test_swap_augment_trains_the_library_with_per_input_augmentation(tiny, tmp_path, capsys):
+    cfg = _cfg("mixshare")
+    data = {**tiny, "train_x": tiny["train_x"][:64]}
+    rows = {a: diff.library_batcher(cfg, data, 0, torch.float32, augment=a)(np.arange(16)) for a in AUGMENT_TARGETS}
+    for augment, (xs, ys) in rows.items():
+        assert xs.shape == (32, 2, 3, 32, 32) and ys.shape == (32, 2)
+        # "copies" gives the round(0.1 * 32) = 3 input-repetition rows one crop in both members, "inputs" crops each
+        # member's input on its own (two crops agree with probability 1 / 162)
+        same = int((xs[:, 0] == xs[:, 1]).flatten(1).all(1).sum())
+        assert same >= 3 if augment == "copies" else same < 3, (augment, same)
+    args = ["--task", "tiny", "--recipe", "tiny", "--methods", "mixmo", "--seeds", "0", "--jobs", "1"]
+    results = diff.main([*args, "--impl", "library", "--swap", "augment", "--out", str(tmp_path / "d")])
+    assert [(r["impl"], r["swaps"]) for r in results] == [("library", ["augment"])]
+    capsys.readouterr()
+    diff.main([*args, "--impl", "library", "--out", str(tmp_path / "d")])
+    assert "| method | metric |" not in capsys.readouterr().out  # no swap: nothing to compare the library with
+    diff.main([*args, "--impl", "library", "--swap", "augment", "--table-only", "--out", str(tmp_path / "d")])
+    text = capsys.readouterr().out
+    assert "| method | metric | library + augment from ref. | library | difference | n |" in text
+    assert "| `mixmo` | ensemble acc. (%) |" in text
+    assert "library + augment from ref." in diff._label("library", ("augment",))
+    for bad in (["--swap", "augment"], ["--impl", "library", "--swap", "batch", "augment"]):
+        with pytest.raises(SystemExit):
+            diff.main([*args, *bad, "--out", str(tmp_path / "e")])
+    assert "--swap augment changes the library's batcher only" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="swaps may not hold 'augment' for the reference"):
+        diff.train_reference(cfg, tiny, 0, ("augment",))

@@ -409,6 +409,25 @@ def test_batch_repetition_gives_each_copy_its_own_augmentation():
             assert copies.shape[0] == 3 and len({tuple(r.tolist()) for r in copies}) == 3
 
 
+def test_augment_inputs_augments_every_member_input_on_its_own_as_the_reference():
+    """``make_batcher(..., augment="inputs")``: the reference's augmentation, one draw per (row, member) cell, so the
+    input-repetition rows carry one image under M different augmentations; the default shares one per copy."""
+    x = torch.arange(16, dtype=torch.float64).view(16, 1, 1, 1).expand(16, 1, 2, 2).contiguous()
+    for augment, draws in (("inputs", 32 * 2), ("copies", 32)):
+        g = torch.Generator().manual_seed(0)
+        noise = lambda batch, g=g: batch + 0.5 * torch.rand(batch.shape, generator=g, dtype=batch.dtype)  # noqa: E731
+        batcher = _wrapper("mixshare").make_batcher(2, transform=noise, augment=augment,
+                                                    generator=torch.Generator().manual_seed(1))  # fmt: skip
+        assert batcher.augment == augment
+        xs, ys = batcher(x, torch.arange(16))
+        ids = xs[:, :, 0, 0, 0].floor().long()
+        assert torch.equal(ys, ids)
+        shared = ids[:, 0] == ids[:, 1]
+        assert int(shared.sum()) >= 3  # round(0.1 * 32) rows of one image
+        assert len({tuple(v.tolist()) for v in xs.reshape(64, -1)}) == draws
+        assert bool((xs[shared, 0] != xs[shared, 1]).any(-1).any(-1).any(-1).all()) == (augment == "inputs")
+
+
 # -- 5. encoders, schedules, loss weights --------------------------------------------------------------------------
 def _colinear(a: torch.Tensor, b: torch.Tensor) -> bool:
     a, b = a.flatten().double(), b.flatten().double()

@@ -29,6 +29,7 @@ PAIRS = {
     "Backend": "BACKENDS",
     "EnsembleRule": "ENSEMBLE_RULES",
     "TemperatureMode": "TEMPERATURE_MODES",
+    "AugmentTarget": "AUGMENT_TARGETS",
     "ProgressGranularity": "PROGRESS_GRANULARITIES",
     "ValueCheckMode": "VALUE_CHECK_MODES",
 }

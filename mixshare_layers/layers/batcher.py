@@ -7,8 +7,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._checks import check_device, check_int, check_ndim, check_num_subnetworks, check_real, check_tensor
+from .._checks import (
+    check_choice,
+    check_device,
+    check_int,
+    check_ndim,
+    check_num_subnetworks,
+    check_real,
+    check_tensor,
+)
 from ..functional.random import generator_kwargs
+from ..vocabulary import AUGMENT_TARGETS, AugmentTarget
 
 __all__ = ["MIMOBatcher"]
 
@@ -16,21 +25,27 @@ __all__ = ["MIMOBatcher"]
 class MIMOBatcher:
     """Build MIMO training rows from a batch: batch repetition, per-member shuffles, input repetition.
 
-    The batch is repeated ``batch_repetition`` times (each copy can get its own augmentation through
-    ``transform``), then every subnetwork gets its own random permutation of the repeated batch, so row ``r`` holds
-    M different images. A share ``input_repetition`` of the rows (rounded to the nearest count) gets the same image
-    in every subnetwork (MIMO's input repetition; MixShare uses 10 %); as in MIMO's code, those rows are chosen so
-    that every subnetwork still sees each image exactly ``batch_repetition`` times. Such a row gives every member the
-    same augmented copy, the situation of test time that input repetition rehearses; a loader that augments each
-    member's copy on its own (as MixMo's data pipeline would) trains MixShare's members slightly differently
-    (docs/reproducing.md, "Differential runs").
+    The batch is repeated ``batch_repetition`` times, then every subnetwork gets its own random permutation of the
+    repeated batch, so row ``r`` holds M different images. A share ``input_repetition`` of the rows (rounded to the
+    nearest count) gets the same image in every subnetwork (MIMO's input repetition; MixShare uses 10 %); as in
+    MIMO's code, those rows are chosen so that every subnetwork still sees each image exactly ``batch_repetition``
+    times.
+
+    ``augment`` says where ``transform`` runs. ``"copies"`` augments the ``B * b`` repeated copies before the
+    shuffles: every member draws from one augmented set, and an input-repetition row gives every member the same
+    augmented image, the situation of test time that input repetition rehearses. ``"inputs"`` augments the
+    ``B * b * M`` member inputs after the shuffles, each on its own, as MixMo's code and ``tests/reference`` do: an
+    input-repetition row then carries one image under M different augmentations (M times the transform's cost).
+    docs/reproducing.md ("Batching: where the augmentation runs") gives what each trains.
 
     Args:
         num_subnetworks: M.
         batch_repetition: b, how many times each image appears per subnetwork.
         input_repetition: share of rows whose M inputs are one image, in [0, 1].
-        transform: optional batched augmentation applied to the ``(B * b, C, H, W)`` repeated batch before the
-            shuffles (so every repeated copy is augmented independently).
+        transform: optional batched augmentation, called once per batch on ``(N, C, H, W)`` images: the
+            ``(B * b, C, H, W)`` repeated batch, or the ``(B * b * M, C, H, W)`` member inputs.
+        augment: what ``transform`` augments, one of :data:`~mixshare_layers.vocabulary.AUGMENT_TARGETS`:
+            ``"copies"`` (the repeated batch, before the shuffles) or ``"inputs"`` (every member's input, after).
         generator: optional ``torch.Generator`` on the data's device.
 
     Shape:
@@ -52,6 +67,7 @@ class MIMOBatcher:
         input_repetition: float = 0.0,
         *,
         transform: Callable[[Tensor], Tensor] | None = None,
+        augment: AugmentTarget = "copies",
         generator: torch.Generator | None = None,
     ) -> None:
         self.num_subnetworks = check_num_subnetworks(num_subnetworks)
@@ -60,12 +76,14 @@ class MIMOBatcher:
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, but got {type(transform).__name__}")
         self.transform = transform
+        self.augment = check_choice("augment", augment, AUGMENT_TARGETS)
         self.generator = generator
 
     def __repr__(self) -> str:
         return (
             f"MIMOBatcher(num_subnetworks={self.num_subnetworks}, batch_repetition={self.batch_repetition}, "
-            f"input_repetition={self.input_repetition:g})"
+            f"input_repetition={self.input_repetition:g}"
+            + (f", augment={self.augment!r})" if self.augment != "copies" else ")")
         )
 
     def indices(self, batch_size: int, device: torch.device | str | None = None) -> Tensor:
@@ -104,7 +122,10 @@ class MIMOBatcher:
         b = x.shape[0]
         base = torch.arange(b, device=x.device).repeat(self.batch_repetition)  # (B * b,)
         repeated = x[base]
-        if self.transform is not None:
+        if self.transform is not None and self.augment == "copies":
             repeated = self.transform(repeated)
         idx = self.indices(b, x.device)  # (B * b, M)
-        return repeated[idx], y[base][idx]
+        rows = repeated[idx]  # (B * b, M, C, H, W)
+        if self.transform is not None and self.augment == "inputs":
+            rows = self.transform(rows.flatten(0, 1)).unflatten(0, idx.shape)
+        return rows, y[base][idx]
