@@ -298,7 +298,7 @@ def shift_table(report: Mapping[str, Any], ood_name: str | None = None) -> str:
     if report.get("temperature") is not None:
         cal = report["calibrated"]["clean"]
         source = {"model": "the model's own", "val": "fitted on the validation split", "given": "given"}.get(
-            report.get("temperature_source"), "fitted")  # fmt: skip
+            str(report.get("temperature_source")), "fitted")  # fmt: skip
         lines.append(
             f"temperature {report['temperature']:.3f} ({source}): clean NLL {cal['nll']:.3f}, "
             f"ECE {100 * cal['ece']:.2f} %"
