@@ -29,8 +29,9 @@ Seed ``s``: the backbone (hence the core) is built after ``torch.manual_seed(s)`
 core, the data and the batch order; they differ in the drawn layers and what follows from them.
 
 The table gives mean ± standard error over seeds of the ensemble accuracy, the mean member accuracy and the
-ensemble NLL per backbone, preset and initialiser, and the difference backbone - torch with its standard error
-(``sqrt(SE_a^2 + SE_b^2)``), ``**`` where it exceeds two.
+ensemble NLL per backbone, preset and initialiser, and the difference backbone - torch twice: of the means, with
+the standard error ``sqrt(SE_a^2 + SE_b^2)``, and paired by seed (mean ± standard error of the per-seed
+differences); ``**`` where a difference exceeds two standard errors.
 
 Usage:
     python -m benchmarks.reinit_backbones --out runs/reinit_backbones               # everything, seeds 0-2
@@ -69,6 +70,7 @@ from benchmarks.differential import (
     evaluate_library,
     load_task,
     lr_factor,
+    mean_se,
 )
 from mixshare_layers import MIMOWrapper, split_backbone
 from mixshare_layers.data import Normalize, random_crop_flip
@@ -157,34 +159,44 @@ def _key(r: dict[str, Any]) -> tuple:
             tuple(r.get("vit_args", ())))  # fmt: skip
 
 
-def _fmt(mean: float, se: float, digits: int) -> str:
-    return f"{mean:.{digits}f}" + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
+def _fmt(mean: float, se: float, digits: int, sign: str = "") -> str:
+    return f"{mean:{sign}.{digits}f}" + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
+
+
+def _diff(mean: float, se: float, digits: int) -> str:
+    """A signed difference with its standard error, ``**`` where it exceeds two of them."""
+    return _fmt(mean, se, digits, "+") + (" **" if math.isfinite(se) and abs(mean) > 2 * se else "")
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    """Markdown: per backbone, preset and metric, both initialisers and their difference (backbone - torch)."""
-    lines = ["| backbone | preset | steps | metric | backbone's own | PyTorch's defaults | own - PyTorch | seeds |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    """Markdown: per backbone, preset and metric, both initialisers and their difference (backbone - torch), over
+    the seeds of each arm and paired by seed."""
+    lines = ["| backbone | preset | steps | metric | backbone's own | PyTorch's defaults | own - PyTorch | "
+             "paired by seed | seeds |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     groups = sorted(
         {(r["backbone"], r["preset"], r["steps"]) for r in results},
         key=lambda g: (BACKBONES.index(g[0]), PRESETS.index(g[1]) if g[1] in PRESETS else 9, g[2]),
     )
     flags = 0
     for backbone, preset, steps in groups:
-        runs = {arm: [r for r in results if (r["backbone"], r["preset"], r["steps"], r["reinit"]) ==
-                      (backbone, preset, steps, arm)] for arm in REINITS}  # fmt: skip
-        if not runs["backbone"] or not runs["torch"]:
+        runs = {arm: {r["seed"]: r for r in results if (r["backbone"], r["preset"], r["steps"], r["reinit"]) ==
+                      (backbone, preset, steps, arm)} for arm in REINITS}  # fmt: skip
+        own, torch_ = runs["backbone"], runs["torch"]
+        if not own or not torch_:
             continue
+        paired = sorted(set(own) & set(torch_))
         for key, name, digits in METRICS:
-            c = compare([r[key] for r in runs["backbone"]], [r[key] for r in runs["torch"]])
-            flags += c["flag"]
-            diff = _fmt(c["diff"], c["se"], digits) + (" **" if c["flag"] else "")
-            if not diff.startswith("-"):
-                diff = "+" + diff
-            lines.append(f"| {backbone} | `{preset}` | {steps} | {name} | {_fmt(*c['a'][:2], digits)} | "
-                         f"{_fmt(*c['b'][:2], digits)} | {diff} | {c['a'][2]} / {c['b'][2]} |")  # fmt: skip
-    lines += ["", f"mean ± standard error over seeds; ** = the difference exceeds two standard errors ({flags} "
-              "flagged)."]  # fmt: skip
+            c = compare([r[key] for r in own.values()], [r[key] for r in torch_.values()])
+            d_mean, d_se, _ = mean_se([own[s][key] - torch_[s][key] for s in paired])
+            cells = [_diff(c["diff"], c["se"], digits), _diff(d_mean, d_se, digits)]
+            flags += sum(cell.endswith("**") for cell in cells)
+            arms = " | ".join(_fmt(*c[arm][:2], digits) for arm in ("a", "b"))
+            lines.append(f"| {backbone} | `{preset}` | {steps} | {name} | {arms} | {' | '.join(cells)} | "
+                         f"{len(own)} / {len(torch_)} |")  # fmt: skip
+    lines += ["", "mean ± standard error over seeds; own - PyTorch: the difference of the means, its standard error "
+              "sqrt(SE_own^2 + SE_torch^2); paired by seed: the mean ± standard error of the per-seed differences "
+              f"(both arms of a seed share the core, the data and the batch order); ** = beyond two standard errors "
+              f"({flags} flagged)."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -32,15 +32,16 @@ def test_resnet18_arms_differ_only_in_the_drawn_layers(preset):
     assert all(torch.equal(a, b) for a, b in zip(*cores, strict=True))
 
 
-def test_table_gives_the_difference_and_flags_it():
+def test_table_gives_the_differences_and_flags_them():
     runs = [dict(backbone="vit", preset="mixmo", steps=5, reinit=arm, seed=s, ensemble_acc=acc, nll=nll,
                  mean_individual_acc=acc - 5)
             for arm, accs, nll in (("backbone", (90.0, 92.0, 94.0), 0.3), ("torch", (80.0, 81.0, 82.0), 0.3))
             for s, acc in enumerate(accs)]  # fmt: skip
     rows = {line.split(" | ")[3]: line.split(" | ") for line in rb.table(runs).splitlines() if line.startswith("| vit")}
     se = math.sqrt((2 / math.sqrt(3)) ** 2 + (1 / math.sqrt(3)) ** 2)
-    assert rows["ensemble acc. (%)"][4:8] == ["92.0 ± 1.2", "81.0 ± 0.6", f"+11.0 ± {se:.1f} **", "3 / 3 |"]
-    assert rows["ensemble NLL"][6] == "+0.000 ± 0.000"  # no difference, not flagged
+    paired = f"+11.0 ± {1 / math.sqrt(3):.1f} **"  # per-seed differences 10, 11, 12
+    assert rows["ensemble acc. (%)"][4:9] == ["92.0 ± 1.2", "81.0 ± 0.6", f"+11.0 ± {se:.1f} **", paired, "3 / 3 |"]
+    assert rows["ensemble NLL"][6:8] == ["+0.000 ± 0.000"] * 2  # no difference, not flagged
 
 
 def test_sweep_trains_both_backbones_and_skips_finished_runs(tmp_path, capsys):
@@ -59,7 +60,7 @@ def test_sweep_trains_both_backbones_and_skips_finished_runs(tmp_path, capsys):
     for backbone in rb.BACKBONES:  # the difference, as printed
         row = next(line for line in out.splitlines() if line.startswith(f"| {backbone} | `mixshare` | 1 | ensemble"))
         acc = {r["reinit"]: r["ensemble_acc"] for r in results if r["backbone"] == backbone}
-        assert row.split(" | ")[6:8] == [f"{acc['backbone'] - acc['torch']:+.1f}", "1 / 1 |"]
+        assert row.split(" | ")[6:9] == [f"{acc['backbone'] - acc['torch']:+.1f}"] * 2 + ["1 / 1 |"]
     again = rb.main(argv)
     assert again == results and "runs to do" not in capsys.readouterr().out  # nothing trained again
 
