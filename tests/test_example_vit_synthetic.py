@@ -1,6 +1,7 @@
 """examples/vit_synthetic.py in its seconds-long --smoke mode, run as a user runs it: what its summary reports is
 well-formed for a MixShare ViT and for the plain ViT, its JSON is the whole summary, harder-data options reach both
-splits, a temperature is fitted on held-out images, and bad sizes are refused.
+splits, a temperature is fitted on held-out images, ``--reinit`` chooses how the heads are drawn, and bad sizes are
+refused.
 
 The module's fixture runs every command first, in one process (``script_runs.run_commands``); the tests read what
 each left.
@@ -26,6 +27,7 @@ TRAINED = {  # with timm installed: name -> options after --smoke; each writes <
     "single": ["--method", "single"],
     "harder": ["--object-size", "0.5", "--clutter", "0.7", "--train", "64"],
     "held_out": ["--val", "32", "--steps", "20"],
+    "reinit_torch": ["--method", "mixmo", "--reinit", "torch"],
 }
 BAD = {
     "rows": (["--rows", "15"], "--rows 15 must be a multiple of the batch repetition 2"),
@@ -144,3 +146,38 @@ def test_evaluate_at_a_temperature_matches_a_float64_reference():
 def test_val_must_leave_training_images(runs):
     res = runs[1]["val"]
     assert res.code == 2 and BAD["val"][1] in res.err
+
+
+def test_reinit_torch_trains(runs):
+    _, default = _trained(runs, "mixshare")
+    res, out = _trained(runs, "reinit_torch")
+    assert default["config"]["reinit"] == "backbone" and out["config"]["reinit"] == "torch"
+    assert len(out["individual_acc"]) == 2 and math.isfinite(out["nll"]) and "mixmo, seed 0: ensemble" in res.out
+
+
+@pytest.mark.parametrize("method", ["mixshare", "mixmo"])
+def test_reinit_chooses_how_the_heads_are_drawn(method):
+    """On the built model (no training): timm's ViT initialisation draws each head's linear layer truncated-normal
+    with std 0.02 and a zero bias; PyTorch's default uniform in +-1 / sqrt(dim) (std 1 / sqrt(3 dim)), bias too.
+    The core is the backbone's as built, the same in both."""
+    pytest.importorskip("timm")
+    vit = importlib.import_module(MODULE)
+    models = {}
+    for reinit in ("backbone", "torch"):
+        args = vit.build_parser().parse_args(["--method", method, "--dim", "64", "--classes", "40",
+                                              "--reinit", reinit])  # fmt: skip
+        torch.manual_seed(0)
+        models[reinit] = vit.build_model(args, 2)
+    for reinit, model in models.items():
+        heads = [member.model.head for member in model.heads.members]
+        assert len(heads) == 2 and not torch.equal(heads[0].weight, heads[1].weight)  # one draw per head
+        for head in heads:
+            weight, bias = head.weight.detach(), head.bias.detach()
+            std = float(weight.std())
+            if reinit == "backbone":
+                assert std == pytest.approx(0.02, rel=0.1) and not bias.any()
+            else:
+                assert std == pytest.approx(1 / math.sqrt(3 * 64), rel=0.1) and bias.abs().max() > 0
+                assert weight.abs().max() <= 1 / math.sqrt(64) and bias.abs().max() <= 1 / math.sqrt(64)
+    cores = [list(m.core.parameters()) for m in models.values()]
+    assert all(torch.equal(a, b) for a, b in zip(*cores, strict=True))

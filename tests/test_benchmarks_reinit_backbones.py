@@ -1,0 +1,71 @@
+"""benchmarks/reinit_backbones.py: its two arms differ only in the layers the wrapper draws, it trains both
+backbones (resnet18 here, the ViT example as a child process), skips finished runs and tabulates backbone - torch."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import reinit_backbones as rb
+
+
+@pytest.mark.parametrize("preset", ["mixmo", "mixshare"])
+def test_resnet18_arms_differ_only_in_the_drawn_layers(preset):
+    """torchvision's ResNet draws convolutions Kaiming-normal (fan-out): independent encoder copies get std
+    sqrt(2 / (64 * 9)) against PyTorch's 1 / sqrt(3 * 27); aligned ones are the backbone's conv1 in both arms. The
+    heads are nn.Linear's default in both, and the core is the same."""
+    built = {arm: rb.resnet_wrapper(preset, arm, 40, seed=0) for arm in rb.REINITS}
+    kernels = {arm: w.encoder.kernels().detach() for arm, w in built.items()}
+    if preset == "mixmo":
+        assert float(kernels["backbone"].std()) == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.05)
+        assert float(kernels["torch"].std()) == pytest.approx(1 / math.sqrt(3 * 27), rel=0.05)
+    else:
+        assert torch.equal(kernels["backbone"], kernels["torch"])
+    for w in built.values():
+        heads = w.heads.weight.detach()
+        assert float(heads.abs().max()) <= 1 / math.sqrt(512)
+        assert float(heads.std()) == pytest.approx(1 / math.sqrt(3 * 512), rel=0.05)
+    cores = [list(w.core.parameters()) for w in built.values()]
+    assert all(torch.equal(a, b) for a, b in zip(*cores, strict=True))
+
+
+def test_table_gives_the_differences_and_flags_them():
+    runs = [dict(backbone="vit", preset="mixmo", steps=5, reinit=arm, seed=s, ensemble_acc=acc, nll=nll,
+                 mean_individual_acc=acc - 5)
+            for arm, accs, nll in (("backbone", (90.0, 92.0, 94.0), 0.3), ("torch", (80.0, 81.0, 82.0), 0.3))
+            for s, acc in enumerate(accs)]  # fmt: skip
+    rows = {line.split(" | ")[3]: line.split(" | ") for line in rb.table(runs).splitlines() if line.startswith("| vit")}
+    se = math.sqrt((2 / math.sqrt(3)) ** 2 + (1 / math.sqrt(3)) ** 2)
+    paired = f"+11.0 ± {1 / math.sqrt(3):.1f} **"  # per-seed differences 10, 11, 12
+    assert rows["ensemble acc. (%)"][4:9] == ["92.0 ± 1.2", "81.0 ± 0.6", f"+11.0 ± {se:.1f} **", paired, "3 / 3 |"]
+    assert rows["ensemble NLL"][6:8] == ["+0.000 ± 0.000"] * 2  # no difference, not flagged
+
+
+def test_sweep_trains_both_backbones_and_skips_finished_runs(tmp_path, capsys):
+    argv = ["--presets", "mixshare", "--seeds", "1", "--resnet-steps", "1", "--task", "tiny", "--recipe", "tiny",
+            "--vit-steps", "1", "--out", str(tmp_path), "--", "--smoke"]  # fmt: skip
+    results = rb.main(argv)
+    assert sorted((r["backbone"], r["reinit"], r["seed"]) for r in results) == sorted(
+        (b, arm, 1) for b in rb.BACKBONES for arm in rb.REINITS
+    )
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    for r in results:
+        assert 0 <= r["ensemble_acc"] <= 100 and len(r["individual_acc"]) == 2 and math.isfinite(r["nll"])
+    summary = json.loads((tmp_path / "vit" / "vit-mixshare-torch-steps1-s1.json").read_text())
+    assert summary["config"]["reinit"] == "torch" and summary["steps"] == 1 and summary["config"]["seed"] == 1
+    out = capsys.readouterr().out
+    for backbone in rb.BACKBONES:  # the difference, as printed
+        row = next(line for line in out.splitlines() if line.startswith(f"| {backbone} | `mixshare` | 1 | ensemble"))
+        acc = {r["reinit"]: r["ensemble_acc"] for r in results if r["backbone"] == backbone}
+        assert row.split(" | ")[6:9] == [f"{acc['backbone'] - acc['torch']:+.1f}"] * 2 + ["1 / 1 |"]
+    again = rb.main(argv)
+    assert again == results and "runs to do" not in capsys.readouterr().out  # nothing trained again
+
+
+def test_steps_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        rb.main(["--resnet-steps", "0", "--table-only"])
+    assert "--resnet-steps must be at least 1, got 0" in capsys.readouterr().err
