@@ -40,7 +40,13 @@ from mixshare_layers.analysis import sharing_rates
 from mixshare_layers.checkpoint import WRN_BUILDER, ModelRecipe, RunError, runs
 from mixshare_layers.data import Normalize, SyntheticImageDataset, load_cifar100, random_crop_flip
 from mixshare_layers.data.ood import load_svhn, synthetic_ood_dataset
-from mixshare_layers.evaluation import CORRUPTIONS, collapsed_members, evaluate_uncertainty, report
+from mixshare_layers.evaluation import (
+    CORRUPTIONS,
+    collapsed_members,
+    evaluate_uncertainty,
+    inference_ms_per_image,
+    report,
+)
 from mixshare_layers.files import write_json
 from mixshare_layers.models import wide_resnet
 
@@ -406,7 +412,7 @@ def train(args, overrides: dict, data, device: torch.device, progress, resume_co
         fitted = model.calibrate(normalize(val_all[0]), val_all[1], batch_size=args.eval_batch_size)
         log.print(f"calibrated on {len(val_all[1])} validation images: temperature {fitted[args.ensemble_rule]:.3f}")
         saved_at = (runs.save_run_checkpoint(run_dir, {**state, "model": model.state_dict()}, gens), saved_at[1])
-    ms_per_image = test_pass_ms(model, normalize(test[0]), args.eval_batch_size)
+    ms_per_image = inference_ms_per_image(model, normalize(test[0]), args.eval_batch_size)
     shift = None
     if args.shift_eval and not stopped_early:  # the test set corrupted on the fly, and the OOD set
         t_shift = time.perf_counter()  # at the model's temperature; the plain network's fitted here (--calibrate)
@@ -435,21 +441,6 @@ def train(args, overrides: dict, data, device: torch.device, progress, resume_co
         write_json(run_dir / "summary.json", summary)
     log.print(report.results_table(summary), *([report.shift_table(shift, config["ood_resolved"])] if shift else []))
     return summary
-
-
-@torch.no_grad()
-def test_pass_ms(model, images, batch_size: int) -> float:
-    """Milliseconds per image of one pass over ``images`` in eval mode (the cost of a prediction, all M members)."""
-    was_training = model.training
-    model.eval()
-    model(images[:batch_size])  # once before the clock: first-call allocations
-    t0 = time.perf_counter()
-    for chunk in images.split(batch_size):
-        model(chunk)
-    if images.device.type == "cuda":
-        torch.cuda.synchronize(images.device)
-    model.train(was_training)
-    return 1000 * (time.perf_counter() - t0) / len(images)
 
 
 if __name__ == "__main__":

@@ -196,3 +196,16 @@ def test_finite_makes_strict_json() -> None:
     value = {1: [math.nan, 1.5, (math.inf, "a")], "b": {"c": -math.inf}}
     assert report.finite(value) == {"1": [None, 1.5, [None, "a"]], "b": {"c": None}}
     json.dumps(report.finite(value), allow_nan=False)
+
+
+def test_inference_ms_per_image_times_a_pass_and_restores_the_mode() -> None:
+    from mixshare_layers.evaluation import inference_ms_per_image
+
+    calls = []
+    model = torch.nn.Linear(4, 2).train()
+    model.register_forward_hook(lambda mod, inp, out: calls.append((inp[0].shape[0], mod.training)))
+    ms = inference_ms_per_image(model, torch.randn(10, 4), batch_size=4)
+    assert ms > 0 and model.training  # the mode is restored
+    assert calls == [(4, False), (4, False), (4, False), (2, False)]  # one batch before the clock, then every image
+    with pytest.raises(ValueError, match="batch_size"):
+        inference_ms_per_image(model, torch.randn(2, 4), batch_size=0)

@@ -30,7 +30,14 @@ from .calibration import (
     classwise_calibration_error,
     classwise_calibration_error_from_bins,
 )
-from .evaluate import METRIC_UNITS, calibration_under_shift, evaluate_uncertainty, flatten_report
+from .cost import inference_ms_per_image
+from .evaluate import (
+    METRIC_UNITS,
+    calibration_under_shift,
+    evaluate_uncertainty,
+    flatten_report,
+    shift_cells,
+)
 from .metrics import (
     ECE_BINS,
     EnsembleMetrics,
@@ -86,11 +93,13 @@ __all__ = [
     "expected_calibration_error",
     "fit_temperature",
     "flatten_report",
+    "inference_ms_per_image",
     "ood_detection_metrics",
     "plot_reliability_diagram",
     "plot_uncertainty_report",
     "results_table",
     "risk_coverage_curve",
+    "shift_cells",
     "shift_rows",
     "shift_summary",
     "shift_table",

@@ -19,7 +19,13 @@ from .scores import UNCERTAINTY_SCORES, uncertainty_scores
 from .shift import CORRUPTIONS, SEVERITIES, corrupt
 from .temperature import fit_temperature
 
-__all__ = ["METRIC_UNITS", "calibration_under_shift", "evaluate_uncertainty", "flatten_report"]
+__all__ = [
+    "METRIC_UNITS",
+    "calibration_under_shift",
+    "evaluate_uncertainty",
+    "flatten_report",
+    "shift_cells",
+]
 
 #: The unit of every metric of a report (one convention per kind of quantity).
 METRIC_UNITS: Mapping[str, str] = MappingProxyType(
@@ -392,6 +398,19 @@ def flatten_report(
     return flat
 
 
+def shift_cells(report: Mapping[str, Any]) -> list[tuple[str, Any, Mapping[str, Any]]]:
+    """The cells of a report (or of its ``"calibrated"`` part) in table order, as ``(shift, severity, metrics)``:
+    ``("clean", 0, ...)``, each corruption and severity, the mean per severity (``("mean", s, ...)``) and over all
+    (``("mean", "all", ...)``, when there is one)."""
+    out: list[tuple[str, Any, Mapping[str, Any]]] = [("clean", 0, report["clean"])]
+    for corruption, by_severity in report["shift"].items():
+        out += [(corruption, severity, m) for severity, m in by_severity.items()]
+    out += [("mean", severity, m) for severity, m in report["shift_by_severity"].items()]
+    if report["shift_mean"]:
+        out.append(("mean", "all", report["shift_mean"]))
+    return out
+
+
 def calibration_under_shift(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     """ECE and NLL under every shift of an :func:`evaluate_uncertainty` report, raw and at its temperature.
 
@@ -410,15 +429,7 @@ def calibration_under_shift(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         [('clean', 0, 0.1, 0.02), ('blur', 5, 0.3, 0.1)]
     """
 
-    def cells(rep: Mapping[str, Any]) -> list[tuple[str, Any, Mapping[str, Any]]]:
-        out: list[tuple[str, Any, Mapping[str, Any]]] = [("clean", 0, rep["clean"])]
-        for corruption, by_severity in rep["shift"].items():
-            out += [(corruption, severity, m) for severity, m in by_severity.items()]
-        out += [("mean", severity, m) for severity, m in rep["shift_by_severity"].items()]
-        if rep["shift_mean"]:
-            out.append(("mean", "all", rep["shift_mean"]))
-        return out
-
+    cells = shift_cells
     calibrated = report.get("calibrated")
     tempered = cells(calibrated) if calibrated is not None else None
     rows = []

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_json
+from .evaluate import shift_cells
 from .plots import plot_uncertainty_report
 from .runlog import (
     EVAL_COLUMNS,
@@ -248,13 +249,7 @@ def shift_rows(report: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[di
     if report.get("calibrated") is not None:
         parts.append((report["temperature"], report["calibrated"]))
     for temperature, rep in parts:
-        cells: list[tuple[str, Any, Mapping[str, Any]]] = [("clean", 0, rep["clean"])]
-        for corruption, by_severity in rep["shift"].items():
-            cells += [(corruption, severity, m) for severity, m in by_severity.items()]
-        cells += [("mean", severity, m) for severity, m in rep["shift_by_severity"].items()]
-        if rep["shift_mean"]:
-            cells.append(("mean", "all", rep["shift_mean"]))
-        for name, severity, metrics in cells:
+        for name, severity, metrics in shift_cells(rep):
             row = {"shift": name, "severity": severity, "temperature": temperature}
             shift.append(row | {col: factor * metrics[key] for key, col, factor in SHIFT_COLUMNS if key in metrics})
         for name, scores in rep["ood"].items():
