@@ -49,6 +49,7 @@ Usage:
     python benchmarks/differential.py --methods mixmo --swap init --out runs/differential   # swapped initialisation
     python benchmarks/differential.py --impl library --swap augment --out runs/differential   # per-input crops
     python benchmarks/differential.py --table-only --groups --out runs/differential   # tabulate what is there
+    python benchmarks/differential.py --table-only --compare-init torch mixmo        # one init against another
 
 With ``--impl library`` and ``--swap``, the table compares the swapped library with the library as it is (both
 groups' runs in ``--out``). Runs are cached in ``<out>/results.json`` (rewritten atomically after every run); a run
@@ -559,6 +560,44 @@ def table(results: list[dict[str, Any]], methods: Sequence[str], a: tuple[str, t
     return "\n".join(lines) + "\n"
 
 
+def init_table(results: list[dict[str, Any]], methods: Sequence[str], a: str, b: str) -> str:
+    """Markdown: for each method and implementation, each metric under initialisation ``a`` against ``b`` (no swaps,
+    one task, recipe and library version in ``results``): both means, the difference of the means with its standard
+    error, and the mean ± standard error of the per-seed differences. Both runs of a seed share the batch order and
+    the mixes' generators, so the paired column is the sharper test; ``**`` marks either beyond two standard
+    errors."""
+    lines = [f"| method | implementation | metric | init `{a}` | init `{b}` | {a} - {b} | paired by seed | n |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    flags = 0
+    for method in methods:
+        for impl in ("library", "reference"):
+            runs = {init: {r["seed"]: r for r in results if (r["method"], r["impl"], r.get("init", "mixmo")) ==
+                           (method, impl, init) and not r["swaps"]} for init in (a, b)}  # fmt: skip
+            if not runs[a] or not runs[b]:
+                continue
+            seeds = sorted(set(runs[a]) & set(runs[b]))
+            for key, name in METRICS:
+                digits = 3 if key == "nll" else 1
+                c = compare([r[key] for r in runs[a].values()], [r[key] for r in runs[b].values()])
+                d, d_se, _ = mean_se([runs[a][s][key] - runs[b][s][key] for s in seeds])
+                cells = []
+                for mean, se in ((c["diff"], c["se"]), (d, d_se)):
+                    flag = math.isfinite(se) and abs(mean) > 2 * se
+                    flags += flag
+                    cells.append(f"{mean:+.{digits}f}" + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
+                                 + (" **" if flag else ""))  # fmt: skip
+                means = f"{_fmt(*c['a'][:2], digits)} | {_fmt(*c['b'][:2], digits)}"
+                lines.append(f"| `{method}` | {impl} | {name} | {means} | {' | '.join(cells)} | "
+                             f"{c['a'][2]} / {c['b'][2]} |")  # fmt: skip
+            collapsed = [f"{init} s{r['seed']}" for init in (a, b) for r in runs[init].values() if r.get("collapsed")]
+            if collapsed:
+                lines.append(f"| `{method}` | {impl} | runs with a collapsed member | {', '.join(collapsed)} | | | | |")
+    lines += ["", f"mean ± standard error over seeds; {a} - {b}: the difference of the means ± "
+              f"sqrt(SE_a^2 + SE_b^2); paired by seed: the per-seed differences; ** = beyond two standard errors "
+              f"({flags} flagged)."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def group_table(results: list[dict[str, Any]], methods: Sequence[str]) -> str:
     """Markdown: one row per (method, library version, implementation, swaps) group, mean ± SE of every metric."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -594,6 +633,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--out", default="runs/differential")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--groups", action="store_true", help="also print every group of runs (versions, swaps) found")
+    p.add_argument("--compare-init", nargs=2, metavar=("A", "B"), choices=sorted(LIBRARY_INITS),
+                   help="also print, per method and implementation, initialisation A against B (runs already there)")
     args = p.parse_args(argv)
     if "augment" in args.swap and args.impl != "library":
         p.error("--swap augment changes the library's batcher only: give --impl library")
@@ -649,6 +690,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.groups:
         same = [r for r in results if r["task"] == args.task and r["recipe"] == args.recipe]
         text += "\n" + group_table(same, args.methods)
+    if args.compare_init:
+        same = [r for r in results if r["task"] == args.task and r["recipe"] == args.recipe
+                and key(r)[-1] in (args.label, "-")]  # fmt: skip
+        text += "\n" + init_table(same, args.methods, *args.compare_init)
     print(text, flush=True)
     return results
 

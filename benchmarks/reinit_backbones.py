@@ -84,7 +84,10 @@ PRESETS = ("mixmo", "mixshare")
 REINITS = ("backbone", "torch")  # the split's own reinit; None (PyTorch's defaults)
 RESNET_STEPS, VIT_STEPS = 300, 3000
 METRICS = (("ensemble_acc", "ensemble acc. (%)", 1), ("mean_individual_acc", "mean member acc. (%)", 1),
-           ("nll", "ensemble NLL", 3))  # fmt: skip
+           ("nll", "ensemble NLL", 3), ("ece", "ensemble ECE", 3), ("calibrated_nll", "NLL, calibrated", 3),
+           ("calibrated_ece", "ECE, calibrated", 3), ("temperature", "temperature", 2))  # fmt: skip
+# a metric gets its rows where every run of both arms has it (ECE and the calibrated ones: ViT runs; the calibrated
+# ones only with the example's --val)
 
 
 def resnet_wrapper(preset: str, reinit: str, num_classes: int, seed: int) -> MIMOWrapper:
@@ -140,9 +143,11 @@ def train_vit(job: dict[str, Any], out: Path) -> dict[str, Any]:
         raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     s = json.loads(summary.read_text())
     members = [100 * a for a in s["individual_acc"]]
+    calibrated = s["calibrated"] or {}  # with --val: the test metrics at the temperature fitted on held-out images
     return {**job, "ensemble_acc": 100 * s["ensemble_acc"], "individual_acc": members,
-            "mean_individual_acc": 100 * s["mean_individual_acc"], "nll": s["nll"],
-            "train_time_s": s["train_time_s"]}  # fmt: skip
+            "mean_individual_acc": 100 * s["mean_individual_acc"], "nll": s["nll"], "ece": s["ece"],
+            "calibrated_nll": calibrated.get("nll"), "calibrated_ece": calibrated.get("ece"),
+            "temperature": s["temperature"], "train_time_s": s["train_time_s"]}  # fmt: skip
 
 
 def run_one(job: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -186,6 +191,8 @@ def table(results: list[dict[str, Any]]) -> str:
             continue
         paired = sorted(set(own) & set(torch_))
         for key, name, digits in METRICS:
+            if any(r.get(key) is None for r in [*own.values(), *torch_.values()]):
+                continue
             c = compare([r[key] for r in own.values()], [r[key] for r in torch_.values()])
             d_mean, d_se, _ = mean_se([own[s][key] - torch_[s][key] for s in paired])
             cells = [_diff(c["diff"], c["se"], digits), _diff(d_mean, d_se, digits)]

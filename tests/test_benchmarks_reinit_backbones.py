@@ -42,6 +42,22 @@ def test_table_gives_the_differences_and_flags_them():
     paired = f"+11.0 ± {1 / math.sqrt(3):.1f} **"  # per-seed differences 10, 11, 12
     assert rows["ensemble acc. (%)"][4:9] == ["92.0 ± 1.2", "81.0 ± 0.6", f"+11.0 ± {se:.1f} **", paired, "3 / 3 |"]
     assert rows["ensemble NLL"][6:8] == ["+0.000 ± 0.000"] * 2  # no difference, not flagged
+    assert "NLL, calibrated" not in rows and "ensemble ECE" not in rows  # no run has them: no row
+
+
+def test_table_gives_calibrated_rows_only_where_every_run_has_them():
+    def run(arm, seed, calibrated_nll):
+        return dict(backbone="vit", preset="mixmo", steps=5, reinit=arm, seed=seed, ensemble_acc=90.0, nll=0.5,
+                    mean_individual_acc=85.0, ece=0.2, calibrated_nll=calibrated_nll, calibrated_ece=0.01,
+                    temperature=0.5)  # fmt: skip
+
+    runs = [run("backbone", 0, 0.40), run("backbone", 1, 0.42), run("torch", 0, 0.30), run("torch", 1, 0.34)]
+    rows = {line.split(" | ")[3]: line.split(" | ") for line in rb.table(runs).splitlines() if line.startswith("| vit")}
+    assert rows["NLL, calibrated"][4:6] == ["0.410 ± 0.010", "0.320 ± 0.020"]
+    assert rows["NLL, calibrated"][7] == "+0.090 ± 0.010 **"  # paired: differences 0.10 and 0.08
+    assert {"ensemble ECE", "ECE, calibrated", "temperature"} <= set(rows)
+    runs[3]["calibrated_nll"] = None  # one run without --val: the group's calibrated NLL is not tabulated
+    assert "NLL, calibrated" not in rb.table(runs)
 
 
 def test_sweep_trains_both_backbones_and_skips_finished_runs(tmp_path, capsys):
@@ -54,6 +70,9 @@ def test_sweep_trains_both_backbones_and_skips_finished_runs(tmp_path, capsys):
     assert json.loads((tmp_path / "results.json").read_text()) == results
     for r in results:
         assert 0 <= r["ensemble_acc"] <= 100 and len(r["individual_acc"]) == 2 and math.isfinite(r["nll"])
+    for r in results:
+        if r["backbone"] == "vit":  # the raw ECE is kept; without --val there is no temperature
+            assert 0 <= r["ece"] <= 1 and r["calibrated_nll"] is None and r["temperature"] is None
     summary = json.loads((tmp_path / "vit" / "vit-mixshare-torch-steps1-s1.json").read_text())
     assert summary["config"]["reinit"] == "torch" and summary["steps"] == 1 and summary["config"]["seed"] == 1
     out = capsys.readouterr().out

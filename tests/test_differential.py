@@ -153,6 +153,34 @@ def test_mean_se_and_compare():
     assert not same["flag"] and far["flag"] and far["diff"] == pytest.approx(9.0)
 
 
+def test_init_table_compares_two_initialisations_per_implementation_paired_by_seed(tmp_path, capsys):
+    def run(impl, init, seed, acc, **extra):
+        metrics = {key: acc for key, _ in diff.METRICS}
+        base = dict(impl=impl, method="mixmo", seed=seed, swaps=[], task="tiny", recipe="tiny", label="current",
+                    init=init, individual_acc=[acc, acc], collapsed=[])  # fmt: skip
+        return {**base, **metrics, **extra}
+
+    results = [run("library", "torch", s, 90.0 + 3 * s) for s in range(3)]  # seeds spread far apart
+    results += [run("library", "mixmo", s, 88.0 + 3.1 * s + 0.1 * s * s) for s in range(3)]  # paired: 2, 1.8, 1.4
+    results += [run("reference", "torch", s, 80.0) for s in range(2)]  # no mixmo runs: no reference rows
+    results += [run("library", "mixmo", 3, 10.0, swaps=["init"])]  # a swapped run belongs to another group
+    text = diff.init_table(results, ["mixmo"], "torch", "mixmo")
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| `mixmo`")]
+    assert {r[1] for r in rows} == {"library"}
+    acc = next(r for r in rows if r[2] == "ensemble acc. (%)")
+    paired = diff.mean_se([2.0, 1.8, 1.4])
+    assert acc[3] == "93.0 ± 1.7" and acc[4] == f"{diff.mean_se([88.0, 91.2, 94.6])[0]:.1f} ± 1.9"
+    assert acc[6] == f"+{paired[0]:.1f} ± {paired[1]:.1f} **" and not acc[5].endswith("**")  # only pairing sees it
+    assert acc[7] == "3 / 3 |"
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    diff.main(["--table-only", "--task", "tiny", "--recipe", "tiny", "--methods", "mixmo", "--out", str(tmp_path),
+               "--compare-init", "torch", "mixmo"])  # fmt: skip
+    assert "| method | implementation | metric | init `torch` | init `mixmo` |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        diff.main(["--table-only", "--out", str(tmp_path), "--compare-init", "torch", "he"])
+    assert "invalid choice: 'he'" in capsys.readouterr().err
+
+
 def test_harness_two_seeds_both_implementations_with_swaps(tmp_path, capsys):
     out = tmp_path / "d"
     args = ["--task", "tiny", "--recipe", "tiny", "--methods", "mixmo", "--seeds", "0", "1", "--jobs", "1"]
