@@ -107,6 +107,8 @@ TASKS: dict[str, dict[str, Any]] = {
     "hard": dict(num_classes=40, image_size=32, train=5000, test=2000, noise=1.0, object_size=0.5, clutter=0.7),
     "hard24": dict(num_classes=40, image_size=24, train=5000, test=2000, noise=1.0, object_size=7 / 12, clutter=0.7),
     "tiny": dict(num_classes=10, image_size=32, train=256, test=256, noise=1.0, object_size=1.0, clutter=0.0),
+    # a task a CPU can train resnet18 on (benchmarks/reinit_backbones.py): a 12 px window at 16x16, less clutter
+    "mid16": dict(num_classes=20, image_size=16, train=4000, test=2000, noise=1.0, object_size=0.75, clutter=0.5),
 }
 RECIPES: dict[str, dict[str, Any]] = {
     "default": dict(depth=10, width=1, members=2, steps=2000, batch=32, repetition=2, lr=0.05, weight_decay=6e-4,

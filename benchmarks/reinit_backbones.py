@@ -15,7 +15,11 @@ Backbones (what differs between the two arms, read on the built models):
               40 classes, 24x24, 5000 train / 2000 test, object 7/12 of the image on clutter 0.7, noise 1.0) with
               that harness's ``--recipe`` (default ``fast``: 32 unique images x batch repetition 2 per step, SGD
               Nesterov 0.9, peak lr 0.05, 5 % linear warmup then linear decay, weight decay 6e-4, crop + flip) for
-              ``--resnet-steps`` steps. torchvision draws convolutions Kaiming-normal (fan-out, ReLU): the encoder
+              ``--resnet-steps`` steps, at the peak lr ``--resnet-lr`` where given. At lr 0.05 on ``hard24`` the
+              wrapped resnet18 collapses to uniform outputs within the warmup: the MIMO loss sums the M members'
+              losses, so the core's gradient is M times a single network's, and the plain resnet18 collapses the
+              same way at lr 0.1 (docs/reproducing.md); ``--task mid16 --resnet-lr 0.02`` is a setting it learns
+              in on a CPU. torchvision draws convolutions Kaiming-normal (fan-out, ReLU): the encoder
               copies get std 0.059 against PyTorch's 0.111; the head is ``nn.Linear``'s default in both arms, so
               under ``mixshare`` (aligned encoders: copies of the backbone's ``conv1``) both arms draw from one
               distribution and differ by the draw alone.
@@ -36,6 +40,8 @@ differences); ``**`` where a difference exceeds two standard errors.
 Usage:
     python -m benchmarks.reinit_backbones --out runs/reinit_backbones               # everything, seeds 0-2
     python -m benchmarks.reinit_backbones --backbones vit --seeds 0 1 --vit-steps 1500
+    python -m benchmarks.reinit_backbones --backbones resnet18 --presets mixmo --task mid16 --resnet-steps 600 \
+        --resnet-lr 0.02
     python -m benchmarks.reinit_backbones --table-only --out runs/reinit_backbones  # tabulate every run there
 
 Runs are cached in ``<out>/results.json`` (rewritten atomically after every run); a run already there is skipped,
@@ -103,7 +109,10 @@ def resnet_wrapper(preset: str, reinit: str, num_classes: int, seed: int) -> MIM
 def train_resnet(job: dict[str, Any]) -> dict[str, Any]:
     """Train and evaluate one resnet18 run (differential.py's loop and evaluation, on this backbone)."""
     data = load_task(job["task"])
-    cfg = TrainConfig(preset=job["preset"], **{**RECIPES[job["recipe"]], "steps": job["steps"]})
+    recipe = {**RECIPES[job["recipe"]], "steps": job["steps"]}
+    if job.get("lr") is not None:
+        recipe["lr"] = job["lr"]
+    cfg = TrainConfig(preset=job["preset"], **recipe)
     model = resnet_wrapper(job["preset"], job["reinit"], data["num_classes"], job["seed"])
     gen = torch.Generator().manual_seed(job["seed"] * 1000 + 1)
     normalize = Normalize.from_images(data["train_x"])
@@ -161,7 +170,17 @@ def run_name(job: dict[str, Any]) -> str:
 
 def _key(r: dict[str, Any]) -> tuple:
     return (r["backbone"], r["preset"], r["reinit"], r["seed"], r["steps"], r.get("task"), r.get("recipe"),
-            tuple(r.get("vit_args", ())))  # fmt: skip
+            r.get("lr"), tuple(r.get("vit_args", ())))  # fmt: skip
+
+
+def _setting(r: dict[str, Any]) -> tuple:
+    """What a group of runs shares besides backbone and preset: the steps, and for resnet18 the task and lr."""
+    return (r["steps"], r.get("task") or "", r.get("lr") or 0.0)
+
+
+def _setting_cell(setting: tuple) -> str:
+    steps, task, lr = setting
+    return ", ".join([str(steps), *([task] if task else []), *([f"lr {lr:g}"] if lr else [])])
 
 
 def _fmt(mean: float, se: float, digits: int, sign: str = "") -> str:
@@ -176,16 +195,16 @@ def _diff(mean: float, se: float, digits: int) -> str:
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown: per backbone, preset and metric, both initialisers and their difference (backbone - torch), over
     the seeds of each arm and paired by seed."""
-    lines = ["| backbone | preset | steps | metric | backbone's own | PyTorch's defaults | own - PyTorch | "
+    lines = ["| backbone | preset | setting | metric | backbone's own | PyTorch's defaults | own - PyTorch | "
              "paired by seed | seeds |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     groups = sorted(
-        {(r["backbone"], r["preset"], r["steps"]) for r in results},
+        {(r["backbone"], r["preset"], _setting(r)) for r in results},
         key=lambda g: (BACKBONES.index(g[0]), PRESETS.index(g[1]) if g[1] in PRESETS else 9, g[2]),
     )
     flags = 0
-    for backbone, preset, steps in groups:
-        runs = {arm: {r["seed"]: r for r in results if (r["backbone"], r["preset"], r["steps"], r["reinit"]) ==
-                      (backbone, preset, steps, arm)} for arm in REINITS}  # fmt: skip
+    for backbone, preset, setting in groups:
+        runs = {arm: {r["seed"]: r for r in results if (r["backbone"], r["preset"], _setting(r), r["reinit"]) ==
+                      (backbone, preset, setting, arm)} for arm in REINITS}  # fmt: skip
         own, torch_ = runs["backbone"], runs["torch"]
         if not own or not torch_:
             continue
@@ -198,8 +217,8 @@ def table(results: list[dict[str, Any]]) -> str:
             cells = [_diff(c["diff"], c["se"], digits), _diff(d_mean, d_se, digits)]
             flags += sum(cell.endswith("**") for cell in cells)
             arms = " | ".join(_fmt(*c[arm][:2], digits) for arm in ("a", "b"))
-            lines.append(f"| {backbone} | `{preset}` | {steps} | {name} | {arms} | {' | '.join(cells)} | "
-                         f"{len(own)} / {len(torch_)} |")  # fmt: skip
+            lines.append(f"| {backbone} | `{preset}` | {_setting_cell(setting)} | {name} | {arms} | "
+                         f"{' | '.join(cells)} | {len(own)} / {len(torch_)} |")  # fmt: skip
     lines += ["", "mean ± standard error over seeds; own - PyTorch: the difference of the means, its standard error "
               "sqrt(SE_own^2 + SE_torch^2); paired by seed: the mean ± standard error of the per-seed differences "
               f"(both arms of a seed share the core, the data and the batch order); ** = beyond two standard errors "
@@ -217,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--task", choices=sorted(TASKS), default="hard24", help="resnet18's task (differential.py's)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="fast",
                    help="resnet18's recipe (differential.py's; its steps replaced by --resnet-steps)")  # fmt: skip
+    p.add_argument("--resnet-lr", type=float, default=None, help="resnet18's peak lr (default: the recipe's)")
     p.add_argument("--vit-steps", type=int, default=VIT_STEPS, help="the ViT example's --steps")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
     p.add_argument("--out", type=Path, default=Path("runs/reinit_backbones"))
@@ -226,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for name in ("resnet_steps", "vit_steps", "jobs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.resnet_lr is not None and not (math.isfinite(args.resnet_lr) and args.resnet_lr > 0):
+        p.error(f"--resnet-lr must be a positive number, got {args.resnet_lr}")
     path = args.out / "results.json"
     results: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
     jobs = []
@@ -236,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     job = dict(backbone=backbone, preset=preset, reinit=reinit, seed=seed)
                     if backbone == "resnet18":
                         job.update(steps=args.resnet_steps, task=args.task, recipe=args.recipe)
+                        if args.resnet_lr is not None:
+                            job["lr"] = args.resnet_lr
                     else:
                         job.update(steps=args.vit_steps, vit_args=list(args.vit_args))
                     jobs.append(job)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks import reinit_backbones as rb
+from benchmarks.differential import TrainConfig
 
 
 @pytest.mark.parametrize("preset", ["mixmo", "mixshare"])
@@ -60,10 +61,13 @@ def test_table_gives_calibrated_rows_only_where_every_run_has_them():
     assert "NLL, calibrated" not in rb.table(runs)
 
 
-def test_sweep_trains_both_backbones_and_skips_finished_runs(tmp_path, capsys):
+def test_sweep_trains_both_backbones_and_skips_finished_runs(tmp_path, capsys, monkeypatch):
     argv = ["--presets", "mixshare", "--seeds", "1", "--resnet-steps", "1", "--task", "tiny", "--recipe", "tiny",
-            "--vit-steps", "1", "--out", str(tmp_path), "--", "--smoke"]  # fmt: skip
+            "--resnet-lr", "0.01", "--vit-steps", "1", "--out", str(tmp_path), "--", "--smoke"]  # fmt: skip
+    configs = []
+    monkeypatch.setattr(rb, "TrainConfig", lambda **kw: configs.append(kw) or TrainConfig(**kw))
     results = rb.main(argv)
+    assert [(c["lr"], c["steps"]) for c in configs] == [(0.01, 1)] * 2  # --resnet-lr reaches both resnet18 runs
     assert sorted((r["backbone"], r["reinit"], r["seed"]) for r in results) == sorted(
         (b, arm, 1) for b in rb.BACKBONES for arm in rb.REINITS
     )
@@ -76,15 +80,19 @@ def test_sweep_trains_both_backbones_and_skips_finished_runs(tmp_path, capsys):
     summary = json.loads((tmp_path / "vit" / "vit-mixshare-torch-steps1-s1.json").read_text())
     assert summary["config"]["reinit"] == "torch" and summary["steps"] == 1 and summary["config"]["seed"] == 1
     out = capsys.readouterr().out
-    for backbone in rb.BACKBONES:  # the difference, as printed
-        row = next(line for line in out.splitlines() if line.startswith(f"| {backbone} | `mixshare` | 1 | ensemble"))
+    for backbone, setting in (("resnet18", "1, tiny, lr 0.01"), ("vit", "1")):  # the difference, as printed
+        row = next(line for line in out.splitlines() if line.startswith(f"| {backbone} | `mixshare` | {setting} | ens"))
         acc = {r["reinit"]: r["ensemble_acc"] for r in results if r["backbone"] == backbone}
         assert row.split(" | ")[6:9] == [f"{acc['backbone'] - acc['torch']:+.1f}"] * 2 + ["1 / 1 |"]
     again = rb.main(argv)
     assert again == results and "runs to do" not in capsys.readouterr().out  # nothing trained again
 
 
-def test_steps_must_be_positive(capsys):
+def test_steps_and_lr_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         rb.main(["--resnet-steps", "0", "--table-only"])
     assert "--resnet-steps must be at least 1, got 0" in capsys.readouterr().err
+    for bad in ("0", "-0.1", "nan"):
+        with pytest.raises(SystemExit):
+            rb.main(["--resnet-lr", bad, "--table-only"])
+        assert f"--resnet-lr must be a positive number, got {float(bad)}" in capsys.readouterr().err
