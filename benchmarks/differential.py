@@ -197,12 +197,6 @@ def mix_to_info(mix: ref.Mix, dtype: torch.dtype = torch.float32) -> MixInfo:
                    cutmix=torch.tensor(mix.cutmix), height=h, width=w)  # fmt: skip
 
 
-def _linear_he(module: nn.Module) -> None:
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            mixmo_init_(sub)
-
-
 def _conv_he(module: nn.Module) -> None:
     for sub in module.modules():
         if isinstance(sub, (nn.Conv2d, nn.BatchNorm2d)):
@@ -213,7 +207,7 @@ def _conv_he(module: nn.Module) -> None:
 LIBRARY_INITS: dict[str, Any] = {
     "mixmo": "mixmo",
     "torch": "torch",
-    "torch-convs": lambda m: (torch_init_(m), _linear_he(m)),  # PyTorch's convolutions, He-normal heads
+    "torch-convs": "torch-he-heads",  # PyTorch's convolutions, He-normal heads: the library's default
     "torch-heads": lambda m: (torch_init_(m), _conv_he(m)),  # He-normal convolutions, PyTorch's heads
 }
 
@@ -628,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--swap", nargs="*", default=[], choices=SWAPS, help="components taken from the other side")
     p.add_argument("--task", choices=sorted(TASKS), default="hard24")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="fast")
-    p.add_argument("--init", choices=sorted(LIBRARY_INITS), default="torch",
+    p.add_argument("--init", choices=sorted(LIBRARY_INITS), default="torch-convs",
                    help="initialisation of both sides (default: the library's)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--label", default="current", help="name of the library version measured (kept in each run)")

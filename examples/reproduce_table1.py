@@ -14,9 +14,10 @@ of the same Python with ``--method``, ``--seed``, ``--out-dir <out>/runs`` and `
 results are read from the ``summary.json`` it writes in ``<out>/runs/<method>-s<seed>/``. By default that script's
 defaults are the paper's schedule (CIFAR-100, WRN-28-2, 300 epochs, batch 64 with repetition 2); ``--quick`` uses a
 small schedule on the built-in synthetic data sized for a 2-core CPU (see ``QUICK``). Arguments after ``--`` go to
-every run unchanged (``-- --data-dir ~/data --download --amp bf16``). The WRN starts from PyTorch's default
-initialisation (the library's default, chosen by measurement: docs/reproducing.md, "Initialisation"); ``-- --init
-mixmo`` trains every row from the truncated He-normal initialisation of MixMo's code, as the paper did.
+every run unchanged (``-- --data-dir ~/data --download --amp bf16``). The WRN starts from the library's default
+initialisation (PyTorch's defaults with He-normal linear layers, chosen by measurement: docs/reproducing.md,
+"Initialisation"); ``-- --init mixmo`` trains every row from the truncated He-normal initialisation of MixMo's
+code, as the paper did.
 
 Resuming: a run whose ``summary.json`` exists is not trained again; a run with a ``checkpoint.pt`` but no summary
 is continued with ``--resume``. Re-running the same command after an interruption finishes the table.

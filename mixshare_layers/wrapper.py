@@ -96,8 +96,9 @@ class MIMOWrapper(nn.Module):
             gives exactly the backbone's logits at initialisation. Presets with independent encoders (``"mimo"``,
             ``"mixmo"``, ``"unmix"``) re-initialise the first layer, which breaks that promise: they are refused
             unless ``encoder_init="aligned"`` (or ``"colinear"``) is given. With ``pretrained=False`` the M heads are
-            initialised independently with the split's ``reinit`` (the backbone's own initialiser: MixMo's truncated
-            He-normal with zero bias for the library's WRN; ``nn.Linear``'s default when the split has none) and
+            initialised independently with the split's ``reinit`` (the backbone's own initialiser: for the library's
+            WRN its ``init``, by default truncated He-normal with zero bias; ``nn.Linear``'s default when the split
+            has none) and
             encoders follow ``encoder_init``; the core keeps the backbone's weights either way.
         backend: implementation of the masked ops (mixing, unmixing): ``"auto"`` (fused Triton kernels for CUDA
             tensors when triton imports, else torch), ``"torch"`` or ``"triton"``; ``None`` reads
@@ -213,8 +214,8 @@ class MIMOWrapper(nn.Module):
             backend=backend,
         )
         # without pretrained weights the heads start like the backbone's own head: one draw of the split's reinit
-        # each (MixMo's truncated He-normal with zero bias for the library's WRN, far better for MixMo's members
-        # than nn.Linear's default)
+        # each (for the library's WRN its init, by default truncated He-normal with zero bias: better for MixMo's
+        # members than nn.Linear's default)
         self.heads = MultiHead.from_module(
             parts.classifier,
             m,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixshare_layers import MIMOWrapper, SyntheticImageDataset
-from mixshare_layers.models import WideResNet, cifar_resnet, wide_resnet
+from mixshare_layers.models import WideResNet, cifar_resnet, torch_he_heads_init_, wide_resnet
 
 
 # -- models ----------------------------------------------------------------------------------------------------------
@@ -72,6 +72,33 @@ def test_wrn_torch_init_is_pytorchs_default_everywhere_it_draws():
     assert all(abs(float(w[i].std()) / (1 / math.sqrt(3 * 256)) - 1) < 0.05 for i in range(3))
     kernels = model.encoder.kernels().detach()
     assert not torch.equal(kernels[0], kernels[1]) and float(kernels.abs().max()) <= 1 / math.sqrt(27)
+
+
+def test_wrn_default_init_is_pytorchs_convolutions_with_he_normal_heads():
+    """The default, "torch-he-heads": convolutions and the wrapper's encoder copies as PyTorch draws them
+    (Kaiming-uniform, bound 1 / sqrt(fan_in)), the classifier and the M heads truncated He-normal (fan-in, std
+    sqrt(2 / fan_in)) with zero biases; bit for bit "torch" followed by He-normal linear layers."""
+    torch.manual_seed(0)
+    net = wide_resnet(10, 4, num_classes=100)
+    assert net.init == "torch-he-heads" and net.initializer is torch_he_heads_init_
+    conv = net.layer3[0].conv1.weight.detach()
+    bound = 1 / math.sqrt(conv[0].numel())
+    assert float(conv.abs().max()) <= bound and abs(float(conv.std()) / (bound / math.sqrt(3)) - 1) < 0.05
+    std = math.sqrt(2.0 / 256)
+    model = MIMOWrapper(net, 3, preset="mixmo")
+    for w, b in ((net.fc.weight, net.fc.bias), (model.heads.weight, model.heads.bias)):
+        w = w.detach()
+        assert not b.detach().any() and float(w.abs().max()) <= 2 * std / 0.87962566103423978 + 1e-6
+        assert abs(float(w.std()) / std - 1) < 0.05
+    assert not torch.equal(model.heads.weight[0], model.heads.weight[1])
+    kernels = model.encoder.kernels().detach()
+    assert not torch.equal(kernels[0], kernels[1]) and float(kernels.abs().max()) <= 1 / math.sqrt(27)
+    torch.manual_seed(1)
+    a = wide_resnet(10, 1, num_classes=7)
+    torch.manual_seed(1)
+    b = wide_resnet(10, 1, num_classes=7, init="torch")
+    conv_a, conv_b = (dict(n.named_parameters()) for n in (a, b))
+    assert all(torch.equal(conv_a[k], conv_b[k]) for k in conv_a if "fc" not in k)  # the same draws before the heads
 
 
 def test_wrn_init_choices_and_custom_initialiser():
