@@ -40,7 +40,7 @@ differences); ``**`` where a difference exceeds two standard errors.
 Usage:
     python -m benchmarks.reinit_backbones --out runs/reinit_backbones               # everything, seeds 0-2
     python -m benchmarks.reinit_backbones --backbones vit --seeds 0 1 --vit-steps 1500
-    python -m benchmarks.reinit_backbones --backbones resnet18 --presets mixmo --task mid16 --resnet-steps 600 \
+    python -m benchmarks.reinit_backbones --backbones resnet18 --presets mixmo --task mid16 --resnet-steps 400 \
         --resnet-lr 0.02
     python -m benchmarks.reinit_backbones --table-only --out runs/reinit_backbones  # tabulate every run there
 

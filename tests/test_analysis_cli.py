@@ -212,7 +212,8 @@ def test_cli_on_a_checkpoint_of_the_example_script(tmp_path):
     assert "variance:core.2" in result["rates"]
     assert result["config"]["builder"] == "mixshare_layers.models.wide_resnet"
     loaded, checkpoint = load_model(run_dir / "checkpoint.pt")  # the recipe alone rebuilds the trained model
-    assert checkpoint["recipe"]["builder_kwargs"] == {"depth": 10, "width": 1, "num_classes": 10, "init": "torch-he-heads"}
+    kwargs = {"depth": 10, "width": 1, "num_classes": 10, "init": "torch-he-heads"}
+    assert checkpoint["recipe"]["builder_kwargs"] == kwargs
     assert loaded.preset == "mixshare-partial" and checkpoint["epoch"] == summary["epochs"]
     for key, value in load_checkpoint(run_dir / "checkpoint.pt")["model"].items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
