@@ -54,9 +54,8 @@ from mixshare_layers.models import wide_resnet
 DEFAULTS = dict(
     dataset="cifar100", data_dir="./data", download=False, data_path="device", workers=4, synthetic_train=50000,
     synthetic_test=10000, synthetic_classes=100, synthetic_size=32, synthetic_noise=2.5, synthetic_object_size=1.0,
-    synthetic_clutter=0.0, data_seed=0, val_split=0.0,
+    synthetic_clutter=0.0, data_seed=0, val_split=0.0, init="torch-he-heads",
     method="mixshare", num_subnetworks=2, depth=28, width=2,  # + every MIMOConfig field (None: the preset's)
-    init="torch-he-heads",
     batch_size=64, batch_repetition=2,  # rows per step and process, counting the repeats: 32 images, each twice
     epochs=300, base_lr=0.1, lr=None, momentum=0.9, nesterov=True, weight_decay=6e-4, warmup_epochs=1.0,
     lr_schedule="step", milestones=[0.25, 0.5, 0.75], lr_gamma=0.1, label_smoothing=0.0, seed=0, log_every=25,
